@@ -1,0 +1,270 @@
+"""The TCP transport over real loopback sockets: sizes, concurrency, reuse, and every way a peer can misbehave."""
+
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import pytest
+
+import transfer
+from transfer import Frame, Header, Service
+from transfer.wire import MAGIC, VERSION, checksum, decode_header, decode_prefix, encode_header
+
+
+class Echo(Service):
+    def __init__(self):
+        self.connections = set()
+
+    def handle(self, request, payload):
+        if request.op == "echo":
+            yield Frame(Header(op="data", key=request.key), payload)
+            return {"n": request.nbytes}
+        if request.op == "many":
+            for i, size in enumerate(request.meta["sizes"]):
+                yield Frame(Header(op="data", meta={"i": i}), os.urandom(size))
+            return {}
+        if request.op == "fail":
+            raise KeyError("no such thing")
+        if request.op == "sleep":
+            time.sleep(request.meta["s"])
+            return {}
+        raise ValueError(f"unknown op {request.op}")
+
+
+@pytest.fixture
+def echo():
+    service = Echo()
+    with transfer.listen("tcp://127.0.0.1:0", service, io_timeout=5) as listener:
+        yield listener
+
+
+def test_header_round_trip_and_validation():
+    h = Header(op="chunk", key=b"k" * 16, nbytes=10, checksum=2**64 - 1, more=True, meta={"a": [1, "x"]})
+    raw = encode_header(h)
+    assert decode_header(raw[decode_prefix(raw[:9]) * 0 + 9 :], 100) == h
+    bad = msgspec.msgpack.encode({"op": "chunk", "surprise": 1})
+    with pytest.raises(transfer.ProtocolError, match="invalid header"):
+        decode_header(bad, 100)
+    with pytest.raises(transfer.ProtocolError, match="invalid header"):
+        decode_header(msgspec.msgpack.encode({"op": "Not An Op!"}), 100)
+    with pytest.raises(transfer.ProtocolError, match="over the"):
+        decode_header(msgspec.msgpack.encode({"op": "x", "nbytes": 101}), 100)
+    with pytest.raises(transfer.ProtocolError, match="bad magic"):
+        decode_prefix(struct.pack("<4sBI", b"HTTP", 1, 5))
+    with pytest.raises(transfer.ProtocolError, match="version"):
+        decode_prefix(struct.pack("<4sBI", MAGIC, 99, 5))
+
+
+@pytest.mark.parametrize("size", [1 << 10, 1 << 16, 1 << 20, 64 << 20])
+def test_payloads_land_in_the_callers_buffer(echo, size):
+    payload = bytearray(os.urandom(size))
+    target = bytearray(size)
+    with transfer.connect(echo.address) as conn:
+        frames = list(conn.stream("echo", key=b"abc", payload=payload, sink=lambda h: target))
+    assert len(frames) == 1 and frames[0].payload is target
+    assert target == payload
+    assert frames[0].header.checksum == checksum(payload)
+
+
+def test_many_concurrent_streams(echo):
+    sizes = [1 << 10, 300_000, 1 << 20, 5]
+
+    def one(i):
+        with transfer.connect(echo.address) as conn:
+            for _ in range(5):
+                data = os.urandom(sizes[i % len(sizes)] + i)
+                (frame,) = conn.stream("echo", payload=data)
+                assert bytes(frame.payload) == data
+                frames = list(conn.stream("many", meta={"sizes": [i, 2 * i + 1, 10_000]}))
+                assert [f.header.meta["i"] for f in frames] == [0, 1, 2]
+                assert [f.header.nbytes for f in frames] == [i, 2 * i + 1, 10_000]
+        return i
+
+    with ThreadPoolExecutor(32) as pool:
+        assert sorted(pool.map(one, range(64))) == list(range(64))
+
+
+def test_pool_reuses_connections(echo):
+    made = []
+
+    def connect(address):
+        made.append(address)
+        return transfer.connect(address)
+
+    pool = transfer.ConnectionPool(connect)
+    for _ in range(10):
+        with pool.connection(echo.address) as conn:
+            assert conn.call("sleep", meta={"s": 0}).meta == {}
+    assert len(made) == 1
+    pool.close()
+
+
+def test_a_service_error_is_raised_and_the_connection_survives(echo):
+    with transfer.connect(echo.address) as conn:
+        with pytest.raises(transfer.RemoteError, match="no such thing"):
+            conn.call("fail")
+        assert not conn.broken
+        (frame,) = conn.stream("echo", payload=b"still here")
+        assert bytes(frame.payload) == b"still here"
+
+
+def test_an_abandoned_stream_breaks_the_connection_and_the_pool_drops_it(echo):
+    pool = transfer.ConnectionPool(transfer.connect)
+    with pool.connection(echo.address) as conn:
+        stream = conn.stream("many", meta={"sizes": [10, 10, 10]})
+        next(stream)
+        stream.close()
+        assert conn.broken
+    with pool.connection(echo.address) as conn2:
+        assert conn2 is not conn
+        assert conn2.call("sleep", meta={"s": 0}).meta == {}
+    pool.close()
+
+
+def test_connect_refused_is_a_clear_error():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(transfer.PeerClosed, match="cannot connect"):
+        transfer.connect(f"tcp://127.0.0.1:{port}")
+
+
+class RawPeer:
+    """A listening socket whose single connection is driven by the test: a misbehaving peer."""
+
+    def __init__(self, behave):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(behave,), daemon=True)
+        self.thread.start()
+
+    def _run(self, behave):
+        conn, _ = self.sock.accept()
+        try:
+            conn.recv(65536)  # the request
+            behave(conn)
+            self.done.wait(10)
+        finally:
+            conn.close()
+
+    def close(self):
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def frame_bytes(header, payload=b""):
+    return encode_header(header) + payload
+
+
+@pytest.mark.parametrize(
+    ("behave", "error", "match"),
+    [
+        (lambda c: None, transfer.TransferTimeout, "no answer"),
+        (lambda c: c.sendall(b"GET / HTTP/1.1\r\n\r\n"), transfer.ProtocolError, "bad magic"),
+        (
+            lambda c: c.sendall(frame_bytes(Header(op="data", nbytes=100, more=True), b"x" * 40)),
+            transfer.TransferTimeout,
+            "no answer",
+        ),
+        (
+            lambda c: (
+                c.sendall(frame_bytes(Header(op="data", nbytes=100, more=True), b"x" * 40)),
+                c.shutdown(socket.SHUT_WR),
+            ),
+            transfer.PeerClosed,
+            "closed",
+        ),
+        (
+            lambda c: c.sendall(
+                frame_bytes(Header(op="data", nbytes=4, checksum=checksum(b"abcd"), more=True), b"abce")
+            ),
+            transfer.ChecksumError,
+            "checksum mismatch",
+        ),
+        (
+            lambda c: c.sendall(struct.pack("<4sBI", MAGIC, VERSION, 5) + b"\xc1\xc1\xc1\xc1\xc1"),
+            transfer.ProtocolError,
+            "header",
+        ),
+        (
+            lambda c: c.sendall(frame_bytes(Header(op="data", nbytes=1 << 40, more=True))),
+            transfer.ProtocolError,
+            "over the",
+        ),
+    ],
+    ids=["silent", "garbage", "stalls-mid-frame", "truncated", "bad-checksum", "bad-header", "oversized"],
+)
+def test_misbehaving_peers_give_a_clear_error_within_the_timeout(behave, error, match):
+    peer = RawPeer(behave)
+    try:
+        conn = transfer.connect(peer.address, io_timeout=1.0, max_payload=1 << 30)
+        t0 = time.monotonic()
+        with pytest.raises(error, match=match):
+            list(conn.stream("get", meta={"keys": []}))
+        assert time.monotonic() - t0 < 3.0
+        assert conn.broken
+        conn.close()
+    finally:
+        peer.close()
+
+
+def test_the_listener_survives_garbage_and_keeps_serving(echo):
+    host, port = echo.address.removeprefix("tcp://").split(":")
+    for junk in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", struct.pack("<4sBI", MAGIC, VERSION, 1 << 30)):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(junk)
+            reply = b""
+            try:
+                while chunk := s.recv(1 << 16):  # an error frame, then the listener closes
+                    reply += chunk
+            except ConnectionResetError:
+                pass
+            assert reply == b"" or reply.startswith(MAGIC)
+    with transfer.connect(echo.address) as conn:
+        (frame,) = conn.stream("echo", payload=b"fine")
+        assert bytes(frame.payload) == b"fine"
+
+
+def test_unknown_scheme_is_named():
+    with pytest.raises(ValueError, match="scheme"):
+        transfer.connect("http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        transfer.connect("tcp://nohost")
+
+
+def test_pool_drops_connections_whose_peer_went_away():
+    service = Echo()
+    listener = transfer.listen("tcp://127.0.0.1:0", service)
+    address = listener.address
+    pool = transfer.ConnectionPool(transfer.connect)
+    with pool.connection(address) as conn:
+        conn.call("sleep", meta={"s": 0})
+    listener.close()  # the peer restarts on the same port
+    time.sleep(0.1)
+    with transfer.listen(address, service) as again:
+        assert again.address == address
+        with pool.connection(address) as conn2:
+            assert conn2 is not conn
+            assert conn2.call("sleep", meta={"s": 0}).meta == {}
+    pool.close()
+
+
+def test_a_refused_payload_is_drained_and_the_connection_keeps_working():
+    class Picky(Echo):
+        def receive_buffer(self, header):
+            if header.nbytes > 100:
+                raise ValueError("too big for me")
+            return bytearray(header.nbytes)
+
+    with transfer.listen("tcp://127.0.0.1:0", Picky()) as listener, transfer.connect(listener.address) as conn:
+        with pytest.raises(transfer.RemoteError, match="too big for me"):
+            list(conn.stream("echo", payload=b"x" * 5000))
+        (frame,) = conn.stream("echo", payload=b"small")
+        assert bytes(frame.payload) == b"small"

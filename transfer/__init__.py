@@ -1,0 +1,63 @@
+"""Moving bytes between processes: one `Transport` interface, chosen by the address's URL scheme.
+
+    listener = transfer.listen("tcp://127.0.0.1:0", service)
+    with transfer.connect(listener.address) as conn:
+        for frame in conn.stream("get", meta={...}, sink=...): ...
+
+This package knows nothing of KV caches, storage or vLLM.
+"""
+
+from __future__ import annotations
+
+from transfer.base import Connection, Frame, Listener, Reply, Service, Transport
+from transfer.errors import (
+    ChecksumError,
+    PeerClosed,
+    ProtocolError,
+    RemoteError,
+    TransferError,
+    TransferTimeout,
+)
+from transfer.pool import ConnectionPool
+from transfer.tcp import TcpOptions, TcpTransport
+from transfer.wire import Header
+
+__all__ = [
+    "ChecksumError",
+    "Connection",
+    "ConnectionPool",
+    "Frame",
+    "Header",
+    "Listener",
+    "PeerClosed",
+    "ProtocolError",
+    "RemoteError",
+    "Reply",
+    "Service",
+    "TcpOptions",
+    "TcpTransport",
+    "TransferError",
+    "TransferTimeout",
+    "Transport",
+    "connect",
+    "listen",
+    "transport_for",
+]
+
+SCHEMES = ("tcp",)
+
+
+def transport_for(address: str, **options: object) -> Transport:
+    """The backend for `address` ("tcp://HOST:PORT"), with backend options (e.g. io_timeout=5)."""
+    scheme = address.split("://", 1)[0] if "://" in address else ""
+    if scheme == "tcp":
+        return TcpTransport(TcpOptions(**options))  # type: ignore[arg-type]
+    raise ValueError(f"unsupported transfer address {address!r}: the scheme must be one of {', '.join(SCHEMES)}")
+
+
+def listen(address: str, service: Service, **options: object) -> Listener:
+    return transport_for(address, **options).listen(address, service)
+
+
+def connect(address: str, **options: object) -> Connection:
+    return transport_for(address, **options).connect(address)

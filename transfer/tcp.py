@@ -1,0 +1,320 @@
+"""The TCP backend: one thread per connection on the listening side, blocking sockets on both.
+
+Payloads are sent straight from the caller's buffer (`sendmsg` with the header) and received with
+`recv_into` straight into the buffer the caller's sink gives: no copies in Python. Socket calls
+release the GIL, so many connections stream in parallel. Every read has a deadline: a peer that
+stops answering costs at most `io_timeout` seconds per frame, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from transfer.base import Connection, Frame, Listener, Reply, Service, Transport
+from transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError, TransferTimeout
+from transfer.wire import (
+    DEFAULT_MAX_PAYLOAD,
+    PREFIX,
+    Header,
+    Sink,
+    as_writable,
+    checksum,
+    decode_header,
+    decode_prefix,
+    encode_header,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TcpOptions:
+    connect_timeout: float = 5.0
+    io_timeout: float = 30.0  # per frame: from its first byte being awaited to its last byte
+    idle_timeout: float = 600.0  # listener side: a connection quiet this long is closed
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    checksums: bool = True  # compute on send and verify on receive
+    socket_buffer: int = 4 << 20
+    max_connections: int = 512  # listener side
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ValueError(f"not a tcp address: {address!r} (expected tcp://HOST:PORT)")
+    return parts.hostname, parts.port
+
+
+def _tune(sock: socket.socket, options: TcpOptions) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):  # capped by the kernel: the default still works
+            sock.setsockopt(socket.SOL_SOCKET, opt, options.socket_buffer)
+
+
+class _FrameIO:
+    """Frames over one socket, with per-frame deadlines."""
+
+    def __init__(self, sock: socket.socket, options: TcpOptions):
+        self.sock = sock
+        self.options = options
+
+    def _recv_into(self, view: memoryview, deadline: float) -> None:
+        while view.nbytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransferTimeout(f"peer sent nothing for {self.options.io_timeout:.1f}s in the middle of a frame")
+            self.sock.settimeout(remaining)
+            try:
+                n = self.sock.recv_into(view)
+            except TimeoutError:
+                raise TransferTimeout(f"no answer from the peer within {self.options.io_timeout:.1f}s") from None
+            except OSError as e:
+                raise PeerClosed(f"connection lost: {e}") from None
+            if n == 0:
+                raise PeerClosed("peer closed the connection")
+            view = view[n:]
+
+    def read(
+        self, sink: Sink | None, first_byte_timeout: float | None = None, drain_rejected: bool = False
+    ) -> tuple[Header, Any]:
+        """One frame. A payload the sink refuses raises `Rejected`; with `drain_rejected` it is read
+        and dropped first, so that the connection stays in step (a listener then answers the error)."""
+        start = time.monotonic()
+        prefix = bytearray(PREFIX.size)
+        first = memoryview(prefix)[:1]
+        # The wait for a frame to begin may be longer (an idle connection) than for the rest of it.
+        self._recv_into(first, start + (first_byte_timeout or self.options.io_timeout))
+        deadline = time.monotonic() + self.options.io_timeout
+        self._recv_into(memoryview(prefix)[1:], deadline)
+        body = bytearray(decode_prefix(bytes(prefix)))
+        self._recv_into(memoryview(body), deadline)
+        header = decode_header(bytes(body), self.options.max_payload)
+        payload = None
+        if header.nbytes:
+            try:
+                payload = sink(header) if sink is not None else bytearray(header.nbytes)
+                view = as_writable(payload, header.nbytes)
+            except Exception as e:
+                if drain_rejected:
+                    self._discard(header.nbytes, deadline)
+                raise Rejected(str(e)) from e
+            self._recv_into(view, deadline)
+            verify(header, payload, self.options.checksums)
+        return header, payload
+
+    def _discard(self, nbytes: int, deadline: float) -> None:
+        scratch = memoryview(bytearray(min(nbytes, 1 << 20)))
+        while nbytes:
+            n = min(nbytes, scratch.nbytes)
+            self._recv_into(scratch[:n], deadline)
+            nbytes -= n
+
+    def write(self, header: Header, payload: Any = None) -> None:
+        view = memoryview(payload).cast("B") if payload is not None else None
+        nbytes = view.nbytes if view is not None else 0
+        if header.nbytes != nbytes or (nbytes and header.checksum is None and self.options.checksums):
+            header = msgspec.structs.replace(
+                header, nbytes=nbytes, checksum=checksum(view) if nbytes and self.options.checksums else None
+            )
+        buffers = [memoryview(encode_header(header))]
+        if nbytes:
+            buffers.append(view)
+        self.sock.settimeout(self.options.io_timeout)
+        try:
+            while buffers:
+                sent = self.sock.sendmsg(buffers)
+                while sent and buffers:
+                    if sent >= buffers[0].nbytes:
+                        sent -= buffers.pop(0).nbytes
+                    else:
+                        buffers[0] = buffers[0][sent:]
+                        sent = 0
+        except TimeoutError:
+            raise TransferTimeout(f"peer took more than {self.options.io_timeout:.1f}s to accept data") from None
+        except OSError as e:
+            raise PeerClosed(f"connection lost while sending: {e}") from None
+
+
+class TcpConnection(Connection):
+    def __init__(self, address: str, options: TcpOptions):
+        self.address = address
+        host, port = parse_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=options.connect_timeout)
+        except TimeoutError:
+            raise TransferTimeout(f"connect to {address} timed out after {options.connect_timeout:.1f}s") from None
+        except OSError as e:
+            raise PeerClosed(f"cannot connect to {address}: {e}") from None
+        _tune(sock, options)
+        self._io = _FrameIO(sock, options)
+        self._broken = False
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def stale(self) -> bool:
+        # An idle connection has nothing to read: EOF, an error or stray bytes all mean it is done.
+        sock = self._io.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)  # with a timeout set, Python would wait for data before peeking
+        try:
+            sock.recv(1, socket.MSG_PEEK)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            sock.settimeout(timeout)
+
+    def stream(
+        self,
+        op: str,
+        *,
+        key: bytes = b"",
+        meta: dict[str, Any] | None = None,
+        payload: Any = None,
+        sink: Sink | None = None,
+    ) -> Iterator[Frame]:
+        if self._broken:
+            raise PeerClosed(f"connection to {self.address} is broken")
+        self._broken = True  # until the whole reply has been read
+        self._io.write(Header(op=op, key=key, meta=meta or {}), payload)
+        while True:
+            header, data = self._io.read(sink)
+            if header.more:
+                yield Frame(header, data)
+                continue
+            self._broken = False
+            if header.op == "error":
+                raise RemoteError(f"{self.address}: {header.meta.get('message', 'unspecified error')}")
+            if header.op != "ok":
+                self._broken = True
+                raise ProtocolError(f"reply ended with {header.op!r}, expected 'ok' or 'error'")
+            return dict(header.meta)
+
+    def close(self) -> None:
+        self._broken = True
+        with contextlib.suppress(OSError):
+            self._io.sock.close()
+
+
+class TcpListener(Listener):
+    def __init__(self, address: str, service: Service, options: TcpOptions):
+        host, port = parse_address(address)
+        self._sock = socket.create_server((host, port), backlog=256, reuse_port=False)
+        self.address = f"tcp://{host}:{self._sock.getsockname()[1]}"
+        self._service = service
+        self._options = options
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"pdrun-tcp-accept-{port}", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                time.sleep(0.01)
+                continue
+            with self._lock:
+                if len(self._conns) >= self._options.max_connections:
+                    log.warning("%s: refusing a connection, %d already open", self.address, len(self._conns))
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            _tune(conn, self._options)
+            threading.Thread(target=self._serve, args=(conn,), name="pdrun-tcp-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        io = _FrameIO(conn, self._options)
+        try:
+            while not self._closed.is_set():
+                try:
+                    header, payload = io.read(
+                        self._service.receive_buffer, first_byte_timeout=self._options.idle_timeout, drain_rejected=True
+                    )
+                except PeerClosed:
+                    return
+                except Rejected as e:  # the stream is still in step: say why and carry on
+                    io.write(Header(op="error", meta={"message": str(e)}))
+                    continue
+                except TransferError as e:
+                    log.warning("%s: dropping a connection: %s", self.address, e)
+                    self._try_send_error(io, e)
+                    return
+                self._reply(io, header, payload)
+        except TransferError as e:
+            log.debug("%s: connection ended while replying: %s", self.address, e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _reply(self, io: _FrameIO, header: Header, payload: Any) -> None:
+        try:
+            gen = self._service.handle(header, payload)
+            while True:
+                try:
+                    frame = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                io.write(msgspec.structs.replace(frame.header, more=True), frame.payload)
+        except TransferError:
+            raise  # the connection itself failed: nothing more can be sent
+        except Exception as e:  # the service failed: tell the caller, keep the connection
+            log.debug("%s: %s request failed: %s", self.address, header.op, e)
+            io.write(Header(op="error", meta={"message": f"{type(e).__name__}: {e}"}))
+            return
+        meta = result.meta if isinstance(result, Reply) else dict(result or {})
+        io.write(Header(op="ok", meta=meta))
+
+    @staticmethod
+    def _try_send_error(io: _FrameIO, error: Exception) -> None:
+        with contextlib.suppress(TransferError):
+            io.write(Header(op="error", meta={"message": f"{type(error).__name__}: {error}"}))
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=2)
+
+
+class TcpTransport(Transport):
+    scheme = "tcp"
+
+    def __init__(self, options: TcpOptions | None = None):
+        self.options = options or TcpOptions()
+
+    def listen(self, address: str, service: Service) -> TcpListener:
+        return TcpListener(address, service, self.options)
+
+    def connect(self, address: str) -> TcpConnection:
+        return TcpConnection(address, self.options)

@@ -1,0 +1,118 @@
+"""Paged KV <-> contiguous chunk buffers.
+
+vLLM hands every attention layer's KV cache to a connector as one tensor whose first dimension is
+the block (0.26: FlashAttention `[B, H, N, 2D]` with an NHD or HND stride order; 0.32: a strided
+`[B, H, N, C]` view per layer of one shared allocation; the CPU backend `[B, H, N, 2D]` whose
+block interior is ISA-specific). What is inside a block is the attention backend's business, so
+the codec never looks inside one: a chunk is the chunk's blocks, copied whole, for every layer,
+
+    chunk = [layers, blocks of the chunk x kernel blocks per block, *block interior]
+
+in the backend's own order. Both sides of a transfer must therefore use the same layout; `describe`
+names it, it goes into the chunk key's fingerprint and into every chunk's header, and a mismatch is
+refused rather than scattered.
+
+When the attention kernel uses smaller blocks than the block manager (vLLM splits a manager block
+into `ratio` kernel blocks), manager block b is kernel blocks b*ratio ... b*ratio + ratio - 1.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+
+
+class LayoutError(ValueError):
+    """The KV cache is not laid out in a way the codec can move."""
+
+
+def _layer_order(name: str) -> list[object]:
+    # "model.layers.10.self_attn.attn" sorts after "model.layers.9..."
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+class PagedKV:
+    """One model shard's paged KV cache, as the codec moves it."""
+
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, block_size: int):
+        if not kv_caches:
+            raise LayoutError("no KV cache tensors were registered")
+        layers: list[torch.Tensor] = []
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for name in sorted(kv_caches, key=_layer_order):
+            t = kv_caches[name]
+            ident = (t.data_ptr(), tuple(t.stride()))
+            if ident in seen:  # a layer that shares another layer's cache: move it once
+                continue
+            seen.add(ident)
+            layers.append(t)
+        first = layers[0]
+        for t in layers[1:]:
+            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                raise LayoutError(
+                    f"layers differ in shape or dtype ({tuple(first.shape)} {first.dtype} vs "
+                    f"{tuple(t.shape)} {t.dtype}): hybrid models are not supported"
+                )
+        if num_blocks <= 0 or first.shape[0] % num_blocks:
+            raise LayoutError(
+                f"the KV cache's first dimension ({first.shape[0]}) is not a multiple of the number "
+                f"of blocks ({num_blocks}): not a block-major layout"
+            )
+        self.layers = layers
+        self.ratio = first.shape[0] // num_blocks
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.block_shape = tuple(first.shape[1:])
+        self.dtype = first.dtype
+        self.device = first.device
+        self._elems = math.prod(self.block_shape)
+        self.bytes_per_block = len(layers) * self.ratio * self._elems * first.element_size()
+
+    def describe(self) -> str:
+        """The layout, as both sides of a transfer must agree on it."""
+        dims = "x".join(str(d) for d in self.block_shape)
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"L{len(self.layers)}:bs{self.block_size}:r{self.ratio}:{dims}:{dtype}"
+
+    def nbytes(self, n_blocks: int) -> int:
+        return n_blocks * self.bytes_per_block
+
+    def chunk_view(self, buf: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """`buf` (a flat uint8 tensor of `nbytes(n_blocks)` bytes) as [layers, kernel blocks, *interior]."""
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != self.nbytes(n_blocks):
+            raise LayoutError(
+                f"chunk buffer of {buf.numel()} {buf.dtype} elements does not hold {n_blocks} blocks "
+                f"({self.nbytes(n_blocks)} bytes)"
+            )
+        return buf.view(self.dtype).view(len(self.layers), n_blocks * self.ratio, *self.block_shape)
+
+    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(list(block_ids), dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
+            raise LayoutError(f"block ids out of range 0..{self.num_blocks - 1}: {list(block_ids)}")
+        if self.ratio > 1:
+            ids = (ids[:, None] * self.ratio + torch.arange(self.ratio)).reshape(-1)
+        return ids.to(self.device)
+
+    def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
+        """Copy blocks `block_ids` of every layer into the chunk buffer `out`."""
+        view = self.chunk_view(out, len(block_ids))
+        idx = self._index(block_ids)
+        for layer, dst in zip(self.layers, view, strict=False):
+            torch.index_select(layer, 0, idx, out=dst)
+
+    def scatter(self, block_ids: Sequence[int], src: torch.Tensor, src_blocks: int, skip_blocks: int = 0) -> None:
+        """Copy blocks `skip_blocks ... skip_blocks + len(block_ids) - 1` of the chunk buffer `src`
+        (which holds `src_blocks` blocks) into blocks `block_ids`."""
+        if skip_blocks < 0 or skip_blocks + len(block_ids) > src_blocks:
+            raise LayoutError(
+                f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk"
+            )
+        view = self.chunk_view(src, src_blocks)
+        idx = self._index(block_ids)
+        first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
+        for layer, chunk in zip(self.layers, view, strict=False):
+            layer.index_copy_(0, idx, chunk[first:last])

@@ -1,0 +1,107 @@
+"""Which blocks make which chunk: the arithmetic of a hand-off, free of vLLM.
+
+Tokens [a, b) of a request live in the blocks at positions [a // block_size, ceil(b / block_size))
+of its block list. Chunk c of a hand-off of `handed` tokens covers tokens
+[c * chunk_size, min((c + 1) * chunk_size, handed)); chunk_size is a multiple of block_size, so
+chunks start on block boundaries and only the last one may end inside a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def chunk_token_range(index: int, handed: int, chunk_size: int) -> tuple[int, int]:
+    start = index * chunk_size
+    return start, min(start + chunk_size, handed)
+
+
+def num_chunks(handed: int, chunk_size: int) -> int:
+    return _ceil_div(handed, chunk_size)
+
+
+@dataclass(frozen=True)
+class ChunkSave:
+    """Producer: copy these blocks into the staging pool as chunk `key` of `transfer`."""
+
+    transfer: str
+    index: int
+    key: bytes
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class ChunkLoad:
+    """Consumer: chunk `key` (`src_blocks` blocks as staged) goes, minus its first `skip_blocks`
+    blocks, into `block_ids`; after it, tokens [0, token_end) are in place."""
+
+    key: bytes
+    src_blocks: int
+    skip_blocks: int
+    block_ids: list[int]
+    token_end: int
+
+
+def ready_saves(
+    transfer: str,
+    keys: Sequence[bytes],
+    handed: int,
+    computed: int,
+    saved: int,
+    block_ids: Sequence[int],
+    chunk_size: int,
+    block_size: int,
+) -> list[ChunkSave]:
+    """The chunks after the first `saved` whose tokens are all computed now."""
+    out = []
+    for index in range(saved, len(keys)):
+        start, end = chunk_token_range(index, handed, chunk_size)
+        if end > computed:
+            break
+        out.append(
+            ChunkSave(transfer, index, keys[index], list(block_ids[start // block_size : _ceil_div(end, block_size)]))
+        )
+    return out
+
+
+def plan_load(
+    keys: Sequence[bytes],
+    handed: int,
+    start: int,
+    end: int,
+    block_ids: Sequence[int],
+    chunk_size: int,
+    block_size: int,
+) -> list[ChunkLoad]:
+    """Chunks to pull so that tokens [start, end) land in `block_ids`; `start` is block aligned
+    (what is before it is already here) and `end` <= `handed`."""
+    if start % block_size:
+        raise ValueError(f"load start {start} is not a multiple of the block size {block_size}")
+    if not 0 <= start <= end <= handed:
+        raise ValueError(f"bad load range [{start}, {end}) of {handed} handed tokens")
+    plan = []
+    for index in range(start // chunk_size, num_chunks(end, chunk_size)):
+        c_start, c_end = chunk_token_range(index, handed, chunk_size)
+        lo, hi = max(start, c_start), min(end, c_end)
+        plan.append(
+            ChunkLoad(
+                key=keys[index],
+                src_blocks=_ceil_div(c_end - c_start, block_size),
+                skip_blocks=(lo - c_start) // block_size,
+                block_ids=list(block_ids[lo // block_size : _ceil_div(hi, block_size)]),
+                token_end=hi,
+            )
+        )
+    return plan
+
+
+def blocks_from(token: int, end: int, block_ids: Sequence[int], block_size: int) -> set[int]:
+    """The blocks holding tokens [token, end): what must be recomputed when a load stops at `token`."""
+    if token >= end:
+        return set()
+    return set(block_ids[token // block_size : _ceil_div(end, block_size)])

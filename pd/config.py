@@ -1,0 +1,35 @@
+"""PDConnector settings, read from vLLM's `kv_connector_extra_config` and validated."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConnectorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_size: int = Field(256, gt=0, description="tokens per chunk; a multiple of the KV block size")
+    transport: Literal["tcp"] = "tcp"
+    host: str = Field("127.0.0.1", description="where a producer's transfer endpoint listens")
+    advertise_host: str | None = Field(None, description="the host decoders dial (default: host)")
+    port: int | None = Field(None, ge=1, le=65535, description="first endpoint port (default: kv_port); +1 per TP rank")
+    staging_gb: float = Field(2.0, gt=0, description="producer: bytes of chunks kept for decoders to pull")
+    staging_ttl_s: float = Field(300.0, gt=0, description="producer: how long an unreleased hand-off stays")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    io_timeout_s: float = Field(30.0, gt=0, description="consumer: longest wait for one chunk")
+    checksums: bool = Field(True, description="xxh3-64 over every chunk, verified on receipt")
+    load_threads: int = Field(2, ge=1, le=64, description="consumer: hand-offs pulled in parallel")
+    fingerprint_extra: str = Field(
+        "", description="mixed into chunk keys: instances with different values never share KV"
+    )
+
+
+def load_config(extra: dict[str, Any] | None) -> ConnectorConfig:
+    """The connector's config; a bad field is named in the error."""
+    try:
+        return ConnectorConfig.model_validate(extra or {})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"invalid kv_connector_extra_config for PDConnector: {problems}") from None

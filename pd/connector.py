@@ -1,0 +1,527 @@
+"""PDConnector: vLLM's side of pdrun's prefill/decode hand-off.
+
+Loaded by vLLM from
+    {"kv_connector": "PDConnector", "kv_connector_module_path": "pd.connector",
+     "kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_connector_extra_config": {...}}
+
+Producer (prefiller), for requests sent with kv_transfer_params {"do_remote_decode": true}:
+  the scheduler side names each chunk of the prompt (all tokens but the last, which the decoder
+  computes to sample from) and, in the step its tokens are computed, asks the worker to copy the
+  chunk's blocks into the staging pool, served by the worker's transfer endpoint. The blocks are
+  free again as soon as the request finishes; `request_finished` returns the hand-off.
+Consumer (decoder), for requests carrying that hand-off: the scheduler side checks the chunk keys
+  against its own prompt and reports the matching tokens as an asynchronous load; a worker thread
+  pulls the chunks and scatters them into the blocks vLLM allocated, off the forward pass. Any
+  failure reports the blocks not loaded as invalid, and vLLM recomputes them: the request is
+  prefilled locally from there, never failed.
+
+Block ids come from the scheduler side (the scheduler output and the blocks vLLM allocated), as
+vLLM's offloading and NIXL connectors take them: the CPU backend has no attention metadata to read
+them from in `start_load_kv`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import ValidationError
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+import transfer
+from pd import plan
+from pd.codec import PagedKV
+from pd.compat import check_vllm_version
+from pd.config import ConnectorConfig, load_config
+from pd.keys import Fingerprint, chunk_keys, matching_prefix
+from pd.logs import setup_logging
+from pd.params import HandOff, handoff_of, handoff_params, wants_handoff
+from pd.staging import StagingPool, StagingService
+from pd.stats import PDPromMetrics, PDStats, StatsCounter
+from transfer import ConnectionPool, ProtocolError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+setup_logging()
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadJob:
+    transfer: str
+    endpoints: list[str]
+    layout: str
+    chunks: list[plan.ChunkLoad]
+    start: int  # tokens [start, end) are loaded into block_ids
+    end: int
+    block_ids: list[int]
+
+
+@dataclass
+class PDMetadata(KVConnectorMetadata):
+    saves: list[plan.ChunkSave] = field(default_factory=list)
+    loads: dict[str, LoadJob] = field(default_factory=dict)  # request id -> job
+    releases: list[tuple[list[str], str]] = field(default_factory=list)  # hand-offs to release unread
+    drops: list[str] = field(default_factory=list)  # producer: transfers no decoder will pull
+
+
+def _endpoints(vllm_config: VllmConfig, cfg: ConnectorConfig) -> list[str]:
+    """Each TP rank's transfer endpoint: ports kv_port (or cfg.port) + rank."""
+    host = cfg.advertise_host or cfg.host
+    base = cfg.port or vllm_config.kv_transfer_config.kv_port
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return [f"{cfg.transport}://{host}:{base + r}" for r in range(tp)]
+
+
+def _fingerprint(vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config: KVCacheConfig) -> Fingerprint:
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    from vllm.platforms import current_platform
+
+    layout = ":".join(
+        str(x)
+        for x in (
+            current_platform.device_type,
+            type(spec).__name__,
+            getattr(spec, "block_size", "?"),
+            getattr(spec, "num_kv_heads", "?"),
+            getattr(spec, "head_size", "?"),
+            getattr(spec, "dtype", "?"),
+        )
+    )
+    return Fingerprint(
+        model=vllm_config.model_config.model,
+        dtype=f"{vllm_config.model_config.dtype}/{vllm_config.cache_config.cache_dtype}",
+        layout=layout,
+        chunk_size=cfg.chunk_size,
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        extra=cfg.fingerprint_extra,
+    )
+
+
+def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, cfg: ConnectorConfig) -> None:
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("PDConnector does not support pipeline parallelism")
+    if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) != 1:
+        raise ValueError("PDConnector supports models with one KV cache group (no hybrid or sliding-window mixes)")
+    block_size = vllm_config.cache_config.block_size
+    if cfg.chunk_size % block_size:
+        raise ValueError(
+            f"PDConnector chunk_size {cfg.chunk_size} is not a multiple of the KV block size {block_size}: "
+            f"set chunk_size in kv_connector_extra_config or vLLM's --block-size"
+        )
+
+
+class PDConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        check_vllm_version()
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        cfg = load_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        _check_supported(vllm_config, kv_cache_config, cfg)
+        self._sched: _SchedulerSide | None = None
+        self._worker: _WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = _SchedulerSide(vllm_config, cfg, kv_cache_config)
+        else:
+            self._worker = _WorkerSide(vllm_config, cfg, kv_cache_config)
+
+    # ---- scheduler side ----
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._sched is not None
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._sched is not None
+        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._sched is not None
+        return self._sched.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._sched is not None
+        return self._sched.request_finished(request)
+
+    # ---- worker side ----
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        assert self._worker is not None
+        self._worker.start_load_kv(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads finish before their request is scheduled
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # chunks are copied out whole in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        self._worker.save(self._get_connector_metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return None, self._worker.take_finished_loads()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.take_load_errors()
+
+    def get_kv_connector_stats(self) -> PDStats | None:
+        return self._worker.stats.take() if self._worker is not None else None
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PDStats:
+        return PDStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config: Any, metric_types: Any, labelnames: Any, per_engine_labelvalues: Any
+    ) -> PDPromMetrics:
+        return PDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+@dataclass
+class _Producing:
+    keys: list[bytes]
+    handed: int
+    block_ids: list[int] = field(default_factory=list)
+    saved: int = 0  # chunks staged so far
+
+
+@dataclass
+class _Consuming:
+    handoff: HandOff
+    end: int  # tokens [0, end) can come from the hand-off
+
+
+class _SchedulerSide:
+    def __init__(self, vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config: KVCacheConfig):
+        self.cfg = cfg
+        ktc = vllm_config.kv_transfer_config
+        self.is_producer = ktc.is_kv_producer
+        self.is_consumer = ktc.is_kv_consumer
+        self.block_size = vllm_config.cache_config.block_size
+        self.fingerprint = _fingerprint(vllm_config, cfg, kv_cache_config)
+        self.fingerprint_hex = self.fingerprint.seed().hex()
+        self.endpoints = _endpoints(vllm_config, cfg)
+        if self.is_consumer and ktc.kv_load_failure_policy != "recompute":
+            # A hand-off that fails must cost a local prefill, never the request.
+            log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
+            ktc.kv_load_failure_policy = "recompute"
+        self._producing: dict[str, _Producing] = {}
+        self._consuming: dict[str, _Consuming] = {}
+        self._meta = PDMetadata()
+        log.info(
+            "PDConnector scheduler: role=%s chunk_size=%d block_size=%d endpoints=%s",
+            ktc.kv_role,
+            cfg.chunk_size,
+            self.block_size,
+            self.endpoints if self.is_producer else "-",
+        )
+
+    # -- consumer --
+    def _consuming_of(self, request: Request) -> _Consuming | None:
+        state = self._consuming.get(request.request_id)
+        if state is not None:
+            return state
+        try:
+            handoff = handoff_of(request.kv_transfer_params)
+        except ValidationError as e:
+            log.warning("request %s: malformed pdrun hand-off, prefilling locally: %s", request.request_id, e)
+            return None
+        if handoff is None or not request.prompt_token_ids:
+            return None
+        prompt = request.prompt_token_ids
+        end = 0
+        if handoff.fingerprint != self.fingerprint_hex or handoff.chunk_size != self.cfg.chunk_size:
+            log.warning(
+                "request %s: hand-off from %s is for another model, KV layout or chunk size; prefilling locally",
+                request.request_id,
+                handoff.endpoints[0],
+            )
+        else:
+            theirs = handoff.key_bytes()
+            ours = chunk_keys(self.fingerprint, prompt[: handoff.num_tokens])
+            matched = matching_prefix(ours, theirs)
+            end = handoff.num_tokens if matched == len(theirs) == len(ours) else matched * self.cfg.chunk_size
+            if end < handoff.num_tokens:
+                log.warning(
+                    "request %s: prompt differs from the prefilled one after %d tokens; loading those only",
+                    request.request_id,
+                    end,
+                )
+            end = min(end, len(prompt) - 1)  # the last prompt token is always computed here
+        state = _Consuming(handoff, end)
+        self._consuming[request.request_id] = state
+        return state
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if not self.is_consumer:
+            return 0, False
+        state = self._consuming_of(request)
+        if state is None:
+            return 0, False
+        count = state.end - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        rid = request.request_id
+        if self.is_producer and wants_handoff(request.kv_transfer_params) and rid not in self._producing:
+            prompt = request.prompt_token_ids or []
+            handed = max(len(prompt) - 1, 0)
+            self._producing[rid] = _Producing(chunk_keys(self.fingerprint, prompt[:handed]), handed)
+        state = self._consuming.get(rid)
+        if state is None or rid in self._meta.loads:
+            return
+        # One pull per request: when vLLM reschedules it (a failed load, a preemption), it computes.
+        request.kv_transfer_params["do_remote_prefill"] = False
+        h = state.handoff
+        if num_external_tokens <= 0:
+            if h.num_tokens:
+                self._meta.releases.append((h.endpoints, h.transfer))
+            self._consuming.pop(rid, None)
+            return
+        start = state.end - num_external_tokens
+        block_ids = list(blocks.get_block_ids()[0])
+        chunks = plan.plan_load(
+            h.key_bytes(), h.num_tokens, start, state.end, block_ids, self.cfg.chunk_size, self.block_size
+        )
+        self._meta.loads[rid] = LoadJob(h.transfer, h.endpoints, h.layout, chunks, start, state.end, block_ids)
+        self._consuming.pop(rid, None)
+
+    # -- producer --
+    def _track_blocks(self, so: SchedulerOutput) -> None:
+        for new in so.scheduled_new_reqs:
+            st = self._producing.get(new.req_id)
+            if st is not None:
+                st.block_ids = list(new.block_ids[0])
+                self._stage_ready(new.req_id, st, new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0))
+        cached = so.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            st = self._producing.get(rid)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                st.block_ids.extend(new_ids[0])
+            self._stage_ready(rid, st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0))
+
+    def _stage_ready(self, rid: str, st: _Producing, computed: int) -> None:
+        saves = plan.ready_saves(
+            rid, st.keys, st.handed, computed, st.saved, st.block_ids, self.cfg.chunk_size, self.block_size
+        )
+        st.saved += len(saves)
+        self._meta.saves.extend(saves)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        if self.is_producer:
+            self._track_blocks(scheduler_output)
+        meta, self._meta = self._meta, PDMetadata()
+        return meta
+
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._consuming.pop(rid, None)
+        st = self._producing.pop(rid, None)
+        if st is None:
+            return False, None
+        from vllm.v1.request import RequestStatus
+
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            self._meta.drops.append(rid)  # aborted: no decoder will come for it
+            return False, None
+        staged = st.saved
+        handed = st.handed if staged == len(st.keys) else staged * self.cfg.chunk_size
+        handoff = HandOff(
+            endpoints=self.endpoints,
+            transfer=rid,
+            num_tokens=handed,
+            keys=[k.hex() for k in st.keys[:staged]],
+            fingerprint=self.fingerprint_hex,
+            layout=self.fingerprint.layout,
+            chunk_size=self.cfg.chunk_size,
+        )
+        # The chunks are copies: the blocks can be freed now.
+        return False, handoff_params(handoff)
+
+
+class _WorkerSide:
+    def __init__(self, vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config: KVCacheConfig):
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self.cfg = cfg
+        ktc = vllm_config.kv_transfer_config
+        self.is_producer = ktc.is_kv_producer
+        self.is_consumer = ktc.is_kv_consumer
+        self.block_size = vllm_config.cache_config.block_size
+        self.num_blocks = kv_cache_config.num_blocks
+        self.rank = get_tensor_model_parallel_rank()
+        self.endpoint = _endpoints(vllm_config, cfg)[self.rank]
+        self.stats = StatsCounter()
+        self.paged: PagedKV | None = None
+        self.pool: StagingPool | None = None
+        self.listener: transfer.Listener | None = None
+        self._conns = ConnectionPool(
+            lambda addr: transfer.connect(
+                addr, connect_timeout=cfg.connect_timeout_s, io_timeout=cfg.io_timeout_s, checksums=cfg.checksums
+            )
+        )
+        self._loader = ThreadPoolExecutor(cfg.load_threads, thread_name_prefix="pdrun-load")
+        self._lock = threading.Lock()
+        self._finished_loads: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._reported_errors: set[int] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
+        if self.is_producer:
+            self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s)
+            service = StagingService(self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n))
+            bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
+            self.listener = transfer.listen(
+                bind, service, checksums=self.cfg.checksums, io_timeout=self.cfg.io_timeout_s
+            )
+        log.info(
+            "PDConnector worker rank %d: KV layout %s, %d bytes per block%s",
+            self.rank,
+            self.paged.describe(),
+            self.paged.bytes_per_block,
+            f", serving hand-offs on {self.listener.address}" if self.listener else "",
+        )
+
+    # -- producer --
+    def save(self, meta: PDMetadata) -> None:
+        if self.pool is None or self.paged is None:
+            return
+        paged = self.paged
+        for transfer_id in meta.drops:
+            self.pool.release(transfer_id)
+        evicted = self.pool.evicted_referenced
+        for s in meta.saves:
+            nbytes = paged.nbytes(len(s.block_ids))
+            ok = self.pool.stage(
+                s.transfer, s.key, len(s.block_ids), nbytes, lambda buf, ids=s.block_ids: paged.gather(ids, buf)
+            )
+            if ok:
+                self.stats.add(staged_chunks=1, staged_bytes=nbytes)
+        if self.pool.evicted_referenced != evicted:
+            self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)
+
+    # -- consumer --
+    def start_load_kv(self, meta: PDMetadata) -> None:
+        for rid, job in meta.loads.items():
+            self._loader.submit(self._load, rid, job)
+        for endpoints, transfer_id in meta.releases:
+            self._loader.submit(self._release, endpoints, transfer_id)
+
+    def _peer(self, endpoints: list[str]) -> str:
+        if self.rank >= len(endpoints):
+            raise ProtocolError(f"the prefiller has {len(endpoints)} TP ranks; this decoder rank is {self.rank}")
+        return endpoints[self.rank]
+
+    def _load(self, rid: str, job: LoadJob) -> None:
+        t0 = time.perf_counter()
+        done_tokens = job.start
+        nbytes = 0
+        try:
+            paged = self.paged
+            assert paged is not None
+            peer = self._peer(job.endpoints)
+            layout = paged.describe()
+            buf = torch.empty(max(paged.nbytes(c.src_blocks) for c in job.chunks), dtype=torch.uint8)
+            chunks = iter(job.chunks)
+            current: list[plan.ChunkLoad] = []
+
+            def sink(header: transfer.Header) -> Any:
+                c = next(chunks)
+                current[:] = [c]
+                if header.key != c.key:
+                    raise ProtocolError(f"got chunk {header.key.hex()}, expected {c.key.hex()}")
+                if header.meta.get("layout") != layout or header.meta.get("blocks") != c.src_blocks:
+                    raise ProtocolError(
+                        f"chunk layout {header.meta.get('layout')} x{header.meta.get('blocks')} blocks does not "
+                        f"match this decoder's {layout} x{c.src_blocks}"
+                    )
+                return buf[: header.nbytes].numpy()
+
+            with self._conns.connection(peer) as conn:
+                for frame in conn.stream("get", meta={"keys": [c.key.hex() for c in job.chunks]}, sink=sink):
+                    c = current[0]
+                    paged.scatter(c.block_ids, buf[: frame.header.nbytes], c.src_blocks, c.skip_blocks)
+                    done_tokens = c.token_end
+                    nbytes += frame.header.nbytes
+            if done_tokens < job.end:
+                raise ProtocolError(f"the prefiller sent {done_tokens - job.start} of {job.end - job.start} tokens")
+        except Exception as e:
+            failed = plan.blocks_from(done_tokens, job.end, job.block_ids, self.block_size)
+            log.warning(
+                "request %s: KV hand-off from %s failed after %d of %d tokens (%s: %s); "
+                "prefilling the remaining %d tokens locally",
+                rid,
+                job.endpoints[0] if job.endpoints else "?",
+                done_tokens - job.start,
+                job.end - job.start,
+                type(e).__name__,
+                e,
+                job.end - done_tokens,
+            )
+            self.stats.add(load_failures=1)
+        else:
+            failed = set()
+            self.stats.add(loads=1)
+        finally:
+            self.stats.add(
+                loaded_tokens=done_tokens - job.start, loaded_bytes=nbytes, load_seconds=time.perf_counter() - t0
+            )
+            with self._lock:
+                self._load_errors |= failed
+                self._finished_loads.add(rid)
+        self._release(job.endpoints, job.transfer)
+
+    def _release(self, endpoints: list[str], transfer_id: str) -> None:
+        try:
+            with self._conns.connection(self._peer(endpoints)) as conn:
+                conn.call("release", meta={"transfer": transfer_id})
+        except Exception as e:  # the prefiller's TTL frees it anyway
+            log.debug("release of %s failed: %s", transfer_id, e)
+
+    def take_finished_loads(self) -> set[str] | None:
+        with self._lock:
+            done, self._finished_loads = self._finished_loads, set()
+            # Errors go out in the same step as their request's completion.
+            self._reported_errors |= self._load_errors
+            self._load_errors = set()
+        return done or None
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._reported_errors = self._reported_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        if self.listener is not None:
+            self.listener.close()
+        self._conns.close()

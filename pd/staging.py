@@ -1,0 +1,172 @@
+"""The producer's staging pool: chunk buffers waiting for decoders to pull them.
+
+A prefiller copies each finished chunk of a hand-off out of its paged KV cache into a buffer here
+(so its blocks are free again at once) and serves the buffers over its transfer endpoint. Each
+buffer is referenced by the transfers (requests) that handed it off; a decoder releases its
+transfer after pulling, and a transfer nobody released expires after `ttl_s`. Unreferenced buffers
+stay as a small cache until their room is needed. Under memory pressure the least recently used
+buffers go first, unreferenced ones before referenced ones: a decoder whose chunk was evicted
+prefills locally instead, it never waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from transfer import Frame, Header, Service
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_REQUEST = 1 << 16
+
+
+@dataclass
+class Staged:
+    buffer: torch.Tensor  # flat uint8
+    blocks: int
+    transfers: set[str] = field(default_factory=set)
+
+
+def host_allocator(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class StagingPool:
+    def __init__(self, budget_bytes: int, ttl_s: float, allocate: Callable[[int], torch.Tensor] = host_allocator):
+        self.budget = budget_bytes
+        self.ttl_s = ttl_s
+        self._allocate = allocate
+        self._entries: OrderedDict[bytes, Staged] = OrderedDict()  # least recently used first
+        self._transfers: dict[str, tuple[set[bytes], float]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.evicted_referenced = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stage(self, transfer: str, key: bytes, blocks: int, nbytes: int, fill: Callable[[torch.Tensor], None]) -> bool:
+        """Make chunk `key` available under `transfer`, calling `fill(buffer)` unless it is already
+        staged. Returns False when it cannot fit the budget at all."""
+        with self._lock:
+            self._expire(time.monotonic())
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self._reference(transfer, key, entry)
+                return True
+        if nbytes > self.budget:
+            log.warning("a %d-byte chunk does not fit the %d-byte staging budget; not staged", nbytes, self.budget)
+            return False
+        buf = self._allocate(nbytes)
+        fill(buf)
+        with self._lock:
+            self._make_room(nbytes)
+            entry = Staged(buf, blocks)
+            self._entries[key] = entry
+            self._bytes += nbytes
+            self._reference(transfer, key, entry)
+        return True
+
+    def get(self, key: bytes) -> Staged | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def release(self, transfer: str) -> None:
+        with self._lock:
+            self._release(transfer)
+
+    def _reference(self, transfer: str, key: bytes, entry: Staged) -> None:
+        entry.transfers.add(transfer)
+        keys, _ = self._transfers.get(transfer, (set(), 0.0))
+        keys.add(key)
+        self._transfers[transfer] = (keys, time.monotonic() + self.ttl_s)
+
+    def _release(self, transfer: str) -> None:
+        keys, _ = self._transfers.pop(transfer, (set(), 0.0))
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.transfers.discard(transfer)
+
+    def _expire(self, now: float) -> None:
+        for transfer in [t for t, (_, deadline) in self._transfers.items() if deadline < now]:
+            log.info("staged transfer %s expired before any decoder released it", transfer)
+            self._release(transfer)
+
+    def _make_room(self, nbytes: int) -> None:
+        for referenced in (False, True):
+            if self._bytes + nbytes <= self.budget:
+                return
+            for key in [k for k, e in self._entries.items() if bool(e.transfers) == referenced]:
+                entry = self._entries.pop(key)
+                self._bytes -= entry.buffer.numel()
+                if referenced:
+                    self.evicted_referenced += 1
+                    log.warning(
+                        "staging pool full (%d bytes): evicted a chunk still awaited by %s; "
+                        "that decoder will prefill locally",
+                        self.budget,
+                        ", ".join(sorted(entry.transfers)),
+                    )
+                if self._bytes + nbytes <= self.budget:
+                    return
+
+
+def _keys_from(meta: dict[str, Any]) -> list[bytes]:
+    raw = meta.get("keys")
+    if not isinstance(raw, list) or len(raw) > MAX_KEYS_PER_REQUEST:
+        raise ValueError("'keys' must be a list of hex chunk keys")
+    try:
+        return [bytes.fromhex(k) for k in raw]
+    except (TypeError, ValueError):
+        raise ValueError("'keys' must be a list of hex chunk keys") from None
+
+
+class StagingService(Service):
+    """Serves a staging pool: "get" streams chunks in the order asked, stopping with an error at
+    the first one not staged; "release" drops a transfer's references; "ping" names the layout."""
+
+    def __init__(self, pool: StagingPool, layout: str, on_served: Callable[[int], None] | None = None):
+        self.pool = pool
+        self.layout = layout
+        self._on_served = on_served or (lambda nbytes: None)
+
+    def receive_buffer(self, header: Header) -> Any:
+        raise ValueError("requests to a staging endpoint carry no payload")
+
+    def handle(self, request: Header, payload: Any) -> Iterator[Frame]:
+        if request.op == "get":
+            keys = _keys_from(request.meta)
+            for key in keys:
+                entry = self.pool.get(key)
+                if entry is None:
+                    raise KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
+                meta = {"layout": self.layout, "blocks": entry.blocks}
+                yield Frame(Header(op="chunk", key=key, meta=meta), memoryview(entry.buffer.numpy()))
+                self._on_served(entry.buffer.numel())
+            return {"count": len(keys)}
+        if request.op == "release":
+            transfer = request.meta.get("transfer")
+            if not isinstance(transfer, str):
+                raise ValueError("'transfer' must be a string")
+            self.pool.release(transfer)
+            return {}
+        if request.op == "ping":
+            return {"layout": self.layout, "staged": len(self.pool)}
+        raise ValueError(f"unknown op {request.op!r} (this endpoint serves get, release, ping)")

@@ -1,0 +1,85 @@
+"""Connector statistics: counted in the workers, summed by vLLM, exported on vLLM's /metrics.
+
+Every name is documented in the README. Counters are cumulative in Prometheus; each stats object
+vLLM collects holds the increments since the last collection.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+# name -> help text; all are counters of the worker side
+COUNTERS: dict[str, str] = {
+    "loaded_tokens": "Prompt tokens whose KV a decoder loaded from a prefiller",
+    "loaded_bytes": "Bytes of KV a decoder loaded",
+    "load_seconds": "Seconds spent pulling and scattering KV hand-offs",
+    "loads": "KV hand-offs a decoder completed",
+    "load_failures": "KV hand-offs that failed, in part or whole, and were prefilled locally",
+    "staged_chunks": "Chunks a prefiller copied into its staging pool",
+    "staged_bytes": "Bytes a prefiller copied into its staging pool",
+    "served_bytes": "Bytes a prefiller's transfer endpoint sent to decoders",
+    "staging_evictions": "Staged chunks evicted while a decoder still awaited them",
+}
+
+
+@dataclass
+class PDStats(KVConnectorStats):
+    def __post_init__(self) -> None:
+        for name in COUNTERS:
+            self.data.setdefault(name, 0)
+
+    def reset(self) -> None:
+        self.data = {name: 0 for name in COUNTERS}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name in COUNTERS:
+            self.data[name] += other.data.get(name, 0)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {name: round(v, 4) if isinstance(v, float) else v for name, v in self.data.items() if v}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(name) for name in COUNTERS)
+
+
+class StatsCounter:
+    """Thread-safe increments from the engine thread, loader threads and the endpoint's threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data = {name: 0 for name in COUNTERS}
+
+    def add(self, **increments: float) -> None:
+        with self._lock:
+            for name, v in increments.items():
+                self._data[name] += v
+
+    def take(self) -> PDStats | None:
+        with self._lock:
+            data, self._data = self._data, {name: 0 for name in COUNTERS}
+        stats = PDStats(data=data)
+        return None if stats.is_empty() else stats
+
+
+class PDPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config: Any, metric_types: Any, labelnames: list[str], per_engine_labelvalues: Any):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: create_metric_per_engine(
+                self._counter_cls(name=f"pdrun:{name}", documentation=doc, labelnames=labelnames),
+                self.per_engine_labelvalues,
+            )
+            for name, doc in COUNTERS.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, per_engine in self._counters.items():
+            v = transfer_stats_data.get(name, 0)
+            if v:
+                per_engine[engine_idx].inc(v)

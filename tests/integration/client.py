@@ -1,0 +1,82 @@
+"""Talking to the test servers as the proxy will: prefill with max_tokens=1, then decode."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+MAX_TOKENS = 24
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed * 100_003 + n)
+    return [rng.randrange(5, 8192) for _ in range(n)]
+
+
+def complete(
+    url: str,
+    tokens: list[int],
+    max_tokens: int = MAX_TOKENS,
+    kv_transfer_params: dict | None = None,
+    timeout: float = 300,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "prompt": tokens,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
+    if kv_transfer_params is not None:
+        body["kv_transfer_params"] = kv_transfer_params
+    req = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def token_ids(response: dict[str, Any]) -> list[int]:
+    return response["choices"][0]["token_ids"]
+
+
+def prefill(url: str, tokens: list[int]) -> dict[str, Any]:
+    """What the proxy sends the prefiller; returns the kv_transfer_params for the decoder."""
+    params = complete(url, tokens, max_tokens=1, kv_transfer_params={"do_remote_decode": True})["kv_transfer_params"]
+    assert params and params["do_remote_prefill"] is True, params
+    return params
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Counter and gauge samples by name plus their labels other than engine/model_name."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k not in ("engine", "model_name")}
+            name = s.name + "".join(f"[{k}={v}]" for k, v in sorted(labels.items()))
+            out[name] = out.get(name, 0.0) + s.value
+    return out
+
+
+LOADED = "pdrun:loaded_tokens_total"
+LOAD_FAILURES = "pdrun:load_failures_total"
+LOCAL_COMPUTE = "vllm:prompt_tokens_by_source_total[source=local_compute]"
+EXTERNAL = "vllm:prompt_tokens_by_source_total[source=external_kv_transfer]"
+
+
+def wait_for_deltas(url: str, before: dict[str, float], expected: dict[str, float], timeout: float = 15) -> dict:
+    """Counters are exported a step after the request: wait until they reach the expected deltas."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = metrics(url)
+        deltas = {k: now.get(k, 0.0) - before.get(k, 0.0) for k in expected}
+        if deltas == expected or time.monotonic() > deadline:
+            return deltas
+        time.sleep(0.2)

@@ -1,0 +1,216 @@
+"""The PD invariant on real vLLM servers: a decoder that loads the prefiller's KV answers exactly
+as a plain vLLM does (greedy, token for token), loads what it claims, recomputes only the token it
+must, and falls back to a local prefill, with the reason logged, whenever the hand-off fails."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import pytest
+
+import transfer
+from tests.integration.client import (
+    EXTERNAL,
+    LOAD_FAILURES,
+    LOADED,
+    LOCAL_COMPUTE,
+    complete,
+    metrics,
+    prefill,
+    prompt,
+    token_ids,
+    wait_for_deltas,
+)
+from tests.integration.conftest import DECODER_IO_TIMEOUT_S
+from transfer import Frame, Header, Service
+from transfer.wire import encode_header
+
+pytestmark = pytest.mark.integration
+LENGTHS = [1, 255, 256, 257, 1000, 3000]
+
+
+def decode(cluster, tokens, params):
+    return token_ids(complete(cluster.decoder.url, tokens, kv_transfer_params=params))
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_pd_output_equals_plain_vllm_and_the_kv_was_loaded(cluster, n):
+    tokens = prompt(n, seed=1)
+    want = token_ids(complete(cluster.plain.url, tokens))
+    params = prefill(cluster.prefiller.url, tokens)
+    assert params["pdrun"]["num_tokens"] == n - 1  # everything but the token the decoder samples from
+    before = metrics(cluster.decoder.url)
+    got = decode(cluster, tokens, params)
+    assert got == want
+    deltas = wait_for_deltas(cluster.decoder.url, before, {LOADED: n - 1, EXTERNAL: n - 1, LOCAL_COMPUTE: 1})
+    # Loaded all it was handed, and computed only the last prompt token: nothing loaded was recomputed.
+    assert deltas == {LOADED: n - 1, EXTERNAL: n - 1, LOCAL_COMPUTE: 1}
+
+
+def test_eight_concurrent_hand_offs(cluster):
+    cases = [(n, seed) for seed in (2, 3) for n in (255, 257, 1000, 3000)]
+    wants = {case: token_ids(complete(cluster.plain.url, prompt(*case))) for case in cases}
+    before = metrics(cluster.decoder.url)
+
+    def pd(case):
+        tokens = prompt(*case)
+        return case, decode(cluster, tokens, prefill(cluster.prefiller.url, tokens))
+
+    with ThreadPoolExecutor(8) as pool:
+        results = dict(pool.map(pd, cases))
+    assert results == wants
+    expected = sum(n - 1 for n, _ in cases)
+    assert wait_for_deltas(cluster.decoder.url, before, {LOADED: expected, LOAD_FAILURES: 0}) == {
+        LOADED: expected,
+        LOAD_FAILURES: 0,
+    }
+
+
+def test_a_different_prompt_loads_only_the_common_prefix(cluster):
+    a = prompt(1000, seed=4)
+    b = a[:600] + prompt(400, seed=5)  # the same first two chunks (512 tokens), then different
+    params = prefill(cluster.prefiller.url, a)
+    before = metrics(cluster.decoder.url)
+    assert decode(cluster, b, params) == token_ids(complete(cluster.plain.url, b))
+    assert wait_for_deltas(cluster.decoder.url, before, {LOADED: 512, LOCAL_COMPUTE: 1000 - 512}) == {
+        LOADED: 512,
+        LOCAL_COMPUTE: 1000 - 512,
+    }
+
+
+def test_malformed_hand_off_params_mean_a_local_prefill(cluster):
+    tokens = prompt(300, seed=6)
+    params = prefill(cluster.prefiller.url, tokens)
+    params["pdrun"]["keys"] = ["not-hex"]
+    assert decode(cluster, tokens, params) == token_ids(complete(cluster.plain.url, tokens))
+    assert "malformed pdrun hand-off" in cluster.decoder.log_path.read_text()
+
+
+class Corrupting(Service):
+    """A fake prefiller endpoint that relays the real one's chunks, damaged in a chosen way."""
+
+    def __init__(self, real: str, how: str):
+        self.real, self.how = real, how
+
+    def handle(self, request, payload):
+        if request.op == "release":
+            return {}
+        if self.how == "silent":
+            time.sleep(60)
+        with transfer.connect(self.real) as conn:
+            for frame in conn.stream(request.op, meta=request.meta):
+                data = bytearray(frame.payload)
+                header = frame.header
+                if self.how == "flip-a-byte":
+                    data[len(data) // 2] ^= 0x40  # keeps the real checksum: the decoder must notice
+                elif self.how == "wrong-layout":
+                    header = msgspec.structs.replace(header, meta={**header.meta, "layout": "L99:bs1"})
+                yield Frame(header, data)
+        return {}
+
+
+class RawEndpoint:
+    """A fake prefiller endpoint that answers every request with the given bytes, then closes."""
+
+    def __init__(self, reply: bytes):
+        self.reply = reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 16)
+                conn.sendall(self.reply)
+
+    def close(self):
+        self.sock.close()
+
+
+def truncated_first_chunk(params) -> bytes:
+    """The prefiller's real first chunk frame, cut off half way through its payload."""
+    with transfer.connect(params["pdrun"]["endpoints"][0]) as conn:
+        frame = next(iter(conn.stream("get", meta={"keys": params["pdrun"]["keys"][:1]})))
+        conn.close()
+    return encode_header(frame.header) + bytes(frame.payload)[: frame.header.nbytes // 2]
+
+
+@pytest.mark.parametrize(
+    ("how", "reason", "seed"),
+    [
+        ("silent", "TransferTimeout", 70),
+        ("flip-a-byte", "ChecksumError", 71),
+        ("wrong-layout", "does not match this decoder", 72),
+        ("garbage", "bad magic", 73),
+        ("truncated", "PeerClosed", 74),
+    ],
+)
+def test_a_misbehaving_prefiller_costs_a_local_prefill_not_the_request(cluster, how, reason, seed):
+    tokens = prompt(700, seed=seed)
+    want = token_ids(complete(cluster.plain.url, tokens))
+    params = prefill(cluster.prefiller.url, tokens)
+    if how in ("garbage", "truncated"):
+        fake = RawEndpoint(b"HTTP/1.1 200 OK\r\n\r\n" if how == "garbage" else truncated_first_chunk(params))
+    else:
+        fake = transfer.listen("tcp://127.0.0.1:0", Corrupting(params["pdrun"]["endpoints"][0], how))
+    params["pdrun"]["endpoints"] = [fake.address]
+    before = metrics(cluster.decoder.url)
+    try:
+        t0 = time.monotonic()
+        assert decode(cluster, tokens, params) == want
+        assert time.monotonic() - t0 < DECODER_IO_TIMEOUT_S + 10
+    finally:
+        fake.close()
+    # (vLLM's by-source counters are set at admission and do not see the recompute: count our own.)
+    assert wait_for_deltas(cluster.decoder.url, before, {LOAD_FAILURES: 1, LOADED: 0}) == {LOAD_FAILURES: 1, LOADED: 0}
+    log = cluster.decoder.log_path.read_text()
+    line = [ln for ln in log.splitlines() if "KV hand-off from " + fake.address in ln]
+    assert line and reason in line[-1] and "prefilling the remaining" in line[-1]
+    # And the decoder goes on serving hand-offs.
+    ok = prompt(300, seed=8)
+    assert decode(cluster, ok, prefill(cluster.prefiller.url, ok)) == token_ids(complete(cluster.plain.url, ok))
+
+
+def test_the_prefiller_endpoint_survives_garbage(cluster):
+    tokens = prompt(400, seed=9)
+    params = prefill(cluster.prefiller.url, tokens)
+    host, port = params["pdrun"]["endpoints"][0].removeprefix("tcp://").split(":")
+    junk_frame = encode_header(Header(op="get", nbytes=1 << 20, more=True)) + b"x" * 1000
+    for junk in (b"\x00" * 100, b"GET / HTTP/1.1\r\n\r\n", junk_frame):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(junk)
+    before = metrics(cluster.decoder.url)
+    assert decode(cluster, tokens, params) == token_ids(complete(cluster.plain.url, tokens))
+    assert wait_for_deltas(cluster.decoder.url, before, {LOADED: 399}) == {LOADED: 399}
+
+
+def test_prefiller_killed_between_prefill_and_pull(cluster):
+    # Last in this module: it kills the prefiller (and restarts it for whatever runs next).
+    tokens = prompt(1000, seed=10)
+    want = token_ids(complete(cluster.plain.url, tokens))
+    params = prefill(cluster.prefiller.url, tokens)
+    cluster.prefiller.kill()
+    before = metrics(cluster.decoder.url)
+    try:
+        assert decode(cluster, tokens, params) == want
+        assert wait_for_deltas(cluster.decoder.url, before, {LOAD_FAILURES: 1, LOADED: 0}) == {
+            LOAD_FAILURES: 1,
+            LOADED: 0,
+        }
+        lines = [ln for ln in cluster.decoder.log_path.read_text().splitlines() if "KV hand-off" in ln]
+        assert "PeerClosed: cannot connect" in lines[-1]
+    finally:
+        cluster.restart_prefiller()
+    again = prompt(500, seed=11)
+    assert decode(cluster, again, prefill(cluster.prefiller.url, again)) == token_ids(
+        complete(cluster.plain.url, again)
+    )

@@ -1,0 +1,158 @@
+"""TCP hand-off bandwidth: what a decoder pulling chunks from a prefiller gets over loopback.
+
+The prefiller side is the real staging pool and service (pd.staging) in its own process; the
+decoder side pulls chunks into a preallocated buffer as PDConnector does, over 1..N parallel
+connections, with and without checksums. The memcpy floor (one copy of the same bytes in this
+process) is measured in the same run. Prints a table and writes JSON.
+
+    python examples/benchmarks/bench_tcp.py                       # 8B shape: 128 KiB/token, 256-token chunks
+    python examples/benchmarks/bench_tcp.py --streams 1,2,4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import transfer
+from pd.staging import StagingPool, StagingService
+
+LLAMA_8B_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16 = 128 KiB
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def serve(chunks: int, nbytes: int, checksums: bool, ready: mp.Queue, stop: mp.Event) -> None:
+    pool = StagingPool(budget_bytes=chunks * nbytes, ttl_s=3600)
+    g = torch.Generator().manual_seed(0)
+    for i in range(chunks):
+        pool.stage(
+            "bench",
+            key(i),
+            1,
+            nbytes,
+            lambda b: b.copy_(torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8)),
+        )
+    listener = transfer.listen("tcp://127.0.0.1:0", StagingService(pool, "bench"), checksums=checksums)
+    ready.put(listener.address)
+    stop.wait()
+    listener.close()
+
+
+def pull(address: str, keys: list[bytes], nbytes: int, checksums: bool, streams: int, rounds: int) -> float:
+    """Seconds to pull every key `rounds` times over `streams` connections."""
+    conns = [transfer.connect(address, checksums=checksums) for _ in range(streams)]
+    bufs = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(streams)]
+    parts = [keys[i::streams] for i in range(streams)]
+
+    def worker(i: int) -> None:
+        view = bufs[i].numpy()
+        for _ in range(rounds):
+            for _frame in conns[i].stream("get", meta={"keys": [k.hex() for k in parts[i]]}, sink=lambda h: view):
+                pass
+
+    worker(0)  # warm up: connections, page faults
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    return elapsed
+
+
+def memcpy_gbps(nbytes: int, reps: int = 10) -> float:
+    src, dst = torch.randint(0, 256, (nbytes,), dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    dst.copy_(src)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    return nbytes * reps / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunk-tokens", type=int, default=256)
+    ap.add_argument("--bytes-per-token", type=int, default=LLAMA_8B_BYTES_PER_TOKEN)
+    ap.add_argument("--chunks", type=int, default=16, help="distinct chunks staged (default 16 = 512 MiB)")
+    ap.add_argument("--rounds", type=int, default=3, help="times each chunk is pulled per measurement")
+    ap.add_argument("--streams", default="1,2,4", help="parallel connections to try")
+    ap.add_argument("--json", type=Path, default=Path("bench_tcp.json"))
+    args = ap.parse_args()
+
+    nbytes = args.chunk_tokens * args.bytes_per_token
+    keys = [key(i) for i in range(args.chunks)]
+    floor = memcpy_gbps(nbytes)
+    rows = []
+    ctx = mp.get_context("spawn")
+    for checksums in (True, False):
+        ready, stop = ctx.Queue(), ctx.Event()
+        server = ctx.Process(target=serve, args=(args.chunks, nbytes, checksums, ready, stop), daemon=True)
+        server.start()
+        address = ready.get(timeout=120)
+        try:
+            for streams in (int(s) for s in args.streams.split(",")):
+                seconds = pull(address, keys, nbytes, checksums, streams, args.rounds)
+                moved = nbytes * args.chunks * args.rounds
+                rows.append(
+                    {
+                        "checksums": checksums,
+                        "streams": streams,
+                        "chunk_bytes": nbytes,
+                        "bytes": moved,
+                        "seconds": round(seconds, 4),
+                        "gb_per_s": round(moved / seconds / 1e9, 3),
+                        "ms_per_chunk": round(seconds / (args.chunks * args.rounds) * 1e3 * streams, 2),
+                    }
+                )
+        finally:
+            stop.set()
+            server.join(10)
+
+    print(
+        f"TCP loopback hand-off, {args.chunk_tokens}-token chunks x {args.bytes_per_token // 1024} KiB/token "
+        f"= {nbytes / 2**20:.0f} MiB per chunk; memcpy floor {floor:.2f} GB/s"
+    )
+    print(f"{'checksums':>9} {'streams':>7} {'GB/s':>7} {'ms/chunk':>9} {'x memcpy':>9}")
+    for r in rows:
+        print(
+            f"{r['checksums']!s:>9} {r['streams']:>7} {r['gb_per_s']:>7.2f} {r['ms_per_chunk']:>9.1f} "
+            f"{r['gb_per_s'] / floor:>9.2f}"
+        )
+    result = {
+        "benchmark": "tcp_loopback_handoff",
+        "command": " ".join(sys.argv),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "chunk_tokens": args.chunk_tokens,
+        "bytes_per_token": args.bytes_per_token,
+        "memcpy_gb_per_s": round(floor, 3),
+        "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

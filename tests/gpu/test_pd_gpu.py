@@ -1,0 +1,46 @@
+"""The PD invariant on CUDA with the tiny model in bf16: the same checks as on CPU."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.integration.client import (
+    EXTERNAL,
+    LOADED,
+    LOCAL_COMPUTE,
+    complete,
+    metrics,
+    prefill,
+    prompt,
+    token_ids,
+    wait_for_deltas,
+)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 1000, 3000])
+def test_pd_equals_plain_on_gpu(gpu_cluster, n):
+    c = gpu_cluster
+    tokens = prompt(n, seed=1)
+    want = token_ids(complete(c.plain.url, tokens))
+    params = prefill(c.prefiller.url, tokens)
+    before = metrics(c.decoder.url)
+    assert token_ids(complete(c.decoder.url, tokens, kv_transfer_params=params)) == want
+    expected = {LOADED: n - 1, EXTERNAL: n - 1, LOCAL_COMPUTE: 1}
+    assert wait_for_deltas(c.decoder.url, before, expected) == expected
+
+
+def test_sixteen_concurrent_on_gpu(gpu_cluster):
+    c = gpu_cluster
+    cases = [(n, seed) for seed in (2, 3, 4, 5) for n in (255, 257, 1000, 3000)]
+    wants = {case: token_ids(complete(c.plain.url, prompt(*case))) for case in cases}
+
+    def pd(case):
+        tokens = prompt(*case)
+        return case, token_ids(complete(c.decoder.url, tokens, kv_transfer_params=prefill(c.prefiller.url, tokens)))
+
+    with ThreadPoolExecutor(16) as pool:
+        assert dict(pool.map(pd, cases)) == wants

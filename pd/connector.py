@@ -397,7 +397,9 @@ class _WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
         if self.is_producer:
-            self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s)
+            self.pool = StagingPool(
+                int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, self.paged.host_buffer
+            )
             service = StagingService(self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n))
             bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
             self.listener = transfer.listen(
@@ -421,9 +423,13 @@ class _WorkerSide:
         evicted = self.pool.evicted_referenced
         for s in meta.saves:
             nbytes = paged.nbytes(len(s.block_ids))
-            ok = self.pool.stage(
-                s.transfer, s.key, len(s.block_ids), nbytes, lambda buf, ids=s.block_ids: paged.gather(ids, buf)
-            )
+            try:
+                ok = self.pool.stage(
+                    s.transfer, s.key, len(s.block_ids), nbytes, lambda buf, ids=s.block_ids: paged.gather(ids, buf)
+                )
+            except Exception:  # never the engine's problem: that decoder will prefill locally
+                log.exception("request %s: could not stage chunk %d; its decoder will prefill it", s.transfer, s.index)
+                continue
             if ok:
                 self.stats.add(staged_chunks=1, staged_bytes=nbytes)
         if self.pool.evicted_referenced != evicted:
@@ -450,7 +456,7 @@ class _WorkerSide:
             assert paged is not None
             peer = self._peer(job.endpoints)
             layout = paged.describe()
-            buf = torch.empty(max(paged.nbytes(c.src_blocks) for c in job.chunks), dtype=torch.uint8)
+            buf = paged.host_buffer(max(paged.nbytes(c.src_blocks) for c in job.chunks))
             chunks = iter(job.chunks)
             current: list[plan.ChunkLoad] = []
 

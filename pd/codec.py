@@ -98,15 +98,20 @@ class PagedKV:
         return ids.to(self.device)
 
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
-        """Copy blocks `block_ids` of every layer into the chunk buffer `out`."""
+        """Copy blocks `block_ids` of every layer into the chunk buffer `out` (on any device: a
+        host buffer for a CUDA cache is filled by a device-side gather and one copy per layer)."""
         view = self.chunk_view(out, len(block_ids))
         idx = self._index(block_ids)
-        for layer, dst in zip(self.layers, view, strict=False):
-            torch.index_select(layer, 0, idx, out=dst)
+        same_device = out.device == self.device
+        for layer, dst in zip(self.layers, view, strict=True):
+            if same_device:
+                torch.index_select(layer, 0, idx, out=dst)
+            else:
+                dst.copy_(torch.index_select(layer, 0, idx))
 
     def scatter(self, block_ids: Sequence[int], src: torch.Tensor, src_blocks: int, skip_blocks: int = 0) -> None:
         """Copy blocks `skip_blocks ... skip_blocks + len(block_ids) - 1` of the chunk buffer `src`
-        (which holds `src_blocks` blocks) into blocks `block_ids`."""
+        (which holds `src_blocks` blocks, on any device) into blocks `block_ids`."""
         if skip_blocks < 0 or skip_blocks + len(block_ids) > src_blocks:
             raise LayoutError(
                 f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk"
@@ -114,5 +119,11 @@ class PagedKV:
         view = self.chunk_view(src, src_blocks)
         idx = self._index(block_ids)
         first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
-        for layer, chunk in zip(self.layers, view, strict=False):
-            layer.index_copy_(0, idx, chunk[first:last])
+        for layer, chunk in zip(self.layers, view, strict=True):
+            layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # in place before anyone is told so
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host buffer for chunks of this cache: pinned next to a GPU, so copies run at full speed."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")

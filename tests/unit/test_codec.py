@@ -154,3 +154,10 @@ def test_layout_errors_are_named():
         p.gather([0, 1], torch.empty(p.nbytes(1), dtype=torch.uint8))
     with pytest.raises(LayoutError, match="cannot take"):
         p.scatter([0, 1], torch.empty(p.nbytes(1), dtype=torch.uint8), src_blocks=1)
+
+
+def test_host_buffer_holds_a_chunk():
+    p = PagedKV({"l": torch.zeros(4, 2, 16, 8)}, 4, 16)
+    buf = p.host_buffer(p.nbytes(2))
+    assert buf.dtype == torch.uint8 and buf.device.type == "cpu" and buf.numel() == p.nbytes(2)
+    p.gather([1, 3], buf)  # usable as a chunk buffer as is

@@ -22,7 +22,16 @@ GPU_ARGS = ["--gpu-memory-utilization", "0.25", "--max-num-seqs", "64", "--enfor
 @pytest.fixture(scope="session")
 def gpu_cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:  # noqa: F811
     log_dir = Path(os.environ.get("PDRUN_TEST_LOGS") or tmp_path_factory.mktemp("logs"))
-    common = dict(model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, extra_args=GPU_ARGS)
+    # bf16 kernels on a GPU give slightly different results for different batch shapes; batch-invariant
+    # mode takes that out, so a concurrent PD run can be compared token for token with a sequential one.
+    common = dict(
+        model=str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        max_model_len=4096,
+        extra_args=GPU_ARGS,
+        env={"VLLM_BATCH_INVARIANT": "1"},
+    )
     servers = [
         VllmServer(ServerSpec(port=free_port(), role="kv_producer", kv_port=free_port(), **common), log_dir / "p.log"),
         VllmServer(

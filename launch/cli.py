@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from launch import tiny_model
+from launch.config import ConfigError
 
 app = typer.Typer(
     name="pdrun",
-    help="Prefill/decode disaggregation for vLLM: prefillers hand chunked KV to decoders over TCP.",
+    help="Prefill/decode disaggregation for vLLM: prefillers hand chunked KV to decoders, one OpenAI endpoint "
+    "in front.\n\nStart here: pdrun launch --prefill 1 --decode 2",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
 model_app = typer.Typer(help="Models pdrun can build locally, with no download.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -39,6 +42,150 @@ def model_tiny(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(str(path))
+
+
+def _split_urls(values: list[str] | None) -> list[str]:
+    """Repeated options and comma-separated lists alike."""
+    return [u.strip() for v in values or [] for u in v.split(",") if u.strip()]
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None, typer.Option(help="Model path or name; default: the embedded tiny model (built if absent).")
+    ] = None,
+    prefill: Annotated[int | None, typer.Option(help="Prefill instances (default 1).")] = None,
+    decode: Annotated[int | None, typer.Option(help="Decode instances (default 1).")] = None,
+    host: Annotated[str | None, typer.Option(help="Where the proxy listens (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="The proxy's port: the one OpenAI endpoint (default 8000).")] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="Routing: prefix_aware (default), least_outstanding, round_robin.")
+    ] = None,
+    transport: Annotated[str | None, typer.Option(help="KV transfer: tcp (default).")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Tokens per KV chunk (default 256).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: cuda if a GPU is seen).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPU ids, one per instance, e.g. 0,1,2 (default: all).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Name clients ask for.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len for every instance.")] = None,
+    instance_port: Annotated[int | None, typer.Option(help="First vLLM port, +1 per instance (default 8100).")] = None,
+    kv_port: Annotated[
+        int | None, typer.Option(help="First KV transfer port, +8 per instance (default 15100).")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Logs and state.json (default ~/.cache/pdrun/runs/<time>).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML file with any of these settings (the options win).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not echo the children's logs.")] = False,
+    no_restart: Annotated[bool, typer.Option("--no-restart", help="Leave a crashed instance down.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands it would run, and exit.")] = False,
+) -> None:
+    """Start N prefillers, M decoders and the proxy in front of them; keep them up until Ctrl-C.
+
+    Arguments after `--` go to every vLLM instance. Each child's log is kept in the run directory
+    and echoed with its name; a crashed instance is restarted with backoff (and is out of rotation
+    meanwhile); Ctrl-C or SIGTERM stops the proxy, then the instances, and leaves no process behind.
+
+    Examples:
+
+    * `pdrun launch --prefill 1 --decode 2` (the tiny model; CPU when no GPU is seen)
+
+    * `pdrun launch --model meta-llama/Llama-3.1-8B --gpus 0,1,2 -- --gpu-memory-utilization 0.85`
+
+    * `pdrun launch -c deploy.yaml --dry-run`
+    """
+    from launch import config as launch_config
+    from launch import deploy
+    from launch.supervisor import Supervisor
+
+    overrides: dict[str, Any] = dict(
+        model=model,
+        prefill=prefill,
+        decode=decode,
+        host=host,
+        port=port,
+        policy=policy,
+        transport=transport,
+        chunk_size=chunk_size,
+        device=device,
+        served_model_name=served_model_name,
+        max_model_len=max_model_len,
+        instance_port=instance_port,
+        kv_port=kv_port,
+        run_dir=run_dir,
+    )
+    if gpus is not None:
+        try:
+            overrides["gpus"] = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            _fail(f"--gpus takes comma-separated GPU ids like 0,1,2, not {gpus!r}")
+    if ctx.args:
+        overrides["vllm_args"] = list(ctx.args)
+    if quiet:
+        overrides["echo_logs"] = False
+    if no_restart:
+        overrides["restart"] = False
+    try:
+        cfg = launch_config.load(config, overrides)
+        specs = deploy.child_specs(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+    if dry_run:
+        typer.echo(deploy.dry_run_text(specs))
+        return
+    if cfg.model is None:
+        tiny_model.build(None)
+    supervisor = Supervisor(
+        specs,
+        cfg.run_dir or deploy.default_run_dir(),
+        restart=cfg.restart,
+        echo_logs=cfg.echo_logs,
+        startup_timeout_s=cfg.startup_timeout_s,
+        stop_grace_s=cfg.stop_grace_s,
+    )
+    shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    ready = f"ready: {cfg.prefill}P{cfg.decode}D, OpenAI endpoint http://{shown}:{cfg.port}/v1 (Ctrl-C stops)"
+    raise typer.Exit(supervisor.run(ready_message=ready))
+
+
+@app.command()
+def proxy(
+    decode: Annotated[list[str], typer.Option(help="Decoder vLLM base URL; repeat or comma-separate.")],
+    prefill: Annotated[
+        list[str] | None, typer.Option(help="Prefiller vLLM base URL; repeat or comma-separate.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Where to listen.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    policy: Annotated[str, typer.Option(help="prefix_aware, least_outstanding or round_robin.")] = "prefix_aware",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """The one OpenAI endpoint in front of vLLM instances started elsewhere (xPyD across hosts).
+
+    Prefillers need PDConnector as kv_producer, decoders as kv_consumer (see the README). Each
+    request is prefilled on a prefiller (max_tokens=1) and decoded on a decoder with the KV it
+    hands over; with no prefiller in rotation, decoders prefill themselves.
+
+    Example: pdrun proxy --prefill http://10.0.0.1:8100 --decode http://10.0.0.2:8100,http://10.0.0.3:8100
+    """
+    from pydantic import ValidationError
+
+    from pd.logs import setup_logging
+    from pd.proxy import ProxySettings, serve
+
+    try:
+        settings = ProxySettings(prefill=_split_urls(prefill), decode=_split_urls(decode), policy=policy)  # type: ignore[arg-type]
+    except ValidationError as e:
+        err = e.errors()[0]
+        _fail(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+    setup_logging()
+    serve(settings, host=host, port=port, log_level=log_level)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def main() -> None:

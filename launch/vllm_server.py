@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from launch.supervisor import wait_group_gone
+
 Role = Literal["plain", "kv_producer", "kv_consumer", "kv_both"]
 CONNECTOR_MODULE = "pd.connector"
 
@@ -47,7 +49,7 @@ class ServerSpec:
     host: str = "127.0.0.1"
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: str = "auto"
-    max_model_len: int = 4096
+    max_model_len: int | None = 4096
     connector: dict[str, Any] = field(default_factory=dict)  # kv_connector_extra_config
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -67,9 +69,9 @@ class ServerSpec:
             str(self.port),
             "--dtype",
             self.dtype,
-            "--max-model-len",
-            str(self.max_model_len),
         ]
+        if self.max_model_len is not None:
+            cmd += ["--max-model-len", str(self.max_model_len)]
         if self.device == "cpu":
             cmd.append("--enforce-eager")  # torch.compile costs a minute of start-up for nothing on a tiny model
         ktc = kv_transfer_config(self.role, self.kv_port, self.connector)
@@ -168,21 +170,5 @@ class VllmServer:
             os.killpg(pgid, signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait()
-        deadline = time.monotonic() + 15
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_group_gone(pgid, 15)
         self.proc = None
-
-
-def group_members(pgid: int) -> set[int]:
-    """Live (not zombie) processes in process group `pgid`."""
-    out: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            except OSError:
-                continue
-            if int(group) == pgid and state != "Z":
-                out.add(int(entry.name))
-    return out

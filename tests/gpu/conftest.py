@@ -8,14 +8,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from launch.vllm_server import ServerSpec, VllmServer
-from tests.integration.conftest import Cluster, free_port, model_dir  # noqa: F401  (fixture re-export)
+from tests.integration.conftest import free_port, model_dir  # noqa: F401  (fixture re-export)
+
 
 # Eager: this suite checks correctness; CUDA graphs and compile only slow its start-up.
+@dataclass
+class Cluster:
+    prefiller: VllmServer
+    decoder: VllmServer
+    plain: VllmServer
+    log_dir: Path
+
+
 GPU_ARGS = ["--gpu-memory-utilization", "0.25", "--max-num-seqs", "64", "--enforce-eager"]
 
 

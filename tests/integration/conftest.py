@@ -1,27 +1,35 @@
-"""Real vLLM servers on CPU with the tiny model, started once per test session.
+"""Real processes on CPU with the tiny model, started once per test session.
 
-P (kv_producer) and D (kv_consumer) with PDConnector, and B, a plain vLLM: the reference every PD
-output is compared with. All listen on 127.0.0.1; all are stopped at the end of the session, and
-the session fails if any of their processes is left.
+`pdrun launch` deploys 1 prefiller and 2 decoders (PDConnector) behind the proxy, as a user would
+start it; B, a plain vLLM, is the reference every output is compared with. Tests talk to the proxy
+or to the instances directly. All listen on 127.0.0.1. The deployment's last test stops it with
+SIGINT (see test_launch.py); whatever is left at the end fails the session.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launch import tiny_model
-from launch.vllm_server import ServerSpec, VllmServer, group_members
+from launch.supervisor import group_members
+from launch.vllm_server import ServerSpec, VllmServer
 
 pytestmark = pytest.mark.integration
 DECODER_IO_TIMEOUT_S = 4.0
+DECODERS = 2
 
 
 def free_port() -> int:
@@ -30,17 +38,137 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int) -> int:
+    """The first of n consecutive ports that are free now."""
+    for base in range(20000 + os.getpid() % 97 * 100, 60000, 211):
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def processes_with_env(key: str, value: str) -> set[int]:
+    """Live processes whose environment has key=value: a deployment's children and all they started."""
+    needle = f"{key}={value}".encode()
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        out.add(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def get_json(url: str, timeout: float = 5) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # the proxy's /health answers 503 with its state
+        return json.loads(e.read())
+
+
+@dataclass
+class Instance:
+    """One vLLM instance of the deployment, as the supervisor's state.json describes it."""
+
+    deployment: Deployment
+    name: str
+
+    @property
+    def url(self) -> str:
+        return self.deployment.state()["children"][self.name]["url"]
+
+    @property
+    def pid(self) -> int:
+        return self.deployment.state()["children"][self.name]["pid"]
+
+    @property
+    def starts(self) -> int:
+        return self.deployment.state()["children"][self.name]["starts"]
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.deployment.state()["children"][self.name]["log"])
+
+    def kill(self) -> None:
+        """SIGKILL its whole process group: a crash of the instance, engine and workers included."""
+        os.killpg(self.pid, signal.SIGKILL)
+
+
+@dataclass
+class Deployment:
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+    proxy_url: str
+
+    def state(self) -> dict:
+        return json.loads((self.run_dir / "state.json").read_text())
+
+    def output(self) -> str:
+        return (self.run_dir / "launcher.out").read_text(errors="replace")
+
+    def processes(self) -> set[int]:
+        return processes_with_env("PDRUN_RUN_DIR", str(self.run_dir))
+
+    def in_rotation(self) -> set[str]:
+        """URLs of the backends the proxy routes to now."""
+        h = get_json(f"{self.proxy_url}/health")
+        return {b["url"] for b in h.get("prefill", []) + h.get("decode", []) if b["healthy"]}
+
+    def wait_ready(self, names: list[str], timeout: float, since_starts: dict[str, int] | None = None) -> None:
+        """Until each named instance is healthy (restarted, if since_starts says) and in the proxy's rotation."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pdrun launch exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                children = self.state()["children"]
+                fresh = all(children[n]["starts"] > (since_starts or {}).get(n, 0) for n in names)
+                up = all(children[n]["state"] == "healthy" for n in names)
+                if fresh and up and {children[n]["url"] for n in names} <= self.in_rotation():
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{names} not ready after {timeout:.0f}s:\n{self.output()[-4000:]}")
+
+
 @dataclass
 class Cluster:
-    prefiller: VllmServer
-    decoder: VllmServer
+    deployment: Deployment
     plain: VllmServer
-    log_dir: Path
 
-    def restart_prefiller(self) -> None:
-        if self.prefiller.alive():
-            return
-        self.prefiller.start().wait_healthy()
+    @property
+    def proxy_url(self) -> str:
+        return self.deployment.proxy_url
+
+    @property
+    def prefiller(self) -> Instance:
+        return Instance(self.deployment, "prefill-0")
+
+    @property
+    def decoder(self) -> Instance:
+        return Instance(self.deployment, "decode-0")
+
+    @property
+    def decoders(self) -> list[Instance]:
+        return [Instance(self.deployment, f"decode-{i}") for i in range(DECODERS)]
+
+    def wait_restarted(self, inst: Instance, starts_before: int, timeout: float = 400) -> None:
+        self.deployment.wait_ready([inst.name], timeout, since_starts={inst.name: starts_before})
 
 
 @pytest.fixture(scope="session")
@@ -48,37 +176,68 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model.build(tmp_path_factory.mktemp("model") / "tiny")
 
 
+def start_deployment(model_dir: Path, run_dir: Path) -> Deployment:
+    n = 1 + DECODERS
+    port = free_port()
+    config = {
+        "model": str(model_dir),
+        "served_model_name": "tiny",
+        "prefill": 1,
+        "decode": DECODERS,
+        "port": port,
+        "instance_port": free_port_range(n),
+        "kv_port": free_port_range(8 * n),
+        "dtype": "float32",
+        "max_model_len": 4096,
+        "run_dir": str(run_dir),
+        "connector": {"io_timeout_s": DECODER_IO_TIMEOUT_S, "connect_timeout_s": 2.0},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "deploy.yaml").write_text(yaml.safe_dump(config))
+    with open(run_dir / "launcher.out", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launch", "launch", "--config", str(run_dir / "deploy.yaml")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # our Ctrl-C does not reach it; the test sends its own
+        )
+    return Deployment(proc, run_dir, f"http://127.0.0.1:{port}")
+
+
 @pytest.fixture(scope="session")
 def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = Path(os.environ.get("PDRUN_TEST_LOGS") or tmp_path_factory.mktemp("logs"))
-    common = dict(model=str(model_dir), dtype="float32", max_model_len=4096)
-    p = VllmServer(
-        ServerSpec(port=free_port(), role="kv_producer", kv_port=free_port(), **common), log_dir / "prefiller.log"
+    plain = VllmServer(
+        ServerSpec(model=str(model_dir), port=free_port(), dtype="float32", max_model_len=4096), log_dir / "plain.log"
     )
-    d = VllmServer(
-        ServerSpec(
-            port=free_port(),
-            role="kv_consumer",
-            kv_port=free_port(),
-            connector={"io_timeout_s": DECODER_IO_TIMEOUT_S, "connect_timeout_s": 2.0},
-            **common,
-        ),
-        log_dir / "decoder.log",
-    )
-    b = VllmServer(ServerSpec(port=free_port(), **common), log_dir / "plain.log")
-    servers = [p, d, b]
+    deployment = None
     try:
         t0 = time.monotonic()
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_healthy(timeout=600)
-        print(f"\n3 vLLM servers healthy after {time.monotonic() - t0:.0f}s; logs in {log_dir}")
-        yield Cluster(p, d, b, log_dir)
+        plain.start()
+        deployment = start_deployment(model_dir, log_dir / "run")
+        names = ["prefill-0"] + [f"decode-{i}" for i in range(DECODERS)]
+        deployment.wait_ready(names, timeout=900)
+        plain.wait_healthy(timeout=600)
+        print(f"\n1P{DECODERS}D + plain vLLM healthy after {time.monotonic() - t0:.0f}s; logs in {log_dir}")
+        yield Cluster(deployment, plain)
     finally:
-        for s in servers:
-            s.stop()
-    left = {pid for s in servers for g in s.started_groups for pid in group_members(g)}
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"vLLM processes outlived the test session: {sorted(left)}"
+        plain.stop()
+        left = {pid for g in plain.started_groups for pid in group_members(g)}
+        if deployment is not None:
+            if deployment.proc.poll() is None:
+                deployment.proc.send_signal(signal.SIGINT)
+                try:
+                    deployment.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(deployment.proc.pid, signal.SIGKILL)
+            time.sleep(1)
+            left |= deployment.processes()
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes outlived the test session: {sorted(left)}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `stops_deployment` run last: after them there is no deployment to test."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_deployment") is not None)

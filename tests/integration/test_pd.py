@@ -194,22 +194,32 @@ def test_the_prefiller_endpoint_survives_garbage(cluster):
 
 
 def test_prefiller_killed_between_prefill_and_pull(cluster):
-    # Last in this module: it kills the prefiller (and restarts it for whatever runs next).
+    # It kills the prefiller; the supervisor of the deployment restarts it, and the test waits for that.
     tokens = prompt(1000, seed=10)
     want = token_ids(complete(cluster.plain.url, tokens))
     params = prefill(cluster.prefiller.url, tokens)
+    starts = cluster.prefiller.starts
     cluster.prefiller.kill()
     before = metrics(cluster.decoder.url)
-    try:
-        assert decode(cluster, tokens, params) == want
-        assert wait_for_deltas(cluster.decoder.url, before, {LOAD_FAILURES: 1, LOADED: 0}) == {
-            LOAD_FAILURES: 1,
-            LOADED: 0,
-        }
-        lines = [ln for ln in cluster.decoder.log_path.read_text().splitlines() if "KV hand-off" in ln]
-        assert "PeerClosed" in lines[-1]  # refused, or reset if it died mid-connection
-    finally:
-        cluster.restart_prefiller()
+    assert decode(cluster, tokens, params) == want
+    assert wait_for_deltas(cluster.decoder.url, before, {LOAD_FAILURES: 1, LOADED: 0}) == {
+        LOAD_FAILURES: 1,
+        LOADED: 0,
+    }
+    lines = [ln for ln in cluster.decoder.log_path.read_text().splitlines() if "KV hand-off" in ln]
+    assert "PeerClosed" in lines[-1]  # refused, or reset if it died mid-connection
+
+    # Meanwhile the proxy serves requests decode-only: the decoder prefills them itself.
+    deadline = time.monotonic() + 10
+    while cluster.prefiller.url in cluster.deployment.in_rotation() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alone = prompt(200, seed=12)
+    before_proxy = metrics(cluster.proxy_url)
+    assert token_ids(complete(cluster.proxy_url, alone)) == token_ids(complete(cluster.plain.url, alone))
+    fallback = "pdrun:proxy_decode_only_total[reason=no prefiller in rotation]"
+    assert metrics(cluster.proxy_url)[fallback] - before_proxy.get(fallback, 0) == 1
+
+    cluster.wait_restarted(cluster.prefiller, starts)
     again = prompt(500, seed=11)
     assert decode(cluster, again, prefill(cluster.prefiller.url, again)) == token_ids(
         complete(cluster.plain.url, again)

@@ -1,0 +1,115 @@
+"""What `pdrun launch` deploys: one pydantic model, read from a YAML file and the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pd.config import ConnectorConfig
+from pd.routing import Policy
+
+
+class ConfigError(ValueError):
+    """A bad deployment setting, named."""
+
+
+class LaunchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model path or name (default: the embedded tiny model)")
+    served_model_name: str | None = Field(None, description="the name clients ask for (default: tiny, or --model)")
+    prefill: int = Field(1, ge=0, le=64, description="prefill instances (0: decoders prefill themselves)")
+    decode: int = Field(1, ge=1, le=64, description="decode instances")
+    host: str = Field("127.0.0.1", description="where the proxy listens")
+    port: int = Field(8000, ge=1, le=65535, description="the proxy's port: the one OpenAI endpoint")
+    policy: Policy = "prefix_aware"
+    transport: Literal["tcp", "ucx"] = "tcp"
+    chunk_size: int = Field(256, ge=16, description="tokens per KV chunk")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: list[int] | None = Field(None, description="GPU ids to use, one per instance (default: all)")
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    instance_port: int = Field(8100, ge=1, le=65535, description="first vLLM HTTP port; +1 per instance")
+    kv_port: int = Field(15100, ge=1, le=65535, description="first KV transfer port; +8 per instance")
+    connector: dict[str, Any] = Field(default_factory=dict, description="extra PDConnector settings")
+    vllm_args: list[str] = Field(default_factory=list, description="extra arguments for every vLLM")
+    run_dir: Path | None = Field(None, description="logs and state (default: ~/.cache/pdrun/runs/<time>)")
+    restart: bool = Field(True, description="restart a crashed instance, with backoff")
+    echo_logs: bool = Field(True, description="print every child's log lines, prefixed with its name")
+    startup_timeout_s: float = Field(900, gt=0)
+    stop_grace_s: float = Field(15, gt=0, description="SIGTERM to SIGKILL, per tier")
+
+    @field_validator("transport")
+    @classmethod
+    def _transport_built(cls, v: str) -> str:
+        if v == "ucx":
+            raise ValueError("the ucx transport is not in this version yet; use tcp")
+        return v
+
+    @field_validator("connector")
+    @classmethod
+    def _connector_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            ConnectorConfig.model_validate(v)
+        except ValidationError as e:
+            raise ValueError(_first_error(e)) from None
+        return v
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) != len(v) or any(g < 0 for g in v)):
+            raise ValueError(f"GPU ids must be distinct and >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> LaunchConfig:
+        n = self.prefill + self.decode
+        http = range(self.instance_port, self.instance_port + n)
+        kv = range(self.kv_port, self.kv_port + 8 * n)
+        if self.port in http or self.port in kv:
+            raise ValueError(f"port {self.port} collides with the instances' ports ({_span(http)}, kv {_span(kv)})")
+        if set(http) & set(kv):
+            raise ValueError(f"instance ports {_span(http)} overlap kv ports {_span(kv)}")
+        if max(http) > 65535 or max(kv) > 65535:
+            raise ValueError("instance_port or kv_port too high for this many instances")
+        return self
+
+    @property
+    def instances(self) -> int:
+        return self.prefill + self.decode
+
+
+def _span(r: range) -> str:
+    return f"{r.start}-{r.stop - 1}"
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> LaunchConfig:
+    """The file's settings with the command line's on top; a bad field is named in the error."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of settings, not {type(loaded).__name__}")
+        data = {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return LaunchConfig.model_validate(data)
+    except ValidationError as e:
+        source = f" (config file {path} and command line)" if path else ""
+        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(config)'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid settings{source}:\n" + "\n".join(lines)) from None

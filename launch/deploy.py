@@ -1,0 +1,121 @@
+"""From a LaunchConfig to the processes of a deployment: N prefillers, M decoders, one proxy."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch import tiny_model
+from launch.config import ConfigError, LaunchConfig
+from launch.supervisor import ChildSpec
+from launch.vllm_server import ServerSpec
+
+KV_PORTS_PER_INSTANCE = 8  # TP rank r of an instance listens on its kv port + r
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def visible_gpus() -> list[int]:
+    """GPU ids nvidia-smi lists here; none without a driver."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [i for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def resolve_device(cfg: LaunchConfig) -> tuple[str, list[int]]:
+    """cpu or cuda, and the GPU of each instance (prefillers first)."""
+    device = cfg.device
+    gpus = cfg.gpus if cfg.gpus is not None else visible_gpus()
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cpu":
+        return "cpu", []
+    if not gpus:
+        raise ConfigError("device cuda asked for, but no GPU is visible (nvidia-smi lists none); use --device cpu")
+    if len(gpus) < cfg.instances:
+        raise ConfigError(
+            f"{cfg.prefill} prefill + {cfg.decode} decode instances need {cfg.instances} GPUs, one each; "
+            f"{len(gpus)} available ({','.join(map(str, gpus))}): pass --gpus or launch fewer instances"
+        )
+    return "cuda", gpus[: cfg.instances]
+
+
+def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
+    device, gpus = resolve_device(cfg)
+    model = cfg.model or str(tiny_model.DEFAULT_DIR)
+    served = cfg.served_model_name or ("tiny" if cfg.model is None else cfg.model)
+    connector = {"chunk_size": cfg.chunk_size, "transport": cfg.transport, **cfg.connector}
+    # The tiny model's config allows 4096 positions; vLLM's CPU backend reserves KV for all of them.
+    max_len = cfg.max_model_len if cfg.max_model_len is not None else (4096 if cfg.model is None else None)
+    out = []
+    roles = [("prefill", i, "kv_producer") for i in range(cfg.prefill)] + [
+        ("decode", i, "kv_consumer") for i in range(cfg.decode)
+    ]
+    for k, (kind, i, role) in enumerate(roles):
+        env = {"CUDA_VISIBLE_DEVICES": str(gpus[k])} if device == "cuda" else {}
+        spec = ServerSpec(
+            model=model,
+            port=cfg.instance_port + k,
+            role=role,  # type: ignore[arg-type]
+            kv_port=cfg.kv_port + KV_PORTS_PER_INSTANCE * k,
+            served_name=served,
+            device=device,  # type: ignore[arg-type]
+            dtype=cfg.dtype,
+            max_model_len=max_len,
+            connector=connector,
+            extra_args=list(cfg.vllm_args),
+            env=env,
+        )
+        out.append((f"{kind}-{i}", spec))
+    return out
+
+
+def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "launch", "proxy", "--host", cfg.host, "--port", str(cfg.port)]
+    cmd += ["--policy", cfg.policy]
+    for u in prefill_urls:
+        cmd += ["--prefill", u]
+    for u in decode_urls:
+        cmd += ["--decode", u]
+    return cmd
+
+
+def child_specs(cfg: LaunchConfig) -> list[ChildSpec]:
+    instances = instance_specs(cfg)
+    specs = [
+        ChildSpec(name, s.command(), s.environment(), f"http://{s.host}:{s.port}/health", tier=1)
+        for name, s in instances
+    ]
+    urls = {name: f"http://{s.host}:{s.port}" for name, s in instances}
+    prefill = [u for n, u in urls.items() if n.startswith("prefill-")]
+    decode = [u for n, u in urls.items() if n.startswith("decode-")]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+    probe_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    specs.append(
+        ChildSpec("proxy", proxy_command(cfg, prefill, decode), env, f"http://{probe_host}:{cfg.port}/health", tier=0)
+    )
+    return specs
+
+
+def default_run_dir() -> Path:
+    base = Path(os.environ.get("PDRUN_HOME", Path.home() / ".cache" / "pdrun")) / "runs"
+    return base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def dry_run_text(specs: list[ChildSpec]) -> str:
+    """Each child's command line with the environment variables it sets beyond ours."""
+    lines = []
+    for s in specs:
+        extra = {k: v for k, v in s.env.items() if os.environ.get(k) != v}
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(extra.items()))
+        lines.append(f"# {s.name}\n{prefix + ' ' if prefix else ''}{shlex.join(s.command)}")
+    return "\n".join(lines)

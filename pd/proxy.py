@@ -1,0 +1,440 @@
+"""The one OpenAI endpoint in front of prefillers and decoders.
+
+Each completion or chat completion runs in two phases: the prompt goes to a prefiller with
+`max_tokens=1` and `kv_transfer_params={"do_remote_decode": true}`, then the original request goes
+to a decoder with the `kv_transfer_params` the prefiller returned; the decoder's answer (and its
+`usage`, which counts the whole prompt) goes back to the client unchanged. A request the hand-off
+cannot serve (no prefiller in rotation, a prefiller failing, prompt logprobs, n > 1, batched
+prompts) is sent to a decoder alone, which prefills it itself. A decoder that cannot be reached
+before it has answered anything is replaced by another. A client that goes away cancels the
+upstream requests. vLLM's own errors pass through with their status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pd.routing import Backend, Policy, Router
+
+log = logging.getLogger("pd.proxy")
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+# Retried on another decoder: the request never reached one, or the decoder died before answering.
+RETRIABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ProxySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefill: list[str] = Field(default_factory=list, description="prefiller vLLM base URLs")
+    decode: list[str] = Field(min_length=1, description="decoder vLLM base URLs")
+    policy: Policy = "prefix_aware"
+    health_interval_s: float = Field(1.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    prefill_timeout_s: float = Field(300.0, gt=0, description="longest wait for a prefiller's answer")
+    read_timeout_s: float = Field(600.0, gt=0, description="longest silence from a decoder")
+    max_connections: int = Field(2048, ge=1, description="upstream connections, all backends together")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+class _Common(BaseModel):
+    """The fields the proxy acts on; everything else passes to vLLM untouched."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=0)
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    kv_transfer_params: None = Field(None, description="set by the proxy, never by the client")
+
+
+class CompletionFields(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ChatFields(_Common):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+
+# Pydantic names the first member of a union that failed; say what the field takes instead.
+UNION_HINTS = {"prompt": "must be a string, a list of token ids, a list of strings or a list of token id lists"}
+
+
+def parse_body(raw: bytes, path: str) -> dict[str, Any]:
+    """The request as a dict, or BadRequest naming what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
+    schema = ChatFields if path == CHAT else CompletionFields
+    try:
+        schema.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = str(err["loc"][0]) if err["loc"] else None
+        if param == "kv_transfer_params":
+            raise BadRequest("kv_transfer_params is set by the proxy; leave it out", param) from None
+        msg = UNION_HINTS.get(param or "", err["msg"]) if len(err["loc"]) > 1 else err["msg"]
+        raise BadRequest(f"invalid field {param!r}: {msg}", param) from None
+    return body
+
+
+def decode_only_reason(body: dict[str, Any]) -> str | None:
+    """Why this request cannot be handed off (the decoder must compute the whole prompt), if so."""
+    if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
+        return "prompt logprobs"
+    if body.get("n", 1) > 1 or (body.get("best_of") or 1) > 1:
+        return "n > 1"
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+        return "batched prompts"
+    if body.get("max_tokens") == 0 or body.get("max_completion_tokens") == 0:
+        return "max_tokens = 0"
+    return None
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    """What the prefiller gets: the prompt, one token to sample, nothing to stream or return."""
+    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens", "echo", "best_of")}
+    out.update(stream=False, max_tokens=1, n=1, kv_transfer_params={"do_remote_decode": True})
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    out.pop("logprobs", None)
+    out.pop("top_logprobs", None)
+    return out
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = {400: "BadRequestError", 404: "NotFoundError", 499: "ClientClosed", 503: "ServiceUnavailableError"}
+    err = {"message": message, "type": kind.get(status, "APIError"), "param": param, "code": status}
+    return JSONResponse({"error": err}, status_code=status)
+
+
+class ProxyMetrics:
+    def __init__(self, router: Router):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pdrun:proxy_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.handoffs = Counter("pdrun:proxy_handoffs", "Requests served prefill -> decode", registry=r)
+        self.fallbacks = Counter(
+            "pdrun:proxy_decode_only", "Requests a decoder prefilled itself, by reason", ["reason"], registry=r
+        )
+        self.retries = Counter("pdrun:proxy_decode_retries", "Requests moved to another decoder", registry=r)
+        self.prefill_seconds = Histogram(
+            "pdrun:proxy_prefill_seconds", "Prefill phase, request to kv_transfer_params", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "pdrun:proxy_ttft_seconds", "Request to first byte of the decoder's answer", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "pdrun:proxy_request_seconds", "Request to last byte of the answer", buckets=LATENCY_BUCKETS, registry=r
+        )
+        healthy = Gauge("pdrun:proxy_backend_healthy", "1 while a backend is in rotation", ["role", "url"], registry=r)
+        outstanding = Gauge("pdrun:proxy_outstanding", "Requests in flight per backend", ["role", "url"], registry=r)
+        for b in router.backends:
+            healthy.labels(b.role, b.url).set_function(lambda b=b: float(b.healthy))
+            outstanding.labels(b.role, b.url).set_function(lambda b=b: float(b.outstanding))
+
+
+class Proxy:
+    def __init__(self, settings: ProxySettings):
+        self.settings = settings
+        self.router = Router(settings.prefill, settings.decode, settings.policy)
+        self.metrics = ProxyMetrics(self.router)
+        self.client: httpx.AsyncClient | None = None
+
+    # ---- lifecycle ----
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        s = self.settings
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=s.connect_timeout_s, read=s.read_timeout_s, write=60, pool=None),
+            limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
+        )
+        checker = asyncio.create_task(self._check_health_forever())
+        try:
+            await self.check_health()
+            yield
+        finally:
+            checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checker
+            await self.client.aclose()
+
+    async def _check_health_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        await asyncio.gather(*(self._check(b) for b in self.router.backends))
+
+    async def _check(self, b: Backend) -> None:
+        assert self.client is not None
+        try:
+            r = await self.client.get(f"{b.url}/health", timeout=2.0)
+            if r.status_code != 200:
+                b.mark_down(f"/health answered {r.status_code}")
+                return
+            if not b.healthy or not b.models:
+                models = (await self.client.get(f"{b.url}/v1/models", timeout=5.0)).json()
+                b.mark_up(m["id"] for m in models.get("data", []))
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            b.mark_down(f"/health: {type(e).__name__}: {e}".rstrip(": "))
+
+    # ---- requests ----
+    async def handle(self, request: Request, path: str) -> Response:
+        t0 = time.monotonic()
+        try:
+            body = parse_body(await request.body(), path)
+            self._check_model(body.get("model"))
+        except BadRequest as e:
+            return self._count(path, error_response(e.status, str(e), e.param))
+        response = await _unless_disconnected(request.receive, self._serve(path, body, t0))
+        return self._count(path, response)
+
+    def _check_model(self, model: str | None) -> None:
+        known = self.router.models()
+        if not known:
+            raise BadRequest("no decoder is in rotation yet; retry shortly", status=503)
+        if model is not None and model not in known:
+            raise BadRequest(f"The model `{model}` does not exist.", "model", status=404)
+
+    def _count(self, path: str, response: Response) -> Response:
+        self.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    async def _serve(self, path: str, body: dict[str, Any], t0: float) -> Response:
+        reason = decode_only_reason(body)
+        if reason is None:
+            params = await self._prefill(path, body)
+            if isinstance(params, Response):
+                return params  # the prefiller refused the request itself (4xx): the client's to fix
+            if isinstance(params, str):
+                reason = params
+            else:
+                body = {**body, "kv_transfer_params": params}
+                self.metrics.handoffs.inc()
+        if reason is not None:
+            self.metrics.fallbacks.labels(reason).inc()
+            log.info("decode-only request: %s", reason)
+        return await self._decode(path, body, t0)
+
+    async def _prefill(self, path: str, body: dict[str, Any]) -> dict[str, Any] | Response | str:
+        """The decoder's kv_transfer_params, the prefiller's 4xx, or why the decoder prefills instead."""
+        assert self.client is not None
+        pbody = prefill_body(body)
+        tried: list[Backend] = []
+        reason = "no prefiller in rotation"
+        t0 = time.monotonic()
+        while (p := self.router.pick_prefiller(body)) is not None and p not in tried:
+            tried.append(p)
+            p.outstanding += 1
+            try:
+                r = await self.client.post(f"{p.url}{path}", json=pbody, timeout=self.settings.prefill_timeout_s)
+            except httpx.TimeoutException:
+                return "prefiller timed out"
+            except httpx.HTTPError as e:
+                p.mark_down(f"{type(e).__name__}: {e}")
+                reason = "prefiller unreachable"
+                continue
+            finally:
+                p.outstanding -= 1
+            p.served += 1
+            if 400 <= r.status_code < 500:
+                return _passthrough(r.status_code, r.content, r.headers.get("content-type"))
+            if r.status_code != 200:
+                log.warning("prefiller %s answered %d: %s", p.url, r.status_code, r.text[:200])
+                return "prefiller error"
+            params = r.json().get("kv_transfer_params")
+            self.metrics.prefill_seconds.observe(time.monotonic() - t0)
+            return params if params else "no kv_transfer_params from the prefiller"
+        return reason
+
+    async def _decode(self, path: str, body: dict[str, Any], t0: float) -> Response:
+        assert self.client is not None
+        tried: list[Backend] = []
+        while (d := self.router.pick_decoder(exclude=tried)) is not None:
+            tried.append(d)
+            d.outstanding += 1
+            handed_on = False
+            upstream: httpx.Response | None = None
+            try:
+                upstream = await self.client.send(
+                    self.client.build_request("POST", f"{d.url}{path}", json=body), stream=True
+                )
+                chunks = upstream.aiter_raw()
+                first = await anext(chunks, b"")  # a decoder dying before its first byte is retried elsewhere
+            except BaseException as e:
+                d.outstanding -= 1
+                if upstream is not None:
+                    await upstream.aclose()
+                if isinstance(e, RETRIABLE):
+                    d.mark_down(f"{type(e).__name__}: {e}")
+                    self.metrics.retries.inc()
+                    continue
+                if isinstance(e, httpx.TimeoutException):
+                    return error_response(504, f"decoder {d.url} sent nothing for {self.settings.read_timeout_s}s")
+                raise
+            d.served += 1
+            self.metrics.ttft.observe(time.monotonic() - t0)
+            try:
+                if upstream.status_code != 200 or not body.get("stream"):
+                    rest = b"".join([first] + [c async for c in chunks])
+                    self.metrics.e2e.observe(time.monotonic() - t0)
+                    return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))
+                handed_on = True
+                return RelayResponse(
+                    self._relay(d, first, chunks, t0),
+                    on_close=partial(self._release, d, upstream),
+                    media_type=upstream.headers.get("content-type", "text/event-stream"),
+                )
+            except RETRIABLE as e:
+                d.mark_down(f"{type(e).__name__}: {e}")
+                return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
+            finally:
+                if not handed_on:
+                    d.outstanding -= 1
+                    await upstream.aclose()
+        return error_response(503, "no decoder in rotation")
+
+    async def _relay(self, d: Backend, first: bytes, chunks: AsyncIterator[bytes], t0: float) -> AsyncIterator[bytes]:
+        """The decoder's events; a decoder dying mid-stream ends it with an error event the client sees."""
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+            self.metrics.e2e.observe(time.monotonic() - t0)
+        except RETRIABLE as e:
+            d.mark_down(f"{type(e).__name__}: {e}")
+            err = {"error": {"message": f"decoder failed mid-stream: {e}", "type": "APIError", "code": 502}}
+            yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+
+    @staticmethod
+    async def _release(d: Backend, upstream: httpx.Response) -> None:
+        d.outstanding -= 1
+        await upstream.aclose()
+
+    async def models(self) -> Response:
+        data = [{"id": m, "object": "model", "owned_by": "pdrun"} for m in sorted(self.router.models())]
+        return JSONResponse({"object": "list", "data": data})
+
+    def health(self) -> Response:
+        ok = any(b.healthy for b in self.router.decoders)
+        state = {
+            "healthy": ok,
+            "policy": self.router.policy,
+            "prefill": [b.describe() for b in self.router.prefillers],
+            "decode": [b.describe() for b in self.router.decoders],
+        }
+        return JSONResponse(state, status_code=200 if ok else 503)
+
+
+def _passthrough(status: int, content: bytes, content_type: str | None) -> Response:
+    return Response(content=content, status_code=status, media_type=content_type or "application/json")
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that stops, and closes its source (the upstream request), as soon as the client leaves:
+    whatever the server's ASGI version, and not only at the next write."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await _unless_disconnected(receive, self.stream_response(send))
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.on_close()
+
+
+async def _unless_disconnected(receive: Any, work: Awaitable[Any]) -> Any:
+    """Run `work` unless the client hangs up first; then cancel it, and with it the upstream requests."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return error_response(499, "client closed the request")
+    return task.result()
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(settings: ProxySettings) -> FastAPI:
+    proxy = Proxy(settings)
+    app = FastAPI(title="pdrun proxy", lifespan=proxy.lifespan, docs_url=None, redoc_url=None)
+    app.state.proxy = proxy
+
+    @app.post(COMPLETIONS)
+    async def completions(request: Request) -> Response:
+        return await proxy.handle(request, COMPLETIONS)
+
+    @app.post(CHAT)
+    async def chat(request: Request) -> Response:
+        return await proxy.handle(request, CHAT)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return await proxy.models()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return proxy.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(settings: ProxySettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)

@@ -1,0 +1,120 @@
+"""Which prefiller and which decoder serve a request: the proxy's view of its upstream vLLMs.
+
+A backend is in rotation while its `/health` answers 200; a request that cannot reach it takes it
+out at once, and the next good health check puts it back. Policies:
+
+- `round_robin`: each role in turn;
+- `least_outstanding`: the backend with the fewest requests in flight (ties in turn);
+- `prefix_aware`: prefillers by rendezvous hash of the prompt's head, so that prompts sharing a
+  prefix meet vLLM's own prefix cache on the same prefiller, and a prefiller leaving moves only
+  its own prompts; decoders by least outstanding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import xxhash
+
+log = logging.getLogger("pd.proxy")
+
+Policy = Literal["round_robin", "least_outstanding", "prefix_aware"]
+POLICIES: tuple[str, ...] = ("round_robin", "least_outstanding", "prefix_aware")
+AFFINITY_CHARS = 1024  # the head of a prompt that picks its prefiller
+AFFINITY_TOKENS = 256
+
+
+@dataclass(eq=False)
+class Backend:
+    url: str
+    role: Literal["prefill", "decode"]
+    healthy: bool = False
+    outstanding: int = 0
+    served: int = 0
+    models: set[str] = field(default_factory=set)
+    last_error: str = ""
+
+    @property
+    def seed(self) -> int:
+        """The backend's own hash seed, for rendezvous hashing."""
+        return xxhash.xxh3_64_intdigest(self.url.encode())
+
+    def mark_down(self, reason: str) -> None:
+        if self.healthy:
+            log.warning("%s %s out of rotation: %s", self.role, self.url, reason)
+        self.healthy = False
+        self.last_error = reason
+
+    def mark_up(self, models: Iterable[str]) -> None:
+        if not self.healthy:
+            log.info("%s %s in rotation", self.role, self.url)
+        self.healthy = True
+        self.models = set(models)
+        self.last_error = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "outstanding": self.outstanding,
+            "served": self.served,
+            "error": self.last_error or None,
+        }
+
+
+def affinity_key(body: dict[str, Any]) -> bytes:
+    """The head of the prompt, whatever its form: what prompts sharing a prefix have in common."""
+    if "messages" in body:
+        return json.dumps(body["messages"], sort_keys=True, ensure_ascii=False)[:AFFINITY_CHARS].encode()
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return b",".join(str(t).encode() for t in prompt[:AFFINITY_TOKENS])
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ""
+    return str(prompt)[:AFFINITY_CHARS].encode()
+
+
+class Router:
+    def __init__(self, prefill_urls: list[str], decode_urls: list[str], policy: Policy = "prefix_aware"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if not decode_urls:
+            raise ValueError("at least one decoder URL is needed")
+        self.policy = policy
+        self.prefillers = [Backend(u.rstrip("/"), "prefill") for u in prefill_urls]
+        self.decoders = [Backend(u.rstrip("/"), "decode") for u in decode_urls]
+        self._turn = itertools.count()
+
+    @property
+    def backends(self) -> list[Backend]:
+        return self.prefillers + self.decoders
+
+    def models(self) -> set[str]:
+        return {m for b in self.backends if b.healthy for m in b.models}
+
+    def pick_prefiller(self, body: dict[str, Any]) -> Backend | None:
+        live = [b for b in self.prefillers if b.healthy]
+        if not live:
+            return None
+        if self.policy == "prefix_aware":
+            key = affinity_key(body)
+            return max(live, key=lambda b: xxhash.xxh3_64_intdigest(key, seed=b.seed))
+        return self._pick(live)
+
+    def pick_decoder(self, exclude: Iterable[Backend] = ()) -> Backend | None:
+        skip = set(map(id, exclude))
+        live = [b for b in self.decoders if b.healthy and id(b) not in skip]
+        return self._pick(live) if live else None
+
+    def _pick(self, live: list[Backend]) -> Backend:
+        turn = next(self._turn)
+        if self.policy == "round_robin":
+            return live[turn % len(live)]
+        fewest = min(b.outstanding for b in live)
+        tied = [b for b in live if b.outstanding == fewest]
+        return tied[turn % len(tied)]

@@ -1,0 +1,245 @@
+"""`pdrun launch` 1P2D as a user runs it: the official openai client through the proxy gets what a
+plain vLLM answers, on both decoders; bad requests get a 4xx with the reason; a client leaving
+cancels the upstream work; a decoder killed under load costs no request and rejoins; Ctrl-C leaves
+no process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.client import LOADED, metrics, wait_for_deltas
+
+pytestmark = pytest.mark.integration
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "an",
+    "be",
+    "this",
+    "are",
+    "which",
+    "or",
+    "his",
+    "her",
+]
+
+
+def text_prompt(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def clients(cluster) -> tuple[openai.OpenAI, openai.OpenAI]:
+    """(through the proxy, straight to the plain vLLM)"""
+    kw = dict(api_key="none", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{cluster.proxy_url}/v1", **kw), openai.OpenAI(
+        base_url=f"{cluster.plain.url}/v1", **kw
+    )
+
+
+def completion(client: openai.OpenAI, prompt: str, stream: bool, max_tokens: int = 16) -> tuple[str, dict]:
+    kw = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0)
+    if not stream:
+        r = client.completions.create(**kw)
+        return r.choices[0].text, r.usage.model_dump()
+    text, usage = [], None
+    for ev in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if ev.choices:
+            text.append(ev.choices[0].text)
+        if ev.usage:
+            usage = ev.usage.model_dump()
+    return "".join(text), usage
+
+
+def chat(client: openai.OpenAI, content: str, stream: bool, max_tokens: int = 16) -> tuple[str, dict]:
+    kw = dict(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        return r.choices[0].message.content, r.usage.model_dump()
+    text, usage = [], None
+    for ev in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if ev.choices:
+            text.append(ev.choices[0].delta.content or "")
+        if ev.usage:
+            usage = ev.usage.model_dump()
+    return "".join(text), usage
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("kind", [completion, chat], ids=["completions", "chat"])
+def test_openai_client_gets_plain_vllms_answers_from_both_decoders(cluster, kind, stream):
+    proxy, plain = clients(cluster)
+    before = {d.name: metrics(d.url).get(LOADED, 0) for d in cluster.decoders}
+    for seed, words in enumerate((40, 300, 900, 1500)):
+        prompt = text_prompt(words, seed=seed + (100 if stream else 0) + (1000 if kind is chat else 0))
+        got, want = kind(proxy, prompt, stream), kind(plain, prompt, stream)
+        assert got == want  # the text, and usage counting the whole prompt and the completion
+        assert want[1]["prompt_tokens"] > words / 2
+    # Decoders take turns when equally idle: each one loaded KV for these requests.
+    after = {d.name: metrics(d.url).get(LOADED, 0) for d in cluster.decoders}
+    assert all(after[name] > before[name] for name in before), (before, after)
+
+
+def test_models_health_and_proxy_metrics(cluster):
+    models = httpx.get(f"{cluster.proxy_url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    health = httpx.get(f"{cluster.proxy_url}/health").json()
+    assert health["healthy"] and len(health["prefill"]) == 1 and len(health["decode"]) == 2
+    before = metrics(cluster.proxy_url)
+    proxy, _ = clients(cluster)
+    completion(proxy, text_prompt(50, seed=7), stream=False)
+    after = metrics(cluster.proxy_url)
+    ok = "pdrun:proxy_requests_total[endpoint=/v1/completions,status=200]"
+    assert after[ok] - before.get(ok, 0) == 1
+    assert after["pdrun:proxy_handoffs_total"] - before["pdrun:proxy_handoffs_total"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (json.dumps({"model": "gpt-17", "prompt": "hi"}).encode(), 404, "gpt-17"),
+        (json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": -5}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "tiny"}).encode(), 400, "prompt"),
+        (json.dumps({"model": "tiny", "prompt": "hi", "kv_transfer_params": {}}).encode(), 400, "kv_transfer_params"),
+        (json.dumps({"model": "tiny", "prompt": "word " * 5000, "max_tokens": 4}).encode(), 400, "context length"),
+        (json.dumps({"model": "tiny", "prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature"),
+    ],
+    ids=["invalid-json", "not-object", "unknown-model", "negative-max-tokens", "no-prompt", "kv-params", "oversize",
+         "bad-type"],
+)  # fmt: skip
+def test_bad_requests_get_a_4xx_with_the_reason_and_the_deployment_keeps_serving(cluster, body, status, says):
+    r = httpx.post(f"{cluster.proxy_url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"] or says == r.json()["error"].get("param")
+    proxy, plain = clients(cluster)
+    prompt = text_prompt(30, seed=len(body))
+    assert completion(proxy, prompt, stream=False) == completion(plain, prompt, stream=False)
+
+
+def _gauge(url: str, name: str) -> float:
+    return metrics(url).get(name, 0.0)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_leaving_cancels_the_upstream_request(cluster, stream):
+    generated = "vllm:generation_tokens_total"
+    before = sum(_gauge(d.url, generated) for d in cluster.decoders)
+    body = {"model": "tiny", "prompt": "hello " * 100, "max_tokens": 3000, "ignore_eos": True, "stream": stream}
+    with httpx.Client(timeout=httpx.Timeout(30, read=3)) as c:
+        if stream:
+            with c.stream("POST", f"{cluster.proxy_url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                for i, _ in enumerate(r.iter_lines()):
+                    if i == 5:
+                        break
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post(f"{cluster.proxy_url}/v1/completions", json=body)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if sum(_gauge(d.url, "vllm:num_requests_running") for d in cluster.decoders) == 0:
+            break
+        time.sleep(0.2)
+    assert sum(_gauge(d.url, "vllm:num_requests_running") for d in cluster.decoders) == 0
+    made = sum(_gauge(d.url, generated) for d in cluster.decoders) - before
+    assert 0 < made < 1500, made  # stopped well before the 3000 tokens it asked for
+
+
+def test_200_concurrent_requests_none_lost_none_hung(cluster):
+    prompts = [text_prompt(20 + (i * 37) % 500, seed=2000 + i) for i in range(200)]
+    kw = dict(api_key="none", max_retries=0, timeout=300)
+
+    async def run(base_url: str) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=base_url, **kw) as client:
+
+            async def one(p: str) -> str:
+                r = await client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0)
+                assert r.choices[0].finish_reason in ("length", "stop")
+                return r.choices[0].text
+
+            return await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), timeout=600)
+
+    got = asyncio.run(run(f"{cluster.proxy_url}/v1"))
+    want = asyncio.run(run(f"{cluster.plain.url}/v1"))
+    assert len(got) == 200
+    assert got == want
+
+
+def test_a_decoder_killed_under_load_costs_no_request_and_rejoins(cluster):
+    proxy, plain = clients(cluster)
+    victim = cluster.decoders[1]
+    prompts = [text_prompt(100 + 20 * i, seed=3000 + i) for i in range(40)]
+    wants = [completion(plain, p, stream=False) for p in prompts]
+    starts = victim.starts
+    done = threading.Event()
+
+    def kill_soon() -> None:
+        time.sleep(2)
+        os.kill(victim.pid, signal.SIGKILL)  # the API server only, as `kill -9 <pid>` would
+        done.set()
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: completion(proxy, p, stream=False), prompts))
+    killer.join()
+    assert done.is_set()
+    assert got == wants  # none lost, none failed: requests on the dead decoder moved to the other
+    assert time.monotonic() - t0 < 300
+
+    # While it is down, new requests go to the other decoder.
+    assert victim.url not in cluster.deployment.in_rotation() or victim.starts > starts
+    extra = text_prompt(80, seed=3999)
+    assert completion(proxy, extra, stream=False) == completion(plain, extra, stream=False)
+
+    # The supervisor restarts it, the proxy takes it back, and it serves again.
+    cluster.wait_restarted(victim, starts)
+    assert "decode-1 exited with code -9; restarting in" in cluster.deployment.output()
+    before = metrics(victim.url)
+    for i in range(4):  # equally idle decoders take turns
+        p = text_prompt(60, seed=4000 + i)
+        assert completion(proxy, p, stream=False) == completion(plain, p, stream=False)
+    assert wait_for_deltas(victim.url, before, {LOADED: 0})[LOADED] > 0
+
+
+@pytest.mark.stops_deployment
+def test_ctrl_c_stops_every_process_within_30s(cluster):
+    d = cluster.deployment
+    pids = d.processes()
+    assert len(pids) >= 7  # proxy + 3 x (API server, engine core, worker) at least
+    d.proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    while (d.processes() or d.proc.poll() is None) and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    left = d.processes()
+    assert not left, f"still running {time.monotonic() - t0:.0f}s after Ctrl-C: {sorted(left)}"
+    assert d.proc.wait(timeout=5) == 0
+    assert "stopped" in d.output().splitlines()[-1]

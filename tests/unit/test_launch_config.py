@@ -1,0 +1,99 @@
+"""`pdrun launch` settings: the YAML file, the command line on top, bad fields named, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+from typer.testing import CliRunner
+
+from launch import deploy
+from launch.cli import app
+from launch.config import ConfigError, load
+
+runner = CliRunner()
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "deploy.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_file_settings_with_the_command_line_on_top(tmp_path):
+    cfg = load(write(tmp_path, "prefill: 2\ndecode: 3\nchunk-size: 512\nport: 9000\n"), {"decode": 4, "port": None})
+    assert (cfg.prefill, cfg.decode, cfg.chunk_size, cfg.port) == (2, 4, 512, 9000)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("prefil: 2\n", "prefil: Extra inputs are not permitted"),
+        ("decode: 0\n", "decode: Input should be greater than or equal to 1"),
+        ("policy: fastest\n", "policy: Input should be 'round_robin', 'least_outstanding' or 'prefix_aware'"),
+        ("transport: ucx\n", "ucx transport is not in this version yet"),
+        ("connector: {io_timeout_s: -1}\n", "io_timeout_s: Input should be greater than 0"),
+        ("connector: {chunk: 3}\n", "chunk: Extra inputs are not permitted"),
+        ("port: 8100\n", "port 8100 collides with the instances' ports"),
+        ("gpus: [0, 0]\n", "GPU ids must be distinct"),
+        ("- a list\n", "must be a mapping of settings, not list"),
+        ("prefill: [\n", "is not valid YAML"),
+    ],
+)
+def test_a_bad_setting_is_named(tmp_path, text, says):
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text), {})
+    assert says in str(e.value)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope.yaml"):
+        load(tmp_path / "nope.yaml", {})
+
+
+def test_dry_run_prints_every_command_with_roles_ports_and_vllm_args():
+    r = runner.invoke(
+        app,
+        ["launch", "--prefill", "1", "--decode", "2", "--device", "cpu", "--port", "9000", "--dry-run", "--", "--seed",
+         "3"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    blocks = dict(b.split("\n", 1) for b in r.output.strip().split("# ")[1:])
+    assert list(blocks) == ["prefill-0", "decode-0", "decode-1", "proxy"]
+    roles = {}
+    for name in ("prefill-0", "decode-0", "decode-1"):
+        argv = shlex.split(blocks[name])
+        ktc = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+        roles[name] = (ktc["kv_role"], argv[argv.index("--port") + 1], ktc["kv_port"])
+        assert argv[-2:] == ["--seed", "3"]
+        assert "VLLM_CPU_OMP_THREADS_BIND=nobind" in argv
+    assert roles == {
+        "prefill-0": ("kv_producer", "8100", 15100),
+        "decode-0": ("kv_consumer", "8101", 15108),
+        "decode-1": ("kv_consumer", "8102", 15116),
+    }
+    proxy = shlex.split(blocks["proxy"])
+    assert proxy[proxy.index("--port") + 1] == "9000"
+    assert [proxy[i + 1] for i, a in enumerate(proxy) if a == "--decode"] == [
+        "http://127.0.0.1:8101",
+        "http://127.0.0.1:8102",
+    ]
+
+
+def test_one_gpu_per_instance(tmp_path):
+    cfg = load(None, {"prefill": 1, "decode": 2, "device": "cuda", "gpus": [3, 5, 7]})
+    specs = deploy.child_specs(cfg)
+    assert [s.env.get("CUDA_VISIBLE_DEVICES") for s in specs] == ["3", "5", "7", None]
+    too_few = load(None, {"prefill": 2, "decode": 2, "device": "cuda", "gpus": [0, 1]})
+    with pytest.raises(ConfigError, match="need 4 GPUs, one each; 2 available"):
+        deploy.child_specs(too_few)
+
+
+def test_cli_errors_exit_2_and_name_the_problem(tmp_path):
+    r = runner.invoke(app, ["launch", "--decode", "0", "--dry-run"])
+    assert r.exit_code == 2 and "decode: Input should be greater than or equal to 1" in r.output
+    r = runner.invoke(app, ["launch", "--gpus", "a,b", "--dry-run"])
+    assert r.exit_code == 2 and "--gpus takes comma-separated GPU ids" in r.output
+    r = runner.invoke(app, ["proxy", "--decode", "http://x:1", "--policy", "nope"])
+    assert r.exit_code == 2 and "policy" in r.output

@@ -1,0 +1,81 @@
+"""Routing policies: turns, least outstanding, and prefix affinity that survives a prefiller leaving."""
+
+from __future__ import annotations
+
+import pytest
+
+from pd.routing import Router, affinity_key
+
+P = [f"http://p{i}:8000" for i in range(4)]
+D = ["http://d0:8000", "http://d1:8000"]
+
+
+def router(policy: str, prefill=P, decode=D) -> Router:
+    r = Router(prefill, decode, policy)  # type: ignore[arg-type]
+    for b in r.backends:
+        b.mark_up(["m"])
+    return r
+
+
+def test_round_robin_takes_turns():
+    r = router("round_robin")
+    assert [r.pick_decoder().url for _ in range(4)] == [D[0], D[1], D[0], D[1]]
+
+
+def test_least_outstanding_prefers_the_idle_and_rotates_ties():
+    r = router("least_outstanding")
+    r.decoders[0].outstanding = 3
+    assert {r.pick_decoder().url for _ in range(5)} == {D[1]}
+    r.decoders[0].outstanding = 0
+    assert {r.pick_decoder().url for _ in range(4)} == set(D)
+
+
+def test_out_of_rotation_and_excluded_backends_are_skipped():
+    r = router("least_outstanding")
+    r.decoders[1].mark_down("gone")
+    assert r.pick_decoder().url == D[0]
+    assert r.pick_decoder(exclude=[r.decoders[0]]) is None
+    for p in r.prefillers:
+        p.mark_down("gone")
+    assert r.pick_prefiller({"prompt": "x"}) is None
+    assert r.models() == {"m"}  # the decoder still up
+
+
+def test_prefix_aware_sends_a_shared_prefix_to_one_prefiller_and_spreads_the_rest():
+    r = router("prefix_aware")
+    head = "system: you are helpful. " * 100
+    chosen = {r.pick_prefiller({"prompt": head + f"question {i}"}).url for i in range(20)}
+    assert len(chosen) == 1  # the first 1024 characters decide
+    spread = {r.pick_prefiller({"prompt": f"{i} unrelated prompt"}).url for i in range(200)}
+    assert spread == set(P)
+
+
+def test_prefix_aware_moves_only_the_prompts_of_a_prefiller_that_left():
+    r = router("prefix_aware")
+    bodies = [{"prompt": f"prompt number {i}"} for i in range(300)]
+    before = [r.pick_prefiller(b).url for b in bodies]
+    r.prefillers[2].mark_down("gone")
+    after = [r.pick_prefiller(b).url for b in bodies]
+    for a, b in zip(before, after, strict=True):
+        assert a == b or a == P[2]
+    assert P[2] not in after
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ({"prompt": "abc"}, b"abc"),
+        ({"prompt": ["abc", "def"]}, b"abc"),
+        ({"prompt": [1, 2, 3]}, b"1,2,3"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, b'[{"content": "hi", "role": "user"}]'),
+    ],
+)
+def test_affinity_key_reads_every_prompt_form(body, key):
+    assert affinity_key(body) == key
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
+        Router(P, D, "fastest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="decoder"):
+        Router(P, [], "round_robin")

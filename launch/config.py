@@ -111,5 +111,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> LaunchConfig:
         return LaunchConfig.model_validate(data)
     except ValidationError as e:
         source = f" (config file {path} and command line)" if path else ""
-        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(config)'}: {err['msg']}" for err in e.errors()]
+        lines = [
+            f"  {'.'.join(str(x) for x in err['loc']) or '(config)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        ]
         raise ConfigError(f"invalid settings{source}:\n" + "\n".join(lines)) from None

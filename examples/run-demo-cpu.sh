@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs pdrun with vLLM for CPU, then runs 1 prefiller + 1 decoder on the embedded tiny model
-# next to a plain vLLM and shows that PD answers exactly as the plain one does.
+# Installs pdrun with vLLM for CPU, then deploys 1 prefiller + 2 decoders on the embedded tiny model
+# behind one OpenAI endpoint, http://127.0.0.1:8000/v1 (about 2 minutes to healthy on 2 cores).
+# Talk to it with examples/client.py; Ctrl-C stops everything. Extra arguments go to pdrun launch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[cpu]"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec
-python examples/pd_demo.py "$@"
+exec pdrun launch --prefill 1 --decode 2 "$@"

@@ -114,7 +114,7 @@ def test_models_health_and_proxy_metrics(cluster):
     proxy, _ = clients(cluster)
     completion(proxy, text_prompt(50, seed=7), stream=False)
     after = metrics(cluster.proxy_url)
-    ok = "pdrun:proxy_requests_total[endpoint=/v1/completions,status=200]"
+    ok = "pdrun:proxy_requests_total[endpoint=/v1/completions][status=200]"
     assert after[ok] - before.get(ok, 0) == 1
     assert after["pdrun:proxy_handoffs_total"] - before["pdrun:proxy_handoffs_total"] == 1
 

@@ -183,6 +183,51 @@ def proxy(
     serve(settings, host=host, port=port, log_level=log_level)
 
 
+@app.command("cache-server")
+def cache_server(
+    listen: Annotated[str, typer.Option(help="Where to serve the cache (tcp://HOST:PORT).")] = "tcp://127.0.0.1:15000",
+    cpu_gb: Annotated[float, typer.Option(help="Memory tier budget, GiB.")] = 4.0,
+    dir: Annotated[Path | None, typer.Option("--dir", help="Disk tier directory; none: memory only.")] = None,
+    disk_gb: Annotated[float, typer.Option(help="Disk tier budget, GiB.")] = 50.0,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+) -> None:
+    """The shared KV cache: a memory tier over a disk tier, served to every instance over the transport.
+
+    Chunks put by any instance are found by all; the disk tier survives restarts (its index is
+    rebuilt from the files at start; damaged files are dropped). Ctrl-C or SIGTERM flushes and stops.
+
+    Example: pdrun cache-server --listen tcp://127.0.0.1:15000 --cpu-gb 8 --dir /var/cache/pdrun --disk-gb 200
+    """
+    import signal
+    import threading
+
+    from pd.logs import setup_logging
+    from storage.server import CacheServer, serve_metrics
+    from storage.tiers import DiskTier, MemoryTier, TieredStore
+
+    setup_logging()
+    if cpu_gb <= 0 or disk_gb <= 0:
+        _fail(f"--cpu-gb and --disk-gb must be > 0, got {cpu_gb} and {disk_gb}")
+    gib = 1 << 30
+    store = TieredStore(MemoryTier(int(cpu_gb * gib)), DiskTier(dir, int(disk_gb * gib)) if dir else None)
+    try:
+        server = CacheServer(listen, store)
+    except (OSError, ValueError) as e:
+        store.close()
+        _fail(f"cannot listen on {listen}: {e}")
+    metrics = serve_metrics(store, "127.0.0.1", metrics_port) if metrics_port is not None else None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    tiers = f"memory {cpu_gb:g} GiB" + (f", disk {disk_gb:g} GiB in {dir}" if dir else "")
+    typer.echo(f"cache server on {server.address} ({tiers})" + (f", /metrics on {metrics_port}" if metrics else ""))
+    stop.wait()
+    server.close()
+    if metrics is not None:
+        metrics.shutdown()
+    typer.echo("cache server stopped")
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)

@@ -1,0 +1,123 @@
+"""The shared cache: a TieredStore served over a Transport, so every instance on every host uses one.
+
+Ops (keys are hex chunk keys, in prompt order):
+    lookup {keys}        -> {"count": how many leading keys are stored}
+    get {keys}           -> a "chunk" frame per leading stored key, then {"count": n}
+    put key, payload, {meta} -> {"stored": bool}
+    stats                -> per-tier counters
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import transfer
+from storage.tiers import TieredStore
+from transfer import Frame, Header, Service
+
+log = logging.getLogger("storage")
+MAX_KEYS = 4096  # a 1M-token prompt at 256 tokens per chunk
+MAX_CHUNK_BYTES = 1 << 30
+
+
+def keys_from(meta: dict[str, Any]) -> list[bytes]:
+    raw = meta.get("keys")
+    if not isinstance(raw, list) or len(raw) > MAX_KEYS:
+        raise ValueError(f"'keys' must be a list of at most {MAX_KEYS} hex chunk keys")
+    try:
+        return [bytes.fromhex(k) for k in raw]
+    except (TypeError, ValueError):
+        raise ValueError("'keys' must be a list of hex chunk keys") from None
+
+
+class CacheService(Service):
+    def __init__(self, store: TieredStore, max_chunk_bytes: int = MAX_CHUNK_BYTES):
+        self.store = store
+        self.max_chunk_bytes = max_chunk_bytes
+
+    def receive_buffer(self, header: Header) -> Any:
+        if header.op != "put":
+            raise ValueError(f"a {header.op!r} request carries no payload")
+        if header.nbytes > self.max_chunk_bytes:
+            raise ValueError(f"chunk of {header.nbytes} bytes is over the {self.max_chunk_bytes}-byte limit")
+        return bytearray(header.nbytes)
+
+    def handle(self, request: Header, payload: Any) -> Iterator[Frame]:
+        op = request.op
+        if op == "lookup":
+            return {"count": self.store.lookup(keys_from(request.meta))}
+        if op == "get":
+            served = 0
+            for key in keys_from(request.meta):
+                chunk = self.store.get(key)
+                if chunk is None:
+                    break
+                yield Frame(Header(op="chunk", key=key, meta=chunk.meta), chunk.data)
+                served += 1
+            return {"count": served}
+        if op == "put":
+            if not request.key:
+                raise ValueError("put needs a key")
+            meta = request.meta.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ValueError("'meta' must be a mapping")
+            return {"stored": self.store.put(request.key, payload if payload is not None else b"", meta)}
+        if op == "stats":
+            return self.store.stats()
+        raise ValueError(f"unknown op {op!r} (the cache serves lookup, get, put, stats)")
+
+
+class CacheServer:
+    """A TieredStore behind a transport listener; `close()` stops serving and flushes the disk writes."""
+
+    def __init__(self, address: str, store: TieredStore):
+        self.store = store
+        self.listener = transfer.listen(address, CacheService(store))
+        self.address = self.listener.address
+
+    def close(self) -> None:
+        self.listener.close()
+        self.store.close()
+
+    def __enter__(self) -> CacheServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StoreCollector:
+    """Prometheus metrics read from the store's counters at scrape time, per tier."""
+
+    COUNTERS = ("hits", "misses", "puts", "bytes_in", "bytes_out", "evictions", "dropped_corrupt")
+    GAUGES = ("entries", "bytes_used")
+
+    def __init__(self, store: TieredStore):
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.store.stats()
+        for name in self.COUNTERS:
+            family = CounterMetricFamily(f"pdrun:cache_{name}", f"cache {name.replace('_', ' ')}", labels=["tier"])
+            for tier, values in stats.items():
+                family.add_metric([tier], values.get(name, 0))
+            yield family
+        for name in self.GAUGES:
+            family = GaugeMetricFamily(f"pdrun:cache_{name}", f"cache {name.replace('_', ' ')} now", labels=["tier"])
+            for tier, values in stats.items():
+                family.add_metric([tier], values.get(name, 0))
+            yield family
+
+
+def serve_metrics(store: TieredStore, host: str, port: int) -> Any:
+    """`/metrics` for Prometheus on host:port, from a thread; returns the HTTP server (shutdown() stops it)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store))  # type: ignore[arg-type]
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

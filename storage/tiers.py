@@ -45,6 +45,14 @@ class TierStats:
     bytes_used: int = 0
 
 
+def leading(keys: Sequence[bytes], present: Callable[[bytes], bool]) -> int:
+    """How many of the first keys are present: a prefix hit is only as long as its unbroken run."""
+    n = 0
+    while n < len(keys) and present(keys[n]):
+        n += 1
+    return n
+
+
 class ChunkStore(Protocol):
     def lookup(self, keys: Sequence[bytes]) -> int: ...
     def get(self, key: bytes) -> Chunk | None: ...
@@ -91,10 +99,7 @@ class MemoryTier:
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         with self._lock:
-            n = 0
-            while n < len(keys) and keys[n] in self._chunks:
-                n += 1
-            return n
+            return leading(keys, self._chunks.__contains__)
 
     def get(self, key: bytes) -> Chunk | None:
         with self._lock:
@@ -200,10 +205,7 @@ class DiskTier:
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         with self._lock:
-            n = 0
-            while n < len(keys) and keys[n] in self._index:
-                n += 1
-            return n
+            return leading(keys, self._index.__contains__)
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
@@ -324,10 +326,7 @@ class TieredStore:
             self._writer.start()
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        n = 0
-        while n < len(keys) and (keys[n] in self.memory or (self.disk is not None and keys[n] in self.disk)):
-            n += 1
-        return n
+        return leading(keys, lambda k: k in self.memory or (self.disk is not None and k in self.disk))
 
     def get(self, key: bytes) -> Chunk | None:
         chunk = self.memory.get(key)

@@ -136,13 +136,22 @@ def test_the_cache_server_command_keeps_chunks_across_a_restart(tmp_path):
         lines = ""
         while f"cache server on tcp://127.0.0.1:{port}" not in lines:
             line = proc.stdout.readline()
-            assert line, f"exited before serving:\n{lines}"
+            if not line:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"exited before serving:\n{lines}")
             lines += line
         return proc, lines
 
     def stop(proc: subprocess.Popen[str]) -> None:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == 0
         assert "cache server stopped" in proc.stdout.read()
 
     proc, _ = start()

@@ -91,9 +91,6 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
 
-    def alive(self) -> bool:
-        return self.proc is not None and (self.proc.poll() is None or bool(group_members(self.proc.pid)))
-
     def reap(self) -> None:
         """The leader exited: kill what is left of its group and wait until it is gone."""
         if self.proc is None:

@@ -37,6 +37,7 @@ COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 # Retried on another decoder: the request never reached one, or the decoder died before answering.
 RETRIABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+SLOW_PROBES_DOWN = 5  # health checks in a row that time out before a backend leaves the rotation
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -174,6 +175,7 @@ class Proxy:
         self.router = Router(settings.prefill, settings.decode, settings.policy)
         self.metrics = ProxyMetrics(self.router)
         self.client: httpx.AsyncClient | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # health checks a failed request asked for
 
     # ---- lifecycle ----
     @asynccontextmanager
@@ -205,14 +207,32 @@ class Proxy:
         assert self.client is not None
         try:
             r = await self.client.get(f"{b.url}/health", timeout=2.0)
+            b.slow_probes = 0
             if r.status_code != 200:
                 b.mark_down(f"/health answered {r.status_code}")
                 return
             if not b.healthy or not b.models:
                 models = (await self.client.get(f"{b.url}/v1/models", timeout=5.0)).json()
                 b.mark_up(m["id"] for m in models.get("data", []))
+        except httpx.TimeoutException:
+            # A backend under a burst answers late: busy, not gone. Only one silent for several
+            # checks in a row leaves the rotation.
+            b.slow_probes += 1
+            if b.slow_probes >= SLOW_PROBES_DOWN:
+                b.mark_down(f"/health unanswered {b.slow_probes} times in a row")
         except (httpx.HTTPError, ValueError, KeyError) as e:
             b.mark_down(f"/health: {type(e).__name__}: {e}".rstrip(": "))
+
+    def _failed(self, b: Backend, e: Exception) -> None:
+        """A request to b failed. Refused: b is gone, out of rotation now. Anything else (a reset, a
+        pooled connection the server had just closed) may be that one connection, not the backend:
+        a health check, at once, decides."""
+        if isinstance(e, httpx.ConnectError):
+            b.mark_down(f"{type(e).__name__}: {e}")
+        else:
+            task = asyncio.create_task(self._check(b))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
 
     # ---- requests ----
     async def handle(self, request: Request, path: str) -> Response:
@@ -267,7 +287,7 @@ class Proxy:
             except httpx.TimeoutException:
                 return "prefiller timed out"
             except httpx.HTTPError as e:
-                p.mark_down(f"{type(e).__name__}: {e}")
+                self._failed(p, e)
                 reason = "prefiller unreachable"
                 continue
             finally:
@@ -302,7 +322,7 @@ class Proxy:
                 if upstream is not None:
                     await upstream.aclose()
                 if isinstance(e, RETRIABLE):
-                    d.mark_down(f"{type(e).__name__}: {e}")
+                    self._failed(d, e)
                     self.metrics.retries.inc()
                     continue
                 if isinstance(e, httpx.TimeoutException):
@@ -322,7 +342,7 @@ class Proxy:
                     media_type=upstream.headers.get("content-type", "text/event-stream"),
                 )
             except RETRIABLE as e:
-                d.mark_down(f"{type(e).__name__}: {e}")
+                self._failed(d, e)
                 return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
             finally:
                 if not handed_on:
@@ -338,7 +358,7 @@ class Proxy:
                 yield chunk
             self.metrics.e2e.observe(time.monotonic() - t0)
         except RETRIABLE as e:
-            d.mark_down(f"{type(e).__name__}: {e}")
+            self._failed(d, e)
             err = {"error": {"message": f"decoder failed mid-stream: {e}", "type": "APIError", "code": 502}}
             yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
 

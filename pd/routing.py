@@ -38,6 +38,7 @@ class Backend:
     served: int = 0
     models: set[str] = field(default_factory=set)
     last_error: str = ""
+    slow_probes: int = 0  # health checks in a row that timed out
 
     @property
     def seed(self) -> int:

@@ -1,0 +1,76 @@
+"""The proxy's view of backend health, against real HTTP servers: a busy backend that answers
+/health late stays in rotation until it stays silent several checks in a row; a refused
+connection takes it out at once."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import socket
+import threading
+import time
+
+import httpx
+
+from pd.proxy import SLOW_PROBES_DOWN, Proxy, ProxySettings
+
+
+class Backend(http.server.BaseHTTPRequestHandler):
+    delay = 0.0
+
+    def do_GET(self):
+        if self.path == "/health":
+            time.sleep(type(self).delay)
+        body = json.dumps({"data": [{"id": "m"}]}).encode() if self.path == "/v1/models" else b""
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve() -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_slow_health_answer_is_busy_not_gone_and_a_refusal_is_gone():
+    server, url = serve()
+    dead = refused_url()
+    proxy = Proxy(ProxySettings(decode=[url, dead]))
+    busy, gone = proxy.router.decoders
+
+    async def run() -> list[bool]:
+        proxy.client = httpx.AsyncClient()
+        try:
+            await proxy.check_health()
+            assert busy.healthy and busy.models == {"m"}
+            assert not gone.healthy and "ConnectError" in gone.last_error
+            Backend.delay = 2.5  # over the probe's 2 s timeout
+            seen = []
+            for _ in range(SLOW_PROBES_DOWN):
+                await proxy.check_health()
+                seen.append(busy.healthy)
+            Backend.delay = 0.0
+            await proxy.check_health()
+            seen.append(busy.healthy)
+            return seen
+        finally:
+            await proxy.client.aclose()
+
+    try:
+        seen = asyncio.run(run())
+    finally:
+        server.shutdown()
+    assert seen == [True] * (SLOW_PROBES_DOWN - 1) + [False, True]

@@ -2,12 +2,16 @@
 
 A cache that is down, slow or broken must never fail a request: lookups then report 0, gets stop
 at the first chunk that did not arrive whole and verified, puts are dropped, each logged once per
-reason so a dead cache does not flood the log.
+reason so a dead cache does not flood the log. After a failure the cache is skipped for
+`retry_after_s` (every call a miss at once), so a cache that hangs costs one timeout, not one per
+request: lookups run on vLLM's scheduler thread.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,19 +23,35 @@ log = logging.getLogger("storage")
 
 
 class CacheClient:
-    def __init__(self, address: str, connect: Callable[[str], transfer.Connection] | None = None):
+    def __init__(
+        self,
+        address: str,
+        connect: Callable[[str], transfer.Connection] | None = None,
+        retry_after_s: float = 0.0,
+    ):
         self.address = address
         self.pool = ConnectionPool(connect or transfer.connect)
+        self.retry_after_s = retry_after_s
+        self._down_until = 0.0
         self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
 
     def _failed(self, what: str, e: Exception) -> None:
         reason = f"{what}: {type(e).__name__}"
-        if reason not in self._warned:
+        with self._lock:
+            self._down_until = time.monotonic() + self.retry_after_s
+            first = reason not in self._warned
             self._warned.add(reason)
-            log.warning("cache %s %s failed, treating it as a miss: %s", self.address, what, e)
+        if first:
+            skip = f"; skipping it for {self.retry_after_s:g} s after each failure" if self.retry_after_s else ""
+            log.warning("cache %s %s failed, treating it as a miss%s: %s", self.address, what, skip, e)
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        if not keys:
+        """How many leading `keys` the cache holds (0 when it cannot say)."""
+        if not keys or not self._available():
             return 0
         try:
             with self.pool.connection(self.address) as conn:
@@ -40,24 +60,40 @@ class CacheClient:
             self._failed("lookup", e)
             return 0
 
+    def fetch(
+        self,
+        keys: Sequence[bytes],
+        each: Callable[[Header, Any], None],
+        sink: Callable[[Header], Any] | None = None,
+    ) -> int:
+        """Stream the leading chunks the cache has: `each(header, payload)` for every one that
+        arrived whole and checksum-verified (in the buffer `sink(header)` gave), in order. Returns
+        how many; a transport failure ends the run early. What `each` raises propagates."""
+        if not keys or not self._available():
+            return 0
+        n = 0
+        try:
+            with self.pool.connection(self.address) as conn:
+                for frame in conn.stream("get", meta={"keys": [k.hex() for k in keys]}, sink=sink):
+                    if n >= len(keys) or frame.header.key != keys[n]:
+                        raise transfer.ProtocolError("the cache answered with another chunk than asked")
+                    each(frame.header, frame.payload)
+                    n += 1
+        except (TransferError, OSError) as e:
+            self._failed("get", e)
+        return n
+
     def get(
         self, keys: Sequence[bytes], sink: Callable[[Header], Any] | None = None
     ) -> list[tuple[bytes, Any, dict[str, Any]]]:
         """The leading chunks the cache has, as (key, payload, meta), each whole and checksum-verified."""
         got: list[tuple[bytes, Any, dict[str, Any]]] = []
-        if not keys:
-            return got
-        try:
-            with self.pool.connection(self.address) as conn:
-                for frame in conn.stream("get", meta={"keys": [k.hex() for k in keys]}, sink=sink):
-                    if frame.header.key != keys[len(got)]:
-                        raise transfer.ProtocolError("the cache answered with another chunk than asked")
-                    got.append((frame.header.key, frame.payload, dict(frame.header.meta)))
-        except (TransferError, OSError, IndexError) as e:
-            self._failed("get", e)
+        self.fetch(keys, lambda h, payload: got.append((h.key, payload, dict(h.meta))), sink)
         return got
 
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None) -> bool:
+        if not self._available():
+            return False
         try:
             with self.pool.connection(self.address) as conn:
                 return bool(conn.call("put", key=key, meta={"meta": meta or {}}, payload=data).meta.get("stored"))

@@ -175,3 +175,59 @@ def test_the_cache_server_command_keeps_chunks_across_a_restart(tmp_path):
         client.close()
     finally:
         stop(proc)
+
+
+def test_after_a_failure_the_cache_is_skipped_for_retry_after_s_then_used_again(tmp_path):
+    port = free_port()
+    client = CacheClient(f"tcp://127.0.0.1:{port}", retry_after_s=1.0)
+    assert client.lookup([key(1)]) == 0  # refused: nothing listens yet
+    with CacheServer(f"tcp://127.0.0.1:{port}", TieredStore(MemoryTier(8 * CHUNK))) as s:
+        s.store.put(key(1), payload(1))
+        t0 = time.monotonic()
+        assert client.lookup([key(1)]) == 0  # within the back-off: a miss without even connecting
+        assert client.put(key(2), payload(2)) is False
+        assert s.store.lookup([key(2)]) == 0
+        time.sleep(max(0.0, 1.05 - (time.monotonic() - t0)))
+        assert client.lookup([key(1)]) == 1
+    client.close()
+
+
+def test_a_cache_that_hangs_costs_one_timeout_not_one_per_call():
+    import transfer
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) and never answers
+    address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+    client = CacheClient(
+        address, connect=lambda a: transfer.connect(a, connect_timeout=0.5, io_timeout=0.5), retry_after_s=30
+    )
+    try:
+        t0 = time.monotonic()
+        assert client.lookup([key(1)]) == 0
+        first = time.monotonic() - t0
+        assert 0.4 < first < 5
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert client.lookup([key(1)]) == 0
+            assert client.get([key(1)]) == []
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        client.close()
+        silent.close()
+
+
+def test_fetch_streams_each_chunk_to_the_caller_and_stops_at_the_first_missing(server):
+    client = CacheClient(server.address)
+    for i in (0, 1, 3):
+        client.put(key(i), payload(i), {"i": i})
+    seen = []
+    buf = bytearray(len(payload(0)))
+    n = client.fetch([key(i) for i in range(4)], lambda h, p: seen.append((h.meta["i"], bytes(p))), lambda h: buf)
+    assert n == 2 and seen == [(0, payload(0)), (1, payload(1))]
+
+    def refuse(h, p):
+        raise ValueError("not for this cache")
+
+    with pytest.raises(ValueError, match="not for this cache"):
+        client.fetch([key(0)], refuse)
+    assert client.lookup([key(0)]) == 1  # the client goes on
+    client.close()

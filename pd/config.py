@@ -21,6 +21,14 @@ class ConnectorConfig(BaseModel):
     io_timeout_s: float = Field(30.0, gt=0, description="consumer: longest wait for one chunk")
     checksums: bool = Field(True, description="xxh3-64 over every chunk, verified on receipt")
     load_threads: int = Field(2, ge=1, le=64, description="consumer: hand-offs pulled in parallel")
+    cache: str | None = Field(
+        None, description="a `pdrun cache-server` (tcp://HOST:PORT) shared by all instances; none: no cache tier"
+    )
+    cache_timeout_s: float = Field(2.0, gt=0, description="longest wait on the cache for one call; then a miss")
+    cache_retry_s: float = Field(5.0, ge=0, description="after a cache failure, skip the cache this long")
+    cache_write_queue_mb: float = Field(
+        512, gt=0, description="chunks waiting to be written behind to the cache; beyond, new ones are dropped"
+    )
     fingerprint_extra: str = Field(
         "", description="mixed into chunk keys: instances with different values never share KV"
     )

@@ -15,6 +15,11 @@ Consumer (decoder), for requests carrying that hand-off: the scheduler side chec
   failure reports the blocks not loaded as invalid, and vLLM recomputes them: the request is
   prefilled locally from there, never failed.
 
+With a cache tier (`cache` in the config), in any role: the scheduler side asks the tier how many
+  leading full chunks of a prompt it holds and loads them, asynchronously like a hand-off, instead
+  of recomputing them; every full chunk an instance computes is written behind to the tier by a
+  worker thread; a decoder whose prefiller no longer has a chunk takes it from the tier.
+
 Block ids come from the scheduler side (the scheduler output and the blocks vLLM allocated), as
 vLLM's offloading and NIXL connectors take them: the CPU backend has no attention metadata to read
 them from in `start_load_kv`.
@@ -42,11 +47,13 @@ from pd import plan
 from pd.codec import PagedKV
 from pd.compat import check_vllm_version
 from pd.config import ConnectorConfig, load_config
-from pd.keys import Fingerprint, chunk_keys, matching_prefix
+from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
 from pd.logs import setup_logging
 from pd.params import HandOff, handoff_of, handoff_params, wants_handoff
 from pd.staging import StagingPool, StagingService
 from pd.stats import PDPromMetrics, PDStats, StatsCounter
+from pd.write_behind import WriteBehind
+from storage.client import CacheClient
 from transfer import ConnectionPool, ProtocolError
 
 if TYPE_CHECKING:
@@ -62,9 +69,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadJob:
-    transfer: str
-    endpoints: list[str]
-    layout: str
+    transfer: str  # the hand-off's id at the prefiller; "" for a load from the cache tier alone
+    endpoints: list[str]  # the prefiller's, one per TP rank; [] for the cache tier alone
     chunks: list[plan.ChunkLoad]
     start: int  # tokens [start, end) are loaded into block_ids
     end: int
@@ -77,6 +83,18 @@ class PDMetadata(KVConnectorMetadata):
     loads: dict[str, LoadJob] = field(default_factory=dict)  # request id -> job
     releases: list[tuple[list[str], str]] = field(default_factory=list)  # hand-offs to release unread
     drops: list[str] = field(default_factory=list)  # producer: transfers no decoder will pull
+    lookups: list[tuple[int, int]] = field(default_factory=list)  # cache tier: (asked, held) tokens
+
+
+def _cache_client(cfg: ConnectorConfig) -> CacheClient | None:
+    if cfg.cache is None:
+        return None
+    t = cfg.cache_timeout_s
+    return CacheClient(
+        cfg.cache,
+        connect=lambda addr: transfer.connect(addr, connect_timeout=t, io_timeout=t, checksums=cfg.checksums),
+        retry_after_s=cfg.cache_retry_s,
+    )
 
 
 def _endpoints(vllm_config: VllmConfig, cfg: ConnectorConfig) -> list[str]:
@@ -188,6 +206,8 @@ class PDConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._sched is not None:
+            self._sched.shutdown()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PDStats:
@@ -201,17 +221,29 @@ class PDConnector(KVConnectorBase_V1):
 
 
 @dataclass
-class _Producing:
-    keys: list[bytes]
+class _Saving:
+    """A request whose chunks are copied out as they are computed: staged for its decoder, cached."""
+
+    keys: list[bytes]  # chunks of the prompt but its last token
     handed: int
+    stage: bool  # a prefill for a decoder: every chunk goes to the staging pool
+    cache_from: int | None  # full chunks from this index on go to the cache tier (None: none do)
     block_ids: list[int] = field(default_factory=list)
-    saved: int = 0  # chunks staged so far
+    saved: int = 0  # chunks copied out so far
 
 
 @dataclass
-class _Consuming:
-    handoff: HandOff
-    end: int  # tokens [0, end) can come from the hand-off
+class _Incoming:
+    """Where the KV of a request's first `end` tokens comes from: a hand-off, or the cache tier."""
+
+    keys: list[bytes]
+    handed: int  # tokens the keys cover (only a hand-off's last chunk may be partial)
+    end: int
+    handoff: HandOff | None = None  # None: the cache tier
+
+    @property
+    def cached_chunks(self) -> int:
+        return 0 if self.handoff is not None else len(self.keys)
 
 
 class _SchedulerSide:
@@ -224,34 +256,43 @@ class _SchedulerSide:
         self.fingerprint = _fingerprint(vllm_config, cfg, kv_cache_config)
         self.fingerprint_hex = self.fingerprint.seed().hex()
         self.endpoints = _endpoints(vllm_config, cfg)
-        if self.is_consumer and ktc.kv_load_failure_policy != "recompute":
-            # A hand-off that fails must cost a local prefill, never the request.
+        self.cache = _cache_client(cfg)
+        if (self.is_consumer or self.cache is not None) and ktc.kv_load_failure_policy != "recompute":
+            # A load that fails must cost a local prefill, never the request.
             log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
             ktc.kv_load_failure_policy = "recompute"
-        self._producing: dict[str, _Producing] = {}
-        self._consuming: dict[str, _Consuming] = {}
+        self._saving: dict[str, _Saving] = {}
+        self._incoming: dict[str, _Incoming | None] = {}
+        self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
         self._meta = PDMetadata()
         log.info(
-            "PDConnector scheduler: role=%s chunk_size=%d block_size=%d endpoints=%s",
+            "PDConnector scheduler: role=%s chunk_size=%d block_size=%d endpoints=%s cache=%s",
             ktc.kv_role,
             cfg.chunk_size,
             self.block_size,
             self.endpoints if self.is_producer else "-",
+            cfg.cache or "-",
         )
 
-    # -- consumer --
-    def _consuming_of(self, request: Request) -> _Consuming | None:
-        state = self._consuming.get(request.request_id)
-        if state is not None:
-            return state
+    # -- loads: a hand-off (consumer), else the cache tier (any role) --
+    def _incoming_of(self, request: Request) -> _Incoming | None:
+        rid = request.request_id
+        if rid not in self._incoming:
+            prompt = request.prompt_token_ids or []
+            state = self._from_handoff(request, prompt) if self.is_consumer and prompt else None
+            if state is None and self.cache is not None and len(prompt) > 1 and rid not in self._cache_loaded:
+                state = self._from_cache(prompt)
+            self._incoming[rid] = state
+        return self._incoming[rid]
+
+    def _from_handoff(self, request: Request, prompt: list[int]) -> _Incoming | None:
         try:
             handoff = handoff_of(request.kv_transfer_params)
         except ValidationError as e:
             log.warning("request %s: malformed pdrun hand-off, prefilling locally: %s", request.request_id, e)
             return None
-        if handoff is None or not request.prompt_token_ids:
+        if handoff is None:
             return None
-        prompt = request.prompt_token_ids
         end = 0
         if handoff.fingerprint != self.fingerprint_hex or handoff.chunk_size != self.cfg.chunk_size:
             log.warning(
@@ -271,14 +312,18 @@ class _SchedulerSide:
                     end,
                 )
             end = min(end, len(prompt) - 1)  # the last prompt token is always computed here
-        state = _Consuming(handoff, end)
-        self._consuming[request.request_id] = state
-        return state
+        return _Incoming(handoff.key_bytes(), handoff.num_tokens, end, handoff)
+
+    def _from_cache(self, prompt: list[int]) -> _Incoming:
+        assert self.cache is not None
+        keys = chunk_keys(self.fingerprint, prompt[: len(prompt) - 1], full_only=True)
+        held = self.cache.lookup(keys)
+        size = self.cfg.chunk_size
+        self._meta.lookups.append((len(keys) * size, held * size))
+        return _Incoming(keys[:held], held * size, held * size)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        if not self.is_consumer:
-            return 0, False
-        state = self._consuming_of(request)
+        state = self._incoming_of(request)
         if state is None:
             return 0, False
         count = state.end - num_computed_tokens
@@ -286,39 +331,55 @@ class _SchedulerSide:
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
-        if self.is_producer and wants_handoff(request.kv_transfer_params) and rid not in self._producing:
-            prompt = request.prompt_token_ids or []
-            handed = max(len(prompt) - 1, 0)
-            self._producing[rid] = _Producing(chunk_keys(self.fingerprint, prompt[:handed]), handed)
-        state = self._consuming.get(rid)
-        if state is None or rid in self._meta.loads:
+        if rid in self._incoming and rid not in self._saving:
+            self._track_saves(request, self._incoming[rid])
+        if rid not in self._incoming:
             return
-        # One pull per request: when vLLM reschedules it (a failed load, a preemption), it computes.
-        request.kv_transfer_params["do_remote_prefill"] = False
+        # One load per request: when vLLM reschedules it (a failed load, a preemption), it computes.
+        state = self._incoming.pop(rid)
+        if state is None:
+            return
         h = state.handoff
+        if h is not None:
+            request.kv_transfer_params["do_remote_prefill"] = False
         if num_external_tokens <= 0:
-            if h.num_tokens:
+            if h is not None and h.num_tokens:
                 self._meta.releases.append((h.endpoints, h.transfer))
-            self._consuming.pop(rid, None)
             return
+        if h is None:
+            self._cache_loaded.add(rid)
         start = state.end - num_external_tokens
         block_ids = list(blocks.get_block_ids()[0])
         chunks = plan.plan_load(
-            h.key_bytes(), h.num_tokens, start, state.end, block_ids, self.cfg.chunk_size, self.block_size
+            state.keys, state.handed, start, state.end, block_ids, self.cfg.chunk_size, self.block_size
         )
-        self._meta.loads[rid] = LoadJob(h.transfer, h.endpoints, h.layout, chunks, start, state.end, block_ids)
-        self._consuming.pop(rid, None)
+        self._meta.loads[rid] = LoadJob(
+            h.transfer if h else "", h.endpoints if h else [], chunks, start, state.end, block_ids
+        )
 
-    # -- producer --
+    # -- saves: staging for a decoder (producer), writing behind to the cache tier (any role) --
+    def _track_saves(self, request: Request, incoming: _Incoming | None) -> None:
+        stage = self.is_producer and wants_handoff(request.kv_transfer_params)
+        # A decoder given a hand-off leaves caching to its prefiller; chunks the tier has are not put again.
+        cache_from = None
+        if self.cache is not None and (incoming is None or incoming.handoff is None):
+            cache_from = incoming.cached_chunks if incoming is not None else 0
+        if not stage and cache_from is None:
+            return
+        prompt = request.prompt_token_ids or []
+        handed = max(len(prompt) - 1, 0)
+        keys = chunk_keys(self.fingerprint, prompt[:handed])
+        self._saving[request.request_id] = _Saving(keys, handed, stage, cache_from)
+
     def _track_blocks(self, so: SchedulerOutput) -> None:
         for new in so.scheduled_new_reqs:
-            st = self._producing.get(new.req_id)
+            st = self._saving.get(new.req_id)
             if st is not None:
                 st.block_ids = list(new.block_ids[0])
-                self._stage_ready(new.req_id, st, new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0))
+                self._save_ready(new.req_id, st, new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0))
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
-            st = self._producing.get(rid)
+            st = self._saving.get(rid)
             if st is None:
                 continue
             new_ids = cached.new_block_ids[i]
@@ -326,26 +387,37 @@ class _SchedulerSide:
                 st.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
-            self._stage_ready(rid, st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0))
+            self._save_ready(rid, st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0))
 
-    def _stage_ready(self, rid: str, st: _Producing, computed: int) -> None:
+    def _save_ready(self, rid: str, st: _Saving, computed: int) -> None:
+        if st.saved == len(st.keys):
+            return
         saves = plan.ready_saves(
-            rid, st.keys, st.handed, computed, st.saved, st.block_ids, self.cfg.chunk_size, self.block_size
+            rid,
+            st.keys,
+            st.handed,
+            computed,
+            st.saved,
+            st.block_ids,
+            self.cfg.chunk_size,
+            self.block_size,
+            stage=st.stage,
+            cache_from=st.cache_from,
         )
         st.saved += len(saves)
-        self._meta.saves.extend(saves)
+        self._meta.saves.extend(s for s in saves if s.stage or s.cache)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        if self.is_producer:
-            self._track_blocks(scheduler_output)
+        self._track_blocks(scheduler_output)
         meta, self._meta = self._meta, PDMetadata()
         return meta
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
-        self._consuming.pop(rid, None)
-        st = self._producing.pop(rid, None)
-        if st is None:
+        self._incoming.pop(rid, None)
+        self._cache_loaded.discard(rid)
+        st = self._saving.pop(rid, None)
+        if st is None or not st.stage:
             return False, None
         from vllm.v1.request import RequestStatus
 
@@ -365,6 +437,10 @@ class _SchedulerSide:
         )
         # The chunks are copies: the blocks can be freed now.
         return False, handoff_params(handoff)
+
+    def shutdown(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
 
 
 class _WorkerSide:
@@ -388,6 +464,10 @@ class _WorkerSide:
                 addr, connect_timeout=cfg.connect_timeout_s, io_timeout=cfg.io_timeout_s, checksums=cfg.checksums
             )
         )
+        self.cache = _cache_client(cfg)
+        self.writer: WriteBehind | None = None
+        if cfg.cache is not None:
+            self.writer = WriteBehind(_cache_client(cfg), int(cfg.cache_write_queue_mb * (1 << 20)), self._stored)  # type: ignore[arg-type]
         self._loader = ThreadPoolExecutor(cfg.load_threads, thread_name_prefix="pdrun-load")
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
@@ -406,36 +486,67 @@ class _WorkerSide:
                 bind, service, checksums=self.cfg.checksums, io_timeout=self.cfg.io_timeout_s
             )
         log.info(
-            "PDConnector worker rank %d: KV layout %s, %d bytes per block%s",
+            "PDConnector worker rank %d: KV layout %s, %d bytes per block%s%s",
             self.rank,
             self.paged.describe(),
             self.paged.bytes_per_block,
             f", serving hand-offs on {self.listener.address}" if self.listener else "",
+            f", cache tier {self.cfg.cache}" if self.cache else "",
         )
 
-    # -- producer --
+    # -- saves: staging (producer) and writing behind to the cache tier --
     def save(self, meta: PDMetadata) -> None:
-        if self.pool is None or self.paged is None:
+        if self.rank == 0:
+            for asked, held in meta.lookups:
+                self.stats.add(cache_lookup_tokens=asked, cache_hit_tokens=held)
+        if self.paged is None:
             return
-        paged = self.paged
-        for transfer_id in meta.drops:
-            self.pool.release(transfer_id)
-        evicted = self.pool.evicted_referenced
+        if self.pool is not None:
+            for transfer_id in meta.drops:
+                self.pool.release(transfer_id)
+        evicted = self.pool.evicted_referenced if self.pool is not None else 0
         for s in meta.saves:
-            nbytes = paged.nbytes(len(s.block_ids))
             try:
-                ok = self.pool.stage(
-                    s.transfer, s.key, len(s.block_ids), nbytes, lambda buf, ids=s.block_ids: paged.gather(ids, buf)
-                )
-            except Exception:  # never the engine's problem: that decoder will prefill locally
-                log.exception("request %s: could not stage chunk %d; its decoder will prefill it", s.transfer, s.index)
-                continue
-            if ok:
-                self.stats.add(staged_chunks=1, staged_bytes=nbytes)
-        if self.pool.evicted_referenced != evicted:
+                chunk = self._stage(s) if s.stage else None
+                if s.cache:
+                    self._cache(s, chunk)
+            except Exception:  # never the engine's problem: a decoder prefills it, the tier misses it
+                log.exception("request %s: could not copy out chunk %d", s.transfer, s.index)
+        if self.pool is not None and self.pool.evicted_referenced != evicted:
             self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)
 
-    # -- consumer --
+    def _stage(self, s: plan.ChunkSave) -> torch.Tensor | None:
+        """Put the chunk in the staging pool; its buffer, or None if it does not fit."""
+        if self.pool is None or self.paged is None:
+            return None
+        paged = self.paged
+        nbytes = paged.nbytes(len(s.block_ids))
+        if not self.pool.stage(
+            s.transfer, s.key, len(s.block_ids), nbytes, lambda buf, ids=s.block_ids: paged.gather(ids, buf)
+        ):
+            return None
+        self.stats.add(staged_chunks=1, staged_bytes=nbytes)
+        entry = self.pool.get(s.key)
+        return entry.buffer if entry is not None else None
+
+    def _cache(self, s: plan.ChunkSave, chunk: torch.Tensor | None) -> None:
+        """Queue the chunk for the cache tier; a staged chunk's buffer is shared, never written again."""
+        if self.writer is None or self.paged is None:
+            return
+        if chunk is None:
+            chunk = torch.empty(self.paged.nbytes(len(s.block_ids)), dtype=torch.uint8)
+            self.paged.gather(s.block_ids, chunk)
+        meta = {"layout": self.paged.describe(), "blocks": len(s.block_ids)}
+        if not self.writer.submit(rank_key(s.key, self.rank), chunk, meta):
+            self.stats.add(cache_store_dropped=1)
+
+    def _stored(self, nbytes: int, seconds: float, stored: bool) -> None:
+        if stored:
+            self.stats.add(cache_stored_chunks=1, cache_stored_bytes=nbytes, cache_store_seconds=seconds)
+        else:
+            self.stats.add(cache_store_dropped=1, cache_store_seconds=seconds)
+
+    # -- loads: from a prefiller, the rest from the cache tier --
     def start_load_kv(self, meta: PDMetadata) -> None:
         for rid, job in meta.loads.items():
             self._loader.submit(self._load, rid, job)
@@ -449,62 +560,72 @@ class _WorkerSide:
 
     def _load(self, rid: str, job: LoadJob) -> None:
         t0 = time.perf_counter()
-        done_tokens = job.start
-        nbytes = 0
-        try:
-            paged = self.paged
-            assert paged is not None
-            peer = self._peer(job.endpoints)
-            layout = paged.describe()
-            buf = paged.host_buffer(max(paged.nbytes(c.src_blocks) for c in job.chunks))
-            chunks = iter(job.chunks)
-            current: list[plan.ChunkLoad] = []
-
-            def sink(header: transfer.Header) -> Any:
-                c = next(chunks)
-                current[:] = [c]
-                if header.key != c.key:
-                    raise ProtocolError(f"got chunk {header.key.hex()}, expected {c.key.hex()}")
-                if header.meta.get("layout") != layout or header.meta.get("blocks") != c.src_blocks:
-                    raise ProtocolError(
-                        f"chunk layout {header.meta.get('layout')} x{header.meta.get('blocks')} blocks does not "
-                        f"match this decoder's {layout} x{c.src_blocks}"
-                    )
-                return buf[: header.nbytes].numpy()
-
-            with self._conns.connection(peer) as conn:
-                for frame in conn.stream("get", meta={"keys": [c.key.hex() for c in job.chunks]}, sink=sink):
-                    c = current[0]
-                    paged.scatter(c.block_ids, buf[: frame.header.nbytes], c.src_blocks, c.skip_blocks)
-                    done_tokens = c.token_end
-                    nbytes += frame.header.nbytes
-            if done_tokens < job.end:
-                raise ProtocolError(f"the prefiller sent {done_tokens - job.start} of {job.end - job.start} tokens")
-        except Exception as e:
-            failed = plan.blocks_from(done_tokens, job.end, job.block_ids, self.block_size)
+        loader = _ChunkLoader(self.paged, job)  # type: ignore[arg-type]
+        peer_error: Exception | None = None
+        if job.endpoints:
+            try:
+                self._load_from_peer(job, loader)
+            except Exception as e:
+                peer_error = e
+        peer_tokens, peer_bytes = loader.done - job.start, loader.nbytes
+        t1 = time.perf_counter()
+        if loader.done < job.end and self.cache is not None:
+            self._load_from_cache(job, loader)
+        cache_tokens, cache_bytes = loader.done - job.start - peer_tokens, loader.nbytes - peer_bytes
+        t2 = time.perf_counter()
+        if loader.done < job.end:
+            failed = plan.blocks_from(loader.done, job.end, job.block_ids, self.block_size)
+            source = job.endpoints[0] if job.endpoints else f"the cache tier {self.cfg.cache}"
+            reason = f"{type(peer_error).__name__}: {peer_error}" if peer_error else (loader.error or "chunks missing")
             log.warning(
-                "request %s: KV hand-off from %s failed after %d of %d tokens (%s: %s); "
-                "prefilling the remaining %d tokens locally",
+                "request %s: KV load from %s stopped after %d of %d tokens (%s); prefilling the remaining %d locally",
                 rid,
-                job.endpoints[0] if job.endpoints else "?",
-                done_tokens - job.start,
+                source,
+                loader.done - job.start,
                 job.end - job.start,
-                type(e).__name__,
-                e,
-                job.end - done_tokens,
+                reason,
+                job.end - loader.done,
             )
             self.stats.add(load_failures=1)
         else:
             failed = set()
-            self.stats.add(loads=1)
-        finally:
-            self.stats.add(
-                loaded_tokens=done_tokens - job.start, loaded_bytes=nbytes, load_seconds=time.perf_counter() - t0
-            )
-            with self._lock:
-                self._load_errors |= failed
-                self._finished_loads.add(rid)
-        self._release(job.endpoints, job.transfer)
+            if job.endpoints:
+                self.stats.add(loads=1)
+            if peer_error is not None:
+                log.info("request %s: %d tokens the prefiller lacked came from the cache tier", rid, cache_tokens)
+        self.stats.add(
+            loaded_tokens=peer_tokens,
+            loaded_bytes=peer_bytes,
+            load_seconds=t1 - t0,
+            cache_loaded_tokens=cache_tokens,
+            cache_loaded_bytes=cache_bytes,
+            cache_load_seconds=t2 - t1 if cache_tokens or not job.endpoints else 0.0,
+        )
+        with self._lock:
+            self._load_errors |= failed
+            self._finished_loads.add(rid)
+        if job.endpoints:
+            self._release(job.endpoints, job.transfer)
+
+    def _load_from_peer(self, job: LoadJob, loader: _ChunkLoader) -> None:
+        with self._conns.connection(self._peer(job.endpoints)) as conn:
+            keys = [c.key.hex() for c in job.chunks]
+            for frame in conn.stream("get", meta={"keys": keys}, sink=loader.sink):
+                expected = loader.remaining()[0].key
+                if frame.header.key != expected:
+                    raise ProtocolError(f"got chunk {frame.header.key.hex()}, expected {expected.hex()}")
+                loader.place(frame.header)
+        if loader.done < job.end:
+            raise ProtocolError(f"the prefiller sent {loader.done - job.start} of {job.end - job.start} tokens")
+
+    def _load_from_cache(self, job: LoadJob, loader: _ChunkLoader) -> None:
+        assert self.cache is not None
+        rest = loader.remaining()
+        keys = [rank_key(c.key, self.rank) for c in rest]
+        try:
+            self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
+        except Exception as e:  # a chunk that does not fit this cache: the rest is computed
+            loader.error = f"{type(e).__name__}: {e}"
 
     def _release(self, endpoints: list[str], transfer_id: str) -> None:
         try:
@@ -531,3 +652,47 @@ class _WorkerSide:
         if self.listener is not None:
             self.listener.close()
         self._conns.close()
+        if self.writer is not None:
+            self.writer.flush(timeout=5)
+            self.writer.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+class _ChunkLoader:
+    """Scatters the chunks of a load job into the paged cache in plan order, whatever their source:
+    each chunk is received whole and verified into one host buffer, checked, then scattered."""
+
+    def __init__(self, paged: PagedKV, job: LoadJob):
+        self.paged = paged
+        self.layout = paged.describe()
+        self.chunks = job.chunks
+        self.next = 0  # index into chunks of the next one to place
+        self.done = job.start  # tokens [0, done) are in place
+        self.nbytes = 0
+        self.error = ""
+        self.buf = paged.host_buffer(max(paged.nbytes(c.src_blocks) for c in job.chunks))
+
+    def remaining(self) -> list[plan.ChunkLoad]:
+        return self.chunks[self.next :]
+
+    def sink(self, header: transfer.Header) -> Any:
+        if self.next >= len(self.chunks):
+            raise ProtocolError("more chunks arrived than asked for")
+        c = self.chunks[self.next]
+        if header.meta.get("layout") != self.layout or header.meta.get("blocks") != c.src_blocks:
+            raise ProtocolError(
+                f"chunk layout {header.meta.get('layout')} x{header.meta.get('blocks')} blocks does not "
+                f"match this instance's {self.layout} x{c.src_blocks}"
+            )
+        if header.nbytes != self.paged.nbytes(c.src_blocks):
+            raise ProtocolError(f"chunk of {header.nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
+        return self.buf[: header.nbytes].numpy()
+
+    def place(self, header: transfer.Header) -> None:
+        """The chunk `sink` was asked for has arrived whole: scatter it."""
+        c = self.chunks[self.next]
+        self.paged.scatter(c.block_ids, self.buf[: header.nbytes], c.src_blocks, c.skip_blocks)
+        self.next += 1
+        self.done = c.token_end
+        self.nbytes += header.nbytes

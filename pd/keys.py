@@ -83,3 +83,8 @@ def matching_prefix(ours: Sequence[bytes], theirs: Sequence[bytes]) -> int:
             break
         n += 1
     return n
+
+
+def rank_key(key: bytes, rank: int) -> bytes:
+    """The key of TP rank `rank`'s share of chunk `key`: ranks hold different KV under one chunk key."""
+    return key if rank == 0 else xxhash.xxh3_128_digest(key + rank.to_bytes(4, "little"))

@@ -27,12 +27,15 @@ def num_chunks(handed: int, chunk_size: int) -> int:
 
 @dataclass(frozen=True)
 class ChunkSave:
-    """Producer: copy these blocks into the staging pool as chunk `key` of `transfer`."""
+    """Copy these blocks out as chunk `key` of `transfer`: into the staging pool for a decoder
+    (`stage`), and behind to the cache tier (`cache`)."""
 
     transfer: str
     index: int
     key: bytes
     block_ids: list[int]
+    stage: bool = True
+    cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,16 +59,20 @@ def ready_saves(
     block_ids: Sequence[int],
     chunk_size: int,
     block_size: int,
+    *,
+    stage: bool = True,
+    cache_from: int | None = None,
 ) -> list[ChunkSave]:
-    """The chunks after the first `saved` whose tokens are all computed now."""
+    """The chunks after the first `saved` whose tokens are all computed now. Each is staged if
+    `stage`, and cached if it is full and its index is `cache_from` or later (None: none is)."""
     out = []
     for index in range(saved, len(keys)):
         start, end = chunk_token_range(index, handed, chunk_size)
         if end > computed:
             break
-        out.append(
-            ChunkSave(transfer, index, keys[index], list(block_ids[start // block_size : _ceil_div(end, block_size)]))
-        )
+        cache = cache_from is not None and index >= cache_from and end - start == chunk_size
+        ids = list(block_ids[start // block_size : _ceil_div(end, block_size)])
+        out.append(ChunkSave(transfer, index, keys[index], ids, stage=stage, cache=cache))
     return out
 
 

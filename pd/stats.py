@@ -24,6 +24,15 @@ COUNTERS: dict[str, str] = {
     "staged_bytes": "Bytes a prefiller copied into its staging pool",
     "served_bytes": "Bytes a prefiller's transfer endpoint sent to decoders",
     "staging_evictions": "Staged chunks evicted while a decoder still awaited them",
+    "cache_lookup_tokens": "Prompt tokens (in full chunks) looked up in the cache tier",
+    "cache_hit_tokens": "Looked-up tokens the cache tier held, as a leading run",
+    "cache_loaded_tokens": "Prompt tokens whose KV was loaded from the cache tier",
+    "cache_loaded_bytes": "Bytes of KV loaded from the cache tier",
+    "cache_load_seconds": "Seconds spent fetching and scattering KV from the cache tier",
+    "cache_stored_chunks": "Chunks written behind to the cache tier",
+    "cache_stored_bytes": "Bytes written behind to the cache tier",
+    "cache_store_seconds": "Seconds the write-behind thread spent putting chunks",
+    "cache_store_dropped": "Chunks not written to the cache tier (queue full, cache down or refused)",
 }
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pd.keys import Fingerprint, chunk_keys, matching_prefix
+from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
 
 FP = Fingerprint(model="m", dtype="float32", layout="cpu:bs128", chunk_size=4)
 
@@ -84,3 +84,11 @@ def test_bad_input_is_refused():
         chunk_keys(FP, [1, -2, 3])
     with pytest.raises(ValueError):
         chunk_keys(Fingerprint(model="m", dtype="f", layout="l", chunk_size=0), [1])
+
+
+def test_each_tp_rank_has_its_own_cache_key_and_rank_0_keeps_the_chunk_key():
+    k = chunk_keys(FP, list(range(256)))[0]
+    assert rank_key(k, 0) == k
+    ranks = {rank_key(k, r) for r in range(8)}
+    assert len(ranks) == 8 and all(len(r) == 16 for r in ranks)
+    assert rank_key(k, 3) == rank_key(k, 3)

@@ -83,3 +83,14 @@ def test_bad_ranges_are_refused():
         plan.plan_load([b"k" * 16], 100, 10, 100, [0], 256, 128)
     with pytest.raises(ValueError, match="bad load range"):
         plan.plan_load([b"k" * 16], 100, 0, 101, [0], 256, 128)
+
+
+def test_full_chunks_from_cache_from_on_are_cached_and_partial_ones_never():
+    keys = [bytes([i]) * 16 for i in range(3)]
+    args = dict(handed=600, computed=601, saved=0, block_ids=list(range(5)), chunk_size=256, block_size=128)
+    saves = plan.ready_saves("r", keys, **args, stage=True, cache_from=1)
+    assert [(s.index, s.stage, s.cache) for s in saves] == [(0, True, False), (1, True, True), (2, True, False)]
+    saves = plan.ready_saves("r", keys, **args, stage=False, cache_from=0)
+    assert [(s.index, s.stage, s.cache) for s in saves] == [(0, False, True), (1, False, True), (2, False, False)]
+    saves = plan.ready_saves("r", keys, **args, stage=True)
+    assert not any(s.cache for s in saves)  # no cache tier

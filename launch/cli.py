@@ -72,6 +72,18 @@ def launch(
     kv_port: Annotated[
         int | None, typer.Option(help="First KV transfer port, +8 per instance (default 15100).")
     ] = None,
+    cache_cpu_gb: Annotated[
+        float | None,
+        typer.Option(help="Memory of the shared KV cache tier, GiB (default 4; 0: no cache tier)."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Disk tier of the cache; chunks survive restarts (default: memory only).", file_okay=False),
+    ] = None,
+    cache_disk_gb: Annotated[float | None, typer.Option(help="Disk tier budget, GiB (default 50).")] = None,
+    cache_port: Annotated[
+        int | None, typer.Option(help="The cache server's port, its /metrics on the next (default 15090).")
+    ] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="Logs and state.json (default ~/.cache/pdrun/runs/<time>).")
     ] = None,
@@ -82,15 +94,19 @@ def launch(
     no_restart: Annotated[bool, typer.Option("--no-restart", help="Leave a crashed instance down.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands it would run, and exit.")] = False,
 ) -> None:
-    """Start N prefillers, M decoders and the proxy in front of them; keep them up until Ctrl-C.
+    """Start N prefillers, M decoders, the shared KV cache and the proxy in front; keep them up until Ctrl-C.
 
-    Arguments after `--` go to every vLLM instance. Each child's log is kept in the run directory
+    Every instance looks up each prompt's leading chunks in the cache tier and loads them instead of
+    recomputing them, and writes the chunks it computes behind to it; with `--cache-dir` they
+    survive restarts. Arguments after `--` go to every vLLM instance. Each child's log is kept in the run directory
     and echoed with its name; a crashed instance is restarted with backoff (and is out of rotation
     meanwhile); Ctrl-C or SIGTERM stops the proxy, then the instances, and leaves no process behind.
 
     Examples:
 
     * `pdrun launch --prefill 1 --decode 2` (the tiny model; CPU when no GPU is seen)
+
+    * `pdrun launch --prefill 2 --decode 2 --cache-cpu-gb 32 --cache-dir /var/cache/pdrun --cache-disk-gb 500`
 
     * `pdrun launch --model meta-llama/Llama-3.1-8B --gpus 0,1,2 -- --gpu-memory-utilization 0.85`
 
@@ -114,6 +130,10 @@ def launch(
         max_model_len=max_model_len,
         instance_port=instance_port,
         kv_port=kv_port,
+        cache_cpu_gb=cache_cpu_gb,
+        cache_dir=cache_dir,
+        cache_disk_gb=cache_disk_gb,
+        cache_port=cache_port,
         run_dir=run_dir,
     )
     if gpus is not None:
@@ -146,7 +166,8 @@ def launch(
         stop_grace_s=cfg.stop_grace_s,
     )
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    ready = f"ready: {cfg.prefill}P{cfg.decode}D, OpenAI endpoint http://{shown}:{cfg.port}/v1 (Ctrl-C stops)"
+    cache = f", cache tier on tcp://127.0.0.1:{cfg.cache_port}" if cfg.starts_cache else ""
+    ready = f"ready: {cfg.prefill}P{cfg.decode}D{cache}, OpenAI endpoint http://{shown}:{cfg.port}/v1 (Ctrl-C stops)"
     raise typer.Exit(supervisor.run(ready_message=ready))
 
 

@@ -34,6 +34,12 @@ class LaunchConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     instance_port: int = Field(8100, ge=1, le=65535, description="first vLLM HTTP port; +1 per instance")
     kv_port: int = Field(15100, ge=1, le=65535, description="first KV transfer port; +8 per instance")
+    cache_cpu_gb: float = Field(
+        4.0, ge=0, description="memory of the shared KV cache tier, GiB (0: no cache tier unless connector.cache)"
+    )
+    cache_dir: Path | None = Field(None, description="disk tier of the cache, kept across restarts (default: none)")
+    cache_disk_gb: float = Field(50.0, gt=0, description="disk tier budget, GiB")
+    cache_port: int = Field(15090, ge=1, le=65534, description="the cache server's port; its /metrics on +1")
     connector: dict[str, Any] = Field(default_factory=dict, description="extra PDConnector settings")
     vllm_args: list[str] = Field(default_factory=list, description="extra arguments for every vLLM")
     run_dir: Path | None = Field(None, description="logs and state (default: ~/.cache/pdrun/runs/<time>)")
@@ -76,7 +82,19 @@ class LaunchConfig(BaseModel):
             raise ValueError(f"instance ports {_span(http)} overlap kv ports {_span(kv)}")
         if max(http) > 65535 or max(kv) > 65535:
             raise ValueError("instance_port or kv_port too high for this many instances")
+        if self.starts_cache:
+            cache = range(self.cache_port, self.cache_port + 2)
+            taken = set(http) | set(kv) | {self.port}
+            if set(cache) & taken:
+                raise ValueError(f"cache ports {_span(cache)} collide with the proxy's or the instances' ports")
+        elif self.cache_dir is not None and "cache" not in self.connector:
+            raise ValueError("cache_dir needs a memory tier: cache_cpu_gb must be > 0")
         return self
+
+    @property
+    def starts_cache(self) -> bool:
+        """A cache server of its own, unless the connector names one already running."""
+        return self.cache_cpu_gb > 0 and "cache" not in self.connector
 
     @property
     def instances(self) -> int:

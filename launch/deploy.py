@@ -1,4 +1,5 @@
-"""From a LaunchConfig to the processes of a deployment: N prefillers, M decoders, one proxy."""
+"""From a LaunchConfig to the processes of a deployment: N prefillers, M decoders, one proxy, and
+the cache server they share."""
 
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
     model = cfg.model or str(tiny_model.DEFAULT_DIR)
     served = cfg.served_model_name or ("tiny" if cfg.model is None else cfg.model)
     connector = {"chunk_size": cfg.chunk_size, "transport": cfg.transport, **cfg.connector}
+    if cfg.starts_cache:
+        connector["cache"] = f"tcp://127.0.0.1:{cfg.cache_port}"
     # The tiny model's config allows 4096 positions; vLLM's CPU backend reserves KV for all of them.
     max_len = cfg.max_model_len if cfg.max_model_len is not None else (4096 if cfg.model is None else None)
     out = []
@@ -88,7 +91,16 @@ def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[
     return cmd
 
 
+def cache_command(cfg: LaunchConfig) -> list[str]:
+    cmd = [sys.executable, "-m", "launch", "cache-server", "--listen", f"tcp://127.0.0.1:{cfg.cache_port}"]
+    cmd += ["--cpu-gb", f"{cfg.cache_cpu_gb:g}", "--metrics-port", str(cfg.cache_port + 1)]
+    if cfg.cache_dir is not None:
+        cmd += ["--dir", str(cfg.cache_dir), "--disk-gb", f"{cfg.cache_disk_gb:g}"]
+    return cmd
+
+
 def child_specs(cfg: LaunchConfig) -> list[ChildSpec]:
+    """Every process, with its stop tier: the proxy first, then the instances, the cache last."""
     instances = instance_specs(cfg)
     specs = [
         ChildSpec(name, s.command(), s.environment(), f"http://{s.host}:{s.port}/health", tier=1)
@@ -103,6 +115,9 @@ def child_specs(cfg: LaunchConfig) -> list[ChildSpec]:
     specs.append(
         ChildSpec("proxy", proxy_command(cfg, prefill, decode), env, f"http://{probe_host}:{cfg.port}/health", tier=0)
     )
+    if cfg.starts_cache:
+        health = f"http://127.0.0.1:{cfg.cache_port + 1}/metrics"
+        specs.append(ChildSpec("cache", cache_command(cfg), env, health, tier=2))
     return specs
 
 

@@ -36,6 +36,9 @@ def test_file_settings_with_the_command_line_on_top(tmp_path):
         ("connector: {io_timeout_s: -1}\n", "io_timeout_s: Input should be greater than 0"),
         ("connector: {chunk: 3}\n", "chunk: Extra inputs are not permitted"),
         ("port: 8100\n", "port 8100 collides with the instances' ports"),
+        ("cache_port: 8000\n", "cache ports 8000-8001 collide"),
+        ("cache_cpu_gb: 0\ncache_dir: /tmp/c\n", "cache_dir needs a memory tier"),
+        ("cache_cpu_gb: -1\n", "cache_cpu_gb: Input should be greater than or equal to 0"),
         ("gpus: [0, 0]\n", "GPU ids must be distinct"),
         ("- a list\n", "must be a mapping of settings, not list"),
         ("prefill: [\n", "is not valid YAML"),
@@ -60,7 +63,7 @@ def test_dry_run_prints_every_command_with_roles_ports_and_vllm_args():
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     blocks = dict(b.split("\n", 1) for b in r.output.strip().split("# ")[1:])
-    assert list(blocks) == ["prefill-0", "decode-0", "decode-1", "proxy"]
+    assert list(blocks) == ["prefill-0", "decode-0", "decode-1", "proxy", "cache"]
     roles = {}
     for name in ("prefill-0", "decode-0", "decode-1"):
         argv = shlex.split(blocks[name])
@@ -68,6 +71,7 @@ def test_dry_run_prints_every_command_with_roles_ports_and_vllm_args():
         roles[name] = (ktc["kv_role"], argv[argv.index("--port") + 1], ktc["kv_port"])
         assert argv[-2:] == ["--seed", "3"]
         assert "VLLM_CPU_OMP_THREADS_BIND=nobind" in argv
+        assert ktc["kv_connector_extra_config"]["cache"] == "tcp://127.0.0.1:15090"
     assert roles == {
         "prefill-0": ("kv_producer", "8100", 15100),
         "decode-0": ("kv_consumer", "8101", 15108),
@@ -84,7 +88,7 @@ def test_dry_run_prints_every_command_with_roles_ports_and_vllm_args():
 def test_one_gpu_per_instance(tmp_path):
     cfg = load(None, {"prefill": 1, "decode": 2, "device": "cuda", "gpus": [3, 5, 7]})
     specs = deploy.child_specs(cfg)
-    assert [s.env.get("CUDA_VISIBLE_DEVICES") for s in specs] == ["3", "5", "7", None]
+    assert [s.env.get("CUDA_VISIBLE_DEVICES") for s in specs] == ["3", "5", "7", None, None]
     too_few = load(None, {"prefill": 2, "decode": 2, "device": "cuda", "gpus": [0, 1]})
     with pytest.raises(ConfigError, match="need 4 GPUs, one each; 2 available"):
         deploy.child_specs(too_few)
@@ -97,3 +101,25 @@ def test_cli_errors_exit_2_and_name_the_problem(tmp_path):
     assert r.exit_code == 2 and "--gpus takes comma-separated GPU ids" in r.output
     r = runner.invoke(app, ["proxy", "--decode", "http://x:1", "--policy", "nope"])
     assert r.exit_code == 2 and "policy" in r.output
+
+
+def test_the_cache_server_is_started_with_the_tiers_asked_for_and_stopped_last(tmp_path):
+    cfg = load(None, {"device": "cpu", "cache_cpu_gb": 8, "cache_dir": tmp_path / "c", "cache_disk_gb": 100})
+    specs = {s.name: s for s in deploy.child_specs(cfg)}
+    argv = specs["cache"].command
+    assert argv[argv.index("--listen") + 1] == "tcp://127.0.0.1:15090"
+    assert (argv[argv.index("--cpu-gb") + 1], argv[argv.index("--disk-gb") + 1]) == ("8", "100")
+    assert argv[argv.index("--dir") + 1] == str(tmp_path / "c")
+    assert specs["cache"].health_url == "http://127.0.0.1:15091/metrics"
+    assert specs["cache"].tier > specs["prefill-0"].tier > specs["proxy"].tier
+
+
+def test_no_cache_server_when_off_or_when_the_connector_names_one():
+    off = deploy.child_specs(load(None, {"device": "cpu", "cache_cpu_gb": 0}))
+    assert "cache" not in {s.name for s in off}
+    assert '"cache"' not in " ".join(off[0].command)
+    shared = load(None, {"device": "cpu", "connector": {"cache": "tcp://10.0.0.9:15000"}})
+    specs = deploy.child_specs(shared)
+    assert "cache" not in {s.name for s in specs}
+    ktc = json.loads(specs[0].command[specs[0].command.index("--kv-transfer-config") + 1])
+    assert ktc["kv_connector_extra_config"]["cache"] == "tcp://10.0.0.9:15000"

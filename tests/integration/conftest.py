@@ -1,9 +1,10 @@
 """Real processes on CPU with the tiny model, started once per test session.
 
-`pdrun launch` deploys 1 prefiller and 2 decoders (PDConnector) behind the proxy, as a user would
-start it; B, a plain vLLM, is the reference every output is compared with. Tests talk to the proxy
-or to the instances directly. All listen on 127.0.0.1. The deployment's last test stops it with
-SIGINT (see test_launch.py); whatever is left at the end fails the session.
+`pdrun launch` deploys 1 prefiller and 2 decoders (PDConnector) behind the proxy, with its cache
+server (memory and a disk tier), as a user would start it; a plain vLLM is the reference every
+output is compared with. Tests talk to the proxy or to the instances directly. All listen on
+127.0.0.1. The deployment's last test stops it with SIGINT (see test_launch.py); whatever is left
+at the end fails the session.
 """
 
 from __future__ import annotations
@@ -113,6 +114,16 @@ class Deployment:
     proc: subprocess.Popen[bytes]
     run_dir: Path
     proxy_url: str
+    cache_port: int
+    cache_dir: Path
+
+    @property
+    def cache_address(self) -> str:
+        return f"tcp://127.0.0.1:{self.cache_port}"
+
+    @property
+    def cache_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.cache_port + 1}"
 
     def state(self) -> dict:
         return json.loads((self.run_dir / "state.json").read_text())
@@ -176,21 +187,27 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model.build(tmp_path_factory.mktemp("model") / "tiny")
 
 
-def start_deployment(model_dir: Path, run_dir: Path) -> Deployment:
-    n = 1 + DECODERS
+def start_deployment(
+    model_dir: Path, run_dir: Path, cache_dir: Path, prefill: int = 1, decode: int = DECODERS, **settings: object
+) -> Deployment:
+    n = prefill + decode
     port = free_port()
+    base = free_port_range(9 * n + 2)
     config = {
         "model": str(model_dir),
         "served_model_name": "tiny",
-        "prefill": 1,
-        "decode": DECODERS,
+        "prefill": prefill,
+        "decode": decode,
         "port": port,
-        "instance_port": (base := free_port_range(9 * n)),
+        "instance_port": base,
         "kv_port": base + n,
+        "cache_port": base + 9 * n,
+        "cache_dir": str(cache_dir),
         "dtype": "float32",
         "max_model_len": 4096,
         "run_dir": str(run_dir),
         "connector": {"io_timeout_s": DECODER_IO_TIMEOUT_S, "connect_timeout_s": 2.0},
+        **settings,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "deploy.yaml").write_text(yaml.safe_dump(config))
@@ -202,7 +219,7 @@ def start_deployment(model_dir: Path, run_dir: Path) -> Deployment:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # our Ctrl-C does not reach it; the test sends its own
         )
-    return Deployment(proc, run_dir, f"http://127.0.0.1:{port}")
+    return Deployment(proc, run_dir, f"http://127.0.0.1:{port}", base + 9 * n, cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -215,7 +232,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         t0 = time.monotonic()
         plain.start()
-        deployment = start_deployment(model_dir, log_dir / "run")
+        deployment = start_deployment(model_dir, log_dir / "run", log_dir / "cache")
         names = ["prefill-0"] + [f"decode-{i}" for i in range(DECODERS)]
         deployment.wait_ready(names, timeout=900)
         plain.wait_healthy(timeout=600)
@@ -239,5 +256,12 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `stops_deployment` run last: after them there is no deployment to test."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_deployment") is not None)
+    """Tests marked `stops_deployment` run last but for those marked `after_deployment`, which need
+    it stopped: after them there is no deployment to test."""
+
+    def order(item: pytest.Item) -> int:
+        if item.get_closest_marker("after_deployment"):
+            return 2
+        return 1 if item.get_closest_marker("stops_deployment") else 0
+
+    items.sort(key=order)

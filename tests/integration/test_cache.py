@@ -1,0 +1,213 @@
+"""The shared cache tier on real vLLM: a prefix computed by one instance is loaded, not recomputed,
+by another; a decoder takes from the tier what its prefiller lost; the disk tier survives a
+relaunch, and damaged chunk files cost a recompute, never a wrong answer.
+
+Chunks of the tiny model in float32 are 512 KiB (4 layers x K,V x 256 tokens x 2 heads x 32 x 4 B).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import transfer
+from launch.vllm_server import ServerSpec, VllmServer
+from tests.integration.client import (
+    EXTERNAL,
+    LOAD_FAILURES,
+    LOADED,
+    LOCAL_COMPUTE,
+    complete,
+    metrics,
+    prefill,
+    prompt,
+    token_ids,
+    wait_for_deltas,
+)
+from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Deployment, free_port, free_port_range, start_deployment
+from transfer import Service
+
+pytestmark = pytest.mark.integration
+
+CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
+TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # on the cache server's /metrics
+CACHE_HIT = "pdrun:cache_hit_tokens_total"
+STORED = "pdrun:cache_stored_chunks_total"
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def second_prefiller(cluster, model_dir, tmp_path_factory):
+    """Another prefiller on the deployment's cache tier, started by hand as on another host."""
+    spec = ServerSpec(
+        model=str(model_dir),
+        port=free_port(),
+        role="kv_producer",
+        kv_port=free_port_range(8),
+        dtype="float32",
+        connector={"cache": cluster.deployment.cache_address, "io_timeout_s": DECODER_IO_TIMEOUT_S},
+    )
+    server = VllmServer(spec, tmp_path_factory.mktemp("logs") / "prefill-b.log")
+    server.start()
+    try:
+        server.wait_healthy(timeout=600)
+        yield server
+    finally:
+        server.stop()
+
+
+def plain(cluster, tokens):
+    return token_ids(complete(cluster.plain.url, tokens))
+
+
+def decode(cluster, tokens, params):
+    return token_ids(complete(cluster.decoder.url, tokens, kv_transfer_params=params))
+
+
+def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(cluster, second_prefiller):
+    prefix = prompt(2048, seed=300)
+    a, b = prefix + prompt(100, seed=301), prefix + prompt(150, seed=302)
+    p0, p1 = cluster.prefiller.url, second_prefiller.url
+
+    tier = cluster.deployment.cache_metrics_url
+    before = metrics(tier)
+    params = prefill(p0, a)
+    assert decode(cluster, a, params) == plain(cluster, a)
+    # Its 8 full chunks go to the tier behind the request; the 99-token rest is for the decoder only.
+    assert wait_for_deltas(tier, before, {TIER_PUTS: 8}) == {TIER_PUTS: 8}
+
+    before = metrics(p1)
+    params = prefill(p1, b)
+    expected = {CACHE_HIT: 2048, CACHE_LOADED: 2048, EXTERNAL: 2048, LOCAL_COMPUTE: 150, STORED: 0}
+    assert wait_for_deltas(p1, before, expected) == expected
+    before = metrics(cluster.decoder.url)
+    assert decode(cluster, b, params) == plain(cluster, b)
+    # The decoder still holds the prefix from `a` in its own prefix cache: it loads only the rest.
+    expected = {LOADED: len(b) - 1 - 2048}
+    assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
+
+
+class Forgetful(Service):
+    """A prefiller endpoint whose staged chunks are gone (evicted, expired, or a restart)."""
+
+    def handle(self, request, payload):
+        if request.op == "get":
+            raise KeyError("chunk is not staged here (expired, evicted or never produced)")
+        return {}
+        yield
+
+
+def test_a_decoder_takes_from_the_tier_what_the_prefiller_no_longer_has(cluster):
+    tokens = prompt(4 * CHUNK + 1, seed=310)  # hands over exactly 4 full chunks
+    tier = cluster.deployment.cache_metrics_url
+    before = metrics(tier)
+    params = prefill(cluster.prefiller.url, tokens)
+    assert wait_for_deltas(tier, before, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
+    fake = transfer.listen("tcp://127.0.0.1:0", Forgetful())
+    params["pdrun"]["endpoints"] = [fake.address]
+    before = metrics(cluster.decoder.url)
+    try:
+        assert decode(cluster, tokens, params) == plain(cluster, tokens)
+    finally:
+        fake.close()
+    expected = {CACHE_LOADED: 4 * CHUNK, LOADED: 0, LOAD_FAILURES: 0, LOCAL_COMPUTE: 1}
+    assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
+
+
+def test_concurrent_prefills_on_two_prefillers_share_the_tier_without_torn_reads(cluster, second_prefiller):
+    prefix = prompt(1024, seed=320)
+    seed = prefix + prompt(10, seed=320)
+    tier = cluster.deployment.cache_metrics_url
+    before = metrics(tier)
+    prefill(cluster.prefiller.url, seed)
+    assert wait_for_deltas(tier, before, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
+    # Each prompt has a full chunk of its own after the shared 4: gets and puts run at once.
+    prompts = [prefix + prompt(CHUNK + 40 + i, seed=321 + i) for i in range(8)]
+    wants = [plain(cluster, p) for p in prompts]
+    urls = [cluster.prefiller.url, second_prefiller.url]
+    befores = [metrics(u) for u in urls]
+    before = metrics(tier)
+
+    def pd(i):
+        tokens = prompts[i]
+        return decode(cluster, tokens, prefill(urls[i % 2], tokens))
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(pd, range(8), timeout=300))
+    assert got == wants
+    assert wait_for_deltas(tier, before, {TIER_PUTS: 8}) == {TIER_PUTS: 8}  # one own chunk each
+    # A torn or corrupted chunk would fail its checksum or layout check: a load failure.
+    for url, before in zip(urls, befores, strict=True):
+        assert wait_for_deltas(url, before, {LOAD_FAILURES: 0}) == {LOAD_FAILURES: 0}
+    # The second prefiller never computed the prefix: it loaded it, once or by racing requests.
+    loaded = metrics(urls[1]).get(CACHE_LOADED, 0) - befores[1].get(CACHE_LOADED, 0)
+    assert loaded % (4 * CHUNK) == 0 and loaded > 0
+
+
+# ---- after the session's deployment: stop, damage, relaunch on the same cache dir ----
+
+
+def stop(d: Deployment) -> None:
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGINT)
+        try:
+            d.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(d.proc.pid, signal.SIGKILL)
+            raise
+    assert not d.processes()
+
+
+def chunk_file(cache_dir: Path, key_hex: str) -> Path:
+    return cache_dir / key_hex[:2] / f"{key_hex}.chunk"
+
+
+@pytest.mark.after_deployment
+def test_a_relaunch_on_the_same_cache_dir_loads_from_disk_and_drops_damaged_chunks(cluster, model_dir, tmp_path):
+    stop(cluster.deployment)  # memory for two more instances; the session's own test stopped it already
+    cache_dir = tmp_path / "cache"
+    p = prompt(2048 + 60, seed=330)
+    x = prompt(2048 + 30, seed=331)
+    y = prompt(1024 + 40, seed=332)
+    wants = {id(t): plain(cluster, t) for t in (p, x, y)}
+
+    first = start_deployment(model_dir, tmp_path / "first", cache_dir, prefill=1, decode=1)
+    try:
+        first.wait_ready(["prefill-0", "decode-0"], timeout=600)
+        pre_url = first.state()["children"]["prefill-0"]["url"]
+        before = metrics(first.cache_metrics_url)
+        keys = {id(t): prefill(pre_url, t)["pdrun"]["keys"] for t in (p, x, y)}
+        assert wait_for_deltas(first.cache_metrics_url, before, {TIER_PUTS: 8 + 8 + 4}) == {TIER_PUTS: 20}
+    finally:
+        stop(first)
+    files = {id(t): [chunk_file(cache_dir, k) for k in keys[id(t)][: (len(t) - 1) // CHUNK]] for t in (p, x, y)}
+    assert all(f.is_file() for fs in files.values() for f in fs)  # flushed to disk at stop
+    flipped, truncated = files[id(x)][4], files[id(y)][2]
+    data = bytearray(flipped.read_bytes())
+    data[-1000] ^= 0x01
+    flipped.write_bytes(data)
+    truncated.write_bytes(truncated.read_bytes()[:-5000])
+
+    # Relaunched with a memory tier of 4 chunks, so the memory tier churns over disk hits.
+    memory_gb = 0.0021
+    second = start_deployment(model_dir, tmp_path / "second", cache_dir, prefill=1, decode=1, cache_cpu_gb=memory_gb)
+    try:
+        second.wait_ready(["prefill-0", "decode-0"], timeout=600)
+        pre_url = second.state()["children"]["prefill-0"]["url"]
+        for tokens, loads in ((p, 2048), (x, 4 * CHUNK), (y, 2 * CHUNK)):
+            before = metrics(pre_url)
+            assert token_ids(complete(second.proxy_url, tokens)) == wants[id(tokens)]
+            assert wait_for_deltas(pre_url, before, {CACHE_LOADED: loads}) == {CACHE_LOADED: loads}
+        tier = metrics(second.cache_metrics_url)
+        assert tier["pdrun:cache_hits_total[tier=disk]"] >= 8 + 4 + 2
+        assert tier["pdrun:cache_dropped_corrupt_total[tier=disk]"] == 2
+        assert not flipped.exists() and not truncated.exists()
+        assert 0 < tier["pdrun:cache_bytes_used[tier=memory]"] <= memory_gb * (1 << 30)
+        assert tier["pdrun:cache_evictions_total[tier=memory]"] > 0
+    finally:
+        stop(second)

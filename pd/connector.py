@@ -559,8 +559,26 @@ class _WorkerSide:
         return endpoints[self.rank]
 
     def _load(self, rid: str, job: LoadJob) -> None:
+        """Runs on a loader thread; whatever happens, the request is reported finished, with the
+        blocks not loaded as errors for vLLM to recompute."""
+        done = job.start
+        try:
+            done = self._pull(rid, job)
+        except Exception:
+            log.exception("request %s: KV load failed unexpectedly; prefilling it locally", rid)
+            self.stats.add(load_failures=1)
+        with self._lock:
+            self._load_errors |= plan.blocks_from(done, job.end, job.block_ids, self.block_size)
+            self._finished_loads.add(rid)
+        if job.endpoints:
+            self._release(job.endpoints, job.transfer)
+
+    def _pull(self, rid: str, job: LoadJob) -> int:
+        """Load the job's chunks from the prefiller, then what is still missing from the cache tier;
+        returns the end of the tokens now in place."""
+        assert self.paged is not None
         t0 = time.perf_counter()
-        loader = _ChunkLoader(self.paged, job)  # type: ignore[arg-type]
+        loader = _ChunkLoader(self.paged, job)
         peer_error: Exception | None = None
         if job.endpoints:
             try:
@@ -573,26 +591,6 @@ class _WorkerSide:
             self._load_from_cache(job, loader)
         cache_tokens, cache_bytes = loader.done - job.start - peer_tokens, loader.nbytes - peer_bytes
         t2 = time.perf_counter()
-        if loader.done < job.end:
-            failed = plan.blocks_from(loader.done, job.end, job.block_ids, self.block_size)
-            source = job.endpoints[0] if job.endpoints else f"the cache tier {self.cfg.cache}"
-            reason = f"{type(peer_error).__name__}: {peer_error}" if peer_error else (loader.error or "chunks missing")
-            log.warning(
-                "request %s: KV load from %s stopped after %d of %d tokens (%s); prefilling the remaining %d locally",
-                rid,
-                source,
-                loader.done - job.start,
-                job.end - job.start,
-                reason,
-                job.end - loader.done,
-            )
-            self.stats.add(load_failures=1)
-        else:
-            failed = set()
-            if job.endpoints:
-                self.stats.add(loads=1)
-            if peer_error is not None:
-                log.info("request %s: %d tokens the prefiller lacked came from the cache tier", rid, cache_tokens)
         self.stats.add(
             loaded_tokens=peer_tokens,
             loaded_bytes=peer_bytes,
@@ -601,11 +599,25 @@ class _WorkerSide:
             cache_loaded_bytes=cache_bytes,
             cache_load_seconds=t2 - t1 if cache_tokens or not job.endpoints else 0.0,
         )
-        with self._lock:
-            self._load_errors |= failed
-            self._finished_loads.add(rid)
-        if job.endpoints:
-            self._release(job.endpoints, job.transfer)
+        if loader.done < job.end:
+            what = f"hand-off from {job.endpoints[0]}" if job.endpoints else f"load from the cache {self.cfg.cache}"
+            reason = f"{type(peer_error).__name__}: {peer_error}" if peer_error else (loader.error or "chunks missing")
+            log.warning(
+                "request %s: KV %s failed after %d of %d tokens (%s)%s; prefilling the remaining %d tokens locally",
+                rid,
+                what,
+                loader.done - job.start,
+                job.end - job.start,
+                reason,
+                f", {cache_tokens} of them from the cache tier" if job.endpoints and cache_tokens else "",
+                job.end - loader.done,
+            )
+            self.stats.add(load_failures=1)
+        elif peer_error is not None:
+            log.info("request %s: the %d tokens its prefiller lacked came from the cache tier", rid, cache_tokens)
+        elif job.endpoints:
+            self.stats.add(loads=1)
+        return loader.done
 
     def _load_from_peer(self, job: LoadJob, loader: _ChunkLoader) -> None:
         with self._conns.connection(self._peer(job.endpoints)) as conn:

@@ -149,7 +149,7 @@ def truncated_first_chunk(params) -> bytes:
     [
         ("silent", "TransferTimeout", 70),
         ("flip-a-byte", "ChecksumError", 71),
-        ("wrong-layout", "does not match this decoder", 72),
+        ("wrong-layout", "does not match this instance", 72),
         ("garbage", "bad magic", 73),
         ("truncated", "PeerClosed", 74),
     ],

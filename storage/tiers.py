@@ -30,6 +30,7 @@ Buffer = Any  # a writable bytes-like object: bytearray, or a pinned torch tenso
 class Chunk:
     data: bytes | bytearray | memoryview
     meta: dict[str, Any] = field(default_factory=dict)
+    digest: int | None = None  # xxh3-64 of data when known (verified on its way in), sent on as is
 
 
 @dataclass
@@ -56,7 +57,7 @@ def leading(keys: Sequence[bytes], present: Callable[[bytes], bool]) -> int:
 class ChunkStore(Protocol):
     def lookup(self, keys: Sequence[bytes]) -> int: ...
     def get(self, key: bytes) -> Chunk | None: ...
-    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None) -> bool: ...
+    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool: ...
     def stats(self) -> dict[str, dict[str, int]]: ...
 
 
@@ -89,7 +90,7 @@ class MemoryTier:
             raise ValueError(f"memory tier budget must be > 0 bytes, got {budget_bytes}")
         self.budget = budget_bytes
         self.pool = pool or BufferPool(keep_bytes=min(budget_bytes // 8, 1 << 30))
-        self._chunks: OrderedDict[bytes, tuple[Buffer, int, dict[str, Any]]] = OrderedDict()
+        self._chunks: OrderedDict[bytes, tuple[Buffer, int, dict[str, Any], int | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._stats = TierStats()
 
@@ -101,19 +102,26 @@ class MemoryTier:
         with self._lock:
             return leading(keys, self._chunks.__contains__)
 
-    def get(self, key: bytes) -> Chunk | None:
+    def get(self, key: bytes, into: Callable[[int], Buffer] | None = None) -> Chunk | None:
+        """A copy of the chunk: into the buffer `into(nbytes)` gives, if given, so a caller that
+        reuses one buffer allocates nothing per chunk."""
         with self._lock:
             entry = self._chunks.get(key)
             if entry is None:
                 self._stats.misses += 1
                 return None
             self._chunks.move_to_end(key)
-            buf, nbytes, meta = entry
+            buf, nbytes, meta, digest = entry
             self._stats.hits += 1
             self._stats.bytes_out += nbytes
-            return Chunk(bytes(memoryview(buf).cast("B")[:nbytes]), dict(meta))
+            src = memoryview(buf).cast("B")[:nbytes]
+            if into is None:
+                return Chunk(bytes(src), dict(meta), digest)
+            dst = memoryview(into(nbytes)).cast("B")[:nbytes]
+            dst[:] = src
+            return Chunk(dst, dict(meta), digest)
 
-    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None) -> bool:
+    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
         src = memoryview(data).cast("B")
         nbytes = src.nbytes
         if nbytes > self.budget:
@@ -128,15 +136,15 @@ class MemoryTier:
                 self._stats.evictions += 1
             buf = self.pool.take(nbytes)
             memoryview(buf).cast("B")[:nbytes] = src
-            self._chunks[key] = (buf, nbytes, dict(meta or {}))
+            self._chunks[key] = (buf, nbytes, dict(meta or {}), digest)
             self._stats.puts += 1
             self._stats.bytes_in += nbytes
             self._stats.bytes_used += nbytes
             self._stats.entries = len(self._chunks)
         return True
 
-    def _release(self, entry: tuple[Buffer, int, dict[str, Any]]) -> None:
-        buf, nbytes, _ = entry
+    def _release(self, entry: tuple[Buffer, int, dict[str, Any], int | None]) -> None:
+        buf, nbytes, _, _ = entry
         self._stats.bytes_used -= nbytes
         self._stats.entries = len(self._chunks)
         self.pool.give(buf, nbytes)
@@ -231,7 +239,7 @@ class DiskTier:
         with self._lock:
             self._stats.hits += 1
             self._stats.bytes_out += header.nbytes
-        return Chunk(payload, dict(header.meta))
+        return Chunk(payload, dict(header.meta), header.checksum)
 
     @staticmethod
     def _parse(raw: bytes, key: bytes) -> tuple[Header, memoryview]:
@@ -250,12 +258,18 @@ class DiskTier:
         verify(header, payload)
         return header, payload
 
-    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None) -> bool:
+    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
         if self.disabled:
             return False
         payload = memoryview(data).cast("B")
         head = encode_header(
-            Header(op="chunk", key=key, nbytes=payload.nbytes, checksum=checksum(payload), meta=meta or {})
+            Header(
+                op="chunk",
+                key=key,
+                nbytes=payload.nbytes,
+                checksum=checksum(payload) if digest is None else digest,
+                meta=meta or {},
+            )
         )
         size = len(head) + payload.nbytes
         if size > self.budget:
@@ -315,10 +329,16 @@ class TieredStore:
     """Memory over disk: puts land in memory and are written to disk behind, off the caller's
     thread; gets try memory, then disk, and promote what disk had."""
 
-    def __init__(self, memory: MemoryTier, disk: DiskTier | None = None, write_queue: int = 256):
+    def __init__(self, memory: MemoryTier, disk: DiskTier | None = None, write_queue_bytes: int | None = None):
         self.memory = memory
         self.disk = disk
-        self._writes: queue.Queue[tuple[bytes, bytes, dict[str, Any]] | None] = queue.Queue(write_queue)
+        # Copies waiting for the disk are bounded in bytes: a put waits up to write_wait_s for room
+        # (a burst is paced by the disk), then gives up the disk copy (memory still has the chunk).
+        self.write_queue_bytes = write_queue_bytes or min(max(memory.budget // 4, 1 << 26), 1 << 30)
+        self.write_wait_s = 1.0
+        self._queued = 0
+        self._queued_cond = threading.Condition()
+        self._writes: queue.Queue[tuple[bytes, bytes, dict[str, Any], int | None] | None] = queue.Queue()
         self.write_behind_dropped = 0
         self._writer: threading.Thread | None = None
         if disk is not None:
@@ -328,32 +348,42 @@ class TieredStore:
     def lookup(self, keys: Sequence[bytes]) -> int:
         return leading(keys, lambda k: k in self.memory or (self.disk is not None and k in self.disk))
 
-    def get(self, key: bytes) -> Chunk | None:
-        chunk = self.memory.get(key)
+    def get(self, key: bytes, into: Callable[[int], Buffer] | None = None) -> Chunk | None:
+        """The chunk from memory (copied into `into(nbytes)` if given), else from disk, promoted."""
+        chunk = self.memory.get(key, into)
         if chunk is None and self.disk is not None:
             chunk = self.disk.get(key)
             if chunk is not None:
-                self.memory.put(key, chunk.data, chunk.meta)
+                self.memory.put(key, chunk.data, chunk.meta, chunk.digest)
         return chunk
 
-    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None) -> bool:
-        stored = self.memory.put(key, data, meta)
+    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
+        stored = self.memory.put(key, data, meta, digest)
         if self.disk is not None and not self.disk.disabled:
-            try:
-                self._writes.put_nowait((key, bytes(memoryview(data).cast("B")), dict(meta or {})))
-            except queue.Full:
-                self.write_behind_dropped += 1  # the disk is behind: memory still has it
+            src = memoryview(data).cast("B")
+            limit = max(self.write_queue_bytes, src.nbytes)
+            with self._queued_cond:
+                room = self._queued_cond.wait_for(lambda: self._queued + src.nbytes <= limit, self.write_wait_s)
+                if room:
+                    self._queued += src.nbytes
+                else:
+                    self.write_behind_dropped += 1  # the disk is behind: memory still has it
+            if room:
+                self._writes.put((key, bytes(src), dict(meta or {}), digest))
             stored = True
         return stored
 
     def _write_behind(self) -> None:
         assert self.disk is not None
         while (item := self._writes.get()) is not None:
-            key, data, meta = item
+            key, data, meta, digest = item
             try:
                 if key not in self.disk:
-                    self.disk.put(key, data, meta)
+                    self.disk.put(key, data, meta, digest)
             finally:
+                with self._queued_cond:
+                    self._queued -= len(data)
+                    self._queued_cond.notify_all()
                 self._writes.task_done()
         self._writes.task_done()
 

@@ -231,3 +231,14 @@ def test_fetch_streams_each_chunk_to_the_caller_and_stops_at_the_first_missing(s
         client.fetch([key(0)], refuse)
     assert client.lookup([key(0)]) == 1  # the client goes on
     client.close()
+
+
+def test_the_digest_recorded_at_put_is_the_one_served_never_recomputed(server):
+    from transfer.wire import checksum
+
+    client = CacheClient(server.address)
+    server.store.put(key(1), payload(1), {}, checksum(payload(1)))
+    server.store.put(key(2), payload(2), {}, checksum(payload(2)) ^ 1)  # a wrong digest is never made right
+    assert [bytes(p) for _, p, _ in client.get([key(1)])] == [payload(1)]
+    assert client.get([key(2)]) == []  # the client's verification refuses it: a miss
+    client.close()

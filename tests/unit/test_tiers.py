@@ -184,3 +184,13 @@ def test_concurrent_puts_and_gets_never_tear(tmp_path):
     assert not any(t.is_alive() for t in threads), "deadlock"
     store.close()
     assert not errors
+
+
+def test_a_burst_of_puts_is_paced_by_the_disk_not_dropped(tmp_path):
+    store = TieredStore(MemoryTier(64 * CHUNK), DiskTier(tmp_path, 64 * (CHUNK + 200)), write_queue_bytes=CHUNK)
+    for i in range(20):
+        assert store.put(key(i), payload(i))
+    store.flush()
+    assert store.disk is not None and store.disk.lookup([key(i) for i in range(20)]) == 20
+    assert store.write_behind_dropped == 0
+    store.close()

@@ -12,10 +12,7 @@ process) is measured in the same run. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
-import platform
 import sys
 import threading
 import time
@@ -24,11 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import LLAMA_8B_BYTES_PER_TOKEN, memcpy_gbps, write_json
 
 import transfer
 from pd.staging import StagingPool, StagingService
-
-LLAMA_8B_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16 = 128 KiB
 
 
 def key(i: int) -> bytes:
@@ -75,15 +73,6 @@ def pull(address: str, keys: list[bytes], nbytes: int, checksums: bool, streams:
     for c in conns:
         c.close()
     return elapsed
-
-
-def memcpy_gbps(nbytes: int, reps: int = 10) -> float:
-    src, dst = torch.randint(0, 256, (nbytes,), dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
-    dst.copy_(src)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    return nbytes * reps / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
@@ -137,21 +126,12 @@ def main() -> None:
         )
     result = {
         "benchmark": "tcp_loopback_handoff",
-        "command": " ".join(sys.argv),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
         "chunk_tokens": args.chunk_tokens,
         "bytes_per_token": args.bytes_per_token,
         "memcpy_gb_per_s": round(floor, 3),
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

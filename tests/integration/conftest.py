@@ -134,6 +134,15 @@ class Deployment:
     def processes(self) -> set[int]:
         return processes_with_env("PDRUN_RUN_DIR", str(self.run_dir))
 
+    def stop(self) -> None:
+        """Ctrl-C, as a user stops it; SIGKILL to the whole group if it is not gone within 60 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
     def in_rotation(self) -> set[str]:
         """URLs of the backends the proxy routes to now."""
         h = get_json(f"{self.proxy_url}/health")
@@ -242,12 +251,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         plain.stop()
         left = {pid for g in plain.started_groups for pid in group_members(g)}
         if deployment is not None:
-            if deployment.proc.poll() is None:
-                deployment.proc.send_signal(signal.SIGINT)
-                try:
-                    deployment.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(deployment.proc.pid, signal.SIGKILL)
+            deployment.stop()
             time.sleep(1)
             left |= deployment.processes()
         for pid in left:

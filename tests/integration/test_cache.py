@@ -7,9 +7,6 @@ Chunks of the tiny model in float32 are 512 KiB (4 layers x K,V x 256 tokens x 2
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,14 +150,8 @@ def test_concurrent_prefills_on_two_prefillers_share_the_tier_without_torn_reads
 
 
 def stop(d: Deployment) -> None:
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGINT)
-        try:
-            d.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(d.proc.pid, signal.SIGKILL)
-            raise
-    assert not d.processes()
+    d.stop()
+    assert d.proc.returncode == 0 and not d.processes()
 
 
 def chunk_file(cache_dir: Path, key_hex: str) -> Path:

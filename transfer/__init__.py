@@ -44,14 +44,20 @@ __all__ = [
     "transport_for",
 ]
 
-SCHEMES = ("tcp",)
+SCHEMES = ("tcp", "ucx")
 
 
 def transport_for(address: str, **options: object) -> Transport:
-    """The backend for `address` ("tcp://HOST:PORT"), with backend options (e.g. io_timeout=5)."""
+    """The backend for `address` ("tcp://HOST:PORT" or "ucx://HOST:PORT"), with backend options
+    (e.g. io_timeout=5). The ucx backend is imported only when asked for: it needs ucxx."""
     scheme = address.split("://", 1)[0] if "://" in address else ""
     if scheme == "tcp":
         return TcpTransport(TcpOptions(**options))  # type: ignore[arg-type]
+    if scheme == "ucx":
+        from transfer.ucx import UcxOptions, UcxTransport
+
+        ucx_options = {k: v for k, v in options.items() if k in UcxOptions.__dataclass_fields__}
+        return UcxTransport(UcxOptions(**ucx_options))  # type: ignore[arg-type]
     raise ValueError(f"unsupported transfer address {address!r}: the scheme must be one of {', '.join(SCHEMES)}")
 
 

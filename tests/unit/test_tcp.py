@@ -1,4 +1,5 @@
-"""The TCP transport over real loopback sockets: sizes, concurrency, reuse, and every way a peer can misbehave."""
+"""The transports over real loopback: TCP, and UCX (over TCP on a CPU-only host) for everything that is
+not about raw sockets: sizes up to 64 MiB, concurrency, reuse, and the ways a peer can misbehave."""
 
 import os
 import socket
@@ -35,10 +36,15 @@ class Echo(Service):
         raise ValueError(f"unknown op {request.op}")
 
 
+@pytest.fixture(params=["tcp", "ucx"])
+def scheme(request):
+    return request.param
+
+
 @pytest.fixture
-def echo():
+def echo(scheme):
     service = Echo()
-    with transfer.listen("tcp://127.0.0.1:0", service, io_timeout=5) as listener:
+    with transfer.listen(f"{scheme}://127.0.0.1:0", service, io_timeout=5) as listener:
         yield listener
 
 
@@ -215,6 +221,7 @@ def test_misbehaving_peers_give_a_clear_error_within_the_timeout(behave, error, 
         peer.close()
 
 
+@pytest.mark.parametrize("scheme", ["tcp"])  # raw bytes on a TCP socket
 def test_the_listener_survives_garbage_and_keeps_serving(echo):
     host, port = echo.address.removeprefix("tcp://").split(":")
     for junk in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", struct.pack("<4sBI", MAGIC, VERSION, 1 << 30)):
@@ -239,9 +246,9 @@ def test_unknown_scheme_is_named():
         transfer.connect("tcp://nohost")
 
 
-def test_pool_drops_connections_whose_peer_went_away():
+def test_pool_drops_connections_whose_peer_went_away(scheme):
     service = Echo()
-    listener = transfer.listen("tcp://127.0.0.1:0", service)
+    listener = transfer.listen(f"{scheme}://127.0.0.1:0", service)
     address = listener.address
     pool = transfer.ConnectionPool(transfer.connect)
     with pool.connection(address) as conn:
@@ -256,15 +263,30 @@ def test_pool_drops_connections_whose_peer_went_away():
     pool.close()
 
 
-def test_a_refused_payload_is_drained_and_the_connection_keeps_working():
+def test_a_refused_payload_is_drained_and_the_connection_keeps_working(scheme):
     class Picky(Echo):
         def receive_buffer(self, header):
             if header.nbytes > 100:
                 raise ValueError("too big for me")
             return bytearray(header.nbytes)
 
-    with transfer.listen("tcp://127.0.0.1:0", Picky()) as listener, transfer.connect(listener.address) as conn:
+    with transfer.listen(f"{scheme}://127.0.0.1:0", Picky()) as listener, transfer.connect(listener.address) as conn:
         with pytest.raises(transfer.RemoteError, match="too big for me"):
             list(conn.stream("echo", payload=b"x" * 5000))
         (frame,) = conn.stream("echo", payload=b"small")
         assert bytes(frame.payload) == b"small"
+
+
+def test_a_silent_peer_costs_a_timeout_and_a_dead_one_a_clear_error(scheme):
+    with transfer.listen(f"{scheme}://127.0.0.1:0", Echo()) as listener:
+        conn = transfer.connect(listener.address, io_timeout=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(transfer.TransferTimeout):
+            conn.call("sleep", meta={"s": 3})
+        assert time.monotonic() - t0 < 2.5
+        conn.close()
+        conn = transfer.connect(listener.address, io_timeout=5.0)
+        conn.call("sleep", meta={"s": 0})
+    with pytest.raises(transfer.TransferError):  # the listener is gone: refused, reset or timed out
+        conn.call("sleep", meta={"s": 0})
+    conn.close()

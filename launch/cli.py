@@ -62,7 +62,9 @@ def launch(
     policy: Annotated[
         str | None, typer.Option(help="Routing: prefix_aware (default), least_outstanding, round_robin.")
     ] = None,
-    transport: Annotated[str | None, typer.Option(help="KV transfer: tcp (default).")] = None,
+    transport: Annotated[
+        str | None, typer.Option(help="KV hand-off transport: tcp (default) or ucx (ucxx; UCX_TLS picks its paths).")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Tokens per KV chunk (default 256).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: cuda if a GPU is seen).")] = None,
     gpus: Annotated[str | None, typer.Option(help="GPU ids, one per instance, e.g. 0,1,2 (default: all).")] = None,

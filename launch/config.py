@@ -48,13 +48,6 @@ class LaunchConfig(BaseModel):
     startup_timeout_s: float = Field(900, gt=0)
     stop_grace_s: float = Field(15, gt=0, description="SIGTERM to SIGKILL, per tier")
 
-    @field_validator("transport")
-    @classmethod
-    def _transport_built(cls, v: str) -> str:
-        if v == "ucx":
-            raise ValueError("the ucx transport is not in this version yet; use tcp")
-        return v
-
     @field_validator("connector")
     @classmethod
     def _connector_valid(cls, v: dict[str, Any]) -> dict[str, Any]:

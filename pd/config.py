@@ -11,7 +11,7 @@ class ConnectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     chunk_size: int = Field(256, gt=0, description="tokens per chunk; a multiple of the KV block size")
-    transport: Literal["tcp"] = "tcp"
+    transport: Literal["tcp", "ucx"] = Field("tcp", description="how decoders pull hand-offs: tcp or ucx (ucxx)")
     host: str = Field("127.0.0.1", description="where a producer's transfer endpoint listens")
     advertise_host: str | None = Field(None, description="the host decoders dial (default: host)")
     port: int | None = Field(None, ge=1, le=65535, description="first endpoint port (default: kv_port); +1 per TP rank")

@@ -13,15 +13,16 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
-from transfer.base import Connection, Frame, Listener, Reply, Service, Transport
-from transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError, TransferTimeout
+from transfer import framed
+from transfer.base import Listener, Service, Transport
+from transfer.errors import PeerClosed, Rejected, TransferTimeout
+from transfer.framed import FramedConnection
 from transfer.wire import (
     DEFAULT_MAX_PAYLOAD,
     PREFIX,
@@ -87,7 +88,7 @@ class _FrameIO:
             view = view[n:]
 
     def read(
-        self, sink: Sink | None, first_byte_timeout: float | None = None, drain_rejected: bool = False
+        self, sink: Sink | None, first_timeout: float | None = None, drain_rejected: bool = False
     ) -> tuple[Header, Any]:
         """One frame. A payload the sink refuses raises `Rejected`; with `drain_rejected` it is read
         and dropped first, so that the connection stays in step (a listener then answers the error)."""
@@ -95,7 +96,7 @@ class _FrameIO:
         prefix = bytearray(PREFIX.size)
         first = memoryview(prefix)[:1]
         # The wait for a frame to begin may be longer (an idle connection) than for the rest of it.
-        self._recv_into(first, start + (first_byte_timeout or self.options.io_timeout))
+        self._recv_into(first, start + (first_timeout or self.options.io_timeout))
         deadline = time.monotonic() + self.options.io_timeout
         self._recv_into(memoryview(prefix)[1:], deadline)
         body = bytearray(decode_prefix(bytes(prefix)))
@@ -147,7 +148,7 @@ class _FrameIO:
             raise PeerClosed(f"connection lost while sending: {e}") from None
 
 
-class TcpConnection(Connection):
+class TcpConnection(FramedConnection):
     def __init__(self, address: str, options: TcpOptions):
         self.address = address
         host, port = parse_address(address)
@@ -158,16 +159,11 @@ class TcpConnection(Connection):
         except OSError as e:
             raise PeerClosed(f"cannot connect to {address}: {e}") from None
         _tune(sock, options)
-        self._io = _FrameIO(sock, options)
-        self._broken = False
-
-    @property
-    def broken(self) -> bool:
-        return self._broken
+        self.channel = _FrameIO(sock, options)
 
     def stale(self) -> bool:
         # An idle connection has nothing to read: EOF, an error or stray bytes all mean it is done.
-        sock = self._io.sock
+        sock = self.channel.sock
         timeout = sock.gettimeout()
         sock.settimeout(0.0)  # with a timeout set, Python would wait for data before peeking
         try:
@@ -180,36 +176,10 @@ class TcpConnection(Connection):
         finally:
             sock.settimeout(timeout)
 
-    def stream(
-        self,
-        op: str,
-        *,
-        key: bytes = b"",
-        meta: dict[str, Any] | None = None,
-        payload: Any = None,
-        sink: Sink | None = None,
-    ) -> Iterator[Frame]:
-        if self._broken:
-            raise PeerClosed(f"connection to {self.address} is broken")
-        self._broken = True  # until the whole reply has been read
-        self._io.write(Header(op=op, key=key, meta=meta or {}), payload)
-        while True:
-            header, data = self._io.read(sink)
-            if header.more:
-                yield Frame(header, data)
-                continue
-            self._broken = False
-            if header.op == "error":
-                raise RemoteError(f"{self.address}: {header.meta.get('message', 'unspecified error')}")
-            if header.op != "ok":
-                self._broken = True
-                raise ProtocolError(f"reply ended with {header.op!r}, expected 'ok' or 'error'")
-            return dict(header.meta)
-
     def close(self) -> None:
         self._broken = True
         with contextlib.suppress(OSError):
-            self._io.sock.close()
+            self.channel.sock.close()
 
 
 class TcpListener(Listener):
@@ -244,53 +214,14 @@ class TcpListener(Listener):
             threading.Thread(target=self._serve, args=(conn,), name="pdrun-tcp-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        io = _FrameIO(conn, self._options)
         try:
-            while not self._closed.is_set():
-                try:
-                    header, payload = io.read(
-                        self._service.receive_buffer, first_byte_timeout=self._options.idle_timeout, drain_rejected=True
-                    )
-                except PeerClosed:
-                    return
-                except Rejected as e:  # the stream is still in step: say why and carry on
-                    io.write(Header(op="error", meta={"message": str(e)}))
-                    continue
-                except TransferError as e:
-                    log.warning("%s: dropping a connection: %s", self.address, e)
-                    self._try_send_error(io, e)
-                    return
-                self._reply(io, header, payload)
-        except TransferError as e:
-            log.debug("%s: connection ended while replying: %s", self.address, e)
+            framed.serve(
+                _FrameIO(conn, self._options), self._service, self.address, self._options.idle_timeout, self._closed
+            )
         finally:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
-
-    def _reply(self, io: _FrameIO, header: Header, payload: Any) -> None:
-        try:
-            gen = self._service.handle(header, payload)
-            while True:
-                try:
-                    frame = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                io.write(msgspec.structs.replace(frame.header, more=True), frame.payload)
-        except TransferError:
-            raise  # the connection itself failed: nothing more can be sent
-        except Exception as e:  # the service failed: tell the caller, keep the connection
-            log.debug("%s: %s request failed: %s", self.address, header.op, e)
-            io.write(Header(op="error", meta={"message": f"{type(e).__name__}: {e}"}))
-            return
-        meta = result.meta if isinstance(result, Reply) else dict(result or {})
-        io.write(Header(op="ok", meta=meta))
-
-    @staticmethod
-    def _try_send_error(io: _FrameIO, error: Exception) -> None:
-        with contextlib.suppress(TransferError):
-            io.write(Header(op="error", meta={"message": f"{type(error).__name__}: {error}"}))
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -33,15 +33,17 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
-from transfer.base import Connection, Frame, Listener, Reply, Service, Transport
-from transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError, TransferTimeout
+from transfer import framed
+from transfer.base import Listener, Service, Transport
+from transfer.errors import PeerClosed, ProtocolError, Rejected, TransferError, TransferTimeout
+from transfer.framed import FramedConnection
 from transfer.wire import (
     DEFAULT_MAX_PAYLOAD,
     PREFIX,
@@ -289,7 +291,7 @@ class _Channel:
             self.loop.loop.call_soon_threadsafe(self.ep.abort)
 
 
-class UcxConnection(Connection):
+class UcxConnection(FramedConnection):
     def __init__(self, address: str, options: UcxOptions):
         self.address = address
         host, port = parse_address(address)
@@ -311,45 +313,18 @@ class UcxConnection(Connection):
             if isinstance(e, TransferError):
                 raise
             raise PeerClosed(f"handshake with {address} failed: {e}") from None
-        self._ch = _Channel(ep, loop, options, address, send_tag=tag, recv_tag=tag + 1, lifeline=sock)
-        self._broken = False
+        self.channel = _Channel(ep, loop, options, address, send_tag=tag, recv_tag=tag + 1, lifeline=sock)
 
     @property
     def broken(self) -> bool:
-        return self._broken or self._ch.closed
+        return self._broken or self.channel.closed
 
     def stale(self) -> bool:
-        return self._ch.closed
-
-    def stream(
-        self,
-        op: str,
-        *,
-        key: bytes = b"",
-        meta: dict[str, Any] | None = None,
-        payload: Any = None,
-        sink: Sink | None = None,
-    ) -> Iterator[Frame]:
-        if self.broken:
-            raise PeerClosed(f"connection to {self.address} is broken")
-        self._broken = True  # until the whole reply has been read
-        self._ch.write(Header(op=op, key=key, meta=meta or {}), payload)
-        while True:
-            header, data = self._ch.read(sink)
-            if header.more:
-                yield Frame(header, data)
-                continue
-            self._broken = False
-            if header.op == "error":
-                raise RemoteError(f"{self.address}: {header.meta.get('message', 'unspecified error')}")
-            if header.op != "ok":
-                self._broken = True
-                raise ProtocolError(f"reply ended with {header.op!r}, expected 'ok' or 'error'")
-            return dict(header.meta)
+        return self.channel.closed
 
     def close(self) -> None:
         self._broken = True
-        self._ch.close()
+        self.channel.close()
 
 
 class UcxListener(Listener):
@@ -398,47 +373,11 @@ class UcxListener(Listener):
 
     def _serve(self, ch: _Channel) -> None:
         try:
-            while not self._closed.is_set():
-                try:
-                    header, payload = ch.read(
-                        self._service.receive_buffer, first_timeout=self._options.idle_timeout, drain_rejected=True
-                    )
-                except Rejected as e:  # the tags are still in step: say why and carry on
-                    ch.write(Header(op="error", meta={"message": str(e)}))
-                    continue
-                except PeerClosed:
-                    return
-                except TransferError as e:
-                    log.warning("%s: dropping a connection: %s", self.address, e)
-                    with contextlib.suppress(TransferError):
-                        ch.write(Header(op="error", meta={"message": f"{type(e).__name__}: {e}"}))
-                    return
-                self._reply(ch, header, payload)
-        except TransferError as e:
-            log.debug("%s: connection ended while replying: %s", self.address, e)
+            framed.serve(ch, self._service, self.address, self._options.idle_timeout, self._closed)
         finally:
             with self._lock:
                 self._channels.discard(ch)
             ch.close()
-
-    def _reply(self, ch: _Channel, header: Header, payload: Any) -> None:
-        try:
-            gen = self._service.handle(header, payload)
-            while True:
-                try:
-                    frame = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                ch.write(msgspec.structs.replace(frame.header, more=True), frame.payload)
-        except TransferError:
-            raise  # the connection itself failed: nothing more can be sent
-        except Exception as e:  # the service failed: tell the caller, keep the connection
-            log.debug("%s: %s request failed: %s", self.address, header.op, e)
-            ch.write(Header(op="error", meta={"message": f"{type(e).__name__}: {e}"}))
-            return
-        meta = result.meta if isinstance(result, Reply) else dict(result or {})
-        ch.write(Header(op="ok", meta=meta))
 
     def close(self) -> None:
         if self._closed.is_set():

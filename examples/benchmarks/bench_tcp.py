@@ -1,12 +1,13 @@
-"""TCP hand-off bandwidth: what a decoder pulling chunks from a prefiller gets over loopback.
+"""Hand-off bandwidth over loopback: what a decoder pulling chunks from a prefiller gets, per transport.
 
 The prefiller side is the real staging pool and service (pd.staging) in its own process; the
 decoder side pulls chunks into a preallocated buffer as PDConnector does, over 1..N parallel
-connections, with and without checksums. The memcpy floor (one copy of the same bytes in this
-process) is measured in the same run. Prints a table and writes JSON.
+connections, with and without checksums, over tcp and (--transports tcp,ucx) ucx. The memcpy floor
+(one copy of the same bytes in this process) is measured in the same run. Prints a table and
+writes JSON.
 
     python examples/benchmarks/bench_tcp.py                       # 8B shape: 128 KiB/token, 256-token chunks
-    python examples/benchmarks/bench_tcp.py --streams 1,2,4 --json out.json
+    python examples/benchmarks/bench_tcp.py --streams 1,2,4 --transports tcp,ucx --json out.json
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-def serve(chunks: int, nbytes: int, checksums: bool, ready: mp.Queue, stop: mp.Event) -> None:
+def serve(scheme: str, chunks: int, nbytes: int, checksums: bool, ready: mp.Queue, stop: mp.Event) -> None:
     pool = StagingPool(budget_bytes=chunks * nbytes, ttl_s=3600)
     g = torch.Generator().manual_seed(0)
     for i in range(chunks):
@@ -44,7 +45,7 @@ def serve(chunks: int, nbytes: int, checksums: bool, ready: mp.Queue, stop: mp.E
             nbytes,
             lambda b: b.copy_(torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8)),
         )
-    listener = transfer.listen("tcp://127.0.0.1:0", StagingService(pool, "bench"), checksums=checksums)
+    listener = transfer.listen(f"{scheme}://127.0.0.1:0", StagingService(pool, "bench"), checksums=checksums)
     ready.put(listener.address)
     stop.wait()
     listener.close()
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16, help="distinct chunks staged (default 16 = 512 MiB)")
     ap.add_argument("--rounds", type=int, default=3, help="times each chunk is pulled per measurement")
     ap.add_argument("--streams", default="1,2,4", help="parallel connections to try")
+    ap.add_argument("--transports", default="tcp", help="tcp, ucx or both: tcp,ucx")
     ap.add_argument("--json", type=Path, default=Path("bench_tcp.json"))
     args = ap.parse_args()
 
@@ -90,9 +92,9 @@ def main() -> None:
     floor = memcpy_gbps(nbytes)
     rows = []
     ctx = mp.get_context("spawn")
-    for checksums in (True, False):
+    for scheme, checksums in ((t, c) for t in args.transports.split(",") for c in (True, False)):
         ready, stop = ctx.Queue(), ctx.Event()
-        server = ctx.Process(target=serve, args=(args.chunks, nbytes, checksums, ready, stop), daemon=True)
+        server = ctx.Process(target=serve, args=(scheme, args.chunks, nbytes, checksums, ready, stop), daemon=True)
         server.start()
         address = ready.get(timeout=120)
         try:
@@ -101,6 +103,7 @@ def main() -> None:
                 moved = nbytes * args.chunks * args.rounds
                 rows.append(
                     {
+                        "transport": scheme,
                         "checksums": checksums,
                         "streams": streams,
                         "chunk_bytes": nbytes,
@@ -115,17 +118,17 @@ def main() -> None:
             server.join(10)
 
     print(
-        f"TCP loopback hand-off, {args.chunk_tokens}-token chunks x {args.bytes_per_token // 1024} KiB/token "
+        f"Loopback hand-off, {args.chunk_tokens}-token chunks x {args.bytes_per_token // 1024} KiB/token "
         f"= {nbytes / 2**20:.0f} MiB per chunk; memcpy floor {floor:.2f} GB/s"
     )
-    print(f"{'checksums':>9} {'streams':>7} {'GB/s':>7} {'ms/chunk':>9} {'x memcpy':>9}")
+    print(f"{'transport':>9} {'checksums':>9} {'streams':>7} {'GB/s':>7} {'ms/chunk':>9} {'x memcpy':>9}")
     for r in rows:
         print(
-            f"{r['checksums']!s:>9} {r['streams']:>7} {r['gb_per_s']:>7.2f} {r['ms_per_chunk']:>9.1f} "
-            f"{r['gb_per_s'] / floor:>9.2f}"
+            f"{r['transport']:>9} {r['checksums']!s:>9} {r['streams']:>7} {r['gb_per_s']:>7.2f} "
+            f"{r['ms_per_chunk']:>9.1f} {r['gb_per_s'] / floor:>9.2f}"
         )
     result = {
-        "benchmark": "tcp_loopback_handoff",
+        "benchmark": "loopback_handoff",
         "chunk_tokens": args.chunk_tokens,
         "bytes_per_token": args.bytes_per_token,
         "memcpy_gb_per_s": round(floor, 3),

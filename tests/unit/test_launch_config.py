@@ -32,7 +32,7 @@ def test_file_settings_with_the_command_line_on_top(tmp_path):
         ("prefil: 2\n", "prefil: Extra inputs are not permitted"),
         ("decode: 0\n", "decode: Input should be greater than or equal to 1"),
         ("policy: fastest\n", "policy: Input should be 'round_robin', 'least_outstanding' or 'prefix_aware'"),
-        ("transport: ucx\n", "ucx transport is not in this version yet"),
+        ("transport: rdma\n", "transport: Input should be 'tcp' or 'ucx'"),
         ("connector: {io_timeout_s: -1}\n", "io_timeout_s: Input should be greater than 0"),
         ("connector: {chunk: 3}\n", "chunk: Extra inputs are not permitted"),
         ("port: 8100\n", "port 8100 collides with the instances' ports"),
@@ -123,3 +123,10 @@ def test_no_cache_server_when_off_or_when_the_connector_names_one():
     assert "cache" not in {s.name for s in specs}
     ktc = json.loads(specs[0].command[specs[0].command.index("--kv-transfer-config") + 1])
     assert ktc["kv_connector_extra_config"]["cache"] == "tcp://10.0.0.9:15000"
+
+
+def test_the_ucx_transport_reaches_every_instance_and_their_endpoints():
+    specs = deploy.child_specs(load(None, {"device": "cpu", "transport": "ucx", "decode": 2}))
+    for spec in specs[:3]:
+        ktc = json.loads(spec.command[spec.command.index("--kv-transfer-config") + 1])
+        assert ktc["kv_connector_extra_config"]["transport"] == "ucx"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,7 @@ from pd.compat import check_vllm_version
 from pd.config import ConnectorConfig, load_config
 from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
 from pd.logs import setup_logging
-from pd.params import HandOff, handoff_of, handoff_params, wants_handoff
+from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
 from pd.staging import StagingPool, StagingService
 from pd.stats import PDPromMetrics, PDStats, StatsCounter
 from pd.write_behind import WriteBehind
@@ -169,6 +170,10 @@ class PDConnector(KVConnectorBase_V1):
         assert self._sched is not None
         return self._sched.build_connector_meta(scheduler_output)
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        assert self._sched is not None
+        self._sched.loads_finished(connector_output.finished_recving or ())
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._sched is not None
         return self._sched.request_finished(request)
@@ -230,6 +235,7 @@ class _Saving:
     cache_from: int | None  # full chunks from this index on go to the cache tier (None: none do)
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # chunks copied out so far
+    started: float = field(default_factory=time.time)  # first scheduled: the end of its wait in the queue
 
 
 @dataclass
@@ -264,6 +270,7 @@ class _SchedulerSide:
         self._saving: dict[str, _Saving] = {}
         self._incoming: dict[str, _Incoming | None] = {}
         self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
+        self._handoff_times: dict[str, list[float]] = {}  # decoder: [queued_s, load start, load end]
         self._meta = PDMetadata()
         log.info(
             "PDConnector scheduler: role=%s chunk_size=%d block_size=%d endpoints=%s cache=%s",
@@ -342,6 +349,8 @@ class _SchedulerSide:
         h = state.handoff
         if h is not None:
             request.kv_transfer_params["do_remote_prefill"] = False
+            now = time.time()
+            self._handoff_times[rid] = [now - request.arrival_time, now, now]
         if num_external_tokens <= 0:
             if h is not None and h.num_tokens:
                 self._meta.releases.append((h.endpoints, h.transfer))
@@ -412,13 +421,25 @@ class _SchedulerSide:
         meta, self._meta = self._meta, PDMetadata()
         return meta
 
+    def loads_finished(self, request_ids: Iterable[str]) -> None:
+        now = time.time()
+        for rid in request_ids:
+            if rid in self._handoff_times:
+                self._handoff_times[rid][2] = now
+
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         self._incoming.pop(rid, None)
         self._cache_loaded.discard(rid)
+        times = self._handoff_times.pop(rid, None)
         st = self._saving.pop(rid, None)
         if st is None or not st.stage:
-            return False, None
+            # A decoder tells how long the request waited and its hand-off took (vLLM returns this
+            # in non-streamed answers; the proxy records it and answers the client without it).
+            if times is None:
+                return False, None
+            queued, start, end = times
+            return False, {TIMING: {"queued_s": round(queued, 6), "load_s": round(end - start, 6)}}
         from vllm.v1.request import RequestStatus
 
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
@@ -435,8 +456,10 @@ class _SchedulerSide:
             layout=self.fingerprint.layout,
             chunk_size=self.cfg.chunk_size,
         )
+        now = time.time()
+        timing = {"queued_s": round(st.started - request.arrival_time, 6), "prefill_s": round(now - st.started, 6)}
         # The chunks are copies: the blocks can be freed now.
-        return False, handoff_params(handoff)
+        return False, {**handoff_params(handoff), TIMING: timing}
 
     def shutdown(self) -> None:
         if self.cache is not None:

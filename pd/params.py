@@ -6,6 +6,11 @@
                                   "keys": [...], "fingerprint": ..., "layout": ..., "chunk_size": ...}}
     to the decoder:    what the prefiller returned, unchanged.
 
+Both sides also report timing under "pdrun_timing", which the proxy records: the prefiller
+{"queued_s", "prefill_s"} (arrival to first scheduled, first scheduled to finished), the decoder
+{"queued_s", "load_s"} (arrival to first scheduled, the hand-off's load), the latter in its
+non-streamed answers only (vLLM returns kv_transfer_params there only).
+
 The decoder re-derives the chunk keys from its own prompt tokens and loads only the prefix whose
 keys agree: a prompt that differs, or a prefiller with another model or KV layout, is caught here
 and the decoder prefills locally.
@@ -16,6 +21,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+TIMING = "pdrun_timing"
 
 HexKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 

@@ -8,6 +8,9 @@ cannot serve (no prefiller in rotation, a prefiller failing, prompt logprobs, n 
 prompts) is sent to a decoder alone, which prefills it itself. A decoder that cannot be reached
 before it has answered anything is replaced by another. A client that goes away cancels the
 upstream requests. vLLM's own errors pass through with their status.
+
+Every answer carries an `x-pdrun-request-id` header; `GET /pdrun/requests/{id}` tells where that
+request's time went (pd/timing.py), and /metrics has the same phases as histograms.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -29,7 +33,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pd.params import TIMING
 from pd.routing import Backend, Policy, Router
+from pd.timing import PHASES, RequestTiming, StreamClock, TimingLog
 
 log = logging.getLogger("pd.proxy")
 
@@ -39,6 +45,8 @@ CHAT = "/v1/chat/completions"
 RETRIABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 SLOW_PROBES_DOWN = 5  # health checks in a row that time out before a backend leaves the rotation
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+REQUEST_ID = "x-pdrun-request-id"
 
 
 class ProxySettings(BaseModel):
@@ -151,22 +159,41 @@ class ProxyMetrics:
             "pdrun:proxy_decode_only", "Requests a decoder prefilled itself, by reason", ["reason"], registry=r
         )
         self.retries = Counter("pdrun:proxy_decode_retries", "Requests moved to another decoder", registry=r)
-        self.prefill_seconds = Histogram(
-            "pdrun:proxy_prefill_seconds", "Prefill phase, request to kv_transfer_params", buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.handoff_tokens = Counter(
+            "pdrun:proxy_handoff_tokens", "Prompt tokens whose KV prefillers staged for decoders", registry=r
+        )
+        self.phases = Histogram(
+            "pdrun:proxy_phase_seconds", "Time per phase of a request (pd/timing.py)", ["phase"],
+            buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.ttft = Histogram(
-            "pdrun:proxy_ttft_seconds", "Request to first byte of the decoder's answer", buckets=LATENCY_BUCKETS,
-            registry=r,
+            "pdrun:proxy_ttft_seconds", "Request to first token, streamed answers", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "pdrun:proxy_tpot_seconds", "Time per output token after the first, streamed answers",
+            buckets=TPOT_BUCKETS, registry=r,
         )  # fmt: skip
         self.e2e = Histogram(
             "pdrun:proxy_request_seconds", "Request to last byte of the answer", buckets=LATENCY_BUCKETS, registry=r
         )
+
         healthy = Gauge("pdrun:proxy_backend_healthy", "1 while a backend is in rotation", ["role", "url"], registry=r)
         outstanding = Gauge("pdrun:proxy_outstanding", "Requests in flight per backend", ["role", "url"], registry=r)
         for b in router.backends:
             healthy.labels(b.role, b.url).set_function(lambda b=b: float(b.healthy))
             outstanding.labels(b.role, b.url).set_function(lambda b=b: float(b.outstanding))
+
+    def observe(self, t: RequestTiming) -> None:
+        for phase in PHASES:
+            v = getattr(t, phase)
+            if v is not None and phase != "total":  # total: pdrun:proxy_request_seconds
+                self.phases.labels(phase).observe(v)
+        if t.ttft is not None:
+            self.ttft.observe(t.ttft)
+        if t.tpot is not None:
+            self.tpot.observe(t.tpot)
+        if t.total is not None:
+            self.e2e.observe(t.total)
 
 
 class Proxy:
@@ -174,6 +201,7 @@ class Proxy:
         self.settings = settings
         self.router = Router(settings.prefill, settings.decode, settings.policy)
         self.metrics = ProxyMetrics(self.router)
+        self.timings = TimingLog()
         self.client: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task[None]] = set()  # health checks a failed request asked for
 
@@ -242,8 +270,30 @@ class Proxy:
             self._check_model(body.get("model"))
         except BadRequest as e:
             return self._count(path, error_response(e.status, str(e), e.param))
-        response = await _unless_disconnected(request.receive, self._serve(path, body, t0))
+        timing = RequestTiming(uuid.uuid4().hex, path, stream=bool(body.get("stream")))
+        self.timings.add(timing)
+        response = await _unless_disconnected(request.receive, self._serve(path, body, t0, timing))
+        response.headers[REQUEST_ID] = timing.id
+        timing.status = response.status_code
+        if not isinstance(response, RelayResponse):
+            self._finish(timing, t0)
         return self._count(path, response)
+
+    def _finish(self, timing: RequestTiming, t0: float) -> None:
+        """Once per request, when its last byte has gone (or it failed)."""
+        if timing.finished.is_set():
+            return
+        timing.total = time.monotonic() - t0
+        self.metrics.observe(timing)
+        timing.finished.set()
+
+    async def request_timing(self, request_id: str, wait_s: float) -> Response:
+        t = self.timings.get(request_id)
+        if t is None:
+            return error_response(404, f"no request {request_id!r} among the last {self.timings.capacity}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(t.finished.wait(), wait_s)
+        return JSONResponse(t.to_json())
 
     def _check_model(self, model: str | None) -> None:
         known = self.router.models()
@@ -256,10 +306,10 @@ class Proxy:
         self.metrics.requests.labels(path, str(response.status_code)).inc()
         return response
 
-    async def _serve(self, path: str, body: dict[str, Any], t0: float) -> Response:
+    async def _serve(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
         reason = decode_only_reason(body)
         if reason is None:
-            params = await self._prefill(path, body)
+            params = await self._prefill(path, body, timing)
             if isinstance(params, Response):
                 return params  # the prefiller refused the request itself (4xx): the client's to fix
             if isinstance(params, str):
@@ -269,10 +319,11 @@ class Proxy:
                 self.metrics.handoffs.inc()
         if reason is not None:
             self.metrics.fallbacks.labels(reason).inc()
+            timing.mode = f"decode-only: {reason}"
             log.info("decode-only request: %s", reason)
-        return await self._decode(path, body, t0)
+        return await self._decode(path, body, t0, timing)
 
-    async def _prefill(self, path: str, body: dict[str, Any]) -> dict[str, Any] | Response | str:
+    async def _prefill(self, path: str, body: dict[str, Any], timing: RequestTiming) -> dict[str, Any] | Response | str:
         """The decoder's kv_transfer_params, the prefiller's 4xx, or why the decoder prefills instead."""
         assert self.client is not None
         pbody = prefill_body(body)
@@ -298,16 +349,21 @@ class Proxy:
             if r.status_code != 200:
                 log.warning("prefiller %s answered %d: %s", p.url, r.status_code, r.text[:200])
                 return "prefiller error"
-            params = r.json().get("kv_transfer_params")
-            self.metrics.prefill_seconds.observe(time.monotonic() - t0)
-            return params if params else "no kv_transfer_params from the prefiller"
+            answer = r.json()
+            _prefill_timing(timing, answer, time.monotonic() - t0)
+            params = answer.get("kv_transfer_params")
+            if not params:
+                return "no kv_transfer_params from the prefiller"
+            self.metrics.handoff_tokens.inc((params.get("pdrun") or {}).get("num_tokens", 0))
+            return params
         return reason
 
-    async def _decode(self, path: str, body: dict[str, Any], t0: float) -> Response:
+    async def _decode(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
         assert self.client is not None
         tried: list[Backend] = []
         while (d := self.router.pick_decoder(exclude=tried)) is not None:
             tried.append(d)
+            sent = time.monotonic()
             d.outstanding += 1
             handed_on = False
             upstream: httpx.Response | None = None
@@ -329,16 +385,17 @@ class Proxy:
                     return error_response(504, f"decoder {d.url} sent nothing for {self.settings.read_timeout_s}s")
                 raise
             d.served += 1
-            self.metrics.ttft.observe(time.monotonic() - t0)
             try:
                 if upstream.status_code != 200 or not body.get("stream"):
                     rest = b"".join([first] + [c async for c in chunks])
-                    self.metrics.e2e.observe(time.monotonic() - t0)
+                    timing.first_token = timing.decode = time.monotonic() - sent
+                    if upstream.status_code == 200:
+                        rest = _take_decoder_timing(timing, rest)
                     return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))
                 handed_on = True
                 return RelayResponse(
-                    self._relay(d, first, chunks, t0),
-                    on_close=partial(self._release, d, upstream),
+                    self._relay(d, first, chunks, t0, sent, timing),
+                    on_close=partial(self._release, d, upstream, timing, t0),
                     media_type=upstream.headers.get("content-type", "text/event-stream"),
                 )
             except RETRIABLE as e:
@@ -350,22 +407,30 @@ class Proxy:
                     await upstream.aclose()
         return error_response(503, "no decoder in rotation")
 
-    async def _relay(self, d: Backend, first: bytes, chunks: AsyncIterator[bytes], t0: float) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, d: Backend, first: bytes, chunks: AsyncIterator[bytes], t0: float, sent: float, timing: RequestTiming
+    ) -> AsyncIterator[bytes]:
         """The decoder's events; a decoder dying mid-stream ends it with an error event the client sees."""
+        clock = StreamClock()
         try:
+            clock.feed(first, time.monotonic())
             yield first
             async for chunk in chunks:
+                clock.feed(chunk, time.monotonic())
                 yield chunk
-            self.metrics.e2e.observe(time.monotonic() - t0)
+            timing.decode = time.monotonic() - sent
+            if clock.first is not None:
+                timing.first_token, timing.ttft = clock.first - sent, clock.first - t0
+            timing.output_tokens, timing.tpot = clock.events, clock.per_token
         except RETRIABLE as e:
             self._failed(d, e)
             err = {"error": {"message": f"decoder failed mid-stream: {e}", "type": "APIError", "code": 502}}
             yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
 
-    @staticmethod
-    async def _release(d: Backend, upstream: httpx.Response) -> None:
+    async def _release(self, d: Backend, upstream: httpx.Response, timing: RequestTiming, t0: float) -> None:
         d.outstanding -= 1
         await upstream.aclose()
+        self._finish(timing, t0)
 
     async def models(self) -> Response:
         data = [{"id": m, "object": "model", "owned_by": "pdrun"} for m in sorted(self.router.models())]
@@ -380,6 +445,33 @@ class Proxy:
             "decode": [b.describe() for b in self.router.decoders],
         }
         return JSONResponse(state, status_code=200 if ok else 503)
+
+
+def _prefill_timing(timing: RequestTiming, answer: dict[str, Any], round_trip: float) -> None:
+    """The prefiller's compute as its connector reports it; the rest of the round trip is queue."""
+    reported = (answer.get("kv_transfer_params") or {}).get(TIMING) or {}
+    compute = reported.get("prefill_s")
+    if isinstance(compute, int | float) and 0 <= compute <= round_trip:
+        timing.prefill, timing.queue = compute, round_trip - compute
+    else:
+        timing.prefill = round_trip
+    timing.prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
+
+
+def _take_decoder_timing(timing: RequestTiming, content: bytes) -> bytes:
+    """Record the decoder connector's report from a non-streamed answer and answer without it, as
+    plain vLLM would (`kv_transfer_params: null`)."""
+    if TIMING.encode() not in content:
+        return content
+    try:
+        answer = json.loads(content)
+        reported = answer["kv_transfer_params"].pop(TIMING)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return content
+    timing.handoff, timing.decoder_queue = reported.get("load_s"), reported.get("queued_s")
+    timing.output_tokens = (answer.get("usage") or {}).get("completion_tokens")
+    answer["kv_transfer_params"] = answer["kv_transfer_params"] or None
+    return json.dumps(answer).encode()
 
 
 def _passthrough(status: int, content: bytes, content_type: str | None) -> Response:
@@ -446,6 +538,11 @@ def create_app(settings: ProxySettings) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         return proxy.health()
+
+    @app.get("/pdrun/requests/{request_id}")
+    async def request_timing(request_id: str, wait_s: float = 10.0) -> Response:
+        """Where a request's time went (waits up to wait_s for one still being answered)."""
+        return await proxy.request_timing(request_id, min(max(wait_s, 0.0), 60.0))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -86,9 +86,25 @@ class PDPromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in COUNTERS.items()
         }
+        self._hit_ratio = create_metric_per_engine(
+            self._gauge_cls(
+                name="pdrun:cache_hit_ratio",
+                documentation="Cache-tier hit tokens over looked-up tokens, since the instance started",
+                labelnames=labelnames,
+                multiprocess_mode="mostrecent",
+            ),
+            self.per_engine_labelvalues,
+        )
+        self._looked_up: dict[int, float] = {}
+        self._hit: dict[int, float] = {}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, per_engine in self._counters.items():
             v = transfer_stats_data.get(name, 0)
             if v:
                 per_engine[engine_idx].inc(v)
+        looked_up = transfer_stats_data.get("cache_lookup_tokens", 0)
+        if looked_up:
+            self._looked_up[engine_idx] = self._looked_up.get(engine_idx, 0) + looked_up
+            self._hit[engine_idx] = self._hit.get(engine_idx, 0) + transfer_stats_data.get("cache_hit_tokens", 0)
+            self._hit_ratio[engine_idx].set(self._hit[engine_idx] / self._looked_up[engine_idx])

@@ -1,0 +1,105 @@
+"""Where each request's time went, as the proxy saw it: kept for `GET /pdrun/requests/{id}`.
+
+Phases, in seconds (None where unknown):
+    queue        proxy arrival to the prefiller starting to compute it (routing, HTTP, tokenizing,
+                 the prefiller's queue): the prefill round trip less the prefiller's compute
+    prefill      the prefiller's compute, first scheduled to finished (its connector reports it)
+    handoff      the decoder loading the KV, as its connector reports it (non-streamed answers
+                 only: vLLM returns the report there only)
+    first_token  decode request sent to the first token (streamed) or to the whole answer
+    decode       decode request sent to the last byte
+    total        proxy arrival to the last byte
+and, for streamed answers, ttft (proxy arrival to the first token) and tpot (time per output
+token after the first: from the first to the last token-carrying event, over their count less 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PHASES = ("queue", "prefill", "handoff", "first_token", "decode", "total")
+
+
+@dataclass
+class RequestTiming:
+    id: str
+    endpoint: str
+    stream: bool
+    started_at: float = field(default_factory=time.time)  # wall clock, for the record
+    mode: str = "pd"  # or "decode-only: <reason>"
+    status: int | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None  # streamed: events that carried tokens
+    decoder_queue: float | None = None
+    queue: float | None = None
+    prefill: float | None = None
+    handoff: float | None = None
+    first_token: float | None = None
+    decode: float | None = None
+    total: float | None = None
+    ttft: float | None = None
+    tpot: float | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["finished"]
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
+
+
+class TimingLog:
+    """The last `capacity` requests' timings, by id."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._records: OrderedDict[str, RequestTiming] = OrderedDict()
+
+    def add(self, t: RequestTiming) -> None:
+        self._records[t.id] = t
+        while len(self._records) > self.capacity:
+            self._records.popitem(last=False)
+
+    def get(self, request_id: str) -> RequestTiming | None:
+        return self._records.get(request_id)
+
+
+class StreamClock:
+    """Reads a relayed SSE stream for the times of its first and last token-carrying events."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.first: float | None = None
+        self.last: float | None = None
+        self.events = 0  # events that carried tokens
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        self._pending += chunk
+        *events, self._pending = self._pending.split(b"\n\n")
+        for event in events:
+            if _carries_tokens(event):
+                self.events += 1
+                self.first = now if self.first is None else self.first
+                self.last = now
+
+    @property
+    def per_token(self) -> float | None:
+        if self.first is None or self.last is None or self.events < 2:
+            return None
+        return (self.last - self.first) / (self.events - 1)
+
+
+def _carries_tokens(event: bytes) -> bool:
+    """A completion (`text`) or chat (`delta.content`) chunk with output; not the role-only first
+    chat chunk, a usage-only chunk, or `[DONE]`."""
+    if not event.startswith(b"data: {"):
+        return False
+    try:
+        choices = json.loads(event[6:]).get("choices") or []
+    except ValueError:
+        return False
+    return any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices)

@@ -20,6 +20,11 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Models pdrun can build locally, with no download.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+profile_app = typer.Typer(
+    help="Where the time goes: the KV transfer per chunk size, and requests through a deployment.",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
 
 
 @model_app.command("tiny")
@@ -249,6 +254,197 @@ def cache_server(
     if metrics is not None:
         metrics.shutdown()
     typer.echo("cache server stopped")
+
+
+def _ints(option: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        _fail(f"{option} {text!r}: give positive integers, comma-separated, e.g. 16,64,256")
+    return values
+
+
+def _names(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        _fail(f"{option} {text!r}: each must be one of {', '.join(allowed)}")
+    return values
+
+
+@profile_app.command("transfer")
+def profile_transfer(
+    transport: Annotated[str, typer.Option(help="tcp, ucx, or both: tcp,ucx (one line each).")] = "tcp",
+    memory: Annotated[
+        str, typer.Option(help="host, cuda, or both: where the chunk lives at each end (cuda needs a GPU).")
+    ] = "host",
+    chunk_tokens: Annotated[str, typer.Option(help="Chunk sizes to sweep, in tokens.")] = "16,64,256,1024",
+    model: Annotated[
+        Path | None, typer.Option(help="A model's config.json (or its directory): gives the KV bytes per token.")
+    ] = None,
+    bytes_per_token: Annotated[
+        int | None, typer.Option(help="KV bytes per token, instead of --model (default: Llama-8B, 131072).")
+    ] = None,
+    peer: Annotated[
+        str | None,
+        typer.Option(help="A running `pdrun profile peer` (tcp://HOST:PORT or ucx://...); default: one on loopback."),
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="Pulls per size (default: about 1 GiB per size, 10 to 200).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every point here.")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="Draw latency and GB/s vs chunk size (PNG).")] = None,
+) -> None:
+    """Latency (p50, p99) and bandwidth of pulling one KV chunk, per chunk size, transport and memory.
+
+    A peer process holds the bytes and answers as a prefiller's endpoint does; each pull is timed
+    from request to the last byte in place, checksum verified.
+
+    Example: pdrun profile transfer --transport tcp,ucx --chunk-tokens 16,64,256,1024 --json t.json --plot t.png
+    """
+    import sys
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from launch import profile_transfer as pt
+    from transfer import TransferError
+
+    sizes_tokens = _ints("--chunk-tokens", chunk_tokens)
+    memories = _names("--memory", memory, pt.MEMORY_KINDS)
+    if model is not None and bytes_per_token is not None:
+        _fail("give --model or --bytes-per-token, not both")
+    if peer is not None:
+        schemes = [peer.split("://", 1)[0]]
+        if "://" not in peer or schemes[0] not in ("tcp", "ucx"):
+            _fail(f"--peer {peer!r}: must be tcp://HOST:PORT or ucx://HOST:PORT")
+    else:
+        schemes = _names("--transport", transport, ("tcp", "ucx"))
+    console = Console(stderr=True)
+    points: list[pt.Point] = []
+    try:
+        bpt = pt.bytes_per_token(model) if model is not None else bytes_per_token or pt.LLAMA_8B_BYTES_PER_TOKEN
+        sizes = [(t, t * bpt) for t in sizes_tokens]
+        if plot_out is not None:
+            pt.check_plot()
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("profiling", total=len(schemes) * len(memories) * len(sizes))
+
+            def done(p: pt.Point) -> None:
+                points.append(p)
+                progress.update(task, advance=1, description=f"{p.transport}/{p.memory} {p.chunk_tokens} tokens")
+
+            for scheme in schemes:
+                for mem in memories:
+                    progress.update(task, description=f"{scheme}/{mem}: starting the peer")
+                    if peer is not None:
+                        pt.measure(peer, mem, sizes, iterations, done)
+                    else:
+                        with pt.LoopbackPeer(scheme, mem, max(n for _, n in sizes)) as p:
+                            pt.measure(p.address, mem, sizes, iterations, done)
+        if plot_out is not None:
+            pt.plot(points, plot_out)
+    except (pt.ProfileError, TransferError) as e:
+        _fail(str(e))
+    table = Table(title=f"KV chunk pull, {bpt:,} bytes per token")
+    for col in ("transport", "memory", "tokens", "MiB", "p50 ms", "p99 ms", "GB/s"):
+        table.add_column(col, justify="right")
+    for p in points:
+        table.add_row(
+            p.transport, p.memory, str(p.chunk_tokens), f"{p.chunk_bytes / 2**20:.2f}",
+            f"{p.p50_ms:.3f}", f"{p.p99_ms:.3f}", f"{p.gb_per_s:.2f}",
+        )  # fmt: skip
+    Console().print(table)
+    if json_out is not None:
+        _write_json(json_out, pt.result_json(points, bpt, " ".join(["pdrun", *sys.argv[1:]])))
+    if plot_out is not None:
+        typer.echo(f"plot: {plot_out}")
+
+
+@profile_app.command("peer")
+def profile_peer(
+    listen: Annotated[str, typer.Option(help="Where to listen: tcp://HOST:PORT or ucx://HOST:PORT.")] = (
+        "tcp://127.0.0.1:15200"
+    ),
+    memory: Annotated[str, typer.Option(help="host or cuda: where the served bytes live.")] = "host",
+    max_bytes: Annotated[int, typer.Option(min=1, help="Largest chunk served, bytes (default 256 MiB).")] = 1 << 28,
+) -> None:
+    """The far end of `pdrun profile transfer --peer URL`: serves chunks of any asked size up to
+    --max-bytes, until Ctrl-C. Run it on the decoder's host, profile from the prefiller's.
+
+    Example: pdrun profile peer --listen tcp://0.0.0.0:15200
+    """
+    from launch import profile_transfer as pt
+    from transfer import TransferError
+
+    try:
+        pt.run_peer(listen, memory, max_bytes, lambda address: print(pt.PEER_READY + address, flush=True))
+    except (pt.ProfileError, ValueError, OSError, TransferError) as e:
+        _fail(f"{listen}: {e}")
+
+
+@profile_app.command("requests")
+def profile_requests(
+    url: Annotated[str, typer.Option(help="The pdrun proxy's base URL.")] = "http://127.0.0.1:8000",
+    n: Annotated[int, typer.Option("-n", "--requests", min=1, help="Requests per prompt length.")] = 8,
+    prompt_tokens: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated.")] = "256,1024",
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 16,
+    stream: Annotated[
+        bool, typer.Option(help="Streamed answers give first-token and per-token times; non-streamed, the hand-off.")
+    ] = True,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every request's timing here.")] = None,
+) -> None:
+    """Send completions through a running deployment and show where each one's time went: queue,
+    prefill, KV hand-off, first decode token and total, per request and as percentiles, from the
+    timing the proxy records. The hand-off time is reported in non-streamed answers (--no-stream).
+
+    Example: pdrun profile requests --url http://127.0.0.1:8000 -n 16 --prompt-tokens 512,2048,8192
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from launch import profile_requests as pr
+
+    lengths = _ints("--prompt-tokens", prompt_tokens)
+    console = Console(stderr=True)
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("requests", total=n * len(lengths))
+            records = pr.run(url, lengths, n, max_tokens, stream, concurrency, seed, lambda _r: progress.advance(task))
+    except pr.RequestsError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{url}: {e}")
+    stats = pr.percentiles(records)
+    columns = ("queue", "prefill", "handoff", "first_token", "total")
+    table = Table(title=f"{len(records)} requests through {url} (ms; - where not known)")
+    for col in ("#", "prompt", "mode", *columns):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(records):
+        table.add_row(str(i), str(r["asked_prompt_tokens"]), r["mode"], *(_ms(r.get(c)) for c in columns))
+    for q in pr.PERCENTILES:
+        table.add_row(f"p{q}", "", "", *(_ms(stats[c][f"p{q}"]) for c in columns), style="bold")
+    Console().print(table)
+    if json_out is not None:
+        _write_json(json_out, {"profile": "requests", "url": url, "requests": records, "percentiles": stats})
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    typer.echo(f"json: {path}")
 
 
 def _fail(message: str) -> None:

@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import secrets
 import socket
 import struct
@@ -77,6 +78,8 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def _ucxx() -> Any:
+    # ucxx sets UCX variables of its own that this UCX build does not know: no warning per process.
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     try:
         import ucxx
     except ImportError as e:

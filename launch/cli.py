@@ -396,7 +396,10 @@ def profile_requests(
         bool, typer.Option(help="Streamed answers give first-token and per-token times; non-streamed, the hand-off.")
     ] = True,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the random prompts: the same seed sends the same prompts (cached by then)."),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every request's timing here.")] = None,
 ) -> None:
     """Send completions through a running deployment and show where each one's time went: queue,
@@ -431,8 +434,10 @@ def profile_requests(
     for q in pr.PERCENTILES:
         table.add_row(f"p{q}", "", "", *(_ms(stats[c][f"p{q}"]) for c in columns), style="bold")
     Console().print(table)
+    typer.echo("first_token: streamed answers only; handoff: non-streamed answers only (--no-stream)")
     if json_out is not None:
-        _write_json(json_out, {"profile": "requests", "url": url, "requests": records, "percentiles": stats})
+        result = {"profile": "requests", "url": url, "stream": stream, "seed": seed, "max_tokens": max_tokens}
+        _write_json(json_out, {**result, "requests": records, "percentiles": stats})
 
 
 def _ms(seconds: float | None) -> str:

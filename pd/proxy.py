@@ -388,7 +388,7 @@ class Proxy:
             try:
                 if upstream.status_code != 200 or not body.get("stream"):
                     rest = b"".join([first] + [c async for c in chunks])
-                    timing.first_token = timing.decode = time.monotonic() - sent
+                    timing.decode = time.monotonic() - sent  # no first-token time: one answer
                     if upstream.status_code == 200:
                         rest = _take_decoder_timing(timing, rest)
                     return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))

@@ -6,7 +6,7 @@ Phases, in seconds (None where unknown):
     prefill      the prefiller's compute, first scheduled to finished (its connector reports it)
     handoff      the decoder loading the KV, as its connector reports it (non-streamed answers
                  only: vLLM returns the report there only)
-    first_token  decode request sent to the first token (streamed) or to the whole answer
+    first_token  decode request sent to the first token (streamed answers only)
     decode       decode request sent to the last byte
     total        proxy arrival to the last byte
 and, for streamed answers, ttft (proxy arrival to the first token) and tpot (time per output

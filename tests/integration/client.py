@@ -65,17 +65,62 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "an",
+    "be",
+    "this",
+    "are",
+    "which",
+    "or",
+    "his",
+    "her",
+]
+
+
+def text_prompt(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
 LOADED = "pdrun:loaded_tokens_total"
 LOAD_FAILURES = "pdrun:load_failures_total"
 LOCAL_COMPUTE = "vllm:prompt_tokens_by_source_total[source=local_compute]"
 EXTERNAL = "vllm:prompt_tokens_by_source_total[source=external_kv_transfer]"
 
 
-def wait_for_deltas(url: str, before: dict[str, float], expected: dict[str, float], timeout: float = 15) -> dict:
-    """Counters are exported a step after the request: wait until they reach the expected deltas."""
+def summed_metrics(urls: list[str]) -> dict[str, float]:
+    """metrics() of several servers, each sample summed over them."""
+    out: dict[str, float] = {}
+    for url in urls:
+        for k, v in metrics(url).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def wait_for_deltas(
+    url: str | list[str], before: dict[str, float], expected: dict[str, float], timeout: float = 15
+) -> dict:
+    """Counters are exported a step after the request: wait until they reach the expected deltas
+    (summed over the servers, given several URLs)."""
     deadline = time.monotonic() + timeout
     while True:
-        now = metrics(url)
+        now = metrics(url) if isinstance(url, str) else summed_metrics(url)
         deltas = {k: now.get(k, 0.0) - before.get(k, 0.0) for k in expected}
         if deltas == expected or time.monotonic() > deadline:
             return deltas

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 import threading
 import time
@@ -18,40 +17,9 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.client import LOADED, metrics, wait_for_deltas
+from tests.integration.client import LOADED, metrics, text_prompt, wait_for_deltas
 
 pytestmark = pytest.mark.integration
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "it",
-    "an",
-    "be",
-    "this",
-    "are",
-    "which",
-    "or",
-    "his",
-    "her",
-]
-
-
-def text_prompt(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
 def clients(cluster) -> tuple[openai.OpenAI, openai.OpenAI]:

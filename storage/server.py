@@ -128,7 +128,7 @@ class StoreCollector:
             for tier, values in stats.items():
                 family.add_metric([tier], values.get(name, 0))
             yield family
-        ratio = GaugeMetricFamily("pdrun:cache_hit_ratio", "hits over hits plus misses", labels=["tier"])
+        ratio = GaugeMetricFamily("pdrun:cache_hit_ratio", "hits over hits plus misses of chunk gets", labels=["tier"])
         for tier, values in stats.items():
             asked = values.get("hits", 0) + values.get("misses", 0)
             ratio.add_metric([tier], values.get("hits", 0) / asked if asked else 0.0)

@@ -285,7 +285,7 @@ def profile_transfer(
         Path | None, typer.Option(help="A model's config.json (or its directory): gives the KV bytes per token.")
     ] = None,
     bytes_per_token: Annotated[
-        int | None, typer.Option(help="KV bytes per token, instead of --model (default: Llama-8B, 131072).")
+        int | None, typer.Option(min=1, help="KV bytes per token, instead of --model (default: Llama-8B, 131072).")
     ] = None,
     peer: Annotated[
         str | None,

@@ -14,6 +14,10 @@ refused rather than scattered.
 
 When the attention kernel uses smaller blocks than the block manager (vLLM splits a manager block
 into `ratio` kernel blocks), manager block b is kernel blocks b*ratio ... b*ratio + ratio - 1.
+
+On CUDA, a gather is queued on the current stream (the forward pass's) and returns at once with an
+event: whoever reads the chunk waits for that event, the engine does not. Later kernels that reuse
+the blocks are queued behind it on the same stream, so freeing the blocks at once is safe.
 """
 
 from __future__ import annotations
@@ -21,8 +25,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
+
+
+class Ready(Protocol):
+    """Something to wait for before a chunk's bytes are there (a CUDA event)."""
+
+    def synchronize(self) -> None: ...
 
 
 class LayoutError(ValueError):
@@ -97,17 +108,23 @@ class PagedKV:
             ids = (ids[:, None] * self.ratio + torch.arange(self.ratio)).reshape(-1)
         return ids.to(self.device)
 
-    def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
+    def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> Ready | None:
         """Copy blocks `block_ids` of every layer into the chunk buffer `out` (on any device: a
-        host buffer for a CUDA cache is filled by a device-side gather and one copy per layer)."""
+        host buffer for a CUDA cache is filled by a device-side gather and one copy per layer).
+        On CUDA the copies are queued and the event to wait on returned; elsewhere they are done."""
         view = self.chunk_view(out, len(block_ids))
         idx = self._index(block_ids)
         same_device = out.device == self.device
         for layer, dst in zip(self.layers, view, strict=True):
             if same_device:
                 torch.index_select(layer, 0, idx, out=dst)
-            else:
-                dst.copy_(torch.index_select(layer, 0, idx))
+            else:  # into pinned memory this is asynchronous too
+                dst.copy_(torch.index_select(layer, 0, idx), non_blocking=True)
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def scatter(self, block_ids: Sequence[int], src: torch.Tensor, src_blocks: int, skip_blocks: int = 0) -> None:
         """Copy blocks `skip_blocks ... skip_blocks + len(block_ids) - 1` of the chunk buffer `src`
@@ -127,3 +144,7 @@ class PagedKV:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for chunks of this cache: pinned next to a GPU, so copies run at full speed."""
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        """A chunk buffer beside the cache itself (GPU memory for a CUDA cache)."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)

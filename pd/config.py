@@ -17,6 +17,12 @@ class ConnectorConfig(BaseModel):
     port: int | None = Field(None, ge=1, le=65535, description="first endpoint port (default: kv_port); +1 per TP rank")
     staging_gb: float = Field(2.0, gt=0, description="producer: bytes of chunks kept for decoders to pull")
     staging_ttl_s: float = Field(300.0, gt=0, description="producer: how long an unreleased hand-off stays")
+    staging_memory: Literal["auto", "host", "device"] = Field(
+        "auto",
+        description="producer: where staged chunks wait, and consumer: where they land before the scatter; "
+        "auto: GPU memory when the KV cache is on a GPU and the transport is ucx (GPU to GPU, no host "
+        "copy), else host memory (pinned beside a GPU)",
+    )
     connect_timeout_s: float = Field(5.0, gt=0)
     io_timeout_s: float = Field(30.0, gt=0, description="consumer: longest wait for one chunk")
     checksums: bool = Field(True, description="xxh3-64 over every chunk, verified on receipt")

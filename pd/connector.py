@@ -51,7 +51,7 @@ from pd.config import ConnectorConfig, load_config
 from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
 from pd.logs import setup_logging
 from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
-from pd.staging import StagingPool, StagingService
+from pd.staging import Staged, StagingPool, StagingService
 from pd.stats import PDPromMetrics, PDStats, StatsCounter
 from pd.write_behind import WriteBehind
 from storage.client import CacheClient
@@ -480,6 +480,7 @@ class _WorkerSide:
         self.endpoint = _endpoints(vllm_config, cfg)[self.rank]
         self.stats = StatsCounter()
         self.paged: PagedKV | None = None
+        self.on_device = False  # chunks in GPU memory (set with the KV caches)
         self.pool: StagingPool | None = None
         self.listener: transfer.Listener | None = None
         self._conns = ConnectionPool(
@@ -499,20 +500,22 @@ class _WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
+        self.on_device = _on_device(self.cfg, self.paged)
         if self.is_producer:
-            self.pool = StagingPool(
-                int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, self.paged.host_buffer
-            )
+            allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
+            self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate)
             service = StagingService(self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n))
             bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
             self.listener = transfer.listen(
                 bind, service, checksums=self.cfg.checksums, io_timeout=self.cfg.io_timeout_s
             )
         log.info(
-            "PDConnector worker rank %d: KV layout %s, %d bytes per block%s%s",
+            "PDConnector worker rank %d: KV layout %s on %s, %d bytes per block, chunks in %s memory%s%s",
             self.rank,
             self.paged.describe(),
+            self.paged.device,
             self.paged.bytes_per_block,
+            "device" if self.on_device else "host",
             f", serving hand-offs on {self.listener.address}" if self.listener else "",
             f", cache tier {self.cfg.cache}" if self.cache else "",
         )
@@ -530,16 +533,16 @@ class _WorkerSide:
         evicted = self.pool.evicted_referenced if self.pool is not None else 0
         for s in meta.saves:
             try:
-                chunk = self._stage(s) if s.stage else None
+                staged = self._stage(s) if s.stage else None
                 if s.cache:
-                    self._cache(s, chunk)
+                    self._cache(s, staged)
             except Exception:  # never the engine's problem: a decoder prefills it, the tier misses it
                 log.exception("request %s: could not copy out chunk %d", s.transfer, s.index)
         if self.pool is not None and self.pool.evicted_referenced != evicted:
             self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)
 
-    def _stage(self, s: plan.ChunkSave) -> torch.Tensor | None:
-        """Put the chunk in the staging pool; its buffer, or None if it does not fit."""
+    def _stage(self, s: plan.ChunkSave) -> Staged | None:
+        """Put the chunk in the staging pool; its entry, or None if it does not fit."""
         if self.pool is None or self.paged is None:
             return None
         paged = self.paged
@@ -549,18 +552,20 @@ class _WorkerSide:
         ):
             return None
         self.stats.add(staged_chunks=1, staged_bytes=nbytes)
-        entry = self.pool.get(s.key)
-        return entry.buffer if entry is not None else None
+        return self.pool.get(s.key)
 
-    def _cache(self, s: plan.ChunkSave, chunk: torch.Tensor | None) -> None:
-        """Queue the chunk for the cache tier; a staged chunk's buffer is shared, never written again."""
+    def _cache(self, s: plan.ChunkSave, staged: Staged | None) -> None:
+        """Queue the chunk for the cache tier; a staged host buffer is shared (never written again),
+        a chunk staged in GPU memory gets a host copy of its own."""
         if self.writer is None or self.paged is None:
             return
-        if chunk is None:
-            chunk = torch.empty(self.paged.nbytes(len(s.block_ids)), dtype=torch.uint8)
-            self.paged.gather(s.block_ids, chunk)
+        if staged is not None and not staged.buffer.is_cuda:
+            chunk, ready = staged.buffer, staged.ready
+        else:
+            chunk = self.paged.host_buffer(self.paged.nbytes(len(s.block_ids)))
+            ready = self.paged.gather(s.block_ids, chunk)
         meta = {"layout": self.paged.describe(), "blocks": len(s.block_ids)}
-        if not self.writer.submit(rank_key(s.key, self.rank), chunk, meta):
+        if not self.writer.submit(rank_key(s.key, self.rank), chunk, meta, ready):
             self.stats.add(cache_store_dropped=1)
 
     def _stored(self, nbytes: int, seconds: float, stored: bool) -> None:
@@ -601,7 +606,7 @@ class _WorkerSide:
         returns the end of the tokens now in place."""
         assert self.paged is not None
         t0 = time.perf_counter()
-        loader = _ChunkLoader(self.paged, job)
+        loader = _ChunkLoader(self.paged, job, on_device=self.on_device)
         peer_error: Exception | None = None
         if job.endpoints:
             try:
@@ -657,6 +662,7 @@ class _WorkerSide:
         assert self.cache is not None
         rest = loader.remaining()
         keys = [rank_key(c.key, self.rank) for c in rest]
+        loader.on_device = False  # the cache tier speaks tcp: host bytes
         try:
             self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
         except Exception as e:  # a chunk that does not fit this cache: the rest is computed
@@ -694,11 +700,23 @@ class _WorkerSide:
             self.cache.close()
 
 
+def _on_device(cfg: ConnectorConfig, paged: PagedKV) -> bool:
+    """Whether chunks wait and land in GPU memory (see ConnectorConfig.staging_memory)."""
+    gpu_to_gpu = paged.device.type == "cuda" and cfg.transport == "ucx"
+    if cfg.staging_memory == "device" and not gpu_to_gpu:
+        raise ValueError(
+            f"staging_memory=device needs a KV cache on a GPU (this one is on {paged.device}) and transport "
+            f"ucx (this one is {cfg.transport}; tcp moves host bytes only)"
+        )
+    return cfg.staging_memory == "device" or (cfg.staging_memory == "auto" and gpu_to_gpu)
+
+
 class _ChunkLoader:
     """Scatters the chunks of a load job into the paged cache in plan order, whatever their source:
-    each chunk is received whole and verified into one host buffer, checked, then scattered."""
+    each chunk is received whole and verified into one buffer (in GPU memory when `on_device`, as
+    the ucx transport can fill it there; else in host memory), checked, then scattered."""
 
-    def __init__(self, paged: PagedKV, job: LoadJob):
+    def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False):
         self.paged = paged
         self.layout = paged.describe()
         self.chunks = job.chunks
@@ -706,7 +724,16 @@ class _ChunkLoader:
         self.done = job.start  # tokens [0, done) are in place
         self.nbytes = 0
         self.error = ""
-        self.buf = paged.host_buffer(max(paged.nbytes(c.src_blocks) for c in job.chunks))
+        self.on_device = on_device
+        self._size = max(paged.nbytes(c.src_blocks) for c in job.chunks)
+        self._buffers: dict[bool, torch.Tensor] = {}
+
+    @property
+    def buf(self) -> torch.Tensor:
+        if self.on_device not in self._buffers:
+            allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
+            self._buffers[self.on_device] = allocate(self._size)
+        return self._buffers[self.on_device]
 
     def remaining(self) -> list[plan.ChunkLoad]:
         return self.chunks[self.next :]
@@ -722,7 +749,8 @@ class _ChunkLoader:
             )
         if header.nbytes != self.paged.nbytes(c.src_blocks):
             raise ProtocolError(f"chunk of {header.nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
-        return self.buf[: header.nbytes].numpy()
+        buf = self.buf[: header.nbytes]
+        return buf if buf.is_cuda else buf.numpy()
 
     def place(self, header: transfer.Header) -> None:
         """The chunk `sink` was asked for has arrived whole: scatter it."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pd.codec import Ready
 from transfer import Frame, Header, Service
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,17 @@ MAX_KEYS_PER_REQUEST = 1 << 16
 
 @dataclass
 class Staged:
-    buffer: torch.Tensor  # flat uint8
+    buffer: torch.Tensor  # flat uint8, in host or GPU memory
     blocks: int
     transfers: set[str] = field(default_factory=set)
+    ready: Ready | None = None  # the copy into `buffer` may still be running until this is done
+
+    def payload(self) -> Any:
+        """The bytes to send, once the copy that fills them is done: a GPU buffer as is (the ucx
+        transport moves device memory), a host one as a memoryview."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.buffer if self.buffer.is_cuda else memoryview(self.buffer.numpy())
 
 
 def host_allocator(nbytes: int) -> torch.Tensor:
@@ -57,9 +66,12 @@ class StagingPool:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def stage(self, transfer: str, key: bytes, blocks: int, nbytes: int, fill: Callable[[torch.Tensor], None]) -> bool:
+    def stage(
+        self, transfer: str, key: bytes, blocks: int, nbytes: int, fill: Callable[[torch.Tensor], Ready | None]
+    ) -> bool:
         """Make chunk `key` available under `transfer`, calling `fill(buffer)` unless it is already
-        staged. Returns False when it cannot fit the budget at all."""
+        staged (fill may return what to wait for before the buffer is read). Returns False when it
+        cannot fit the budget at all."""
         with self._lock:
             self._expire(time.monotonic())
             entry = self._entries.get(key)
@@ -71,10 +83,10 @@ class StagingPool:
             log.warning("a %d-byte chunk does not fit the %d-byte staging budget; not staged", nbytes, self.budget)
             return False
         buf = self._allocate(nbytes)
-        fill(buf)
+        ready = fill(buf)
         with self._lock:
             self._make_room(nbytes)
-            entry = Staged(buf, blocks)
+            entry = Staged(buf, blocks, ready=ready)
             self._entries[key] = entry
             self._bytes += nbytes
             self._reference(transfer, key, entry)
@@ -158,7 +170,7 @@ class StagingService(Service):
                 if entry is None:
                     raise KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
                 meta = {"layout": self.layout, "blocks": entry.blocks}
-                yield Frame(Header(op="chunk", key=key, meta=meta), memoryview(entry.buffer.numpy()))
+                yield Frame(Header(op="chunk", key=key, meta=meta), entry.payload())
                 self._on_served(entry.buffer.numel())
             return {"count": len(keys)}
         if request.op == "release":

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pd.codec import Ready
 from storage.client import CacheClient
 
 log = logging.getLogger(__name__)
@@ -29,16 +30,16 @@ class WriteBehind:
         self.client = client
         self.max_bytes = max_bytes
         self._on_stored = on_stored
-        self._queue: queue.Queue[tuple[bytes, torch.Tensor, dict[str, Any]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[bytes, torch.Tensor, dict[str, Any], Ready | None] | None] = queue.Queue()
         self._pending = 0  # bytes queued or being written
         self._cond = threading.Condition()
         self._warned_full = False
         self._thread = threading.Thread(target=self._run, name="pdrun-write-behind", daemon=True)
         self._thread.start()
 
-    def submit(self, key: bytes, chunk: torch.Tensor, meta: dict[str, Any]) -> bool:
-        """Queue `chunk` (a flat uint8 host tensor nobody writes to any more) for the cache; False
-        when the queue is full and it was dropped."""
+    def submit(self, key: bytes, chunk: torch.Tensor, meta: dict[str, Any], ready: Ready | None = None) -> bool:
+        """Queue `chunk` (a flat uint8 host tensor nobody writes to any more, once `ready` is done)
+        for the cache; False when the queue is full and it was dropped."""
         nbytes = chunk.numel()
         with self._cond:
             if self._pending + nbytes > self.max_bytes:
@@ -51,14 +52,16 @@ class WriteBehind:
                     )
                 return False
             self._pending += nbytes
-        self._queue.put((key, chunk, meta))
+        self._queue.put((key, chunk, meta, ready))
         return True
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            key, chunk, meta = item
+            key, chunk, meta, ready = item
             t0 = time.perf_counter()
             try:
+                if ready is not None:
+                    ready.synchronize()
                 stored = self.client.put(key, memoryview(chunk.numpy()), meta)
             except Exception:  # never let one bad chunk stop the writer
                 log.exception("write-behind of chunk %s failed", key.hex())

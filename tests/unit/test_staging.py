@@ -5,6 +5,7 @@ import torch
 
 import transfer
 from pd.staging import StagingPool, StagingService
+from tests.unit.conftest import LateCopy
 
 
 def fill_with(value):
@@ -101,3 +102,13 @@ def test_staged_buffers_are_torch_tensors():
     pool = StagingPool(budget_bytes=100, ttl_s=60)
     pool.stage("a", key(1), 1, 10, fill_with(3))
     assert isinstance(pool.get(key(1)).buffer, torch.Tensor)
+
+
+def test_a_chunk_is_served_only_once_its_copy_is_done():
+    pool = StagingPool(budget_bytes=1 << 20, ttl_s=60)
+    assert pool.stage("r", key(1), 1, 1 << 16, lambda buf: LateCopy(buf, 9, delay_s=0.3))
+    assert int(pool.get(key(1)).buffer[-1]) == 0  # the copy is still running
+    listener = transfer.listen("tcp://127.0.0.1:0", StagingService(pool, "L"))
+    with listener, transfer.connect(listener.address) as conn:
+        frames = list(conn.stream("get", meta={"keys": [key(1).hex()]}))
+    assert bytes(frames[0].payload) == bytes([9]) * (1 << 16)

@@ -14,6 +14,7 @@ from pd.write_behind import WriteBehind
 from storage.client import CacheClient
 from storage.server import CacheServer
 from storage.tiers import MemoryTier, TieredStore
+from tests.unit.conftest import LateCopy
 
 CHUNK = 64 * 1024
 
@@ -68,3 +69,13 @@ def test_a_hung_cache_never_blocks_submit_and_the_overflow_is_dropped():
     finally:
         writer.close()
         silent.close()
+
+
+def test_a_chunk_still_being_copied_is_written_once_the_copy_is_done():
+    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(4 * CHUNK))) as server:
+        writer = WriteBehind(CacheClient(server.address), 1 << 30, Recorder())
+        buf = torch.zeros(CHUNK, dtype=torch.uint8)
+        assert writer.submit(key(1), buf, {}, ready=LateCopy(buf, 7, delay_s=0.3))
+        assert writer.flush(timeout=30)
+        assert bytes(server.store.get(key(1)).data) == bytes([7]) * CHUNK
+        writer.close()

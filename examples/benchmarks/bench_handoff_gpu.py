@@ -1,0 +1,204 @@
+"""One long prompt's KV hand-off, end to end, per path, next to the copy floors of the same run.
+
+A prefiller process fills a paged KV cache of the Llama-8B shape (32 layers x K,V x 8 heads x 128,
+bf16: 128 KiB per token; 16k tokens = 2 GiB), gathers it chunk by chunk into the real staging pool
+and serves it. A decoder process (this one; on the next GPU when there are two) pulls every chunk
+with the connector's own loader and scatters it into its paged cache, as PDConnector does. Timed:
+the first request to the last block in place (and synchronized); the bytes are then checked.
+
+Paths: ucx with chunks in GPU memory (GPU to GPU: cuda_ipc on one host), ucx host-staged (pinned
+host memory at both ends), tcp (pinned host memory). Floors: pinned host->GPU and GPU->host copy,
+GPU->GPU copy (memcpy on a CPU-only host).
+
+    PYTHONPATH=/tmp/site:$PWD python3 examples/benchmarks/bench_handoff_gpu.py      # on the GPU machine
+    python examples/benchmarks/bench_handoff_gpu.py --device cpu --tokens 2048    # the logic, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import memcpy_gbps, write_json
+
+import transfer
+from pd import plan
+from pd.codec import PagedKV
+from pd.connector import LoadJob, _ChunkLoader
+from pd.staging import StagingPool, StagingService
+
+LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-8B, vLLM's 16-token blocks
+PATHS = {"ucx-gpu": ("ucx", "device"), "ucx-host": ("ucx", "host"), "tcp": ("tcp", "host")}
+TARGETS_GBPS = {"ucx-gpu": 250.0, "ucx-host": 45.0, "tcp": 3.0}  # issue 5, for a 16k-token prompt
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def paged_cache(device: str, num_blocks: int, pattern: bool) -> PagedKV:
+    layers = {}
+    for i in range(LAYERS):
+        t = torch.empty(num_blocks, 2, BLOCK, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
+        flat = t.view(-1).view(torch.uint8)
+        if pattern:  # a pattern the decoder can check, different per layer and block
+            flat.copy_(((torch.arange(flat.numel(), device=device) + 7 * i) % 251).to(torch.uint8))
+        else:
+            flat.zero_()
+        layers[f"model.layers.{i}.self_attn.attn"] = t
+    return PagedKV(layers, num_blocks, BLOCK)
+
+
+def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, ready: mp.Queue, stop: mp.Event) -> None:
+    num_blocks = tokens // BLOCK
+    paged = paged_cache(device, num_blocks, pattern=True)
+    allocate = paged.device_buffer if memory == "device" else paged.host_buffer
+    per_chunk = chunk // BLOCK
+    pool = StagingPool(paged.nbytes(num_blocks) + (1 << 20), ttl_s=3600, allocate=allocate)
+    for i in range(tokens // chunk):
+        ids = list(range(i * per_chunk, (i + 1) * per_chunk))
+        pool.stage("bench", key(i), per_chunk, paged.nbytes(per_chunk), lambda buf, ids=ids: paged.gather(ids, buf))
+    if paged.device.type == "cuda":
+        torch.cuda.synchronize(paged.device)
+    listener = transfer.listen(f"{scheme}://127.0.0.1:0", StagingService(pool, paged.describe()))
+    ready.put(listener.address)
+    stop.wait()
+    listener.close()
+
+
+def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int) -> float:
+    """Seconds for the decoder to have every block of the prompt in place."""
+    keys = [key(i) for i in range(tokens // chunk)]
+    block_ids = list(range(tokens // BLOCK))
+    chunks = plan.plan_load(keys, tokens, 0, tokens, block_ids, chunk, BLOCK)
+    loader = _ChunkLoader(paged, LoadJob("bench", [address], chunks, 0, tokens, block_ids), memory == "device")
+    loader.buf  # noqa: B018  (allocated before the clock starts, as a warm decoder's would be)
+    with transfer.connect(address, io_timeout=120) as conn:
+        t0 = time.perf_counter()
+        for frame in conn.stream("get", meta={"keys": [k.hex() for k in keys]}, sink=loader.sink):
+            loader.place(frame.header)
+        if paged.device.type == "cuda":
+            torch.cuda.synchronize(paged.device)
+        return time.perf_counter() - t0
+
+
+def check(paged: PagedKV) -> None:
+    for i in (0, LAYERS // 2, LAYERS - 1):
+        flat = paged.layers[i].view(-1).view(torch.uint8)
+        want = ((torch.arange(flat.numel(), device=flat.device) + 7 * i) % 251).to(torch.uint8)
+        if not torch.equal(flat, want):
+            raise AssertionError(f"layer {i}: the decoder's cache differs from the prefiller's after the hand-off")
+
+
+def floors(device: str, decode_device: str, nbytes: int) -> dict[str, float]:
+    if not device.startswith("cuda"):
+        return {"memcpy": round(memcpy_gbps(nbytes), 2)}
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    src, dst = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.empty_like(host, device=decode_device)
+
+    def timed(copy) -> float:
+        copy()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            copy()
+        torch.cuda.synchronize()
+        return round(5 * nbytes / (time.perf_counter() - t0) / 1e9, 2)
+
+    return {
+        "pinned_to_gpu": timed(lambda: src.copy_(host, non_blocking=True)),
+        "gpu_to_pinned": timed(lambda: host.copy_(src, non_blocking=True)),
+        "gpu_to_gpu": timed(lambda: dst.copy_(src, non_blocking=True)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16384, help="prompt tokens handed off (default 16384 = 2 GiB)")
+    ap.add_argument("--chunk-tokens", type=int, default=256)
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"some of {', '.join(PATHS)}")
+    ap.add_argument("--rounds", type=int, default=3, help="hand-offs per path; the median is reported")
+    ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
+    ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))
+    args = ap.parse_args()
+    if args.tokens % args.chunk_tokens or args.chunk_tokens % BLOCK:
+        ap.error(f"--tokens must be a multiple of --chunk-tokens, itself a multiple of {BLOCK}")
+    paths = [p for p in args.paths.split(",") if p]
+    if unknown := [p for p in paths if p not in PATHS]:
+        ap.error(f"unknown paths {unknown}: choose from {', '.join(PATHS)}")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("no CUDA GPU here: --device cpu runs the CPU paths")
+    if not cuda:
+        paths = [p for p in paths if PATHS[p][1] == "host"]
+    prefill_dev = "cuda:0" if cuda else "cpu"
+    decode_dev = f"cuda:{min(1, torch.cuda.device_count() - 1)}" if cuda else "cpu"
+
+    nbytes = args.tokens * LAYERS * 2 * HEADS * HEAD_DIM * 2
+    floor = floors(prefill_dev, decode_dev, nbytes)
+    rows = []
+    ctx = mp.get_context("spawn")
+    for path in paths:
+        scheme, memory = PATHS[path]
+        ready, stop = ctx.Queue(), ctx.Event()
+        proc = ctx.Process(
+            target=prefiller, args=(prefill_dev, scheme, memory, args.tokens, args.chunk_tokens, ready, stop)
+        )
+        proc.start()
+        try:
+            address = ready.get(timeout=600)
+            paged = paged_cache(decode_dev, args.tokens // BLOCK, pattern=False)
+            seconds = [pull(address, paged, memory, args.tokens, args.chunk_tokens) for _ in range(args.rounds)]
+            check(paged)
+        finally:
+            stop.set()
+            proc.join(30)
+        median = statistics.median(seconds)
+        rows.append(
+            {
+                "path": path,
+                "transport": scheme,
+                "chunk_memory": memory,
+                "bytes": nbytes,
+                "seconds": [round(s, 4) for s in seconds],
+                "gb_per_s": round(nbytes / median / 1e9, 2),
+                "target_gb_per_s": TARGETS_GBPS[path] if cuda else None,
+            }
+        )
+        del paged
+
+    print(
+        f"Hand-off of {args.tokens} tokens ({nbytes / 2**30:.2f} GiB, {args.chunk_tokens}-token chunks), "
+        f"{prefill_dev} -> {decode_dev}; floors (GB/s): {floor}"
+    )
+    print(f"{'path':>9} {'GB/s':>8} {'target':>7}  seconds")
+    for r in rows:
+        target = r["target_gb_per_s"]
+        verdict = "" if target is None else ("  ok" if r["gb_per_s"] >= target else "  BELOW TARGET")
+        print(f"{r['path']:>9} {r['gb_per_s']:>8.2f} {target or '-':>7}  {r['seconds']}{verdict}")
+    write_json(
+        args.json,
+        {
+            "benchmark": "handoff_one_prompt",
+            "tokens": args.tokens,
+            "chunk_tokens": args.chunk_tokens,
+            "prefill_device": prefill_dev,
+            "decode_device": decode_dev,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "floors_gb_per_s": floor,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

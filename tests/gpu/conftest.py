@@ -1,6 +1,11 @@
-"""The same 1P1D + plain cluster as tests/integration, on one CUDA GPU (vLLM 0.26 on the lent machines).
+"""The same 1P1D + plain cluster as tests/integration, on CUDA GPUs (vLLM 0.26 on the lent machines).
 
-PYTHONPATH=/tmp/site:$PWD python3 -m pytest -m gpu tests/gpu
+    PYTHONPATH=/tmp/site:$PWD python3 -m pytest -m gpu tests/gpu
+    PDRUN_GPU_MODEL=/tmp/stage/models/llama8b PDRUN_GPU_TRANSPORT=ucx ... (the 8B shape, dummy weights)
+
+PDRUN_GPU_MODEL: a model directory (served with dummy weights when it holds none; default: the
+tiny model). PDRUN_GPU_TRANSPORT: tcp (default) or ucx. With two GPUs the decoder gets the second
+(GPU to GPU over ucx); PDRUN_GPU_MEM sets each server's --gpu-memory-utilization (default 0.25).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.vllm_server import ServerSpec, VllmServer
 from tests.integration.conftest import free_port, model_dir  # noqa: F401  (fixture re-export)
@@ -26,7 +32,14 @@ class Cluster:
     log_dir: Path
 
 
-GPU_ARGS = ["--gpu-memory-utilization", "0.25", "--max-num-seqs", "64", "--enforce-eager"]
+TRANSPORT = os.environ.get("PDRUN_GPU_TRANSPORT", "tcp")
+
+
+def gpu_args(model: Path) -> list[str]:
+    args = ["--gpu-memory-utilization", os.environ.get("PDRUN_GPU_MEM", "0.25"), "--max-num-seqs", "64"]
+    if not any(model.glob("*.safetensors")):
+        args += ["--load-format", "dummy"]  # a shape only: random weights, the same in every server
+    return [*args, "--enforce-eager"]
 
 
 @pytest.fixture(scope="session")
@@ -37,17 +50,24 @@ def gpu_cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     # flip a near-tie; PDRUN_GPU_BATCH_INVARIANT=1 makes kernels independent of the batch shape.
     dtype = os.environ.get("PDRUN_GPU_DTYPE", "bfloat16")
     env = {"VLLM_BATCH_INVARIANT": "1"} if os.environ.get("PDRUN_GPU_BATCH_INVARIANT") == "1" else {}
-    common = dict(model=str(model_dir), device="cuda", dtype=dtype, max_model_len=4096, extra_args=GPU_ARGS, env=env)
+    model = Path(os.environ.get("PDRUN_GPU_MODEL") or model_dir)
+    decoder_gpu = "1" if torch.cuda.device_count() > 1 else "0"
+    common = dict(model=str(model), device="cuda", dtype=dtype, max_model_len=4096, extra_args=gpu_args(model))
+    connector = {"transport": TRANSPORT, "io_timeout_s": 30.0}
     servers = [
-        VllmServer(ServerSpec(port=free_port(), role="kv_producer", kv_port=free_port(), **common), log_dir / "p.log"),
         VllmServer(
-            ServerSpec(
-                port=free_port(), role="kv_consumer", kv_port=free_port(), connector={"io_timeout_s": 10.0}, **common
-            ),
+            ServerSpec(port=free_port(), role="kv_producer", kv_port=free_port(), connector=connector, **common,
+                       env={**env, "CUDA_VISIBLE_DEVICES": "0"}),
+            log_dir / "p.log",
+        ),
+        VllmServer(
+            ServerSpec(port=free_port(), role="kv_consumer", kv_port=free_port(), connector=connector, **common,
+                       env={**env, "CUDA_VISIBLE_DEVICES": decoder_gpu}),
             log_dir / "d.log",
         ),
-        VllmServer(ServerSpec(port=free_port(), **common), log_dir / "plain.log"),
-    ]
+        VllmServer(ServerSpec(port=free_port(), **common, env={**env, "CUDA_VISIBLE_DEVICES": "0"}),
+                   log_dir / "plain.log"),
+    ]  # fmt: skip
     try:
         t0 = time.monotonic()
         for s in servers:  # one at a time: each sizes its KV cache from the memory the others left

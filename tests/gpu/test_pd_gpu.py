@@ -1,4 +1,4 @@
-"""The PD invariant on CUDA with the tiny model in bf16: the same checks as on CPU."""
+"""The PD invariant on CUDA (the tiny model, or PDRUN_GPU_MODEL), over tcp or ucx: the CPU checks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.gpu.conftest import TRANSPORT
 from tests.integration.client import (
     EXTERNAL,
     LOADED,
@@ -44,3 +45,9 @@ def test_sixteen_concurrent_on_gpu(gpu_cluster):
 
     with ThreadPoolExecutor(16) as pool:
         assert dict(pool.map(pd, cases)) == wants
+
+
+@pytest.mark.skipif(TRANSPORT != "ucx", reason="GPU-to-GPU chunks need the ucx transport")
+def test_chunks_wait_and_land_in_gpu_memory_over_ucx(gpu_cluster):
+    for server in (gpu_cluster.prefiller, gpu_cluster.decoder):
+        assert "chunks in device memory" in server.log_path.read_text()

@@ -1,0 +1,49 @@
+#!/bin/bash
+# TTFT of a long prompt: 1P1D through pdrun against one cold vLLM, measured the same way (streamed,
+# through `pdrun proxy`, by `pdrun profile requests`), every prompt new so nothing is cached.
+#   GPU machine (after the staging calls; vLLM 0.26 in /tmp/site):
+#     PYTHONPATH=/tmp/site:$PWD bash examples/gpu/ttft_pd_vs_plain.sh /tmp/stage/models/llama8b 16384 ucx $OUT
+#   CPU (the flow, with the tiny model):  bash examples/gpu/ttft_pd_vs_plain.sh tiny 1000 tcp /tmp/ttft
+# Writes plain.json, pd.json and ttft.json (the medians and their ratio) into OUT_DIR.
+set -euo pipefail
+MODEL=${1:?model dir (or tiny)}; TOKENS=${2:-16384}; TRANSPORT=${3:-ucx}; OUT_DIR=${4:-ttft}
+N=${N:-6}; MAXLEN=$((TOKENS + 512))
+mkdir -p "$OUT_DIR"; OUT_DIR=$(cd "$OUT_DIR" && pwd)
+if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m launch model tiny); DEV=cpu; GPUS=(); VARGS=(--dtype float32)
+else DEV=cuda; GPUS=(--gpus 0,1); VARGS=(--load-format dummy --enforce-eager --gpu-memory-utilization 0.85); fi
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done; sleep 5
+            for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+wait_up() { for _ in $(seq 600); do curl -sf "$1" >/dev/null && return 0; sleep 1; done; echo "not up: $1"; exit 1; }
+
+# 1. One vLLM alone, cold: the baseline (its proxy sends every request decode-only).
+if [ "$DEV" = cuda ]; then export CUDA_VISIBLE_DEVICES=0; fi
+python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name m --port 8190 \
+  --max-model-len "$MAXLEN" "${VARGS[@]}" > "$OUT_DIR/plain-vllm.log" 2>&1 &
+PIDS+=($!); wait_up localhost:8190/health
+python3 -m launch proxy --decode http://127.0.0.1:8190 --port 8191 > "$OUT_DIR/plain-proxy.log" 2>&1 &
+PIDS+=($!); wait_up localhost:8191/health
+python3 -m launch profile requests --url http://127.0.0.1:8191 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
+  --json "$OUT_DIR/plain.json"
+cleanup; PIDS=(); unset CUDA_VISIBLE_DEVICES
+
+# 2. 1P1D, the prefiller and the decoder on GPUs 0 and 1, no cache tier (nothing to reuse here).
+python3 -m launch launch --model "$MODEL" --served-model-name m --prefill 1 --decode 1 --device "$DEV" \
+  "${GPUS[@]}" --transport "$TRANSPORT" --port 8192 --max-model-len "$MAXLEN" --cache-cpu-gb 0 \
+  --run-dir "$OUT_DIR/run" -- "${VARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
+PIDS+=($!); wait_up localhost:8192/health
+python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
+  --json "$OUT_DIR/pd.json"
+
+python3 - "$OUT_DIR" <<'PY'
+import json, statistics, sys
+d = sys.argv[1]
+runs = {k: json.load(open(f"{d}/{k}.json")) for k in ("plain", "pd")}
+# The first request of each warms the engine (allocations, kernels): medians of the rest.
+ttft = {k: statistics.median(r["ttft"] for r in v["requests"][1:]) for k, v in runs.items()}
+out = {"tokens": runs["pd"]["requests"][0]["prompt_tokens"], "ttft_s": ttft, "ratio": ttft["pd"] / ttft["plain"],
+       "pd_modes": sorted({r["mode"] for r in runs["pd"]["requests"]})}
+json.dump(out, open(f"{d}/ttft.json", "w"), indent=1)
+print(json.dumps(out))
+PY

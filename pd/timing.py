@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 PHASES = ("queue", "prefill", "handoff", "first_token", "decode", "total")
@@ -47,9 +47,8 @@ class RequestTiming:
     finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        del d["finished"]
-        return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "finished"}
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
 
 
 class TimingLog:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pd.codec import Ready
+from storage.server import keys_from
 from transfer import Frame, Header, Service
 
 log = logging.getLogger(__name__)
@@ -140,16 +141,6 @@ class StagingPool:
                     return
 
 
-def _keys_from(meta: dict[str, Any]) -> list[bytes]:
-    raw = meta.get("keys")
-    if not isinstance(raw, list) or len(raw) > MAX_KEYS_PER_REQUEST:
-        raise ValueError("'keys' must be a list of hex chunk keys")
-    try:
-        return [bytes.fromhex(k) for k in raw]
-    except (TypeError, ValueError):
-        raise ValueError("'keys' must be a list of hex chunk keys") from None
-
-
 class StagingService(Service):
     """Serves a staging pool: "get" streams chunks in the order asked, stopping with an error at
     the first one not staged; "release" drops a transfer's references; "ping" names the layout."""
@@ -164,7 +155,7 @@ class StagingService(Service):
 
     def handle(self, request: Header, payload: Any) -> Iterator[Frame]:
         if request.op == "get":
-            keys = _keys_from(request.meta)
+            keys = keys_from(request.meta, MAX_KEYS_PER_REQUEST)
             for key in keys:
                 entry = self.pool.get(key)
                 if entry is None:

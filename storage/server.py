@@ -23,10 +23,11 @@ MAX_KEYS = 4096  # a 1M-token prompt at 256 tokens per chunk
 MAX_CHUNK_BYTES = 1 << 30
 
 
-def keys_from(meta: dict[str, Any]) -> list[bytes]:
+def keys_from(meta: dict[str, Any], limit: int = MAX_KEYS) -> list[bytes]:
+    """The hex chunk keys of a request's meta, at most `limit` of them; a ValueError names the field."""
     raw = meta.get("keys")
-    if not isinstance(raw, list) or len(raw) > MAX_KEYS:
-        raise ValueError(f"'keys' must be a list of at most {MAX_KEYS} hex chunk keys")
+    if not isinstance(raw, list) or len(raw) > limit:
+        raise ValueError(f"'keys' must be a list of at most {limit} hex chunk keys")
     try:
         return [bytes.fromhex(k) for k in raw]
     except (TypeError, ValueError):

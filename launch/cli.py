@@ -430,7 +430,8 @@ def profile_requests(
     for col in ("#", "prompt", "mode", *columns):
         table.add_column(col, justify="right")
     for i, r in enumerate(records):
-        table.add_row(str(i), str(r["asked_prompt_tokens"]), r["mode"], *(_ms(r.get(c)) for c in columns))
+        mode = r["mode"].split(":")[0]  # the decode-only reason is in the JSON
+        table.add_row(str(i), str(r["asked_prompt_tokens"]), mode, *(_ms(r.get(c)) for c in columns))
     for q in pr.PERCENTILES:
         table.add_row(f"p{q}", "", "", *(_ms(stats[c][f"p{q}"]) for c in columns), style="bold")
     Console().print(table)

@@ -9,7 +9,7 @@ set -euo pipefail
 MODEL=${1:?model dir (or tiny)}; TOKENS=${2:-16384}; TRANSPORT=${3:-ucx}; OUT_DIR=${4:-ttft}
 N=${N:-6}; MAXLEN=$((TOKENS + 512))
 mkdir -p "$OUT_DIR"; OUT_DIR=$(cd "$OUT_DIR" && pwd)
-if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m launch model tiny); DEV=cpu; GPUS=(); VARGS=(--dtype float32)
+if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m launch model tiny); DEV=cpu; GPUS=(); VARGS=(); export VLLM_CPU_KVCACHE_SPACE=2
 else DEV=cuda; GPUS=(--gpus 0,1); VARGS=(--load-format dummy --enforce-eager --gpu-memory-utilization 0.85); fi
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done; sleep 5

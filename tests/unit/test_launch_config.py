@@ -70,7 +70,7 @@ def test_dry_run_prints_every_command_with_roles_ports_and_vllm_args():
         ktc = json.loads(argv[argv.index("--kv-transfer-config") + 1])
         roles[name] = (ktc["kv_role"], argv[argv.index("--port") + 1], ktc["kv_port"])
         assert argv[-2:] == ["--seed", "3"]
-        assert "VLLM_CPU_OMP_THREADS_BIND=nobind" in argv
+        assert "VLLM_CPU_OMP_THREADS_BIND=nobind" in argv and "OMP_WAIT_POLICY=PASSIVE" in argv
         assert ktc["kv_connector_extra_config"]["cache"] == "tcp://127.0.0.1:15090"
     assert roles == {
         "prefill-0": ("kv_producer", "8100", 15100),

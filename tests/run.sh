@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on CPU: installs pdrun with vLLM for CPU and the test tools, lints, runs
-# unit and integration tests (the integration tests start real vLLM servers: about 12 minutes).
+# unit and integration tests (the integration tests start real vLLM servers: about 13 minutes).
 # Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -q`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

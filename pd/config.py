@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
@@ -38,6 +39,16 @@ class ConnectorConfig(BaseModel):
     fingerprint_extra: str = Field(
         "", description="mixed into chunk keys: instances with different values never share KV"
     )
+
+    def chunks_on_device(self, kv_device: torch.device) -> bool:
+        """Whether chunks wait and land in GPU memory, for a KV cache on `kv_device` (see staging_memory)."""
+        gpu_to_gpu = kv_device.type == "cuda" and self.transport == "ucx"
+        if self.staging_memory == "device" and not gpu_to_gpu:
+            raise ValueError(
+                f"staging_memory=device needs a KV cache on a GPU (this one is on {kv_device}) and transport "
+                f"ucx (this one is {self.transport}; tcp moves host bytes only)"
+            )
+        return self.staging_memory == "device" or (self.staging_memory == "auto" and gpu_to_gpu)
 
 
 def load_config(extra: dict[str, Any] | None) -> ConnectorConfig:

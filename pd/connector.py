@@ -500,7 +500,7 @@ class _WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
-        self.on_device = _on_device(self.cfg, self.paged)
+        self.on_device = self.cfg.chunks_on_device(self.paged.device)
         if self.is_producer:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
             self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate)
@@ -698,17 +698,6 @@ class _WorkerSide:
             self.writer.close()
         if self.cache is not None:
             self.cache.close()
-
-
-def _on_device(cfg: ConnectorConfig, paged: PagedKV) -> bool:
-    """Whether chunks wait and land in GPU memory (see ConnectorConfig.staging_memory)."""
-    gpu_to_gpu = paged.device.type == "cuda" and cfg.transport == "ucx"
-    if cfg.staging_memory == "device" and not gpu_to_gpu:
-        raise ValueError(
-            f"staging_memory=device needs a KV cache on a GPU (this one is on {paged.device}) and transport "
-            f"ucx (this one is {cfg.transport}; tcp moves host bytes only)"
-        )
-    return cfg.staging_memory == "device" or (cfg.staging_memory == "auto" and gpu_to_gpu)
 
 
 class _ChunkLoader:

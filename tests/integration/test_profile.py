@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from tests.integration.client import (
     LOAD_FAILURES,
     LOADED,
+    complete,
     metrics,
     prompt,
     summed_metrics,
@@ -28,6 +30,7 @@ from tests.integration.conftest import free_port
 pytestmark = pytest.mark.integration
 
 CHUNK = 256
+TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"
 
 
 def ready(cluster) -> None:
@@ -35,11 +38,28 @@ def ready(cluster) -> None:
     cluster.deployment.wait_ready(names, timeout=400)
 
 
+def settle(cluster) -> None:
+    """vLLM exports an instance's connector counters at its engine steps: writes behind that ended
+    after its last step wait for the next. Wait for the cache server's puts (counted at once) to
+    stop moving, then give each instance a step with a 10-token prompt, which neither looks up nor
+    stores a chunk."""
+    cache = cluster.deployment.cache_metrics_url
+    last, stable_since = None, time.monotonic()
+    while time.monotonic() - stable_since < 1.5:
+        now = metrics(cache).get(TIER_PUTS)
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        time.sleep(0.2)
+    for url in [cluster.prefiller.url] + [d.url for d in cluster.decoders]:
+        complete(url, prompt(10, seed=9999), max_tokens=1)
+
+
 def test_metrics_count_known_traffic_exactly(cluster):
     ready(cluster)
     proxy, prefiller = cluster.proxy_url, cluster.prefiller.url
     decoders = [d.url for d in cluster.decoders]
     cache = cluster.deployment.cache_metrics_url
+    settle(cluster)
     before = {"proxy": metrics(proxy), "prefill": metrics(prefiller), "cache": metrics(cache)}
     before["decode"] = summed_metrics(decoders)
 
@@ -91,6 +111,9 @@ def test_metrics_count_known_traffic_exactly(cluster):
     got = wait_for_deltas(proxy, before["proxy"], want_proxy)
     assert got == want_proxy, {k: (got[k], v) for k, v in want_proxy.items() if got[k] != v}
 
+    want_cache = {TIER_PUTS: full_chunks, "pdrun:cache_hits_total[tier=memory]": 0}
+    assert wait_for_deltas(cache, before["cache"], want_cache) == want_cache
+    settle(cluster)
     want_prefill = {
         "pdrun:staged_chunks_total": sum(math.ceil((n - 1) / CHUNK) for n in pd_prompts),
         "pdrun:cache_lookup_tokens_total": full_chunks * CHUNK,
@@ -100,8 +123,6 @@ def test_metrics_count_known_traffic_exactly(cluster):
     assert wait_for_deltas(prefiller, before["prefill"], want_prefill) == want_prefill
     want_decode = {LOADED: handed, "pdrun:loads_total": 4, LOAD_FAILURES: 0, "pdrun:cache_lookup_tokens_total": 0}
     assert wait_for_deltas(decoders, before["decode"], want_decode) == want_decode
-    want_cache = {"pdrun:cache_puts_total[tier=memory]": full_chunks, "pdrun:cache_hits_total[tier=memory]": 0}
-    assert wait_for_deltas(cache, before["cache"], want_cache) == want_cache
 
     # The ratios agree with the counters they come from.
     p = metrics(prefiller)

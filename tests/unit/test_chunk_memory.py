@@ -7,7 +7,6 @@ import torch
 
 from pd.codec import PagedKV
 from pd.config import ConnectorConfig
-from pd.connector import _on_device
 
 
 def cpu_paged() -> PagedKV:
@@ -17,13 +16,13 @@ def cpu_paged() -> PagedKV:
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
 @pytest.mark.parametrize("memory", ["auto", "host"])
 def test_a_cpu_cache_keeps_chunks_in_host_memory(transport, memory):
-    assert _on_device(ConnectorConfig(transport=transport, staging_memory=memory), cpu_paged()) is False
+    assert ConnectorConfig(transport=transport, staging_memory=memory).chunks_on_device(cpu_paged().device) is False
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
 def test_device_memory_where_it_cannot_be_is_named(transport):
     with pytest.raises(ValueError, match=r"staging_memory=device needs a KV cache on a GPU \(this one is on cpu\)"):
-        _on_device(ConnectorConfig(transport=transport, staging_memory="device"), cpu_paged())
+        ConnectorConfig(transport=transport, staging_memory="device").chunks_on_device(torch.device("cpu"))
 
 
 def test_device_buffers_sit_beside_the_cache_and_gathers_on_cpu_are_done_at_once():

@@ -105,7 +105,7 @@ def test_staged_buffers_are_torch_tensors():
 
 
 def test_a_chunk_is_served_only_once_its_copy_is_done():
-    pool = StagingPool(budget_bytes=1 << 20, ttl_s=60)
+    pool = StagingPool(budget_bytes=1 << 20, ttl_s=60, allocate=lambda n: torch.zeros(n, dtype=torch.uint8))
     assert pool.stage("r", key(1), 1, 1 << 16, lambda buf: LateCopy(buf, 9, delay_s=0.3))
     assert int(pool.get(key(1)).buffer[-1]) == 0  # the copy is still running
     listener = transfer.listen("tcp://127.0.0.1:0", StagingService(pool, "L"))

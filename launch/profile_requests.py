@@ -40,6 +40,8 @@ def one_request(client: httpx.Client, model: str, prompt: list[int], max_tokens:
     # ignore_eos: every request generates max_tokens, so requests are alike (as in vLLM's benchmarks).
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
             "ignore_eos": True}  # fmt: skip
+    if stream:
+        body["stream_options"] = {"include_usage": True}  # the exact token count, for TPOT
     t0 = time.perf_counter()
     with client.stream("POST", "/v1/completions", json=body) as r:
         content = r.read()

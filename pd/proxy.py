@@ -41,8 +41,9 @@ log = logging.getLogger("pd.proxy")
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
-# Retried on another decoder: the request never reached one, or the decoder died before answering.
-RETRIABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# Retried on another decoder: the request never reached one (a connection refused, or not made in
+# time under a burst), or the decoder died before answering.
+RETRIABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 SLOW_PROBES_DOWN = 5  # health checks in a row that time out before a backend leaves the rotation
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -381,8 +382,10 @@ class Proxy:
                     self._failed(d, e)
                     self.metrics.retries.inc()
                     continue
-                if isinstance(e, httpx.TimeoutException):
+                if isinstance(e, httpx.ReadTimeout):
                     return error_response(504, f"decoder {d.url} sent nothing for {self.settings.read_timeout_s}s")
+                if isinstance(e, httpx.TimeoutException):
+                    return error_response(504, f"decoder {d.url}: {type(e).__name__}: {e}")
                 raise
             d.served += 1
             try:
@@ -421,7 +424,7 @@ class Proxy:
             timing.decode = time.monotonic() - sent
             if clock.first is not None:
                 timing.first_token, timing.ttft = clock.first - sent, clock.first - t0
-            timing.output_tokens, timing.tpot = clock.events, clock.per_token
+            timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
         except RETRIABLE as e:
             self._failed(d, e)
             err = {"error": {"message": f"decoder failed mid-stream: {e}", "type": "APIError", "code": 502}}

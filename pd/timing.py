@@ -10,7 +10,8 @@ Phases, in seconds (None where unknown):
     decode       decode request sent to the last byte
     total        proxy arrival to the last byte
 and, for streamed answers, ttft (proxy arrival to the first token) and tpot (time per output
-token after the first: from the first to the last token-carrying event, over their count less 1).
+token after the first: from the first to the last token-carrying event, over the output tokens
+less 1; the count is the usage chunk's when the client asked for usage, else one per event).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class RequestTiming:
     mode: str = "pd"  # or "decode-only: <reason>"
     status: int | None = None
     prompt_tokens: int | None = None
-    output_tokens: int | None = None  # streamed: events that carried tokens
+    output_tokens: int | None = None  # streamed: the usage chunk's count, else events that carried tokens
     decoder_queue: float | None = None
     queue: float | None = None
     prefill: float | None = None
@@ -68,37 +69,49 @@ class TimingLog:
 
 
 class StreamClock:
-    """Reads a relayed SSE stream for the times of its first and last token-carrying events."""
+    """Reads a relayed SSE stream for the times of its first and last token-carrying events, and
+    the output token count: from the usage chunk when the client asked for one (vLLM may put
+    several tokens in one event when its reader lags), else one per event."""
 
     def __init__(self) -> None:
         self._pending = b""
         self.first: float | None = None
         self.last: float | None = None
         self.events = 0  # events that carried tokens
+        self.usage_tokens: int | None = None
 
     def feed(self, chunk: bytes, now: float) -> None:
         self._pending += chunk
         *events, self._pending = self._pending.split(b"\n\n")
         for event in events:
-            if _carries_tokens(event):
+            data = _data(event)
+            if data is None:
+                continue
+            if any(c.get("text") or (c.get("delta") or {}).get("content") for c in data.get("choices") or []):
                 self.events += 1
                 self.first = now if self.first is None else self.first
                 self.last = now
+            tokens = (data.get("usage") or {}).get("completion_tokens")
+            if isinstance(tokens, int):
+                self.usage_tokens = tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else self.events
 
     @property
     def per_token(self) -> float | None:
-        if self.first is None or self.last is None or self.events < 2:
+        if self.first is None or self.last is None or self.tokens < 2:
             return None
-        return (self.last - self.first) / (self.events - 1)
+        return (self.last - self.first) / (self.tokens - 1)
 
 
-def _carries_tokens(event: bytes) -> bool:
-    """A completion (`text`) or chat (`delta.content`) chunk with output; not the role-only first
-    chat chunk, a usage-only chunk, or `[DONE]`."""
+def _data(event: bytes) -> dict[str, Any] | None:
+    """An event's JSON object; None for `[DONE]`, comments or anything else."""
     if not event.startswith(b"data: {"):
-        return False
+        return None
     try:
-        choices = json.loads(event[6:]).get("choices") or []
+        data = json.loads(event[6:])
     except ValueError:
-        return False
-    return any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices)
+        return None
+    return data if isinstance(data, dict) else None

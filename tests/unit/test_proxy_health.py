@@ -1,10 +1,11 @@
 """The proxy's view of backend health, against real HTTP servers: a busy backend that answers
 /health late stays in rotation until it stays silent several checks in a row; a refused
-connection takes it out at once."""
+connection takes it out at once; a connection not made in time moves the request elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import socket
@@ -13,7 +14,8 @@ import time
 
 import httpx
 
-from pd.proxy import SLOW_PROBES_DOWN, Proxy, ProxySettings
+from pd.proxy import COMPLETIONS, SLOW_PROBES_DOWN, Proxy, ProxySettings
+from pd.timing import RequestTiming
 
 
 class Backend(http.server.BaseHTTPRequestHandler):
@@ -24,6 +26,15 @@ class Backend(http.server.BaseHTTPRequestHandler):
             time.sleep(type(self).delay)
         body = json.dumps({"data": [{"id": "m"}]}).encode() if self.path == "/v1/models" else b""
         self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -74,3 +85,49 @@ def test_a_slow_health_answer_is_busy_not_gone_and_a_refusal_is_gone():
     finally:
         server.shutdown()
     assert seen == [True] * (SLOW_PROBES_DOWN - 1) + [False, True]
+
+
+def blackhole_url() -> tuple[str, list[socket.socket]]:
+    """A port whose listen backlog is full: connecting there hangs until the client gives up."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    held = [server]
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        held.append(c)
+    time.sleep(0.2)
+    return f"http://127.0.0.1:{port}", held
+
+
+def test_a_connection_not_made_in_time_moves_the_request_to_another_decoder():
+    server, url = serve()
+    hole, held = blackhole_url()
+    proxy = Proxy(ProxySettings(decode=[hole, url], connect_timeout_s=0.5))
+    for b in proxy.router.decoders:
+        b.mark_up(["m"])
+
+    async def run() -> list[int]:
+        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(connect=0.5, read=10, write=10, pool=None))
+        try:
+            statuses = []
+            for i in range(4):  # equally idle decoders take turns: the blackhole comes up
+                timing = RequestTiming(str(i), COMPLETIONS, stream=False)
+                r = await proxy._decode(COMPLETIONS, {"prompt": "x"}, time.monotonic(), timing)
+                statuses.append(r.status_code)
+            return statuses
+        finally:
+            await proxy.client.aclose()
+
+    try:
+        statuses = asyncio.run(run())
+    finally:
+        server.shutdown()
+        for s in held:
+            s.close()
+    assert statuses == [200] * 4
+    assert proxy.metrics.retries._value.get() >= 1  # the blackhole was tried, and left for the other

@@ -88,3 +88,12 @@ def test_timing_log_keeps_the_last_records():
         log.add(RequestTiming(str(i), "/v1/completions", stream=False))
     assert [log.get(str(i)) is not None for i in range(5)] == [False, False, True, True, True]
     assert set(log.get("4").to_json()) >= {"queue", "prefill", "handoff", "first_token", "total", "ttft", "tpot"}
+
+
+def test_tokens_merged_into_one_event_are_counted_from_the_usage_chunk():
+    # vLLM puts several tokens in one event when its reader lags; the usage chunk has the count.
+    clock = StreamClock()
+    clock.feed(event({"choices": [{"index": 0, "text": " a"}]}), 1.0)
+    clock.feed(event({"choices": [{"index": 0, "text": " b c d"}]}), 4.0)
+    clock.feed(event({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}) + event("[DONE]"), 4.0)
+    assert (clock.events, clock.tokens, clock.per_token) == (2, 4, pytest.approx(1.0))

@@ -57,7 +57,9 @@ class ProxySettings(BaseModel):
     decode: list[str] = Field(min_length=1, description="decoder vLLM base URLs")
     policy: Policy = "prefix_aware"
     health_interval_s: float = Field(1.0, gt=0)
-    connect_timeout_s: float = Field(5.0, gt=0)
+    connect_timeout_s: float = Field(
+        15.0, gt=0, description="a connection to a backend not made by then is tried on another (a refusal at once)"
+    )
     prefill_timeout_s: float = Field(300.0, gt=0, description="longest wait for a prefiller's answer")
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from a decoder")
     max_connections: int = Field(2048, ge=1, description="upstream connections, all backends together")

@@ -190,7 +190,12 @@ async def _worker_address() -> bytes:
 
 async def _endpoint_to(address: bytes) -> Any:
     ucxx = _ucxx()
-    return await ucxx.create_endpoint_from_worker_address(ucxx.get_ucx_address_from_buffer(address))
+    # No UCX peer-failure handling: it rules out the shared-memory transports (host payloads then
+    # went over tcp/lo on one GPU host, 1.2 GB/s, and every small message with them); the TCP
+    # lifeline already tells each side when the other is gone.
+    return await ucxx.create_endpoint_from_worker_address(
+        ucxx.get_ucx_address_from_buffer(address), endpoint_error_handling=False
+    )
 
 
 class _Channel:

@@ -54,24 +54,17 @@ def gpu_cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     decoder_gpu = "1" if torch.cuda.device_count() > 1 else "0"
     common = dict(model=str(model), device="cuda", dtype=dtype, max_model_len=4096, extra_args=gpu_args(model))
     connector = {"transport": TRANSPORT, "io_timeout_s": 30.0}
-    servers = [
-        VllmServer(
-            ServerSpec(port=free_port(), role="kv_producer", kv_port=free_port(), connector=connector, **common,
-                       env={**env, "CUDA_VISIBLE_DEVICES": "0"}),
-            log_dir / "p.log",
-        ),
-        VllmServer(
-            ServerSpec(port=free_port(), role="kv_consumer", kv_port=free_port(), connector=connector, **common,
-                       env={**env, "CUDA_VISIBLE_DEVICES": decoder_gpu}),
-            log_dir / "d.log",
-        ),
-        VllmServer(ServerSpec(port=free_port(), **common, env={**env, "CUDA_VISIBLE_DEVICES": "0"}),
-                   log_dir / "plain.log"),
-    ]  # fmt: skip
+    # (role, GPU, log name): each server's ports are picked just before it starts, as UCX's own
+    # listeners in the servers already up take ephemeral ports too.
+    plan = [("kv_producer", "0", "p.log"), ("kv_consumer", decoder_gpu, "d.log"), ("plain", "0", "plain.log")]
+    servers: list[VllmServer] = []
     try:
         t0 = time.monotonic()
-        for s in servers:  # one at a time: each sizes its KV cache from the memory the others left
-            s.start().wait_healthy(timeout=400)
+        for role, gpu, log in plan:  # one at a time: each sizes its KV cache from the memory the others left
+            pd = dict(kv_port=free_port(), connector=connector) if role != "plain" else {}
+            spec = ServerSpec(port=free_port(), role=role, **pd, **common, env={**env, "CUDA_VISIBLE_DEVICES": gpu})
+            servers.append(VllmServer(spec, log_dir / log))
+            servers[-1].start().wait_healthy(timeout=400)
         print(f"\n3 vLLM servers on the GPU healthy after {time.monotonic() - t0:.0f}s; logs in {log_dir}")
         yield Cluster(*servers, log_dir)
     finally:

@@ -286,7 +286,8 @@ class Proxy:
         """Once per request, when its last byte has gone (or it failed)."""
         if timing.finished.is_set():
             return
-        timing.total = time.monotonic() - t0
+        if timing.total is None:
+            timing.total = time.monotonic() - t0
         self.metrics.observe(timing)
         timing.finished.set()
 
@@ -423,7 +424,8 @@ class Proxy:
             async for chunk in chunks:
                 clock.feed(chunk, time.monotonic())
                 yield chunk
-            timing.decode = time.monotonic() - sent
+            end = time.monotonic()  # the last chunk has gone to the client: closing upstream is not its time
+            timing.decode, timing.total = end - sent, end - t0
             if clock.first is not None:
                 timing.first_token, timing.ttft = clock.first - sent, clock.first - t0
             timing.output_tokens, timing.tpot = clock.tokens, clock.per_token

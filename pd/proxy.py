@@ -9,7 +9,7 @@ prompts) is sent to a decoder alone, which prefills it itself. A decoder that ca
 before it has answered anything is replaced by another. A client that goes away cancels the
 upstream requests. vLLM's own errors pass through with their status.
 
-Every answer carries an `x-pdrun-request-id` header; `GET /pdrun/requests/{id}` tells where that
+Every routed request's answer carries an `x-pdrun-request-id` header; `GET /pdrun/requests/{id}` tells where that
 request's time went (pd/timing.py), and /metrics has the same phases as histograms.
 """
 

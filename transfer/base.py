@@ -68,11 +68,17 @@ class Connection(ABC):
         meta: dict[str, Any] | None = None,
         payload: Any = None,
         sink: Sink | None = None,
+        window: int = 1,
     ) -> Iterator[Frame]:
         """Send a request and yield the data frames of its reply, checksum-verified, each payload in
         the buffer `sink(header)` gave (a fresh bytearray without a sink). Returns the final meta as
         the generator's return value; raises `RemoteError` for an "error" reply. A stream abandoned
-        part way leaves the connection unusable (`broken`)."""
+        part way leaves the connection unusable (`broken`).
+
+        `window`: how many frames may be in flight at once. A backend that pipelines (ucx) calls the
+        sink for up to `window` frames before yielding the first of them, so the buffers it hands out
+        for frames not yet yielded must be distinct; the one of a yielded frame may be reused once
+        the caller asks for the next frame. Backends that read one frame at a time (tcp) ignore it."""
 
     def call(self, op: str, *, key: bytes = b"", meta: dict[str, Any] | None = None, payload: Any = None) -> Reply:
         """A request whose reply carries no data frames."""

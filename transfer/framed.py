@@ -28,6 +28,19 @@ class Channel(Protocol):
 
     def write(self, header: Header, payload: Any = None) -> None: ...
 
+    def replies(self, sink: Sink | None, window: int) -> Iterator[tuple[Header, Any]]:
+        """A reply's frames, the final one included; up to `window` of them may be being received
+        (their sink buffers handed out) while the caller handles an earlier one."""
+
+
+def one_by_one(channel: Channel, sink: Sink | None) -> Iterator[tuple[Header, Any]]:
+    """`Channel.replies` for a channel that reads one frame at a time."""
+    while True:
+        header, data = channel.read(sink)
+        yield header, data
+        if not header.more:
+            return
+
 
 class FramedConnection(Connection):
     """A connection whose requests and replies are frames on one channel."""
@@ -47,23 +60,28 @@ class FramedConnection(Connection):
         meta: dict[str, Any] | None = None,
         payload: Any = None,
         sink: Sink | None = None,
+        window: int = 1,
     ) -> Iterator[Frame]:
         if self.broken:
             raise PeerClosed(f"connection to {self.address} is broken")
         self._broken = True  # until the whole reply has been read
         self.channel.write(Header(op=op, key=key, meta=meta or {}), payload)
-        while True:
-            header, data = self.channel.read(sink)
-            if header.more:
-                yield Frame(header, data)
-                continue
-            self._broken = False
-            if header.op == "error":
-                raise RemoteError(f"{self.address}: {header.meta.get('message', 'unspecified error')}")
-            if header.op != "ok":
-                self._broken = True
-                raise ProtocolError(f"reply ended with {header.op!r}, expected 'ok' or 'error'")
-            return dict(header.meta)
+        final = None
+        with contextlib.closing(self.channel.replies(sink, max(1, window))) as replies:
+            for header, data in replies:  # to the end: a channel may have work left after the last frame
+                if header.more:
+                    yield Frame(header, data)
+                else:
+                    final = header
+        if final is None:
+            raise ProtocolError("the reply ended without a final frame")
+        self._broken = False
+        if final.op == "error":
+            raise RemoteError(f"{self.address}: {final.meta.get('message', 'unspecified error')}")
+        if final.op != "ok":
+            self._broken = True
+            raise ProtocolError(f"reply ended with {final.op!r}, expected 'ok' or 'error'")
+        return dict(final.meta)
 
 
 def serve(channel: Channel, service: Service, name: str, idle_timeout: float, closed: threading.Event) -> None:

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -114,6 +115,9 @@ class _FrameIO:
             self._recv_into(view, deadline)
             verify(header, payload, self.options.checksums)
         return header, payload
+
+    def replies(self, sink: Sink | None, window: int) -> Iterator[tuple[Header, Any]]:
+        return framed.one_by_one(self, sink)  # the socket delivers in order: nothing to overlap
 
     def _discard(self, nbytes: int, deadline: float) -> None:
         scratch = memoryview(bytearray(min(nbytes, 1 << 20)))

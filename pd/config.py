@@ -26,8 +26,20 @@ class ConnectorConfig(BaseModel):
     )
     connect_timeout_s: float = Field(5.0, gt=0)
     io_timeout_s: float = Field(30.0, gt=0, description="consumer: longest wait for one chunk")
-    checksums: bool = Field(True, description="xxh3-64 over every chunk, verified on receipt")
+    checksums: bool | None = Field(
+        None,
+        description="xxh3-64 over every chunk moved in host memory, verified on receipt; default: on over tcp "
+        "(hand-offs and the cache tier), off over ucx, whose shared-memory, cma, cuda_ipc and RDMA transports "
+        "guard their own bytes (hashing both ends would halve a host-staged hand-off)",
+    )
     load_threads: int = Field(2, ge=1, le=64, description="consumer: hand-offs pulled in parallel")
+    chunks_in_flight: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="consumer: chunks of one hand-off being received at once over ucx while earlier ones are "
+        "placed; each holds a chunk buffer (32 MiB for 256 tokens of an 8B model) in the staging memory",
+    )
     cache: str | None = Field(
         None, description="a `pdrun cache-server` (tcp://HOST:PORT) shared by all instances; none: no cache tier"
     )
@@ -49,6 +61,14 @@ class ConnectorConfig(BaseModel):
                 f"ucx (this one is {self.transport}; tcp moves host bytes only)"
             )
         return self.staging_memory == "device" or (self.staging_memory == "auto" and gpu_to_gpu)
+
+    def transfer_options(self, io_timeout_s: float | None = None) -> dict[str, Any]:
+        """Options for `transfer.connect` / `transfer.listen`; unset checksums take the transport's default."""
+        t = self.io_timeout_s if io_timeout_s is None else io_timeout_s
+        options: dict[str, Any] = {"connect_timeout": min(self.connect_timeout_s, t), "io_timeout": t}
+        if self.checksums is not None:
+            options["checksums"] = self.checksums
+        return options
 
 
 def load_config(extra: dict[str, Any] | None) -> ConnectorConfig:

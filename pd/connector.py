@@ -93,7 +93,7 @@ def _cache_client(cfg: ConnectorConfig) -> CacheClient | None:
     t = cfg.cache_timeout_s
     return CacheClient(
         cfg.cache,
-        connect=lambda addr: transfer.connect(addr, connect_timeout=t, io_timeout=t, checksums=cfg.checksums),
+        connect=lambda addr: transfer.connect(addr, **cfg.transfer_options(t)),
         retry_after_s=cfg.cache_retry_s,
     )
 
@@ -483,11 +483,7 @@ class _WorkerSide:
         self.on_device = False  # chunks in GPU memory (set with the KV caches)
         self.pool: StagingPool | None = None
         self.listener: transfer.Listener | None = None
-        self._conns = ConnectionPool(
-            lambda addr: transfer.connect(
-                addr, connect_timeout=cfg.connect_timeout_s, io_timeout=cfg.io_timeout_s, checksums=cfg.checksums
-            )
-        )
+        self._conns = ConnectionPool(lambda addr: transfer.connect(addr, **cfg.transfer_options()))
         self.cache = _cache_client(cfg)
         self.writer: WriteBehind | None = None
         if cfg.cache is not None:
@@ -506,9 +502,7 @@ class _WorkerSide:
             self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate)
             service = StagingService(self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n))
             bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
-            self.listener = transfer.listen(
-                bind, service, checksums=self.cfg.checksums, io_timeout=self.cfg.io_timeout_s
-            )
+            self.listener = transfer.listen(bind, service, **self.cfg.transfer_options())
         log.info(
             "PDConnector worker rank %d: KV layout %s on %s, %d bytes per block, chunks in %s memory%s%s",
             self.rank,
@@ -606,7 +600,7 @@ class _WorkerSide:
         returns the end of the tokens now in place."""
         assert self.paged is not None
         t0 = time.perf_counter()
-        loader = _ChunkLoader(self.paged, job, on_device=self.on_device)
+        loader = _ChunkLoader(self.paged, job, on_device=self.on_device, window=self.cfg.chunks_in_flight)
         peer_error: Exception | None = None
         if job.endpoints:
             try:
@@ -650,7 +644,7 @@ class _WorkerSide:
     def _load_from_peer(self, job: LoadJob, loader: _ChunkLoader) -> None:
         with self._conns.connection(self._peer(job.endpoints)) as conn:
             keys = [c.key.hex() for c in job.chunks]
-            for frame in conn.stream("get", meta={"keys": keys}, sink=loader.sink):
+            for frame in conn.stream("get", meta={"keys": keys}, sink=loader.sink, window=loader.window):
                 expected = loader.remaining()[0].key
                 if frame.header.key != expected:
                     raise ProtocolError(f"got chunk {frame.header.key.hex()}, expected {expected.hex()}")
@@ -662,7 +656,7 @@ class _WorkerSide:
         assert self.cache is not None
         rest = loader.remaining()
         keys = [rank_key(c.key, self.rank) for c in rest]
-        loader.on_device = False  # the cache tier speaks tcp: host bytes
+        loader.switch_source(on_device=False)  # the cache tier speaks tcp: host bytes
         try:
             self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
         except Exception as e:  # a chunk that does not fit this cache: the rest is computed
@@ -702,35 +696,47 @@ class _WorkerSide:
 
 class _ChunkLoader:
     """Scatters the chunks of a load job into the paged cache in plan order, whatever their source:
-    each chunk is received whole and verified into one buffer (in GPU memory when `on_device`, as
-    the ucx transport can fill it there; else in host memory), checked, then scattered."""
+    each chunk is received whole and verified into a buffer of its own (in GPU memory when
+    `on_device`, as the ucx transport can fill it there; else in host memory), checked, then
+    scattered. Up to `window` chunks are received at once (ucx), into a ring of that many buffers:
+    chunk i's buffer is handed out again for chunk i + window, after chunk i was placed."""
 
-    def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False):
+    def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
         self.paged = paged
         self.layout = paged.describe()
         self.chunks = job.chunks
+        self.window = window
+        self.asked = 0  # index into chunks of the next one a buffer is handed out for
         self.next = 0  # index into chunks of the next one to place
         self.done = job.start  # tokens [0, done) are in place
         self.nbytes = 0
         self.error = ""
         self.on_device = on_device
         self._size = max(paged.nbytes(c.src_blocks) for c in job.chunks)
-        self._buffers: dict[bool, torch.Tensor] = {}
+        self._rings: dict[bool, list[torch.Tensor]] = {}
 
-    @property
-    def buf(self) -> torch.Tensor:
-        if self.on_device not in self._buffers:
+    def _buffer(self, index: int) -> torch.Tensor:
+        ring = self._rings.setdefault(self.on_device, [])
+        slot = index % self.window
+        while len(ring) <= slot:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
-            self._buffers[self.on_device] = allocate(self._size)
-        return self._buffers[self.on_device]
+            ring.append(allocate(self._size))
+        return ring[slot]
 
     def remaining(self) -> list[plan.ChunkLoad]:
         return self.chunks[self.next :]
 
+    def switch_source(self, on_device: bool, window: int = 1) -> None:
+        """The rest comes from elsewhere (the cache tier): chunks asked for but not placed are asked again."""
+        self.asked = self.next
+        self.on_device = on_device
+        self.window = window
+        self._rings.pop(on_device, None)
+
     def sink(self, header: transfer.Header) -> Any:
-        if self.next >= len(self.chunks):
+        if self.asked >= len(self.chunks):
             raise ProtocolError("more chunks arrived than asked for")
-        c = self.chunks[self.next]
+        c = self.chunks[self.asked]
         if header.meta.get("layout") != self.layout or header.meta.get("blocks") != c.src_blocks:
             raise ProtocolError(
                 f"chunk layout {header.meta.get('layout')} x{header.meta.get('blocks')} blocks does not "
@@ -738,13 +744,14 @@ class _ChunkLoader:
             )
         if header.nbytes != self.paged.nbytes(c.src_blocks):
             raise ProtocolError(f"chunk of {header.nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
-        buf = self.buf[: header.nbytes]
+        buf = self._buffer(self.asked)[: header.nbytes]
+        self.asked += 1
         return buf if buf.is_cuda else buf.numpy()
 
     def place(self, header: transfer.Header) -> None:
-        """The chunk `sink` was asked for has arrived whole: scatter it."""
+        """The oldest chunk `sink` was asked for has arrived whole: scatter it."""
         c = self.chunks[self.next]
-        self.paged.scatter(c.block_ids, self.buf[: header.nbytes], c.src_blocks, c.skip_blocks)
+        self.paged.scatter(c.block_ids, self._buffer(self.next)[: header.nbytes], c.src_blocks, c.skip_blocks)
         self.next += 1
         self.done = c.token_end
         self.nbytes += header.nbytes

@@ -4,7 +4,8 @@ A prefiller process fills a paged KV cache of the Llama-8B shape (32 layers x K,
 bf16: 128 KiB per token; 16k tokens = 2 GiB), gathers it chunk by chunk into the real staging pool
 and serves it. A decoder process (this one; on the next GPU when there are two) pulls every chunk
 with the connector's own loader and scatters it into its paged cache, as PDConnector does. Timed:
-the first request to the last block in place (and synchronized); the bytes are then checked.
+the first request to the last block in place (and synchronized); the bytes are then checked. Over
+ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`).
 
 Paths: ucx with chunks in GPU memory (GPU to GPU: cuda_ipc on one host), ucx host-staged (pinned
 host memory at both ends), tcp (pinned host memory). Floors: pinned host->GPU and GPU->host copy,
@@ -75,16 +76,19 @@ def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, re
     listener.close()
 
 
-def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int) -> float:
+def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, window: int) -> float:
     """Seconds for the decoder to have every block of the prompt in place."""
     keys = [key(i) for i in range(tokens // chunk)]
     block_ids = list(range(tokens // BLOCK))
     chunks = plan.plan_load(keys, tokens, 0, tokens, block_ids, chunk, BLOCK)
-    loader = _ChunkLoader(paged, LoadJob("bench", [address], chunks, 0, tokens, block_ids), memory == "device")
-    loader.buf  # noqa: B018  (allocated before the clock starts, as a warm decoder's would be)
+    job = LoadJob("bench", [address], chunks, 0, tokens, block_ids)
+    loader = _ChunkLoader(paged, job, on_device=memory == "device", window=window)
+    for i in range(window):  # allocated before the clock starts, as a warm decoder's would be
+        loader._buffer(i)
     with transfer.connect(address, io_timeout=120) as conn:
         t0 = time.perf_counter()
-        for frame in conn.stream("get", meta={"keys": [k.hex() for k in keys]}, sink=loader.sink):
+        stream = conn.stream("get", meta={"keys": [k.hex() for k in keys]}, sink=loader.sink, window=window)
+        for frame in stream:
             loader.place(frame.header)
         if paged.device.type == "cuda":
             torch.cuda.synchronize(paged.device)
@@ -127,6 +131,9 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=256)
     ap.add_argument("--paths", default=",".join(PATHS), help=f"some of {', '.join(PATHS)}")
     ap.add_argument("--rounds", type=int, default=3, help="hand-offs per path; the median is reported")
+    ap.add_argument(
+        "--window", type=int, default=4, help="chunks received at once over ucx (the connector's chunks_in_flight)"
+    )
     ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
     ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))
     args = ap.parse_args()
@@ -157,7 +164,9 @@ def main() -> None:
         try:
             address = ready.get(timeout=600)
             paged = paged_cache(decode_dev, args.tokens // BLOCK, pattern=False)
-            seconds = [pull(address, paged, memory, args.tokens, args.chunk_tokens) for _ in range(args.rounds)]
+            seconds = [
+                pull(address, paged, memory, args.tokens, args.chunk_tokens, args.window) for _ in range(args.rounds)
+            ]
             check(paged)
         finally:
             stop.set()
@@ -191,6 +200,7 @@ def main() -> None:
             "benchmark": "handoff_one_prompt",
             "tokens": args.tokens,
             "chunk_tokens": args.chunk_tokens,
+            "window": args.window,
             "prefill_device": prefill_dev,
             "decode_device": decode_dev,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,

@@ -4,13 +4,18 @@
 #   GPU machine (after the staging calls; vLLM 0.26 in /tmp/site):
 #     PYTHONPATH=/tmp/site:$PWD bash examples/gpu/ttft_pd_vs_plain.sh /tmp/stage/models/llama8b 16384 ucx $OUT
 #   CPU (the flow, with the tiny model):  bash examples/gpu/ttft_pd_vs_plain.sh tiny 1000 tcp /tmp/ttft
+# With two GPUs, 1P1D is `pdrun launch` on GPUs 0 and 1; with one (or GPUS=0), the prefiller and the
+# decoder share GPU 0 (0.4 of its memory each), started one after the other behind `pdrun proxy`.
 # Writes plain.json, pd.json and ttft.json (the medians and their ratio) into OUT_DIR.
 set -euo pipefail
 MODEL=${1:?model dir (or tiny)}; TOKENS=${2:-16384}; TRANSPORT=${3:-ucx}; OUT_DIR=${4:-ttft}
 N=${N:-6}; MAXLEN=$((TOKENS + 512))
 mkdir -p "$OUT_DIR"; OUT_DIR=$(cd "$OUT_DIR" && pwd)
 if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m launch model tiny); DEV=cpu; GPUS=(); VARGS=(); export VLLM_CPU_KVCACHE_SPACE=2
-else DEV=cuda; GPUS=(--gpus 0,1); VARGS=(--load-format dummy --enforce-eager --gpu-memory-utilization 0.85); fi
+else DEV=cuda; VARGS=(--load-format dummy --enforce-eager)
+  NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  if [ "${GPUS:-}" = 0 ] || [ "$NGPU" -lt 2 ]; then SHARED=1; VARGS+=(--gpu-memory-utilization 0.4)
+  else GPUS=(--gpus 0,1); VARGS+=(--gpu-memory-utilization 0.85); fi; fi
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done; sleep 5
             for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
@@ -28,10 +33,22 @@ python3 -m launch profile requests --url http://127.0.0.1:8191 -n "$N" --prompt-
   --json "$OUT_DIR/plain.json"
 cleanup; PIDS=(); unset CUDA_VISIBLE_DEVICES
 
-# 2. 1P1D, the prefiller and the decoder on GPUs 0 and 1, no cache tier (nothing to reuse here).
-python3 -m launch launch --model "$MODEL" --served-model-name m --prefill 1 --decode 1 --device "$DEV" \
-  "${GPUS[@]}" --transport "$TRANSPORT" --port 8192 --max-model-len "$MAXLEN" --cache-cpu-gb 0 \
-  --run-dir "$OUT_DIR/run" -- "${VARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
+# 2. 1P1D, no cache tier (nothing to reuse here).
+if [ "${SHARED:-0}" = 1 ]; then  # one GPU: each instance sizes its KV cache after the other is up
+  export CUDA_VISIBLE_DEVICES=0
+  for role in kv_producer:8193:8300 kv_consumer:8194:8310; do IFS=: read -r R PORT KV <<< "$role"
+    KTC=$(python3 -c "import json,sys; from launch.vllm_server import kv_transfer_config as k
+print(json.dumps(k(sys.argv[1], int(sys.argv[2]), {'transport': sys.argv[3]})))" "$R" "$KV" "$TRANSPORT")
+    python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name m --port "$PORT" \
+      --max-model-len "$MAXLEN" --kv-transfer-config "$KTC" "${VARGS[@]}" > "$OUT_DIR/pd-$R.log" 2>&1 &
+    PIDS+=($!); wait_up "localhost:$PORT/health"; done
+  python3 -m launch proxy --prefill http://127.0.0.1:8193 --decode http://127.0.0.1:8194 --port 8192 \
+    > "$OUT_DIR/pd-proxy.log" 2>&1 &
+else
+  python3 -m launch launch --model "$MODEL" --served-model-name m --prefill 1 --decode 1 --device "$DEV" \
+    "${GPUS[@]}" --transport "$TRANSPORT" --port 8192 --max-model-len "$MAXLEN" --cache-cpu-gb 0 \
+    --run-dir "$OUT_DIR/run" -- "${VARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
+fi
 PIDS+=($!); wait_up localhost:8192/health
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
   --json "$OUT_DIR/pd.json"

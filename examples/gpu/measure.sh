@@ -1,0 +1,28 @@
+#!/bin/bash
+# Issue 5's GPU measurements, in steps that each fit one device call (after the staging calls of
+# examples/gpu/stage_ucx.sh). Results go to OUT (the device call's $OUT).
+#   bash examples/gpu/measure.sh transfer OUT   # bench_handoff_gpu (windows 1, 4, 8) + pdrun profile transfer
+#   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == plain vLLM, 8B shape, over ucx (pytest -m gpu)
+#   bash examples/gpu/measure.sh pd-tcp OUT     # the same over tcp
+#   bash examples/gpu/measure.sh ttft OUT       # TTFT of 1P1D vs one cold vLLM at 16k tokens, over ucx
+set -uo pipefail
+STEP=${1:?step}; OUT=${2:?out dir}; mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD UCX_WARN_UNUSED_ENV_VARS=n
+MODEL8B=/tmp/stage/models/llama8b
+nvidia-smi -L > "$OUT/gpus.txt" 2>&1
+case "$STEP" in
+  transfer)
+    python3 examples/benchmarks/bench_handoff_gpu.py --json "$OUT/handoff.json" 2>&1 | tee "$OUT/handoff.txt"
+    for w in 1 8; do
+      python3 examples/benchmarks/bench_handoff_gpu.py --paths ucx-gpu,ucx-host --window "$w" \
+        --json "$OUT/handoff_window$w.json" 2>&1 | tee -a "$OUT/handoff.txt"
+    done
+    python3 -m launch profile transfer --transport tcp,ucx --memory host,cuda --json "$OUT/profile_transfer_gpu.json" \
+      --plot "$OUT/profile_transfer_gpu.png" 2>&1 | tail -25 | tee "$OUT/profile_transfer.txt" ;;
+  pd-ucx|pd-tcp)
+    PDRUN_GPU_TRANSPORT=${STEP#pd-} PDRUN_GPU_MODEL=$MODEL8B PDRUN_TEST_LOGS=$OUT/logs-$STEP \
+      python3 -m pytest -m gpu tests/gpu -x -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/$STEP.txt" ;;
+  ttft)
+    bash examples/gpu/ttft_pd_vs_plain.sh "$MODEL8B" 16384 ucx "$OUT/ttft" 2>&1 | tail -40 | tee "$OUT/ttft.txt" ;;
+  *) echo "unknown step $STEP"; exit 2 ;;
+esac

@@ -108,18 +108,45 @@ class PagedKV:
             ids = (ids[:, None] * self.ratio + torch.arange(self.ratio)).reshape(-1)
         return ids.to(self.device)
 
+    def _runs(self, block_ids: Sequence[int], most: int = 4) -> list[tuple[int, int, int]] | None:
+        """Block ids as runs of consecutive blocks, (first kernel block, offset in the chunk, kernel
+        blocks), when there are at most `most` of them (a new request's blocks mostly are one run):
+        copying slices then takes one batched launch for all layers instead of one per layer. None
+        for scattered ids, which go through an index."""
+        runs: list[tuple[int, int, int]] = []
+        for i, b in enumerate(block_ids):
+            if not 0 <= b < self.num_blocks:
+                return None  # _index names the bad id
+            if runs and runs[-1][0] + runs[-1][2] == b * self.ratio:
+                start, offset, n = runs[-1]
+                runs[-1] = (start, offset, n + self.ratio)
+            elif len(runs) == most:
+                return None
+            else:
+                runs.append((b * self.ratio, i * self.ratio, self.ratio))
+        return runs
+
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> Ready | None:
         """Copy blocks `block_ids` of every layer into the chunk buffer `out` (on any device: a
         host buffer for a CUDA cache is filled by a device-side gather and one copy per layer).
         On CUDA the copies are queued and the event to wait on returned; elsewhere they are done."""
         view = self.chunk_view(out, len(block_ids))
-        idx = self._index(block_ids)
         same_device = out.device == self.device
-        for layer, dst in zip(self.layers, view, strict=True):
-            if same_device:
-                torch.index_select(layer, 0, idx, out=dst)
-            else:  # into pinned memory this is asynchronous too
-                dst.copy_(torch.index_select(layer, 0, idx), non_blocking=True)
+        runs = self._runs(block_ids)
+        if same_device and runs is not None:  # whole runs of blocks: every layer's in one batched copy
+            dsts, srcs = [], []
+            for layer, dst in zip(self.layers, view, strict=True):
+                for start, offset, n in runs:
+                    dsts.append(dst[offset : offset + n])
+                    srcs.append(layer[start : start + n])
+            torch._foreach_copy_(dsts, srcs)
+        else:
+            idx = self._index(block_ids)
+            for layer, dst in zip(self.layers, view, strict=True):
+                if same_device:
+                    torch.index_select(layer, 0, idx, out=dst)
+                else:  # into pinned memory this is asynchronous too
+                    dst.copy_(torch.index_select(layer, 0, idx), non_blocking=True)
         if self.device.type != "cuda":
             return None
         event = torch.cuda.Event()
@@ -134,10 +161,19 @@ class PagedKV:
                 f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk"
             )
         view = self.chunk_view(src, src_blocks)
-        idx = self._index(block_ids)
         first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
-        for layer, chunk in zip(self.layers, view, strict=True):
-            layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
+        runs = self._runs(block_ids)
+        if src.device == self.device and runs is not None:  # whole runs: every layer's in one batched copy
+            dsts, srcs = [], []
+            for layer, chunk in zip(self.layers, view, strict=True):
+                for start, offset, n in runs:
+                    dsts.append(layer[start : start + n])
+                    srcs.append(chunk[first + offset : first + offset + n])
+            torch._foreach_copy_(dsts, srcs)
+        else:
+            idx = self._index(block_ids)
+            for layer, chunk in zip(self.layers, view, strict=True):
+                layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # in place before anyone is told so
 

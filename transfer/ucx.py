@@ -1,11 +1,11 @@
 """The UCX backend, on ucxx: the frames of the TCP backend over UCX endpoints; host or CUDA payloads.
 
-One UCX worker per process, progressed by ucxx's own thread (blocking on the worker's events, woken
-by every request submitted). Callers post sends and receives from their own threads and poll the
-requests for completion, spinning a few microseconds before backing off to sleeps of at most a
-millisecond: no event loop between a caller and UCX (ucxx's asyncio API cost 2-9 ms per message,
-thread hop after thread hop). As over TCP, a listener serves each connection from a thread of its
-own, one request at a time.
+One UCX worker per process, progressed by ucxx's own thread (beside a GPU it polls; elsewhere it
+blocks on the worker's events and every submitted request wakes it: see `_polling`). Callers post
+sends and receives from their own threads and poll the requests for completion, spinning a moment
+before backing off to sleeps of at most a millisecond: no event loop between a caller and UCX
+(ucxx's asyncio API cost 2-9 ms per message, thread hop after thread hop). As over TCP, a listener
+serves each connection from a thread of its own, one request at a time.
 
 Connecting: ucx://HOST:PORT is a small TCP socket bound to HOST (ucxx's own listener can only bind
 every interface). A client sends it its UCX worker address and a random connection tag; the
@@ -118,6 +118,17 @@ def _make_cuda_current(device: int) -> None:
     sys.modules["torch"].cuda.set_device(device)
 
 
+def _polling(cuda_device: int | None) -> bool:
+    """How UCX's progress thread waits: polling (a core busy, completions seen at once; the default
+    beside a GPU, where cuda_ipc / cuda_copy completions are CUDA events no file descriptor
+    announces) or blocking on the worker's events (the default elsewhere: CPU-only hosts share their
+    cores with the engines). PDRUN_UCX_PROGRESS=polling|blocking overrides."""
+    mode = os.environ.get("PDRUN_UCX_PROGRESS", "auto")
+    if mode not in ("auto", "polling", "blocking"):
+        raise ValueError(f"PDRUN_UCX_PROGRESS={mode!r}: expected auto, polling or blocking")
+    return mode == "polling" or (mode == "auto" and cuda_device is not None)
+
+
 class _Worker:
     """The process's UCX worker and its progress thread."""
 
@@ -132,7 +143,8 @@ class _Worker:
         device = _cuda_device()
         if device is not None:
             self.worker.set_progress_thread_start_callback(_make_cuda_current, cb_args=(device,))
-        self.worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
+        self.polling = _polling(device)
+        self.worker.start_progress_thread(polling_mode=self.polling, epoll_timeout=100)
         self.address = bytes(self.worker.address.tobytes())
         atexit.register(self.worker.stop_progress_thread)
 
@@ -272,17 +284,17 @@ class _Channel:
     def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> None:
         """Until `done()`, the channel closes or nothing completes for `timeout` (io_timeout) seconds."""
         timeout = self.options.io_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        spins, pause = 0, 0.0
+        start = time.monotonic()
+        pause = 0.0
         while not done():
             if self.closed:
                 raise PeerClosed(f"{self.peer}: the connection was closed")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start > timeout:
                 raise TransferTimeout(f"{self.peer}: no progress within {timeout:.1f}s")
-            spins += 1
-            if spins > 64:  # a message in flight takes microseconds to milliseconds: back off
+            if now - start > 2e-4:  # a message takes microseconds to milliseconds: spin, then back off
                 time.sleep(pause)
-                pause = min(pause * 2 or 2e-5, 1e-3)
+                pause = min(pause * 2 or 5e-5, 1e-3)
 
     def _finish(self, pending: _Pending, timeout: float | None = None) -> None:
         self._wait(lambda: pending.request.completed, timeout)

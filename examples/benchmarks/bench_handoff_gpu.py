@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -76,8 +77,8 @@ def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, re
     listener.close()
 
 
-def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, window: int) -> float:
-    """Seconds for the decoder to have every block of the prompt in place."""
+def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, window: int) -> tuple[float, float]:
+    """Seconds for the decoder to have every block of the prompt in place, and of them, in place()."""
     keys = [key(i) for i in range(tokens // chunk)]
     block_ids = list(range(tokens // BLOCK))
     chunks = plan.plan_load(keys, tokens, 0, tokens, block_ids, chunk, BLOCK)
@@ -88,11 +89,14 @@ def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, win
     with transfer.connect(address, io_timeout=120) as conn:
         t0 = time.perf_counter()
         stream = conn.stream("get", meta={"keys": [k.hex() for k in keys]}, sink=loader.sink, window=window)
+        placing = 0.0
         for frame in stream:
+            t = time.perf_counter()
             loader.place(frame.header)
+            placing += time.perf_counter() - t
         if paged.device.type == "cuda":
             torch.cuda.synchronize(paged.device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, placing
 
 
 def check(paged: PagedKV) -> None:
@@ -164,9 +168,10 @@ def main() -> None:
         try:
             address = ready.get(timeout=600)
             paged = paged_cache(decode_dev, args.tokens // BLOCK, pattern=False)
-            seconds = [
+            timed = [
                 pull(address, paged, memory, args.tokens, args.chunk_tokens, args.window) for _ in range(args.rounds)
             ]
+            seconds, placing = [t for t, _ in timed], [p for _, p in timed]
             check(paged)
         finally:
             stop.set()
@@ -179,6 +184,7 @@ def main() -> None:
                 "chunk_memory": memory,
                 "bytes": nbytes,
                 "seconds": [round(s, 4) for s in seconds],
+                "placing_seconds": [round(p, 4) for p in placing],  # of which scattering into the cache
                 "gb_per_s": round(nbytes / median / 1e9, 2),
                 "target_gb_per_s": TARGETS_GBPS[path] if cuda else None,
             }
@@ -189,11 +195,12 @@ def main() -> None:
         f"Hand-off of {args.tokens} tokens ({nbytes / 2**30:.2f} GiB, {args.chunk_tokens}-token chunks), "
         f"{prefill_dev} -> {decode_dev}; floors (GB/s): {floor}"
     )
-    print(f"{'path':>9} {'GB/s':>8} {'target':>7}  seconds")
+    print(f"{'path':>9} {'GB/s':>8} {'target':>7}  seconds (of which placing)")
     for r in rows:
         target = r["target_gb_per_s"]
         verdict = "" if target is None else ("  ok" if r["gb_per_s"] >= target else "  BELOW TARGET")
-        print(f"{r['path']:>9} {r['gb_per_s']:>8.2f} {target or '-':>7}  {r['seconds']}{verdict}")
+        times = f"{r['seconds']} ({r['placing_seconds']})"
+        print(f"{r['path']:>9} {r['gb_per_s']:>8.2f} {target or '-':>7}  {times}{verdict}")
     write_json(
         args.json,
         {
@@ -201,6 +208,7 @@ def main() -> None:
             "tokens": args.tokens,
             "chunk_tokens": args.chunk_tokens,
             "window": args.window,
+            "ucx_progress": os.environ.get("PDRUN_UCX_PROGRESS", "auto"),
             "prefill_device": prefill_dev,
             "decode_device": decode_dev,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,

@@ -52,6 +52,9 @@ fi
 PIDS+=($!); wait_up localhost:8192/health
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
   --json "$OUT_DIR/pd.json"
+# Non-streamed answers carry the decoder's own hand-off time (load_s): where the rest goes.
+python3 -m launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tokens "$TOKENS" --max-tokens 8 \
+  --no-stream --json "$OUT_DIR/pd_nostream.json"
 
 python3 - "$OUT_DIR" <<'PY'
 import json, statistics, sys
@@ -59,8 +62,11 @@ d = sys.argv[1]
 runs = {k: json.load(open(f"{d}/{k}.json")) for k in ("plain", "pd")}
 # The first request of each warms the engine (allocations, kernels): medians of the rest.
 ttft = {k: statistics.median(r["ttft"] for r in v["requests"][1:]) for k, v in runs.items()}
+nostream = json.load(open(f"{d}/pd_nostream.json"))["requests"][1:]
+phases = {p: statistics.median(r[p] for r in runs["pd"]["requests"][1:]) for p in ("queue", "prefill", "first_token")}
+phases["handoff"] = statistics.median(r["handoff"] for r in nostream) if nostream else None
 out = {"tokens": runs["pd"]["requests"][0]["prompt_tokens"], "ttft_s": ttft, "ratio": ttft["pd"] / ttft["plain"],
-       "pd_modes": sorted({r["mode"] for r in runs["pd"]["requests"]})}
+       "pd_phases_s": phases, "pd_modes": sorted({r["mode"] for r in runs["pd"]["requests"]})}
 json.dump(out, open(f"{d}/ttft.json", "w"), indent=1)
 print(json.dumps(out))
 PY

@@ -161,3 +161,30 @@ def test_host_buffer_holds_a_chunk():
     buf = p.host_buffer(p.nbytes(2))
     assert buf.dtype == torch.uint8 and buf.device.type == "cpu" and buf.numel() == p.nbytes(2)
     p.gather([1, 3], buf)  # usable as a chunk buffer as is
+
+
+@pytest.mark.parametrize(
+    "src_ids, dst_ids",
+    [
+        ([2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5]),  # one run each side: batched slice copies
+        ([0, 1, 2, 6, 7, 3], [9, 10, 4, 5, 6, 11]),  # a few runs
+        ([9, 0, 4, 2, 7, 5], [1, 3, 5, 7, 9, 11]),  # scattered: through an index
+    ],
+)
+def test_runs_of_blocks_and_scattered_blocks_move_alike(src_ids, dst_ids):
+    nb, ratio, layers = 12, 2, 3
+    g = torch.Generator().manual_seed(2)
+    src = {f"l{i}": torch.randn(nb * ratio, 2, 4, generator=g) for i in range(layers)}
+    dst = {f"l{i}": torch.zeros(nb * ratio, 2, 4) for i in range(layers)}
+    a, b = PagedKV(src, nb, 32), PagedKV(dst, nb, 32)
+    chunk = torch.empty(a.nbytes(len(src_ids)), dtype=torch.uint8)
+    a.gather(src_ids, chunk)
+    kernel = lambda ids: [k for i in ids for k in range(i * ratio, i * ratio + ratio)]  # noqa: E731
+    for name in src:
+        want = src[name][kernel(src_ids)]
+        assert torch.equal(a.chunk_view(chunk, len(src_ids))[int(name[1:])], want)
+    b.scatter(dst_ids[1:], chunk, src_blocks=len(src_ids), skip_blocks=1)
+    for name in src:
+        assert torch.equal(dst[name][kernel(dst_ids[1:])], src[name][kernel(src_ids[1:])])
+        untouched = [k for k in range(nb * ratio) if k not in kernel(dst_ids[1:])]
+        assert not dst[name][untouched].any()

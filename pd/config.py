@@ -33,6 +33,14 @@ class ConnectorConfig(BaseModel):
         "guard their own bytes (hashing both ends would halve a host-staged hand-off)",
     )
     load_threads: int = Field(2, ge=1, le=64, description="consumer: hand-offs pulled in parallel")
+    load_lanes: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="consumer: connections one hand-off is pulled over at once, each taking a contiguous share "
+        "of its chunks; default 2 over tcp (one TCP stream tops out near 2.4 GB/s on a GPU host's loopback, "
+        "two moved 4.0 GB/s), 1 over ucx",
+    )
     chunks_in_flight: int = Field(
         4,
         ge=1,
@@ -61,6 +69,14 @@ class ConnectorConfig(BaseModel):
                 f"ucx (this one is {self.transport}; tcp moves host bytes only)"
             )
         return self.staging_memory == "device" or (self.staging_memory == "auto" and gpu_to_gpu)
+
+    def lanes(self) -> int:
+        """Connections per hand-off (see load_lanes)."""
+        return self.load_lanes or (2 if self.transport == "tcp" else 1)
+
+    def window(self) -> int:
+        """Chunks of a lane being received at once: tcp reads one frame at a time, ucx pipelines."""
+        return self.chunks_in_flight if self.transport == "ucx" else 1
 
     def transfer_options(self, io_timeout_s: float | None = None) -> dict[str, Any]:
         """Options for `transfer.connect` / `transfer.listen`; unset checksums take the transport's default."""

@@ -49,6 +49,7 @@ from pd.codec import PagedKV
 from pd.compat import check_vllm_version
 from pd.config import ConnectorConfig, load_config
 from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
+from pd.loader import ChunkLoader, LoadJob, pull
 from pd.logs import setup_logging
 from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
 from pd.staging import Staged, StagingPool, StagingService
@@ -66,16 +67,6 @@ if TYPE_CHECKING:
 
 setup_logging()
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadJob:
-    transfer: str  # the hand-off's id at the prefiller; "" for a load from the cache tier alone
-    endpoints: list[str]  # the prefiller's, one per TP rank; [] for the cache tier alone
-    chunks: list[plan.ChunkLoad]
-    start: int  # tokens [start, end) are loaded into block_ids
-    end: int
-    block_ids: list[int]
 
 
 @dataclass
@@ -489,6 +480,10 @@ class _WorkerSide:
         if cfg.cache is not None:
             self.writer = WriteBehind(_cache_client(cfg), int(cfg.cache_write_queue_mb * (1 << 20)), self._stored)  # type: ignore[arg-type]
         self._loader = ThreadPoolExecutor(cfg.load_threads, thread_name_prefix="pdrun-load")
+        lanes = cfg.lanes()  # a load thread pulls its first lane itself, the others run here
+        self._lanes = (
+            ThreadPoolExecutor(cfg.load_threads * (lanes - 1), thread_name_prefix="pdrun-lane") if lanes > 1 else None
+        )
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
         self._load_errors: set[int] = set()
@@ -600,7 +595,7 @@ class _WorkerSide:
         returns the end of the tokens now in place."""
         assert self.paged is not None
         t0 = time.perf_counter()
-        loader = _ChunkLoader(self.paged, job, on_device=self.on_device, window=self.cfg.chunks_in_flight)
+        loader = ChunkLoader(self.paged, job, on_device=self.on_device, window=self.cfg.window())
         peer_error: Exception | None = None
         if job.endpoints:
             try:
@@ -641,18 +636,10 @@ class _WorkerSide:
             self.stats.add(loads=1)
         return loader.done
 
-    def _load_from_peer(self, job: LoadJob, loader: _ChunkLoader) -> None:
-        with self._conns.connection(self._peer(job.endpoints)) as conn:
-            keys = [c.key.hex() for c in job.chunks]
-            for frame in conn.stream("get", meta={"keys": keys}, sink=loader.sink, window=loader.window):
-                expected = loader.remaining()[0].key
-                if frame.header.key != expected:
-                    raise ProtocolError(f"got chunk {frame.header.key.hex()}, expected {expected.hex()}")
-                loader.place(frame.header)
-        if loader.done < job.end:
-            raise ProtocolError(f"the prefiller sent {loader.done - job.start} of {job.end - job.start} tokens")
+    def _load_from_peer(self, job: LoadJob, loader: ChunkLoader) -> None:
+        pull(self._conns, self._peer(job.endpoints), loader, self.cfg.lanes(), self._lanes)
 
-    def _load_from_cache(self, job: LoadJob, loader: _ChunkLoader) -> None:
+    def _load_from_cache(self, job: LoadJob, loader: ChunkLoader) -> None:
         assert self.cache is not None
         rest = loader.remaining()
         keys = [rank_key(c.key, self.rank) for c in rest]
@@ -684,6 +671,8 @@ class _WorkerSide:
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+        if self._lanes is not None:
+            self._lanes.shutdown(wait=False, cancel_futures=True)
         if self.listener is not None:
             self.listener.close()
         self._conns.close()
@@ -692,66 +681,3 @@ class _WorkerSide:
             self.writer.close()
         if self.cache is not None:
             self.cache.close()
-
-
-class _ChunkLoader:
-    """Scatters the chunks of a load job into the paged cache in plan order, whatever their source:
-    each chunk is received whole and verified into a buffer of its own (in GPU memory when
-    `on_device`, as the ucx transport can fill it there; else in host memory), checked, then
-    scattered. Up to `window` chunks are received at once (ucx), into a ring of that many buffers:
-    chunk i's buffer is handed out again for chunk i + window, after chunk i was placed."""
-
-    def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
-        self.paged = paged
-        self.layout = paged.describe()
-        self.chunks = job.chunks
-        self.window = window
-        self.asked = 0  # index into chunks of the next one a buffer is handed out for
-        self.next = 0  # index into chunks of the next one to place
-        self.done = job.start  # tokens [0, done) are in place
-        self.nbytes = 0
-        self.error = ""
-        self.on_device = on_device
-        self._size = max(paged.nbytes(c.src_blocks) for c in job.chunks)
-        self._rings: dict[bool, list[torch.Tensor]] = {}
-
-    def _buffer(self, index: int) -> torch.Tensor:
-        ring = self._rings.setdefault(self.on_device, [])
-        slot = index % self.window
-        while len(ring) <= slot:
-            allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
-            ring.append(allocate(self._size))
-        return ring[slot]
-
-    def remaining(self) -> list[plan.ChunkLoad]:
-        return self.chunks[self.next :]
-
-    def switch_source(self, on_device: bool, window: int = 1) -> None:
-        """The rest comes from elsewhere (the cache tier): chunks asked for but not placed are asked again."""
-        self.asked = self.next
-        self.on_device = on_device
-        self.window = window
-        self._rings.pop(on_device, None)
-
-    def sink(self, header: transfer.Header) -> Any:
-        if self.asked >= len(self.chunks):
-            raise ProtocolError("more chunks arrived than asked for")
-        c = self.chunks[self.asked]
-        if header.meta.get("layout") != self.layout or header.meta.get("blocks") != c.src_blocks:
-            raise ProtocolError(
-                f"chunk layout {header.meta.get('layout')} x{header.meta.get('blocks')} blocks does not "
-                f"match this instance's {self.layout} x{c.src_blocks}"
-            )
-        if header.nbytes != self.paged.nbytes(c.src_blocks):
-            raise ProtocolError(f"chunk of {header.nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
-        buf = self._buffer(self.asked)[: header.nbytes]
-        self.asked += 1
-        return buf if buf.is_cuda else buf.numpy()
-
-    def place(self, header: transfer.Header) -> None:
-        """The oldest chunk `sink` was asked for has arrived whole: scatter it."""
-        c = self.chunks[self.next]
-        self.paged.scatter(c.block_ids, self._buffer(self.next)[: header.nbytes], c.src_blocks, c.skip_blocks)
-        self.next += 1
-        self.done = c.token_end
-        self.nbytes += header.nbytes

@@ -5,7 +5,8 @@ bf16: 128 KiB per token; 16k tokens = 2 GiB), gathers it chunk by chunk into the
 and serves it. A decoder process (this one; on the next GPU when there are two) pulls every chunk
 with the connector's own loader and scatters it into its paged cache, as PDConnector does. Timed:
 the first request to the last block in place (and synchronized); the bytes are then checked. Over
-ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`).
+ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`); `--lanes`
+connections pull shares of the chunks at once (the connector's `load_lanes`).
 
 Paths: ucx with chunks in GPU memory (GPU to GPU: cuda_ipc on one host), ucx host-staged (pinned
 host memory at both ends), tcp (pinned host memory). Floors: pinned host->GPU and GPU->host copy,
@@ -18,11 +19,13 @@ GPU->GPU copy (memcpy on a CPU-only host).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,7 +38,8 @@ from common import memcpy_gbps, write_json
 import transfer
 from pd import plan
 from pd.codec import PagedKV
-from pd.connector import LoadJob, _ChunkLoader
+from pd.loader import ChunkLoader, LoadJob
+from pd.loader import pull as load
 from pd.staging import StagingPool, StagingService
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-8B, vLLM's 16-token blocks
@@ -77,26 +81,25 @@ def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, re
     listener.close()
 
 
-def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, window: int) -> tuple[float, float]:
-    """Seconds for the decoder to have every block of the prompt in place, and of them, in place()."""
+def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, window: int, lanes: int) -> float:
+    """Seconds for the decoder to have every block of the prompt in place, pulled as PDConnector does."""
     keys = [key(i) for i in range(tokens // chunk)]
     block_ids = list(range(tokens // BLOCK))
     chunks = plan.plan_load(keys, tokens, 0, tokens, block_ids, chunk, BLOCK)
     job = LoadJob("bench", [address], chunks, 0, tokens, block_ids)
-    loader = _ChunkLoader(paged, job, on_device=memory == "device", window=window)
-    for i in range(window):  # allocated before the clock starts, as a warm decoder's would be
-        loader._buffer(i)
-    with transfer.connect(address, io_timeout=120) as conn:
+    loader = ChunkLoader(paged, job, on_device=memory == "device", window=window)
+    conns = transfer.ConnectionPool(lambda a: transfer.connect(a, io_timeout=120))
+    with contextlib.ExitStack() as stack:  # the lanes' connections made before the clock starts, as a warm
+        for _ in range(lanes):  # decoder's are (chunk buffers come from torch's cache after the first round)
+            stack.enter_context(conns.connection(address)).call("ping")
+    with ThreadPoolExecutor(max(1, lanes - 1)) as executor:
         t0 = time.perf_counter()
-        stream = conn.stream("get", meta={"keys": [k.hex() for k in keys]}, sink=loader.sink, window=window)
-        placing = 0.0
-        for frame in stream:
-            t = time.perf_counter()
-            loader.place(frame.header)
-            placing += time.perf_counter() - t
+        load(conns, address, loader, lanes, executor)
         if paged.device.type == "cuda":
             torch.cuda.synchronize(paged.device)
-        return time.perf_counter() - t0, placing
+        seconds = time.perf_counter() - t0
+    conns.close()
+    return seconds
 
 
 def check(paged: PagedKV) -> None:
@@ -138,6 +141,7 @@ def main() -> None:
     ap.add_argument(
         "--window", type=int, default=4, help="chunks received at once over ucx (the connector's chunks_in_flight)"
     )
+    ap.add_argument("--lanes", type=int, default=0, help="connections per hand-off (default: 2 over tcp, 1 over ucx)")
     ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
     ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))
     args = ap.parse_args()
@@ -168,10 +172,11 @@ def main() -> None:
         try:
             address = ready.get(timeout=600)
             paged = paged_cache(decode_dev, args.tokens // BLOCK, pattern=False)
-            timed = [
-                pull(address, paged, memory, args.tokens, args.chunk_tokens, args.window) for _ in range(args.rounds)
+            lanes = args.lanes or (2 if scheme == "tcp" else 1)  # the connector's defaults
+            window = args.window if scheme == "ucx" else 1
+            seconds = [
+                pull(address, paged, memory, args.tokens, args.chunk_tokens, window, lanes) for _ in range(args.rounds)
             ]
-            seconds, placing = [t for t, _ in timed], [p for _, p in timed]
             check(paged)
         finally:
             stop.set()
@@ -184,7 +189,7 @@ def main() -> None:
                 "chunk_memory": memory,
                 "bytes": nbytes,
                 "seconds": [round(s, 4) for s in seconds],
-                "placing_seconds": [round(p, 4) for p in placing],  # of which scattering into the cache
+                "lanes": lanes,
                 "gb_per_s": round(nbytes / median / 1e9, 2),
                 "target_gb_per_s": TARGETS_GBPS[path] if cuda else None,
             }
@@ -195,12 +200,11 @@ def main() -> None:
         f"Hand-off of {args.tokens} tokens ({nbytes / 2**30:.2f} GiB, {args.chunk_tokens}-token chunks), "
         f"{prefill_dev} -> {decode_dev}; floors (GB/s): {floor}"
     )
-    print(f"{'path':>9} {'GB/s':>8} {'target':>7}  seconds (of which placing)")
+    print(f"{'path':>9} {'lanes':>5} {'GB/s':>8} {'target':>7}  seconds")
     for r in rows:
         target = r["target_gb_per_s"]
         verdict = "" if target is None else ("  ok" if r["gb_per_s"] >= target else "  BELOW TARGET")
-        times = f"{r['seconds']} ({r['placing_seconds']})"
-        print(f"{r['path']:>9} {r['gb_per_s']:>8.2f} {target or '-':>7}  {times}{verdict}")
+        print(f"{r['path']:>9} {r['lanes']:>5} {r['gb_per_s']:>8.2f} {target or '-':>7}  {r['seconds']}{verdict}")
     write_json(
         args.json,
         {

@@ -1,0 +1,43 @@
+"""The connector's transfer settings: defaults that differ by transport, and what reaches the transport."""
+
+import pytest
+
+import transfer
+from pd.config import load_config
+from transfer import ucx
+
+
+def test_defaults_by_transport():
+    tcp, over_ucx = load_config({}), load_config({"transport": "ucx"})
+    assert (tcp.lanes(), tcp.window()) == (2, 1)  # TCP reads a frame at a time: lanes for throughput
+    assert (over_ucx.lanes(), over_ucx.window()) == (1, 4)  # UCX pipelines chunks on one connection
+    assert load_config({"transport": "ucx", "load_lanes": 3, "chunks_in_flight": 8}).lanes() == 3
+    with pytest.raises(ValueError, match="chunks_in_flight"):
+        load_config({"chunks_in_flight": 0})
+
+
+@pytest.mark.parametrize("scheme, checksums, hashed", [("tcp", None, True), ("ucx", None, False), ("ucx", True, True)])
+def test_unset_checksums_take_the_transports_default(scheme, checksums, hashed):
+    cfg = load_config({"transport": scheme, **({} if checksums is None else {"checksums": checksums})})
+    with (
+        transfer.listen(f"{scheme}://127.0.0.1:0", Echo(), **cfg.transfer_options()) as listener,
+        transfer.connect(listener.address, **cfg.transfer_options()) as conn,
+    ):
+        (frame,) = conn.stream("echo", payload=b"x" * 1000)
+    assert (frame.header.checksum is not None) == hashed
+
+
+class Echo(transfer.Service):
+    def handle(self, request, payload):
+        yield transfer.Frame(transfer.Header(op="data"), payload)
+
+
+def test_ucx_progress_mode(monkeypatch):
+    assert not ucx._polling(None) and ucx._polling(0)  # polls beside a GPU only
+    monkeypatch.setenv("PDRUN_UCX_PROGRESS", "polling")
+    assert ucx._polling(None)
+    monkeypatch.setenv("PDRUN_UCX_PROGRESS", "blocking")
+    assert not ucx._polling(0)
+    monkeypatch.setenv("PDRUN_UCX_PROGRESS", "fast")
+    with pytest.raises(ValueError, match="PDRUN_UCX_PROGRESS='fast'"):
+        ucx._polling(0)

@@ -1,0 +1,115 @@
+"""A decoder's loader pulling a staged hand-off over real loopback connections: whole, over several
+lanes at once, and what is kept when part of it is gone."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import transfer
+from pd import plan
+from pd.codec import PagedKV
+from pd.loader import ChunkLoader, LoadJob, pull
+from pd.staging import StagingPool, StagingService
+
+BLOCKS, BLOCK, CHUNK = 32, 4, 8  # 2 blocks per chunk: 16 chunks
+
+
+def paged(seed=None):
+    caches = {}
+    for i in range(2):
+        t = torch.zeros(BLOCKS, 2, BLOCK, 3)
+        if seed is not None:
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(seed + i)))
+        caches[f"model.layers.{i}.attn"] = t
+    return PagedKV(caches, BLOCKS, BLOCK)
+
+
+def key(i):
+    return i.to_bytes(16, "big")
+
+
+class Counting(StagingService):
+    """Records how many "get" requests were being served at once (each chunk takes a few ms)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+
+    def handle(self, request, payload):
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            result = yield from self._slowly(super().handle(request, payload))
+        finally:
+            with self.lock:
+                self.active -= 1
+        return result
+
+    @staticmethod
+    def _slowly(frames):
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration as stop:
+                return stop.value
+            time.sleep(0.005)
+            yield frame
+
+
+@pytest.fixture
+def prefiller():
+    src = paged(seed=3)
+    pool = StagingPool(1 << 24, ttl_s=60)
+    per = CHUNK // BLOCK
+    for i in range(BLOCKS // per):
+        ids = list(range(i * per, (i + 1) * per))
+        pool.stage("t", key(i), per, src.nbytes(per), lambda buf, ids=ids: src.gather(ids, buf))
+    service = Counting(pool, src.describe())
+    with transfer.listen("tcp://127.0.0.1:0", service) as listener:
+        yield src, pool, service, listener.address
+
+
+def job(address, dst_ids):
+    tokens = BLOCKS * BLOCK
+    keys = [key(i) for i in range(tokens // CHUNK)]
+    chunks = plan.plan_load(keys, tokens, 0, tokens, dst_ids, CHUNK, BLOCK)
+    return LoadJob("t", [address], chunks, 0, tokens, dst_ids)
+
+
+def same_blocks(src, dst, src_ids, dst_ids):
+    return all(torch.equal(a[src_ids], b[dst_ids]) for a, b in zip(src.layers, dst.layers, strict=True))
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_a_hand_off_lands_whole_over_any_number_of_lanes(prefiller, lanes):
+    src, _, service, address = prefiller
+    dst = paged()
+    dst_ids = list(reversed(range(BLOCKS)))
+    loader = ChunkLoader(dst, job(address, dst_ids))
+    conns = transfer.ConnectionPool(transfer.connect)
+    with ThreadPoolExecutor(4) as pool:
+        pull(conns, address, loader, lanes, pool)
+    conns.close()
+    assert loader.done == BLOCKS * BLOCK and loader.next == len(loader.chunks)
+    assert loader.nbytes == src.nbytes(BLOCKS)
+    assert same_blocks(src, dst, list(range(BLOCKS)), dst_ids)
+    assert service.most == lanes  # the lanes were pulled at the same time
+
+
+def test_a_lane_that_fails_keeps_what_came_before_its_gap(prefiller):
+    src, pool, _, address = prefiller
+    pool._entries.pop(key(11))  # evicted: the second lane (chunks 8-15) stops there
+    dst = paged()
+    loader = ChunkLoader(dst, job(address, list(range(BLOCKS))))
+    conns = transfer.ConnectionPool(transfer.connect)
+    with ThreadPoolExecutor(4) as executor, pytest.raises(transfer.RemoteError, match="not staged"):
+        pull(conns, address, loader, 2, executor)
+    conns.close()
+    assert loader.next == 11 and loader.done == 11 * CHUNK  # chunks 0-10 in place, in order
+    assert loader.remaining()[0].key == key(11)  # what the cache tier is asked for next
+    assert same_blocks(src, dst, list(range(22)), list(range(22)))

@@ -81,6 +81,15 @@ def test_payloads_land_in_the_callers_buffer(echo, size):
     assert frames[0].header.checksum == (checksum(payload) if echo.address.startswith("tcp") else None)
 
 
+def test_a_header_of_hundreds_of_kilobytes_travels(echo):
+    # over ucx, headers up to 64 KiB share a message with the prefix; longer ones follow it
+    keys = [os.urandom(16).hex() for _ in range(8000)]  # a hand-off of 2M tokens names this many chunks
+    with transfer.connect(echo.address) as conn:
+        (frame,) = conn.stream("echo", key=b"k", meta={"keys": keys}, payload=b"after it")
+        assert bytes(frame.payload) == b"after it"
+        assert conn.call("sleep", meta={"s": 0, "pad": "x" * 70_000}).meta == {}
+
+
 def test_ucx_checksums_when_asked_for():
     with (
         transfer.listen("ucx://127.0.0.1:0", Echo(), checksums=True) as listener,

@@ -37,14 +37,12 @@ def key(i: int) -> bytes:
 def serve(scheme: str, chunks: int, nbytes: int, checksums: bool, ready: mp.Queue, stop: mp.Event) -> None:
     pool = StagingPool(budget_bytes=chunks * nbytes, ttl_s=3600)
     g = torch.Generator().manual_seed(0)
+
+    def fill(buf: torch.Tensor) -> None:  # done at once: nothing to wait for
+        buf.copy_(torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8))
+
     for i in range(chunks):
-        pool.stage(
-            "bench",
-            key(i),
-            1,
-            nbytes,
-            lambda b: b.copy_(torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8)),
-        )
+        pool.stage("bench", key(i), 1, nbytes, fill)
     listener = transfer.listen(f"{scheme}://127.0.0.1:0", StagingService(pool, "bench"), checksums=checksums)
     ready.put(listener.address)
     stop.wait()

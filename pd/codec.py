@@ -126,6 +126,18 @@ class PagedKV:
                 runs.append((b * self.ratio, i * self.ratio, self.ratio))
         return runs
 
+    def _run_slices(
+        self, view: torch.Tensor, runs: list[tuple[int, int, int]], first: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For every layer and run, the run's blocks in the cache and in the chunk `view` (whose
+        kernel block `first` is the run's offset 0): the two sides of one batched copy."""
+        in_cache, in_chunk = [], []
+        for layer, chunk in zip(self.layers, view, strict=True):
+            for start, offset, n in runs:
+                in_cache.append(layer[start : start + n])
+                in_chunk.append(chunk[first + offset : first + offset + n])
+        return in_cache, in_chunk
+
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> Ready | None:
         """Copy blocks `block_ids` of every layer into the chunk buffer `out` (on any device: a
         host buffer for a CUDA cache is filled by a device-side gather and one copy per layer).
@@ -134,12 +146,8 @@ class PagedKV:
         same_device = out.device == self.device
         runs = self._runs(block_ids)
         if same_device and runs is not None:  # whole runs of blocks: every layer's in one batched copy
-            dsts, srcs = [], []
-            for layer, dst in zip(self.layers, view, strict=True):
-                for start, offset, n in runs:
-                    dsts.append(dst[offset : offset + n])
-                    srcs.append(layer[start : start + n])
-            torch._foreach_copy_(dsts, srcs)
+            in_cache, in_chunk = self._run_slices(view, runs, 0)
+            torch._foreach_copy_(in_chunk, in_cache)
         else:
             idx = self._index(block_ids)
             for layer, dst in zip(self.layers, view, strict=True):
@@ -164,12 +172,8 @@ class PagedKV:
         first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
         runs = self._runs(block_ids)
         if src.device == self.device and runs is not None:  # whole runs: every layer's in one batched copy
-            dsts, srcs = [], []
-            for layer, chunk in zip(self.layers, view, strict=True):
-                for start, offset, n in runs:
-                    dsts.append(layer[start : start + n])
-                    srcs.append(chunk[first + offset : first + offset + n])
-            torch._foreach_copy_(dsts, srcs)
+            in_cache, in_chunk = self._run_slices(view, runs, first)
+            torch._foreach_copy_(in_cache, in_chunk)
         else:
             idx = self._index(block_ids)
             for layer, chunk in zip(self.layers, view, strict=True):

@@ -213,7 +213,7 @@ def _recv_hello(sock: socket.socket) -> tuple[int, bytes]:
     return tag, _recv_exact(sock, length)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `_posted.remove` must find this very request
 class _Pending:
     """A posted UCX request and what must stay alive until it completes."""
 
@@ -273,13 +273,20 @@ class _Channel:
     # -- requests and waiting --
     def _post_send(self, buf: Any, keep: Any = None) -> None:
         arr = _array(buf)
-        self._sends.append(_Pending(self.ep.tag_send(arr, self._send_tag), (arr, keep)))
+        self._sends.append(_Pending(self._posting(self.ep.tag_send, arr, self._send_tag), (arr, keep)))
 
     def _post_recv(self, buf: Any) -> _Pending:
         arr = _array(buf)
-        pending = _Pending(self.ep.tag_recv(arr, self._recv_tag), arr)
+        pending = _Pending(self._posting(self.ep.tag_recv, arr, self._recv_tag), arr)
         self._posted.append(pending)
         return pending
+
+    def _posting(self, post: Callable[..., Any], arr: Any, tag: Any) -> Any:
+        """A request posted; on an endpoint closed meanwhile (the peer left) ucxx raises its own error."""
+        try:
+            return post(arr, tag)
+        except Exception as e:
+            raise PeerClosed(f"{self.peer}: {type(e).__name__}: {e}") from None
 
     def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> None:
         """Until `done()`, the channel closes or nothing completes for `timeout` (io_timeout) seconds."""
@@ -310,9 +317,7 @@ class _Channel:
 
     def _reap_sends(self, keep: int) -> None:
         while self._sends and (len(self._sends) > keep or self._sends[0].request.completed):
-            pending = self._sends.popleft()
-            self._wait(lambda p=pending: p.request.completed)
-            self._check(pending)
+            self._finish(self._sends.popleft())
 
     # -- frames --
     def write(self, header: Header, payload: Any = None) -> None:

@@ -17,11 +17,14 @@ into `ratio` kernel blocks), manager block b is kernel blocks b*ratio ... b*rati
 
 On CUDA, a gather is queued on the current stream (the forward pass's) and returns at once with an
 event: whoever reads the chunk waits for that event, the engine does not. Later kernels that reuse
-the blocks are queued behind it on the same stream, so freeing the blocks at once is safe.
+the blocks are queued behind it on the same stream, so freeing the blocks at once is safe. A
+scatter is queued too, on the stream its caller names (a loader's own, off the forward pass), and
+returns its event: the loader waits for it before it reuses the buffer or reports the blocks loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -161,9 +164,18 @@ class PagedKV:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def scatter(self, block_ids: Sequence[int], src: torch.Tensor, src_blocks: int, skip_blocks: int = 0) -> None:
+    def scatter(
+        self,
+        block_ids: Sequence[int],
+        src: torch.Tensor,
+        src_blocks: int,
+        skip_blocks: int = 0,
+        stream: torch.cuda.Stream | None = None,
+    ) -> Ready | None:
         """Copy blocks `skip_blocks ... skip_blocks + len(block_ids) - 1` of the chunk buffer `src`
-        (which holds `src_blocks` blocks, on any device) into blocks `block_ids`."""
+        (which holds `src_blocks` blocks, on any device) into blocks `block_ids`. On CUDA the copies
+        are queued on `stream` (default: the current one) and the event to wait on returned: until
+        it is done neither are the blocks in place nor may `src` be written. Elsewhere they are done."""
         if skip_blocks < 0 or skip_blocks + len(block_ids) > src_blocks:
             raise LayoutError(
                 f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk"
@@ -171,15 +183,20 @@ class PagedKV:
         view = self.chunk_view(src, src_blocks)
         first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
         runs = self._runs(block_ids)
-        if src.device == self.device and runs is not None:  # whole runs: every layer's in one batched copy
-            in_cache, in_chunk = self._run_slices(view, runs, first)
-            torch._foreach_copy_(in_cache, in_chunk)
-        else:
-            idx = self._index(block_ids)
-            for layer, chunk in zip(self.layers, view, strict=True):
-                layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # in place before anyone is told so
+        cuda = self.device.type == "cuda"
+        with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
+            if src.device == self.device and runs is not None:  # whole runs: every layer's in one batched copy
+                in_cache, in_chunk = self._run_slices(view, runs, first)
+                torch._foreach_copy_(in_cache, in_chunk)
+            else:
+                idx = self._index(block_ids)
+                for layer, chunk in zip(self.layers, view, strict=True):
+                    layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
+            if not cuda:
+                return None
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            return event
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for chunks of this cache: pinned next to a GPU, so copies run at full speed."""

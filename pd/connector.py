@@ -648,6 +648,8 @@ class _WorkerSide:
             self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
         except Exception as e:  # a chunk that does not fit this cache: the rest is computed
             loader.error = f"{type(e).__name__}: {e}"
+        finally:
+            loader.settle()
 
     def _release(self, endpoints: list[str], transfer_id: str) -> None:
         try:

@@ -17,7 +17,7 @@ import torch
 
 import transfer
 from pd import plan
-from pd.codec import PagedKV
+from pd.codec import PagedKV, Ready
 from transfer import ConnectionPool, ProtocolError
 
 
@@ -35,8 +35,12 @@ class ChunkLoader:
     """Scatters the chunks of a load job into the paged cache in plan order, whatever their source:
     each chunk is received whole and verified into a buffer of its own (in GPU memory when
     `on_device`, as the ucx transport can fill it there; else in host memory), checked, then
-    scattered. Up to `window` chunks are received at once (ucx), into a ring of that many buffers:
-    chunk i's buffer is handed out again for chunk i + window, after chunk i was placed."""
+    scattered. Up to `window` chunks are received at once (ucx), into a ring of `window + 1`
+    buffers, so that receiving goes on while the previous chunk is scattered.
+
+    On a GPU the scatters are queued on the loader's own stream and not waited for one by one: a
+    buffer is handed out again once the scatter that read it is done, and `settle` waits for the
+    last one before anyone is told the blocks are loaded."""
 
     def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
         self.paged = paged
@@ -46,16 +50,22 @@ class ChunkLoader:
         self.window = window
         self.asked = 0  # index into chunks of the next one a buffer is handed out for
         self.next = 0  # index into chunks of the next one to place
-        self.done = job.start  # tokens [0, done) are in place
+        self.done = job.start  # tokens [0, done) are in place once `settle` returns
         self.nbytes = 0
         self.error = ""
         self.on_device = on_device
         self._size = max(paged.nbytes(c.src_blocks) for c in job.chunks)
         self._rings: dict[bool, list[torch.Tensor]] = {}
+        self._reading: dict[int, Ready] = {}  # ring slot -> the scatter still reading its buffer
+        self._stream: torch.cuda.Stream | None = None
+        if paged.device.type == "cuda":
+            self._stream = torch.cuda.Stream(paged.device)
+            # Behind whatever the engine queued so far (the blocks' previous owner, if any).
+            self._stream.wait_stream(torch.cuda.current_stream(paged.device))
 
     def _buffer(self, index: int) -> torch.Tensor:
         ring = self._rings.setdefault(self.on_device, [])
-        slot = index % self.window
+        slot = index % (self.window + 1)
         while len(ring) <= slot:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
             ring.append(allocate(self._size))
@@ -66,6 +76,7 @@ class ChunkLoader:
 
     def switch_source(self, on_device: bool, window: int = 1) -> None:
         """The rest comes from elsewhere (the cache tier): chunks asked for but not placed are asked again."""
+        self.settle()
         self.asked = self.next
         self.on_device = on_device
         self.window = window
@@ -82,17 +93,29 @@ class ChunkLoader:
             )
         if header.nbytes != self.paged.nbytes(c.src_blocks):
             raise ProtocolError(f"chunk of {header.nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
+        reading = self._reading.pop(self.asked % (self.window + 1), None)
+        if reading is not None:
+            reading.synchronize()
         buf = self._buffer(self.asked)[: header.nbytes]
         self.asked += 1
         return buf if buf.is_cuda else buf.numpy()
 
     def place(self, header: transfer.Header) -> None:
-        """The oldest chunk `sink` was asked for has arrived whole: scatter it."""
+        """The oldest chunk `sink` was asked for has arrived whole: scatter it (queued, on a GPU)."""
         c = self.chunks[self.next]
-        self.paged.scatter(c.block_ids, self._buffer(self.next)[: header.nbytes], c.src_blocks, c.skip_blocks)
+        src = self._buffer(self.next)[: header.nbytes]
+        reading = self.paged.scatter(c.block_ids, src, c.src_blocks, c.skip_blocks, stream=self._stream)
+        if reading is not None:
+            self._reading[self.next % (self.window + 1)] = reading
         self.next += 1
         self.done = c.token_end
         self.nbytes += header.nbytes
+
+    def settle(self) -> None:
+        """Wait for the scatters queued so far: the blocks up to `done` are in place after this."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._reading.clear()
 
     def split(self, lanes: int) -> list[ChunkLoader]:
         """This job as up to `lanes` loaders of contiguous shares of its chunks (itself when one)."""
@@ -122,13 +145,16 @@ class ChunkLoader:
 
 def pull_share(conns: ConnectionPool, address: str, loader: ChunkLoader) -> None:
     """Stream the loader's chunks from the staging endpoint at `address` and place them in order."""
-    with conns.connection(address) as conn:
-        keys = [c.key.hex() for c in loader.remaining()]
-        for frame in conn.stream("get", meta={"keys": keys}, sink=loader.sink, window=loader.window):
-            expected = loader.remaining()[0].key
-            if frame.header.key != expected:
-                raise ProtocolError(f"got chunk {frame.header.key.hex()}, expected {expected.hex()}")
-            loader.place(frame.header)
+    try:
+        with conns.connection(address) as conn:
+            keys = [c.key.hex() for c in loader.remaining()]
+            for frame in conn.stream("get", meta={"keys": keys}, sink=loader.sink, window=loader.window):
+                expected = loader.remaining()[0].key
+                if frame.header.key != expected:
+                    raise ProtocolError(f"got chunk {frame.header.key.hex()}, expected {expected.hex()}")
+                loader.place(frame.header)
+    finally:
+        loader.settle()
     if loader.done < loader.job.end:
         sent, asked = loader.done - loader.job.start, loader.job.end - loader.job.start
         raise ProtocolError(f"the prefiller sent {sent} of {asked} tokens")

@@ -1,0 +1,71 @@
+"""A hand-off between two CUDA caches (GPU 0 to GPU 1 when there are two), pulled as the decoder's
+loader does: scatters queued on the loader's stream, a ring buffer handed out again only once the
+scatter reading it is done. Big chunks with scattered block ids make each scatter slow, so a buffer
+reused too early would be overwritten while read, and the blocks would differ."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import transfer
+from pd import plan
+from pd.codec import PagedKV
+from pd.loader import ChunkLoader, LoadJob, pull
+from pd.staging import StagingPool, StagingService
+
+pytestmark = pytest.mark.gpu
+
+BLOCKS, BLOCK, CHUNK = 512, 16, 256  # 16 blocks per chunk: 32 chunks of 8 MiB
+LAYERS, HEADS, DIM = 8, 8, 128
+
+
+def paged(device: str, seed: int | None) -> PagedKV:
+    caches = {}
+    for i in range(LAYERS):
+        t = torch.zeros(BLOCKS, 2, BLOCK, HEADS, DIM, dtype=torch.bfloat16, device=device)
+        if seed is not None:
+            g = torch.Generator(device=device).manual_seed(seed + i)
+            t.copy_(torch.randn(t.shape, generator=g, device=device))
+        caches[f"model.layers.{i}.attn"] = t
+    return PagedKV(caches, BLOCKS, BLOCK)
+
+
+@pytest.fixture(params=["tcp", "ucx"])
+def prefiller(request):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    scheme = request.param
+    src = paged("cuda:0", seed=5)
+    on_device = scheme == "ucx"
+    pool = StagingPool(1 << 31, ttl_s=60, allocate=src.device_buffer if on_device else src.host_buffer)
+    per = CHUNK // BLOCK
+    for i in range(BLOCKS // per):
+        ids = list(range(i * per, (i + 1) * per))
+        pool.stage("t", key(i), per, src.nbytes(per), lambda buf, ids=ids: src.gather(ids, buf))
+    with transfer.listen(f"{scheme}://127.0.0.1:0", StagingService(pool, src.describe())) as listener:
+        yield src, listener.address, on_device
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_queued_scatters_never_read_a_reused_buffer(prefiller, window):
+    src, address, on_device = prefiller
+    dst = paged(f"cuda:{min(1, torch.cuda.device_count() - 1)}", seed=None)
+    dst_ids = [(7 * i) % BLOCKS for i in range(BLOCKS)]  # scattered: the slow, indexed scatter
+    tokens = BLOCKS * BLOCK
+    keys = [key(i) for i in range(tokens // CHUNK)]
+    job = LoadJob("t", [address], plan.plan_load(keys, tokens, 0, tokens, dst_ids, CHUNK, BLOCK), 0, tokens, dst_ids)
+    loader = ChunkLoader(dst, job, on_device=on_device, window=window)
+    conns = transfer.ConnectionPool(lambda a: transfer.connect(a, io_timeout=60))
+    with ThreadPoolExecutor(2) as lanes:
+        pull(conns, address, loader, 1, lanes)
+    conns.close()
+    assert loader.done == tokens
+    for a, b in zip(src.layers, dst.layers, strict=True):  # no synchronize here: pull settled the loads
+        assert torch.equal(a.to(b.device), b[dst_ids])

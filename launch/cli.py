@@ -67,6 +67,10 @@ def launch(
     policy: Annotated[
         str | None, typer.Option(help="Routing: prefix_aware (default), least_outstanding, round_robin.")
     ] = None,
+    first_token: Annotated[
+        str | None,
+        typer.Option(help="A streamed completion's first token from the prefiller (default: at once) or decoder."),
+    ] = None,
     transport: Annotated[
         str | None, typer.Option(help="KV hand-off transport: tcp (default) or ucx (ucxx; UCX_TLS picks its paths).")
     ] = None,
@@ -130,6 +134,7 @@ def launch(
         host=host,
         port=port,
         policy=policy,
+        first_token=first_token,
         transport=transport,
         chunk_size=chunk_size,
         device=device,
@@ -187,6 +192,13 @@ def proxy(
     host: Annotated[str, typer.Option(help="Where to listen.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     policy: Annotated[str, typer.Option(help="prefix_aware, least_outstanding or round_robin.")] = "prefix_aware",
+    first_token: Annotated[
+        str,
+        typer.Option(
+            help="Who gives a streamed completion its first token: prefiller (at once: TTFT is the prefiller's) "
+            "or decoder (after the hand-off)."
+        ),
+    ] = "prefiller",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """The one OpenAI endpoint in front of vLLM instances started elsewhere (xPyD across hosts).
@@ -203,7 +215,12 @@ def proxy(
     from pd.proxy import ProxySettings, serve
 
     try:
-        settings = ProxySettings(prefill=_split_urls(prefill), decode=_split_urls(decode), policy=policy)  # type: ignore[arg-type]
+        settings = ProxySettings(
+            prefill=_split_urls(prefill),
+            decode=_split_urls(decode),
+            policy=policy,  # type: ignore[arg-type]
+            first_token=first_token,  # type: ignore[arg-type]
+        )
     except ValidationError as e:
         err = e.errors()[0]
         _fail(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")

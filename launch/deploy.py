@@ -83,7 +83,7 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
 
 def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "launch", "proxy", "--host", cfg.host, "--port", str(cfg.port)]
-    cmd += ["--policy", cfg.policy]
+    cmd += ["--policy", cfg.policy, "--first-token", cfg.first_token]
     for u in prefill_urls:
         cmd += ["--prefill", u]
     for u in decode_urls:

@@ -3,7 +3,9 @@
 Each completion or chat completion runs in two phases: the prompt goes to a prefiller with
 `max_tokens=1` and `kv_transfer_params={"do_remote_decode": true}`, then the original request goes
 to a decoder with the `kv_transfer_params` the prefiller returned; the decoder's answer (and its
-`usage`, which counts the whole prompt) goes back to the client unchanged. A request the hand-off
+`usage`, which counts the whole prompt) goes back to the client unchanged. A streamed completion
+instead gets the prefiller's token at once and the decoder's continuation after it
+(pd/first_token.py says when that is exact; `first_token="decoder"` turns it off). A request the hand-off
 cannot serve (no prefiller in rotation, a prefiller failing, prompt logprobs, n > 1, batched
 prompts) is sent to a decoder alone, which prefills it itself. A decoder that cannot be reached
 before it has answered anything is replaced by another. A client that goes away cancels the
@@ -23,8 +25,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
@@ -33,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pd import first_token
 from pd.params import TIMING
 from pd.routing import Backend, Policy, Router
 from pd.timing import PHASES, RequestTiming, StreamClock, TimingLog
@@ -56,6 +60,11 @@ class ProxySettings(BaseModel):
     prefill: list[str] = Field(default_factory=list, description="prefiller vLLM base URLs")
     decode: list[str] = Field(min_length=1, description="decoder vLLM base URLs")
     policy: Policy = "prefix_aware"
+    first_token: Literal["prefiller", "decoder"] = Field(
+        "prefiller",
+        description="who gives a streamed completion its first token: the prefiller, at once (pd/first_token.py), "
+        "or the decoder, after the hand-off",
+    )
     health_interval_s: float = Field(1.0, gt=0)
     connect_timeout_s: float = Field(
         15.0, gt=0, description="a connection to a backend not made by then is tried on another (a refusal at once)"
@@ -158,6 +167,11 @@ class ProxyMetrics:
             "pdrun:proxy_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
         )
         self.handoffs = Counter("pdrun:proxy_handoffs", "Requests served prefill -> decode", registry=r)
+        self.early_first_tokens = Counter(
+            "pdrun:proxy_prefiller_first_tokens",
+            "Streamed answers whose first token came from the prefiller",
+            registry=r,
+        )
         self.fallbacks = Counter(
             "pdrun:proxy_decode_only", "Requests a decoder prefilled itself, by reason", ["reason"], registry=r
         )
@@ -313,24 +327,41 @@ class Proxy:
     async def _serve(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
         reason = decode_only_reason(body)
         if reason is None:
-            params = await self._prefill(path, body, timing)
-            if isinstance(params, Response):
-                return params  # the prefiller refused the request itself (4xx): the client's to fix
-            if isinstance(params, str):
-                reason = params
+            answer = await self._prefill(path, body, timing)
+            if isinstance(answer, Response):
+                return answer  # the prefiller refused the request itself (4xx): the client's to fix
+            if isinstance(answer, str):
+                reason = answer
             else:
-                body = {**body, "kv_transfer_params": params}
+                params = answer["kv_transfer_params"]
                 self.metrics.handoffs.inc()
+                first = first_token.first_token(body, answer) if self._early(path, body) else None
+                if first is not None:
+                    self.metrics.early_first_tokens.inc()
+                    timing.mode = "pd: first token from the prefiller"
+                    return RelayResponse(
+                        self._continue(path, body, first, params, t0, timing),
+                        on_close=partial(self._closed, timing, t0),
+                        media_type="text/event-stream",
+                    )
+                body = {**body, "kv_transfer_params": params}
         if reason is not None:
             self.metrics.fallbacks.labels(reason).inc()
             timing.mode = f"decode-only: {reason}"
             log.info("decode-only request: %s", reason)
         return await self._decode(path, body, t0, timing)
 
+    def _early(self, path: str, body: dict[str, Any]) -> bool:
+        """Whether this request's first token may come from the prefiller (pd/first_token.py)."""
+        return self.settings.first_token == "prefiller" and path == COMPLETIONS and first_token.eligible(body)
+
     async def _prefill(self, path: str, body: dict[str, Any], timing: RequestTiming) -> dict[str, Any] | Response | str:
-        """The decoder's kv_transfer_params, the prefiller's 4xx, or why the decoder prefills instead."""
+        """The prefiller's answer (with the decoder's kv_transfer_params), its 4xx, or why the decoder
+        prefills instead."""
         assert self.client is not None
         pbody = prefill_body(body)
+        if self._early(path, body):
+            pbody["return_token_ids"] = True  # the prompt and the token, for the decoder to go on from
         tried: list[Backend] = []
         reason = "no prefiller in rotation"
         t0 = time.monotonic()
@@ -359,24 +390,25 @@ class Proxy:
             if not params:
                 return "no kv_transfer_params from the prefiller"
             self.metrics.handoff_tokens.inc((params.get("pdrun") or {}).get("num_tokens", 0))
-            return params
+            return answer
         return reason
 
-    async def _decode(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
+    async def _open_decoder(self, path: str, body: dict[str, Any]) -> _Opened | Response:
+        """A decoder's answer with its first bytes read (one that fails before sending any is
+        replaced by another), or the error to answer with. The caller closes what it gets."""
         assert self.client is not None
         tried: list[Backend] = []
         while (d := self.router.pick_decoder(exclude=tried)) is not None:
             tried.append(d)
             sent = time.monotonic()
             d.outstanding += 1
-            handed_on = False
             upstream: httpx.Response | None = None
             try:
                 upstream = await self.client.send(
                     self.client.build_request("POST", f"{d.url}{path}", json=body), stream=True
                 )
                 chunks = upstream.aiter_raw()
-                first = await anext(chunks, b"")  # a decoder dying before its first byte is retried elsewhere
+                first = await anext(chunks, b"")
             except BaseException as e:
                 d.outstanding -= 1
                 if upstream is not None:
@@ -391,27 +423,82 @@ class Proxy:
                     return error_response(504, f"decoder {d.url}: {type(e).__name__}: {e}")
                 raise
             d.served += 1
-            try:
-                if upstream.status_code != 200 or not body.get("stream"):
-                    rest = b"".join([first] + [c async for c in chunks])
-                    timing.decode = time.monotonic() - sent  # no first-token time: one answer
-                    if upstream.status_code == 200:
-                        rest = _take_decoder_timing(timing, rest)
-                    return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))
-                handed_on = True
-                return RelayResponse(
-                    self._relay(d, first, chunks, t0, sent, timing),
-                    on_close=partial(self._release, d, upstream, timing, t0),
-                    media_type=upstream.headers.get("content-type", "text/event-stream"),
-                )
-            except RETRIABLE as e:
-                self._failed(d, e)
-                return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
-            finally:
-                if not handed_on:
-                    d.outstanding -= 1
-                    await upstream.aclose()
+            return _Opened(d, upstream, first, chunks, sent)
         return error_response(503, "no decoder in rotation")
+
+    async def _decode(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
+        opened = await self._open_decoder(path, body)
+        if isinstance(opened, Response):
+            return opened
+        d, upstream, first, chunks, sent = opened.d, opened.upstream, opened.first, opened.chunks, opened.sent
+        handed_on = False
+        try:
+            if upstream.status_code != 200 or not body.get("stream"):
+                rest = b"".join([first] + [c async for c in chunks])
+                timing.decode = time.monotonic() - sent  # no first-token time: one answer
+                if upstream.status_code == 200:
+                    rest = _take_decoder_timing(timing, rest)
+                return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))
+            handed_on = True
+            return RelayResponse(
+                self._relay(d, first, chunks, t0, sent, timing),
+                on_close=partial(self._release, d, upstream, timing, t0),
+                media_type=upstream.headers.get("content-type", "text/event-stream"),
+            )
+        except RETRIABLE as e:
+            self._failed(d, e)
+            return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
+        finally:
+            if not handed_on:
+                d.outstanding -= 1
+                await upstream.aclose()
+
+    async def _continue(
+        self,
+        path: str,
+        body: dict[str, Any],
+        first: first_token.FirstToken,
+        params: dict[str, Any],
+        t0: float,
+        timing: RequestTiming,
+    ) -> AsyncIterator[bytes]:
+        """The client's stream: the prefiller's token at once, then the decoder's continuation."""
+        clock, decoder_clock, rest = StreamClock(), StreamClock(), first_token.Continuation(first)
+        event = first.event(body)
+        clock.feed(event, time.monotonic())
+        yield event
+        opened = await self._open_decoder(path, first.decoder_body(body, params))
+        if isinstance(opened, Response):
+            yield _error_event(opened.status_code, bytes(opened.body))
+            return
+        d, sent = opened.d, opened.sent
+        try:
+            if opened.upstream.status_code != 200:
+                answer = opened.first + b"".join([c async for c in opened.chunks])
+                yield _error_event(opened.upstream.status_code, answer)
+                return
+            async for chunk in _chain(opened.first, opened.chunks):
+                now = time.monotonic()
+                decoder_clock.feed(chunk, now)
+                out = rest.feed(chunk)
+                clock.feed(out, now)
+                yield out
+            yield rest.flush()
+            end = time.monotonic()
+            timing.decode, timing.total = end - sent, end - t0
+            timing.ttft = clock.first - t0 if clock.first is not None else None
+            if decoder_clock.first is not None:
+                timing.first_token = decoder_clock.first - sent
+            timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
+        except RETRIABLE as e:
+            self._failed(d, e)
+            yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
+        finally:
+            d.outstanding -= 1
+            await opened.upstream.aclose()
+
+    async def _closed(self, timing: RequestTiming, t0: float) -> None:
+        self._finish(timing, t0)
 
     async def _relay(
         self, d: Backend, first: bytes, chunks: AsyncIterator[bytes], t0: float, sent: float, timing: RequestTiming
@@ -431,8 +518,7 @@ class Proxy:
             timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
         except RETRIABLE as e:
             self._failed(d, e)
-            err = {"error": {"message": f"decoder failed mid-stream: {e}", "type": "APIError", "code": 502}}
-            yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+            yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
 
     async def _release(self, d: Backend, upstream: httpx.Response, timing: RequestTiming, t0: float) -> None:
         d.outstanding -= 1
@@ -479,6 +565,32 @@ def _take_decoder_timing(timing: RequestTiming, content: bytes) -> bytes:
     timing.output_tokens = (answer.get("usage") or {}).get("completion_tokens")
     answer["kv_transfer_params"] = answer["kv_transfer_params"] or None
     return json.dumps(answer).encode()
+
+
+@dataclass
+class _Opened:
+    d: Backend
+    upstream: httpx.Response
+    first: bytes  # its first bytes
+    chunks: AsyncIterator[bytes]  # the rest
+    sent: float
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def _error_event(status: int, answer: bytes) -> bytes:
+    """An error that comes after the stream started, as the client sees it: an event, then the end.
+    `answer` is an error body (its message is kept) or the message itself."""
+    message = answer.decode(errors="replace")
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        parsed = json.loads(answer)
+        message = str((parsed.get("error") or parsed)["message"])  # vLLM's newer and older error bodies
+    err = {"error": {"message": message, "type": "APIError", "code": status}}
+    return f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
 
 
 def _passthrough(status: int, content: bytes, content_type: str | None) -> Response:

@@ -6,7 +6,9 @@
 #   CPU (the flow, with the tiny model):  bash examples/gpu/ttft_pd_vs_plain.sh tiny 1000 tcp /tmp/ttft
 # With two GPUs, 1P1D is `pdrun launch` on GPUs 0 and 1; with one (or GPUS=0), the prefiller and the
 # decoder share GPU 0 (0.4 of its memory each), started one after the other behind `pdrun proxy`.
-# Writes plain.json, pd.json and ttft.json (the medians and their ratio) into OUT_DIR.
+# 1P1D twice: the prefiller's first token streamed at once (the default) and the decoder's (a second
+# proxy, --first-token decoder). Writes plain.json, pd.json, pd_decoder_first.json, pd_nostream.json
+# and ttft.json (medians and ratios) into OUT_DIR.
 set -euo pipefail
 MODEL=${1:?model dir (or tiny)}; TOKENS=${2:-16384}; TRANSPORT=${3:-ucx}; OUT_DIR=${4:-ttft}
 N=${N:-6}; MAXLEN=$((TOKENS + 512))
@@ -52,6 +54,14 @@ fi
 PIDS+=($!); wait_up localhost:8192/health
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
   --json "$OUT_DIR/pd.json"
+# The same instances behind a second proxy whose decoder samples the first token itself (the
+# hand-off then comes before the first token, as with vLLM's own disaggregated proxies).
+if [ "${SHARED:-0}" = 1 ]; then URLS=(--prefill http://127.0.0.1:8193 --decode http://127.0.0.1:8194)
+else URLS=(--prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8101); fi
+python3 -m launch proxy "${URLS[@]}" --port 8195 --first-token decoder > "$OUT_DIR/pd-proxy-decoder.log" 2>&1 &
+PIDS+=($!); wait_up localhost:8195/health
+python3 -m launch profile requests --url http://127.0.0.1:8195 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
+  --json "$OUT_DIR/pd_decoder_first.json"
 # Non-streamed answers carry the decoder's own hand-off time (load_s): where the rest goes.
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tokens "$TOKENS" --max-tokens 8 \
   --no-stream --json "$OUT_DIR/pd_nostream.json"
@@ -59,14 +69,17 @@ python3 -m launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tok
 python3 - "$OUT_DIR" <<'PY'
 import json, statistics, sys
 d = sys.argv[1]
-runs = {k: json.load(open(f"{d}/{k}.json")) for k in ("plain", "pd")}
+runs = {k: json.load(open(f"{d}/{k}.json")) for k in ("plain", "pd", "pd_decoder_first")}
 # The first request of each warms the engine (allocations, kernels): medians of the rest.
-ttft = {k: statistics.median(r["ttft"] for r in v["requests"][1:]) for k, v in runs.items()}
+med = lambda k, p: statistics.median(r[p] for r in runs[k]["requests"][1:])  # noqa: E731
+ttft = {k: med(k, "ttft") for k in runs}
 nostream = json.load(open(f"{d}/pd_nostream.json"))["requests"][1:]
-phases = {p: statistics.median(r[p] for r in runs["pd"]["requests"][1:]) for p in ("queue", "prefill", "first_token")}
+phases = {p: med("pd_decoder_first", p) for p in ("queue", "prefill", "first_token")}
 phases["handoff"] = statistics.median(r["handoff"] for r in nostream) if nostream else None
-out = {"tokens": runs["pd"]["requests"][0]["prompt_tokens"], "ttft_s": ttft, "ratio": ttft["pd"] / ttft["plain"],
-       "pd_phases_s": phases, "pd_modes": sorted({r["mode"] for r in runs["pd"]["requests"]})}
+out = {"tokens": runs["pd"]["requests"][0]["prompt_tokens"], "ttft_s": ttft,
+       "ratio": {k: ttft[k] / ttft["plain"] for k in ("pd", "pd_decoder_first")},
+       "tpot_s": {k: med(k, "tpot") for k in runs}, "total_s": {k: med(k, "total") for k in runs},
+       "pd_decoder_first_phases_s": phases, "modes": {k: sorted({r["mode"] for r in runs[k]["requests"]}) for k in runs}}
 json.dump(out, open(f"{d}/ttft.json", "w"), indent=1)
 print(json.dumps(out))
 PY

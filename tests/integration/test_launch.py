@@ -73,6 +73,33 @@ def test_openai_client_gets_plain_vllms_answers_from_both_decoders(cluster, kind
     assert all(after[name] > before[name] for name in before), (before, after)
 
 
+def test_a_streamed_completion_takes_its_first_token_from_the_prefiller(cluster):
+    """Text, token ids, prompt ids and usage as plain vLLM streams them, under one id; the first
+    token is the prefiller's, the decoder continues after it."""
+    body = {"model": "tiny", "prompt": text_prompt(600, seed=21), "max_tokens": 12, "temperature": 0, "stream": True,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+    def streamed(url: str) -> tuple[list[dict], str | None]:
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+            return events, r.headers.get("x-pdrun-request-id")
+
+    def seen(events: list[dict]) -> tuple:
+        choices = [c for e in events for c in e["choices"]]
+        ids = [t for c in choices for t in c.get("token_ids") or []]
+        prompts = [c["prompt_token_ids"] for c in choices if c.get("prompt_token_ids")]
+        return "".join(c["text"] for c in choices), ids, prompts, events[-1]["usage"]
+
+    (got, request_id), (want, _) = streamed(cluster.proxy_url), streamed(cluster.plain.url)
+    assert seen(got) == seen(want)
+    assert len(seen(got)[1]) == 12 and len({e["id"] for e in got}) == 1
+    timing = httpx.get(f"{cluster.proxy_url}/pdrun/requests/{request_id}").json()
+    assert timing["mode"] == "pd: first token from the prefiller" and timing["output_tokens"] == 12
+
+
 def test_models_health_and_proxy_metrics(cluster):
     models = httpx.get(f"{cluster.proxy_url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]

@@ -114,6 +114,10 @@ def _cuda_device() -> int | None:
     return int(torch.cuda.current_device())
 
 
+# How long a caller spins on a request before it backs off to sleeps (PDRUN_UCX_SPIN_US, microseconds).
+_SPIN_S = float(os.environ.get("PDRUN_UCX_SPIN_US", "200")) * 1e-6
+
+
 def _make_cuda_current(device: int) -> None:
     sys.modules["torch"].cuda.set_device(device)
 
@@ -299,7 +303,7 @@ class _Channel:
             now = time.monotonic()
             if now - start > timeout:
                 raise TransferTimeout(f"{self.peer}: no progress within {timeout:.1f}s")
-            if now - start > 2e-4:  # a message takes microseconds to milliseconds: spin, then back off
+            if now - start > _SPIN_S:  # a message takes microseconds to milliseconds: spin, then back off
                 time.sleep(pause)
                 pause = min(pause * 2 or 5e-5, 1e-3)
 

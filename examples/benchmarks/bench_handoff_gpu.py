@@ -81,13 +81,25 @@ def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, re
     listener.close()
 
 
-def pull(address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, window: int, lanes: int) -> float:
+class WireOnly(ChunkLoader):
+    """A diagnostic: chunks received into the ring as the loader does, none scattered."""
+
+    def place(self, header) -> None:  # type: ignore[no-untyped-def]
+        c = self.chunks[self.next]
+        self.next += 1
+        self.done = c.token_end
+        self.nbytes += header.nbytes
+
+
+def pull(
+    address: str, paged: PagedKV, memory: str, tokens: int, chunk: int, window: int, lanes: int, wire_only: bool
+) -> float:
     """Seconds for the decoder to have every block of the prompt in place, pulled as PDConnector does."""
     keys = [key(i) for i in range(tokens // chunk)]
     block_ids = list(range(tokens // BLOCK))
     chunks = plan.plan_load(keys, tokens, 0, tokens, block_ids, chunk, BLOCK)
     job = LoadJob("bench", [address], chunks, 0, tokens, block_ids)
-    loader = ChunkLoader(paged, job, on_device=memory == "device", window=window)
+    loader = (WireOnly if wire_only else ChunkLoader)(paged, job, on_device=memory == "device", window=window)
     conns = transfer.ConnectionPool(lambda a: transfer.connect(a, io_timeout=120))
     with contextlib.ExitStack() as stack:  # the lanes' connections made before the clock starts, as a warm
         for _ in range(lanes):  # decoder's are (chunk buffers come from torch's cache after the first round)
@@ -142,6 +154,7 @@ def main() -> None:
         "--window", type=int, default=4, help="chunks received at once over ucx (the connector's chunks_in_flight)"
     )
     ap.add_argument("--lanes", type=int, default=0, help="connections per hand-off (default: 2 over tcp, 1 over ucx)")
+    ap.add_argument("--wire-only", action="store_true", help="diagnostic: receive the chunks, scatter none")
     ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
     ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))
     args = ap.parse_args()
@@ -175,9 +188,11 @@ def main() -> None:
             lanes = args.lanes or (2 if scheme == "tcp" else 1)  # the connector's defaults
             window = args.window if scheme == "ucx" else 1
             seconds = [
-                pull(address, paged, memory, args.tokens, args.chunk_tokens, window, lanes) for _ in range(args.rounds)
+                pull(address, paged, memory, args.tokens, args.chunk_tokens, window, lanes, args.wire_only)
+                for _ in range(args.rounds)
             ]
-            check(paged)
+            if not args.wire_only:
+                check(paged)
         finally:
             stop.set()
             proc.join(30)
@@ -213,6 +228,8 @@ def main() -> None:
             "chunk_tokens": args.chunk_tokens,
             "window": args.window,
             "ucx_progress": os.environ.get("PDRUN_UCX_PROGRESS", "auto"),
+            "ucx_spin_us": os.environ.get("PDRUN_UCX_SPIN_US", "200"),
+            "wire_only": args.wire_only,
             "prefill_device": prefill_dev,
             "decode_device": decode_dev,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,

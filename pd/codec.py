@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
+
+from pd import kernels
 
 
 class Ready(Protocol):
@@ -84,6 +87,29 @@ class PagedKV:
         self.device = first.device
         self._elems = math.prod(self.block_shape)
         self.bytes_per_block = len(layers) * self.ratio * self._elems * first.element_size()
+        # The one-launch Triton copies (pd/kernels.py), where the layout allows them: PDRUN_BLOCK_COPY=torch
+        # keeps torch's per-layer slices.
+        # (TRITON_INTERPRET=1 runs them on CPU tensors too: the tests.)
+        self._words = self._word_layout() if os.environ.get("PDRUN_BLOCK_COPY", "auto") != "torch" else None
+        self._ptrs: torch.Tensor | None = None
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if self._words is not None and (self.device.type == "cuda" or interpreted) and kernels.available():
+            self._ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64, device=self.device)
+        else:
+            self._words = None
+        self.block_copy = "triton" if self._words is not None else "torch"
+
+    def _word_layout(self) -> tuple[int, int] | None:
+        """(words of one kernel block of one layer, words from one block to the next) when every
+        layer's blocks are contiguous inside, in their logical order (so that the bytes moved are
+        the same as torch's slices move), and 8-byte aligned; else None."""
+        first, size = self.layers[0], self.layers[0].element_size()
+        block, stride = self._elems * size, first.stride(0) * size
+        if block % 8 or stride % 8 or stride < block or not first[0].is_contiguous():
+            return None
+        if any(t.stride() != first.stride() or t.data_ptr() % 8 for t in self.layers):
+            return None
+        return block // 8, stride // 8
 
     def describe(self) -> str:
         """The layout, as both sides of a transfer must agree on it."""
@@ -148,7 +174,12 @@ class PagedKV:
         view = self.chunk_view(out, len(block_ids))
         same_device = out.device == self.device
         runs = self._runs(block_ids)
-        if same_device and runs is not None:  # whole runs of blocks: every layer's in one batched copy
+        if self._words is not None:  # one launch for every layer (into the GPU, then one copy out if need be)
+            on_device = out if same_device else torch.empty_like(out, device=self.device)
+            self._copy_blocks(on_device, block_ids, 0, len(block_ids), to_cache=False)
+            if not same_device:
+                out.copy_(on_device, non_blocking=True)
+        elif same_device and runs is not None:  # whole runs of blocks: every layer's in one batched copy
             in_cache, in_chunk = self._run_slices(view, runs, 0)
             torch._foreach_copy_(in_chunk, in_cache)
         else:
@@ -185,7 +216,10 @@ class PagedKV:
         runs = self._runs(block_ids)
         cuda = self.device.type == "cuda"
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
-            if src.device == self.device and runs is not None:  # whole runs: every layer's in one batched copy
+            if self._words is not None:  # one launch for every layer (after one copy in if need be)
+                on_device = src if src.device == self.device else src.to(self.device, non_blocking=True)
+                self._copy_blocks(on_device, block_ids, skip_blocks, src_blocks, to_cache=True)
+            elif src.device == self.device and runs is not None:  # whole runs: every layer's in one batched copy
                 in_cache, in_chunk = self._run_slices(view, runs, first)
                 torch._foreach_copy_(in_cache, in_chunk)
             else:
@@ -197,6 +231,28 @@ class PagedKV:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             return event
+
+    def warm_up(self) -> None:
+        """Build the Triton copies now rather than in the first hand-off (block 0 is copied out and
+        back: unchanged)."""
+        if self._words is None:
+            return
+        buf = self.device_buffer(self.nbytes(1))
+        self.gather([0], buf)
+        self.scatter([0], buf, 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _copy_blocks(
+        self, chunk: torch.Tensor, block_ids: Sequence[int], first: int, blocks: int, to_cache: bool
+    ) -> None:
+        """The Triton copy between blocks `block_ids` and the chunk buffer's blocks `first ...` (of `blocks`)."""
+        assert self._words is not None
+        words, stride = self._words
+        ids = self._index(block_ids)
+        kernels.copy_blocks(
+            chunk.view(torch.int64), self._ptrs, ids, first * self.ratio, blocks * self.ratio, words, stride, to_cache
+        )
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for chunks of this cache: pinned next to a GPU, so copies run at full speed."""

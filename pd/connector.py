@@ -491,6 +491,7 @@ class _WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
+        self.paged.warm_up()
         self.on_device = self.cfg.chunks_on_device(self.paged.device)
         if self.is_producer:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
@@ -499,11 +500,13 @@ class _WorkerSide:
             bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
             self.listener = transfer.listen(bind, service, **self.cfg.transfer_options())
         log.info(
-            "PDConnector worker rank %d: KV layout %s on %s, %d bytes per block, chunks in %s memory%s%s",
+            "PDConnector worker rank %d: KV layout %s on %s, %d bytes per block, %s block copies, "
+            "chunks in %s memory%s%s",
             self.rank,
             self.paged.describe(),
             self.paged.device,
             self.paged.bytes_per_block,
+            self.paged.block_copy,
             "device" if self.on_device else "host",
             f", serving hand-offs on {self.listener.address}" if self.listener else "",
             f", cache tier {self.cfg.cache}" if self.cache else "",

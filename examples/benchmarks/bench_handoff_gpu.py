@@ -241,6 +241,7 @@ def main() -> None:
             "window": args.window,
             "ucx_progress": os.environ.get("PDRUN_UCX_PROGRESS", "auto"),
             "ucx_spin_us": os.environ.get("PDRUN_UCX_SPIN_US", "200"),
+            "block_copy": os.environ.get("PDRUN_BLOCK_COPY", "auto"),
             "wire_only": args.wire_only,
             "prefill_device": prefill_dev,
             "decode_device": decode_dev,

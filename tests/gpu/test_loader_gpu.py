@@ -1,7 +1,8 @@
 """A hand-off between two CUDA caches (GPU 0 to GPU 1 when there are two), pulled as the decoder's
 loader does: scatters queued on the loader's stream, a ring buffer handed out again only once the
 scatter reading it is done. Big chunks with scattered block ids make each scatter slow, so a buffer
-reused too early would be overwritten while read, and the blocks would differ."""
+reused too early would be overwritten while read, and the blocks would differ. With the Triton
+block copies (one launch per chunk, the default where the layout allows) and with torch's."""
 
 from __future__ import annotations
 
@@ -53,10 +54,13 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
+@pytest.mark.parametrize("block_copy", ["triton", "torch"])
 @pytest.mark.parametrize("window", [1, 4])
-def test_queued_scatters_never_read_a_reused_buffer(prefiller, window):
+def test_queued_scatters_never_read_a_reused_buffer(prefiller, window, block_copy, monkeypatch):
     src, address, on_device = prefiller
+    monkeypatch.setenv("PDRUN_BLOCK_COPY", "auto" if block_copy == "triton" else "torch")
     dst = paged(f"cuda:{min(1, torch.cuda.device_count() - 1)}", seed=None)
+    assert dst.block_copy == block_copy  # this layout takes the one-launch copies unless told not to
     dst_ids = [(7 * i) % BLOCKS for i in range(BLOCKS)]  # scattered: the slow, indexed scatter
     tokens = BLOCKS * BLOCK
     keys = [key(i) for i in range(tokens // CHUNK)]

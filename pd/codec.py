@@ -88,34 +88,47 @@ class PagedKV:
         self._elems = math.prod(self.block_shape)
         self.bytes_per_block = len(layers) * self.ratio * self._elems * first.element_size()
         # The one-launch Triton copies (pd/kernels.py), where the layout allows them: PDRUN_BLOCK_COPY=torch
-        # keeps torch's per-layer slices.
-        # (TRITON_INTERPRET=1 runs them on CPU tensors too: the tests.)
-        self._words = self._word_layout() if os.environ.get("PDRUN_BLOCK_COPY", "auto") != "torch" else None
-        self._ptrs: torch.Tensor | None = None
+        # keeps torch's per-layer slices. (TRITON_INTERPRET=1 runs them on CPU tensors too: the tests.)
+        layout = self._word_layout() if os.environ.get("PDRUN_BLOCK_COPY", "auto") != "torch" else None
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        if self._words is not None and (self.device.type == "cuda" or interpreted) and kernels.available():
+        if layout is not None and not ((self.device.type == "cuda" or interpreted) and kernels.available()):
+            layout = None
+        self._words = layout[:2] if layout is not None else None
+        self._memory_order = layout[2] if layout is not None else ""
+        self._ptrs: torch.Tensor | None = None
+        if layout is not None:
             self._ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64, device=self.device)
-        else:
-            self._words = None
-        self.block_copy = "triton" if self._words is not None else "torch"
+        self.block_copy = "triton" if layout is not None else "torch"
 
-    def _word_layout(self) -> tuple[int, int] | None:
-        """(words of one kernel block of one layer, words from one block to the next) when every
-        layer's blocks are contiguous inside, in their logical order (so that the bytes moved are
-        the same as torch's slices move), and 8-byte aligned; else None."""
+    def _word_layout(self) -> tuple[int, int, str] | None:
+        """(words of one kernel block of one layer, words from one block to the next, the block's
+        byte order) when every layer's blocks are dense inside (their dims laid out as some order of
+        a contiguous layout) and 8-byte aligned; else None. The byte order is "" when it is the
+        logical one (the bytes are those torch's slices move), else the block's dims, outermost
+        first, as they are in memory: vLLM's caches with a tokens-major memory order (NHD) behind
+        a heads-first shape are moved as they lie, and say so in `describe`."""
         first, size = self.layers[0], self.layers[0].element_size()
         block, stride = self._elems * size, first.stride(0) * size
-        if block % 8 or stride % 8 or stride < block or not first[0].is_contiguous():
+        if block % 8 or stride % 8 or stride < block:
             return None
         if any(t.stride() != first.stride() or t.data_ptr() % 8 for t in self.layers):
             return None
-        return block // 8, stride // 8
+        inner = [(st, i) for i, (st, n) in enumerate(zip(first.stride()[1:], first.shape[1:], strict=True)) if n > 1]
+        dense = 1
+        for st, i in sorted(inner):
+            if st != dense:
+                return None
+            dense *= first.shape[1 + i]
+        in_memory = [i for _, i in sorted(inner, reverse=True)]
+        logical = [i for _, i in inner]
+        return block // 8, stride // 8, "" if in_memory == logical else "".join(map(str, in_memory))
 
     def describe(self) -> str:
         """The layout, as both sides of a transfer must agree on it."""
         dims = "x".join(str(d) for d in self.block_shape)
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"L{len(self.layers)}:bs{self.block_size}:r{self.ratio}:{dims}:{dtype}"
+        order = f":mem{self._memory_order}" if self._memory_order else ""  # bytes as they lie (Triton copies)
+        return f"L{len(self.layers)}:bs{self.block_size}:r{self.ratio}:{dims}:{dtype}{order}"
 
     def nbytes(self, n_blocks: int) -> int:
         return n_blocks * self.bytes_per_block

@@ -5,9 +5,10 @@ run of blocks on each side (64 slices for the 8B shape): ~0.5 ms of Python per c
 GPU-to-GPU hand-off at a seventh of what the wire moved. Here the layers' base addresses sit in a
 device table and the chunk's block ids in another, and one kernel moves them all, 8 bytes a lane.
 
-It needs each layer's blocks to be contiguous inside and 8-byte aligned (a block may sit at any
-stride from the next: vLLM 0.32 interleaves layers in one allocation); `PagedKV` checks that and
-uses torch otherwise. `TRITON_INTERPRET=1` runs the same kernel on CPU tensors (the unit tests).
+It moves each block's bytes as they lie, so it needs every layer's blocks to be one run of bytes,
+8-byte aligned (a block may sit at any stride from the next: vLLM 0.32 interleaves layers in one
+allocation); `PagedKV` checks that, uses torch otherwise, and names a byte order other than the
+shape's in its layout. `TRITON_INTERPRET=1` runs the same kernel on CPU tensors (the unit tests).
 """
 
 from __future__ import annotations

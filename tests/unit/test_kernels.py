@@ -1,7 +1,8 @@
 """The one-launch Triton block copies move exactly the bytes torch's per-layer slices move: run by
 Triton's interpreter on CPU tensors (in a child process: the switch is read when Triton loads), for
 kernel blocks smaller than the manager's, scattered ids, part of a chunk, layers interleaved in
-one allocation, and host chunks; a block interior not in logical order keeps torch's copies."""
+one allocation; blocks whose bytes lie in another order than their shape's go as they lie (and the
+layout says so), blocks that are not one run of bytes keep torch's copies."""
 
 from __future__ import annotations
 
@@ -26,22 +27,24 @@ def caches(layers: int, blocks: int, interior: tuple[int, ...], interleaved: boo
     return {f"model.layers.{i}.attn": torch.randn(blocks, *interior, generator=g) for i in range(layers)}
 
 
-def paged(kind: str, interleaved: bool, ratio: int, permuted: bool = False):
+def paged(kind: str, interleaved: bool, ratio: int, interior: str = "logical"):
     from pd.codec import PagedKV
 
     os.environ["PDRUN_BLOCK_COPY"] = kind
     kv = caches(3, 12 * ratio, (2, 4, 6), interleaved)
-    if permuted:  # an HND-style interior: logical order is not memory order
+    if interior == "tokens-major":  # vLLM 0.26 on an H200: [blocks, heads, tokens, 2 x head dim] over NHD memory
         kv = {k: v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for k, v in kv.items()}
-    p = PagedKV(kv, 12, 4 * ratio)
-    assert p.block_copy == ("triton" if kind == "auto" and not permuted else "torch"), p.block_copy
-    return p
+    if interior == "gapped":  # part of a wider allocation: a block's bytes are not one run
+        kv = {k: torch.cat([v, v], dim=-1)[..., :6] for k, v in kv.items()}
+    return PagedKV(kv, 12, 4 * ratio)
 
 
 def check_all() -> None:
     for interleaved in (False, True):
         for ratio in (1, 2):
             fast, slow = paged("auto", interleaved, ratio), paged("torch", interleaved, ratio)
+            assert (fast.block_copy, slow.block_copy) == ("triton", "torch")
+            assert fast.describe() == slow.describe()  # the same bytes: either reads the other's chunks
             for ids in ([3, 4, 5], [9, 1, 6, 2]):
                 a, b = (torch.zeros(p.nbytes(len(ids)), dtype=torch.uint8) for p in (fast, slow))
                 fast.gather(ids, a)
@@ -52,7 +55,18 @@ def check_all() -> None:
                 slow.scatter(dst, b, len(ids), skip_blocks=1)
                 for x, y in zip(fast.layers, slow.layers, strict=True):
                     assert torch.equal(x, y), ("scatter", interleaved, ratio, ids)
-    paged("auto", False, 1, permuted=True)
+    # Blocks dense but in another order than their shape: moved as they lie, and named so.
+    src, dst = paged("auto", False, 1, "tokens-major"), paged("auto", False, 1, "tokens-major")
+    slow = paged("torch", False, 1)
+    assert src.block_copy == "triton" and src.describe() == slow.describe() + ":mem102"
+    for t in dst.layers:
+        t.zero_()
+    chunk = torch.zeros(src.nbytes(3), dtype=torch.uint8)
+    src.gather([2, 7, 4], chunk)
+    dst.scatter([5, 6, 1], chunk, 3)
+    for x, y in zip(src.layers, dst.layers, strict=True):
+        assert torch.equal(x[[2, 7, 4]], y[[5, 6, 1]])
+    assert paged("auto", False, 1, "gapped").block_copy == "torch"
 
 
 def test_triton_copies_move_what_torch_moves():

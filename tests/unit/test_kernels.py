@@ -67,6 +67,29 @@ def check_all() -> None:
     for x, y in zip(src.layers, dst.layers, strict=True):
         assert torch.equal(x[[2, 7, 4]], y[[5, 6, 1]])
     assert paged("auto", False, 1, "gapped").block_copy == "torch"
+    check_vllm_layouts()
+
+
+def check_vllm_layouts() -> None:
+    """vLLM's FlashAttention stride orders, written per token and read back after a hand-off
+    (tests/unit/test_codec.py does the same with torch's copies)."""
+    from pd.codec import PagedKV
+    from tests.unit.test_codec import KVCacheLayout, flash_layout_caches, flash_read, flash_write
+
+    os.environ["PDRUN_BLOCK_COPY"] = "auto"
+    layers, nb, heads, bs, d, tokens = 3, 10, 2, 16, 8, 45
+    g = torch.Generator().manual_seed(1)
+    keys, values = (torch.randn(layers, tokens, heads, d, generator=g) for _ in range(2))
+    for layout in (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC, KVCacheLayout.BLNHC, KVCacheLayout.BHLNC):
+        src, dst = (flash_layout_caches(layout, layers, nb, heads, bs, d) for _ in range(2))
+        flash_write(src, [9, 0, 4], keys, values, bs)
+        a, b = PagedKV(src, nb, bs), PagedKV(dst, nb, bs)
+        # Heads outside layers (BHLNC): a layer's block is not one run of bytes.
+        assert a.block_copy == ("torch" if layout == KVCacheLayout.BHLNC else "triton"), layout
+        chunk = torch.empty(a.nbytes(3), dtype=torch.uint8)
+        a.gather([9, 0, 4], chunk)
+        b.scatter([3, 8, 1], chunk, src_blocks=3)
+        assert torch.equal(flash_read(dst, [3, 8, 1], tokens, bs, d), flash_read(src, [9, 0, 4], tokens, bs, d)), layout
 
 
 def test_triton_copies_move_what_torch_moves():

@@ -469,12 +469,14 @@ class Proxy:
         yield event
         opened = await self._open_decoder(path, first.decoder_body(body, params))
         if isinstance(opened, Response):
+            log.warning("no decoder took the rest of a streamed completion: %s", bytes(opened.body)[:200])
             yield _error_event(opened.status_code, bytes(opened.body))
             return
         d, sent = opened.d, opened.sent
         try:
             if opened.upstream.status_code != 200:
                 answer = opened.first + b"".join([c async for c in opened.chunks])
+                log.warning("decoder %s refused the rest of a streamed completion: %s", d.url, answer[:200])
                 yield _error_event(opened.upstream.status_code, answer)
                 return
             async for chunk in _chain(opened.first, opened.chunks):

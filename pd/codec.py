@@ -182,17 +182,16 @@ class PagedKV:
 
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> Ready | None:
         """Copy blocks `block_ids` of every layer into the chunk buffer `out` (on any device: a
-        host buffer for a CUDA cache is filled by a device-side gather and one copy per layer).
+        host buffer for a CUDA cache is filled by a device-side gather and a copy out).
         On CUDA the copies are queued and the event to wait on returned; elsewhere they are done."""
         view = self.chunk_view(out, len(block_ids))
         same_device = out.device == self.device
-        runs = self._runs(block_ids)
         if self._words is not None:  # one launch for every layer (into the GPU, then one copy out if need be)
             on_device = out if same_device else torch.empty_like(out, device=self.device)
             self._copy_blocks(on_device, block_ids, 0, len(block_ids), to_cache=False)
             if not same_device:
                 out.copy_(on_device, non_blocking=True)
-        elif same_device and runs is not None:  # whole runs of blocks: every layer's in one batched copy
+        elif same_device and (runs := self._runs(block_ids)) is not None:  # whole runs: one batched copy
             in_cache, in_chunk = self._run_slices(view, runs, 0)
             torch._foreach_copy_(in_chunk, in_cache)
         else:
@@ -226,13 +225,12 @@ class PagedKV:
             )
         view = self.chunk_view(src, src_blocks)
         first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
-        runs = self._runs(block_ids)
         cuda = self.device.type == "cuda"
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
             if self._words is not None:  # one launch for every layer (after one copy in if need be)
                 on_device = src if src.device == self.device else src.to(self.device, non_blocking=True)
                 self._copy_blocks(on_device, block_ids, skip_blocks, src_blocks, to_cache=True)
-            elif src.device == self.device and runs is not None:  # whole runs: every layer's in one batched copy
+            elif src.device == self.device and (runs := self._runs(block_ids)) is not None:  # whole runs: one copy
                 in_cache, in_chunk = self._run_slices(view, runs, first)
                 torch._foreach_copy_(in_cache, in_chunk)
             else:

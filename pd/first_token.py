@@ -12,7 +12,9 @@ Only when that continuation is exact; otherwise the decoder samples the first to
 - completions only: a chat prompt cannot be sent as token ids (re-rendering the first token's
   text into the template need not give that token back);
 - no logprobs (the prefiller computes none), no seed with sampling (a seeded one vLLM draws every
-  token from one generator; the decoder would start a new one), no prompt truncation;
+  token from one generator; the decoder would start a new one), no prompt truncation, nothing that
+  looks at the output so far (echo, structured output, presence or frequency penalties, bad words,
+  logits processors);
 - the prefiller stopped for length after exactly one token whose text is whole (an incomplete
   UTF-8 sequence decodes differently with more context), and no stop string may start inside it
   (the decoder only looks for them in its own output).
@@ -26,13 +28,34 @@ from typing import Any
 
 DEFAULT_MAX_TOKENS = 16  # vLLM's, for a completion that names none
 
-# Fields that make the continuation inexact (see above).
-INEXACT = ("logprobs", "prompt_logprobs", "truncate_prompt_tokens", "suffix", "prompt_embeds", "use_beam_search")
+# Fields that make the continuation inexact (see above): the decoder would see the first token as
+# part of the prompt where they look at the output (echoed text, a grammar's state, penalties on
+# output tokens, bad word sequences, custom processors).
+INEXACT = (
+    "logprobs",
+    "prompt_logprobs",
+    "echo",
+    "truncate_prompt_tokens",
+    "suffix",
+    "prompt_embeds",
+    "use_beam_search",
+    "structured_outputs",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "bad_words",
+    "logits_processors",
+)
+OUTPUT_PENALTIES = ("presence_penalty", "frequency_penalty")
 
 
 def eligible(body: dict[str, Any]) -> bool:
     """Whether this completion request can take its first token from the prefiller."""
     if not body.get("stream") or any(body.get(f) is not None and body.get(f) is not False for f in INEXACT):
+        return False
+    if any(body.get(f) for f in OUTPUT_PENALTIES):
         return False
     if body.get("seed") is not None and body.get("temperature") != 0:
         return False

@@ -33,6 +33,11 @@ def answer(text="ab", finish="length", ids=(42,), prompt_ids=(1, 2, 3)):
         ({"stream": True, "seed": 3, "temperature": 0.8}, False),  # one generator for every token
         ({"stream": True, "seed": 3, "temperature": 0}, True),
         ({"stream": True, "truncate_prompt_tokens": 100}, False),
+        ({"stream": True, "echo": True}, False),  # the decoder would echo the first token as prompt
+        ({"stream": True, "structured_outputs": {"json": {}}}, False),  # a grammar started after the token
+        ({"stream": True, "response_format": {"type": "json_object"}}, False),
+        ({"stream": True, "presence_penalty": 0.5}, False),  # counts output tokens, the first among them
+        ({"stream": True, "presence_penalty": 0, "repetition_penalty": 1.2}, True),  # prompt and output alike
     ],
 )
 def test_which_requests_take_the_prefillers_token(body, ok):

@@ -26,6 +26,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pd.timing import SSEEvents, event_data
+
 DEFAULT_MAX_TOKENS = 16  # vLLM's, for a completion that names none
 
 # Fields that make the continuation inexact (see above): the decoder would see the first token as
@@ -124,24 +126,25 @@ class Continuation:
 
     def __init__(self, first: FirstToken):
         self.id = first.id
-        self._pending = b""
+        self._events = SSEEvents()
 
-    def feed(self, chunk: bytes) -> bytes:
-        self._pending += chunk
-        *events, self._pending = self._pending.split(b"\n\n")
-        return b"".join(self._rewrite(e) + b"\n\n" for e in events)
+    def feed(self, chunk: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+        """The whole events in `chunk` so far, rewritten, and each one's data as rewritten (for
+        whoever reads the stream's timing, without parsing it again)."""
+        out, seen = [], []
+        for event in self._events.feed(chunk):
+            data = event_data(event)
+            if data is not None:  # else [DONE], comments: as they are
+                self._rewrite(data)
+                seen.append(data)
+                event = b"data: " + json.dumps(data).encode()
+            out.append(event + b"\n\n")
+        return b"".join(out), seen
 
     def flush(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return rest
+        return self._events.rest()
 
-    def _rewrite(self, event: bytes) -> bytes:
-        if not event.startswith(b"data: {"):
-            return event  # [DONE], comments
-        try:
-            data = json.loads(event[6:])
-        except ValueError:
-            return event
+    def _rewrite(self, data: dict[str, Any]) -> None:
         data["id"] = self.id
         for choice in data.get("choices") or []:
             choice.pop("prompt_token_ids", None)
@@ -149,4 +152,3 @@ class Continuation:
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
             usage["prompt_tokens"] -= 1
             usage["completion_tokens"] = (usage.get("completion_tokens") or 0) + 1
-        return b"data: " + json.dumps(data).encode()

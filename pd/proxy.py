@@ -481,9 +481,10 @@ class Proxy:
                 return
             async for chunk in _chain(opened.first, opened.chunks):
                 now = time.monotonic()
-                decoder_clock.feed(chunk, now)
-                out = rest.feed(chunk)
-                clock.feed(out, now)
+                out, events = rest.feed(chunk)
+                for data in events:  # parsed once, for both clocks
+                    decoder_clock.see(data, now)
+                    clock.see(data, now)
                 yield out
             yield rest.flush()
             end = time.monotonic()

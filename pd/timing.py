@@ -68,32 +68,50 @@ class TimingLog:
         return self._records.get(request_id)
 
 
+class SSEEvents:
+    """Whole server-sent events out of a byte stream that may split them anywhere."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._pending += chunk
+        *events, self._pending = self._pending.split(b"\n\n")
+        return events
+
+    def rest(self) -> bytes:
+        """What came after the last whole event."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+
 class StreamClock:
     """Reads a relayed SSE stream for the times of its first and last token-carrying events, and
     the output token count: from the usage chunk when the client asked for one (vLLM may put
     several tokens in one event when its reader lags), else one per event."""
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._events = SSEEvents()
         self.first: float | None = None
         self.last: float | None = None
         self.events = 0  # events that carried tokens
         self.usage_tokens: int | None = None
 
     def feed(self, chunk: bytes, now: float) -> None:
-        self._pending += chunk
-        *events, self._pending = self._pending.split(b"\n\n")
-        for event in events:
-            data = _data(event)
-            if data is None:
-                continue
-            if any(c.get("text") or (c.get("delta") or {}).get("content") for c in data.get("choices") or []):
-                self.events += 1
-                self.first = now if self.first is None else self.first
-                self.last = now
-            tokens = (data.get("usage") or {}).get("completion_tokens")
-            if isinstance(tokens, int):
-                self.usage_tokens = tokens
+        for event in self._events.feed(chunk):
+            self.see(event_data(event), now)
+
+    def see(self, data: dict[str, Any] | None, now: float) -> None:
+        """One event, already parsed (`event_data`)."""
+        if data is None:
+            return
+        if any(c.get("text") or (c.get("delta") or {}).get("content") for c in data.get("choices") or []):
+            self.events += 1
+            self.first = now if self.first is None else self.first
+            self.last = now
+        tokens = (data.get("usage") or {}).get("completion_tokens")
+        if isinstance(tokens, int):
+            self.usage_tokens = tokens
 
     @property
     def tokens(self) -> int:
@@ -106,7 +124,7 @@ class StreamClock:
         return (self.last - self.first) / (self.tokens - 1)
 
 
-def _data(event: bytes) -> dict[str, Any] | None:
+def event_data(event: bytes) -> dict[str, Any] | None:
     """An event's JSON object; None for `[DONE]`, comments or anything else."""
     if not event.startswith(b"data: {"):
         return None

@@ -85,10 +85,12 @@ def test_the_decoders_stream_reads_as_the_rest_of_the_clients():
     ]
     raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
     rest = Continuation(first)
-    out = b"".join(rest.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)) + rest.flush()  # events split anywhere
+    fed = [rest.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)]  # events split anywhere
+    out = b"".join(part for part, _ in fed) + rest.flush()
     got = out.split(b"\n\n")
     assert got[-2:] == [b"data: [DONE]", b""]
     datas = [json.loads(e.removeprefix(b"data: ")) for e in got[:-2]]
     assert [d["id"] for d in datas] == ["cmpl-p"] * 3
     assert datas[0]["choices"][0] == {"index": 0, "text": "c", "token_ids": [9]}  # the prompt ids came first
     assert datas[2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert [data for _, seen in fed for data in seen] == datas  # what the proxy's clocks read, parsed once

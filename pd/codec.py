@@ -142,12 +142,17 @@ class PagedKV:
             )
         return buf.view(self.dtype).view(len(self.layers), n_blocks * self.ratio, *self.block_shape)
 
-    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
+    def block_index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """The kernel blocks of `block_ids`, as an index on the cache's device. On CUDA it is copied
+        in from pinned memory on the current stream, not waited for: a pageable copy would wait
+        for everything queued on that stream (the forward pass, or the scatters before it)."""
         ids = torch.as_tensor(list(block_ids), dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
             raise LayoutError(f"block ids out of range 0..{self.num_blocks - 1}: {list(block_ids)}")
         if self.ratio > 1:
             ids = (ids[:, None] * self.ratio + torch.arange(self.ratio)).reshape(-1)
+        if self.device.type == "cuda":
+            return ids.pin_memory().to(self.device, non_blocking=True)
         return ids.to(self.device)
 
     def _runs(self, block_ids: Sequence[int], most: int = 4) -> list[tuple[int, int, int]] | None:
@@ -158,7 +163,7 @@ class PagedKV:
         runs: list[tuple[int, int, int]] = []
         for i, b in enumerate(block_ids):
             if not 0 <= b < self.num_blocks:
-                return None  # _index names the bad id
+                return None  # block_index names the bad id
             if runs and runs[-1][0] + runs[-1][2] == b * self.ratio:
                 start, offset, n = runs[-1]
                 runs[-1] = (start, offset, n + self.ratio)
@@ -195,7 +200,7 @@ class PagedKV:
             in_cache, in_chunk = self._run_slices(view, runs, 0)
             torch._foreach_copy_(in_chunk, in_cache)
         else:
-            idx = self._index(block_ids)
+            idx = self.block_index(block_ids)
             for layer, dst in zip(self.layers, view, strict=True):
                 if same_device:
                     torch.index_select(layer, 0, idx, out=dst)
@@ -214,11 +219,13 @@ class PagedKV:
         src_blocks: int,
         skip_blocks: int = 0,
         stream: torch.cuda.Stream | None = None,
+        index: torch.Tensor | None = None,
     ) -> Ready | None:
         """Copy blocks `skip_blocks ... skip_blocks + len(block_ids) - 1` of the chunk buffer `src`
         (which holds `src_blocks` blocks, on any device) into blocks `block_ids`. On CUDA the copies
         are queued on `stream` (default: the current one) and the event to wait on returned: until
-        it is done neither are the blocks in place nor may `src` be written. Elsewhere they are done."""
+        it is done neither are the blocks in place nor may `src` be written. Elsewhere they are done.
+        `index`, when given, is `block_index(block_ids)` made beforehand (a loader makes its job's at once)."""
         if skip_blocks < 0 or skip_blocks + len(block_ids) > src_blocks:
             raise LayoutError(
                 f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk"
@@ -229,12 +236,12 @@ class PagedKV:
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
             if self._words is not None:  # one launch for every layer (after one copy in if need be)
                 on_device = src if src.device == self.device else src.to(self.device, non_blocking=True)
-                self._copy_blocks(on_device, block_ids, skip_blocks, src_blocks, to_cache=True)
+                self._copy_blocks(on_device, block_ids, skip_blocks, src_blocks, to_cache=True, index=index)
             elif src.device == self.device and (runs := self._runs(block_ids)) is not None:  # whole runs: one copy
                 in_cache, in_chunk = self._run_slices(view, runs, first)
                 torch._foreach_copy_(in_cache, in_chunk)
             else:
-                idx = self._index(block_ids)
+                idx = self.block_index(block_ids) if index is None else index
                 for layer, chunk in zip(self.layers, view, strict=True):
                     layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
             if not cuda:
@@ -255,12 +262,18 @@ class PagedKV:
             torch.cuda.synchronize(self.device)
 
     def _copy_blocks(
-        self, chunk: torch.Tensor, block_ids: Sequence[int], first: int, blocks: int, to_cache: bool
+        self,
+        chunk: torch.Tensor,
+        block_ids: Sequence[int],
+        first: int,
+        blocks: int,
+        to_cache: bool,
+        index: torch.Tensor | None = None,
     ) -> None:
         """The Triton copy between blocks `block_ids` and the chunk buffer's blocks `first ...` (of `blocks`)."""
         assert self._words is not None
         words, stride = self._words
-        ids = self._index(block_ids)
+        ids = self.block_index(block_ids) if index is None else index
         kernels.copy_blocks(
             chunk.view(torch.int64), self._ptrs, ids, first * self.ratio, blocks * self.ratio, words, stride, to_cache
         )

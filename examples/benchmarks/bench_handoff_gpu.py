@@ -9,7 +9,8 @@ ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`)
 connections pull shares of the chunks at once (the connector's `load_lanes`).
 
 Paths: ucx with chunks in GPU memory (GPU to GPU: cuda_ipc on one host), ucx host-staged (pinned
-host memory at both ends), tcp (pinned host memory). Floors: pinned host->GPU and GPU->host copy,
+host memory at both ends), ucx from the prefiller's pinned host memory into the decoder's GPU
+memory (UCX picks how), tcp (pinned host memory). Floors: pinned host->GPU and GPU->host copy,
 GPU->GPU copy (memcpy on a CPU-only host).
 
     PYTHONPATH=/tmp/site:$PWD python3 examples/benchmarks/bench_handoff_gpu.py      # on the GPU machine
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import multiprocessing as mp
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -43,8 +46,14 @@ from pd.loader import pull as load
 from pd.staging import StagingPool, StagingService
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-8B, vLLM's 16-token blocks
-PATHS = {"ucx-gpu": ("ucx", "device"), "ucx-host": ("ucx", "host"), "tcp": ("tcp", "host")}
-TARGETS_GBPS = {"ucx-gpu": 250.0, "ucx-host": 45.0, "tcp": 3.0}  # issue 5, for a 16k-token prompt
+# path: (transport, where the prefiller stages chunks, where the decoder receives them)
+PATHS = {
+    "ucx-gpu": ("ucx", "device", "device"),
+    "ucx-host": ("ucx", "host", "host"),
+    "ucx-host-gpu": ("ucx", "host", "device"),
+    "tcp": ("tcp", "host", "host"),
+}
+TARGETS_GBPS = {"ucx-gpu": 250.0, "ucx-host": 45.0, "ucx-host-gpu": 45.0, "tcp": 3.0}  # issue 5, 16k tokens
 
 
 def key(i: int) -> bytes:
@@ -101,6 +110,7 @@ def pull(
     window: int,
     lanes: int,
     wire_only: bool,
+    profile: bool = False,
 ) -> float:
     """Seconds for the decoder to have every block of the prompt in place, pulled as PDConnector
     does, over the pool's connections (a decoder keeps its connections to a prefiller)."""
@@ -109,12 +119,17 @@ def pull(
     chunks = plan.plan_load(keys, tokens, 0, tokens, block_ids, chunk, BLOCK)
     job = LoadJob("bench", [address], chunks, 0, tokens, block_ids)
     loader = (WireOnly if wire_only else ChunkLoader)(paged, job, on_device=memory == "device", window=window)
+    profiler = cProfile.Profile() if profile else None
     with ThreadPoolExecutor(max(1, lanes - 1)) as executor:
         t0 = time.perf_counter()
-        load(conns, address, loader, lanes, executor)
+        with profiler or contextlib.nullcontext():
+            load(conns, address, loader, lanes, executor)
         if paged.device.type == "cuda":
             torch.cuda.synchronize(paged.device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    return seconds
 
 
 def check(paged: PagedKV) -> None:
@@ -158,6 +173,9 @@ def main() -> None:
     )
     ap.add_argument("--lanes", type=int, default=0, help="connections per hand-off (default: 2 over tcp, 1 over ucx)")
     ap.add_argument("--wire-only", action="store_true", help="diagnostic: receive the chunks, scatter none")
+    ap.add_argument(
+        "--profile", action="store_true", help="diagnostic: one more hand-off per path under cProfile (the decoder's side)"
+    )
     ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
     ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))
     args = ap.parse_args()
@@ -170,7 +188,7 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: --device cpu runs the CPU paths")
     if not cuda:
-        paths = [p for p in paths if PATHS[p][1] == "host"]
+        paths = [p for p in paths if PATHS[p][2] == "host"]
     prefill_dev = "cuda:0" if cuda else "cpu"
     decode_dev = f"cuda:{min(1, torch.cuda.device_count() - 1)}" if cuda else "cpu"
 
@@ -179,10 +197,10 @@ def main() -> None:
     rows = []
     ctx = mp.get_context("spawn")
     for path in paths:
-        scheme, memory = PATHS[path]
+        scheme, staged, memory = PATHS[path]
         ready, stop = ctx.Queue(), ctx.Event()
         proc = ctx.Process(
-            target=prefiller, args=(prefill_dev, scheme, memory, args.tokens, args.chunk_tokens, ready, stop)
+            target=prefiller, args=(prefill_dev, scheme, staged, args.tokens, args.chunk_tokens, ready, stop)
         )
         proc.start()
         try:
@@ -200,6 +218,9 @@ def main() -> None:
                 pull(conns, address, paged, memory, args.tokens, args.chunk_tokens, window, lanes, args.wire_only)
                 for _ in range(args.rounds + 1)
             ]
+            if args.profile:
+                print(f"{path}: the decoder's side of one hand-off, under cProfile")
+                pull(conns, address, paged, memory, args.tokens, args.chunk_tokens, window, lanes, args.wire_only, True)
             conns.close()
             if not args.wire_only:
                 check(paged)
@@ -211,7 +232,8 @@ def main() -> None:
             {
                 "path": path,
                 "transport": scheme,
-                "chunk_memory": memory,
+                "staged_in": staged,
+                "received_in": memory,
                 "bytes": nbytes,
                 "first_seconds": round(first, 4),
                 "seconds": [round(s, 4) for s in seconds],

@@ -6,8 +6,9 @@
 #   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == plain vLLM, 8B shape, over ucx (pytest -m gpu)
 #   bash examples/gpu/measure.sh pd-tcp OUT     # the same over tcp
 #   bash examples/gpu/measure.sh ttft OUT       # TTFT of 1P1D vs one cold vLLM at 16k tokens, over ucx
-#   bash examples/gpu/measure.sh diagnose OUT   # where the GPU hand-off's time goes: wire only (no
-#                                               # scatter), longer spins, bigger chunks, wider windows
+#   bash examples/gpu/measure.sh diagnose OUT   # where the GPU hand-off's time goes: the decoder under
+#                                               # cProfile, wire only (no scatter), bigger chunks, torch
+#                                               # copies; host-staged paths and the UCX protocols they take
 set -uo pipefail
 STEP=${1:?step}; OUT=${2:?out dir}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD UCX_WARN_UNUSED_ENV_VARS=n
@@ -30,12 +31,16 @@ case "$STEP" in
   ttft)
     bash examples/gpu/ttft_pd_vs_plain.sh "$MODEL8B" 16384 ucx "$OUT/ttft" 2>&1 | tail -40 | tee "$OUT/ttft.txt" ;;
   diagnose)
-    B=(python3 examples/benchmarks/bench_handoff_gpu.py --paths ucx-gpu --rounds 5)
-    for v in "base:" "wire:--wire-only" "chunk1024:--chunk-tokens 1024" "window16:--window 16"; do
+    B=(python3 examples/benchmarks/bench_handoff_gpu.py --rounds 5)
+    "${B[@]}" --paths ucx-gpu --profile --json "$OUT/diag_profile.json" 2>&1 | tee "$OUT/diag_profile.txt" | tail -45
+    for v in "base:" "wire:--wire-only" "chunk1024:--chunk-tokens 1024" "torch:"; do
       name=${v%%:*}; read -r -a extra <<< "${v#*:}"
-      "${B[@]}" "${extra[@]}" --json "$OUT/diag_$name.json" 2>&1 | grep -A1 " path " | tail -1 | sed "s/^/$name /"
-      PDRUN_UCX_SPIN_US=3000 "${B[@]}" "${extra[@]}" --json "$OUT/diag_${name}_spin.json" 2>&1 | grep -A1 " path " \
-        | tail -1 | sed "s/^/$name spin3ms /"
-    done | tee "$OUT/diagnose.txt" ;;
+      copy=auto; [ "$name" = torch ] && copy=torch
+      PDRUN_BLOCK_COPY=$copy "${B[@]}" --paths ucx-gpu "${extra[@]}" --json "$OUT/diag_$name.json" 2>&1 \
+        | grep -A1 " path " | tail -1 | sed "s/^/$name /"
+    done | tee "$OUT/diagnose.txt"
+    "${B[@]}" --paths ucx-host,ucx-host-gpu --json "$OUT/diag_host.json" 2>&1 | tail -4 | tee -a "$OUT/diagnose.txt"
+    UCX_PROTO_INFO=y "${B[@]}" --rounds 1 --tokens 2048 --paths ucx-host,ucx-host-gpu --json "$OUT/diag_proto.json" 2>&1 \
+      | grep -iE "rndv|zcopy|copy|ppln|\| *[0-9]" | sort | uniq -c | sort -rn | head -40 | tee "$OUT/diag_proto.txt" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--lanes", type=int, default=0, help="connections per hand-off (default: 2 over tcp, 1 over ucx)")
     ap.add_argument("--wire-only", action="store_true", help="diagnostic: receive the chunks, scatter none")
     ap.add_argument(
-        "--profile", action="store_true", help="diagnostic: one more hand-off per path under cProfile (the decoder's side)"
+        "--profile", action="store_true", help="diagnostic: one more hand-off per path, the decoder under cProfile"
     )
     ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
     ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))

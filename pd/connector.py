@@ -492,7 +492,7 @@ class _WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
         self.paged.warm_up()
-        self.on_device = self.cfg.chunks_on_device(self.paged.device)
+        self.on_device = self.cfg.chunks_on_device(self.paged.device, producer=self.is_producer)
         if self.is_producer:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
             self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate)

@@ -39,8 +39,8 @@ case "$STEP" in
       PDRUN_BLOCK_COPY=$copy "${B[@]}" --paths ucx-gpu "${extra[@]}" --json "$OUT/diag_$name.json" 2>&1 \
         | grep -A1 " path " | tail -1 | sed "s/^/$name /"
     done | tee "$OUT/diagnose.txt"
-    "${B[@]}" --paths ucx-host,ucx-host-gpu --json "$OUT/diag_host.json" 2>&1 | tail -4 | tee -a "$OUT/diagnose.txt"
-    UCX_PROTO_INFO=y "${B[@]}" --rounds 1 --tokens 2048 --paths ucx-host,ucx-host-gpu --json "$OUT/diag_proto.json" 2>&1 \
+    "${B[@]}" --paths ucx-host,ucx-host-host --json "$OUT/diag_host.json" 2>&1 | tail -4 | tee -a "$OUT/diagnose.txt"
+    UCX_PROTO_INFO=y "${B[@]}" --rounds 1 --tokens 2048 --paths ucx-host,ucx-host-host --json "$OUT/diag_proto.json" 2>&1 \
       | grep -iE "rndv|zcopy|copy|ppln|\| *[0-9]" | sort | uniq -c | sort -rn | head -40 | tee "$OUT/diag_proto.txt" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

@@ -143,17 +143,39 @@ class PagedKV:
         return buf.view(self.dtype).view(len(self.layers), n_blocks * self.ratio, *self.block_shape)
 
     def block_index(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """The kernel blocks of `block_ids`, as an index on the cache's device. On CUDA it is copied
-        in from pinned memory on the current stream, not waited for: a pageable copy would wait
-        for everything queued on that stream (the forward pass, or the scatters before it)."""
+        """The kernel blocks of `block_ids`, as an index on the cache's device (see `to_device`)."""
+        return self.to_device(self._kernel_blocks(block_ids))
+
+    def _kernel_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(list(block_ids), dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
             raise LayoutError(f"block ids out of range 0..{self.num_blocks - 1}: {list(block_ids)}")
         if self.ratio > 1:
             ids = (ids[:, None] * self.ratio + torch.arange(self.ratio)).reshape(-1)
-        if self.device.type == "cuda":
-            return ids.pin_memory().to(self.device, non_blocking=True)
-        return ids.to(self.device)
+        return ids
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A small host tensor (an index, a copy table) on the cache's device: on CUDA copied in
+        from pinned memory on the current stream and not waited for (a pageable copy would wait
+        for everything queued on that stream: the forward pass, or the scatters before it)."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def copy_table(
+        self, block_ids: Sequence[int], first: int, chunk_blocks: int, at: int = 0
+    ) -> list[tuple[int, int, int]]:
+        """The rows of the Triton copies' table (pd/kernels.py) between cache blocks `block_ids` and
+        the blocks `first ...` of a chunk of `chunk_blocks` blocks that starts `at` bytes into its
+        buffer, one per kernel block: a loader joins the rows of the chunks it places together."""
+        assert self._words is not None
+        words, r = self._words[0], self.ratio
+        layer_words = chunk_blocks * r * words
+        start = at // 8 + first * r * words
+        rows = []
+        for i, b in enumerate(block_ids):
+            if not 0 <= b < self.num_blocks:
+                raise LayoutError(f"block ids out of range 0..{self.num_blocks - 1}: {list(block_ids)}")
+            rows += [(b * r + k, start + (i * r + k) * words, layer_words) for k in range(r)]
+        return rows
 
     def _runs(self, block_ids: Sequence[int], most: int = 4) -> list[tuple[int, int, int]] | None:
         """Block ids as runs of consecutive blocks, (first kernel block, offset in the chunk, kernel
@@ -193,7 +215,7 @@ class PagedKV:
         same_device = out.device == self.device
         if self._words is not None:  # one launch for every layer (into the GPU, then one copy out if need be)
             on_device = out if same_device else torch.empty_like(out, device=self.device)
-            self._copy_blocks(on_device, block_ids, 0, len(block_ids), to_cache=False)
+            self._copy_blocks(on_device, self.copy_table(block_ids, 0, len(block_ids)), to_cache=False)
             if not same_device:
                 out.copy_(on_device, non_blocking=True)
         elif same_device and (runs := self._runs(block_ids)) is not None:  # whole runs: one batched copy
@@ -206,11 +228,7 @@ class PagedKV:
                     torch.index_select(layer, 0, idx, out=dst)
                 else:  # into pinned memory this is asynchronous too
                     dst.copy_(torch.index_select(layer, 0, idx), non_blocking=True)
-        if self.device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
+        return self._queued() if self.device.type == "cuda" else None
 
     def scatter(
         self,
@@ -219,13 +237,11 @@ class PagedKV:
         src_blocks: int,
         skip_blocks: int = 0,
         stream: torch.cuda.Stream | None = None,
-        index: torch.Tensor | None = None,
     ) -> Ready | None:
         """Copy blocks `skip_blocks ... skip_blocks + len(block_ids) - 1` of the chunk buffer `src`
         (which holds `src_blocks` blocks, on any device) into blocks `block_ids`. On CUDA the copies
         are queued on `stream` (default: the current one) and the event to wait on returned: until
-        it is done neither are the blocks in place nor may `src` be written. Elsewhere they are done.
-        `index`, when given, is `block_index(block_ids)` made beforehand (a loader makes its job's at once)."""
+        it is done neither are the blocks in place nor may `src` be written. Elsewhere they are done."""
         if skip_blocks < 0 or skip_blocks + len(block_ids) > src_blocks:
             raise LayoutError(
                 f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk"
@@ -236,19 +252,34 @@ class PagedKV:
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
             if self._words is not None:  # one launch for every layer (after one copy in if need be)
                 on_device = src if src.device == self.device else src.to(self.device, non_blocking=True)
-                self._copy_blocks(on_device, block_ids, skip_blocks, src_blocks, to_cache=True, index=index)
+                self._copy_blocks(on_device, self.copy_table(block_ids, skip_blocks, src_blocks), to_cache=True)
             elif src.device == self.device and (runs := self._runs(block_ids)) is not None:  # whole runs: one copy
                 in_cache, in_chunk = self._run_slices(view, runs, first)
                 torch._foreach_copy_(in_cache, in_chunk)
             else:
-                idx = self.block_index(block_ids) if index is None else index
+                idx = self.block_index(block_ids)
                 for layer, chunk in zip(self.layers, view, strict=True):
                     layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
-            if not cuda:
-                return None
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            return event
+            return self._queued() if cuda else None
+
+    def scatter_table(
+        self, src: torch.Tensor, rows: list[tuple[int, int, int]], stream: torch.cuda.Stream | None = None
+    ) -> Ready | None:
+        """Copy the blocks `rows` list (`copy_table`s joined) from the chunk buffer `src` (beside the
+        cache) into the cache in one launch, queued on `stream` as `scatter` does: a loader places
+        the chunks that arrived together at once. Triton copies only."""
+        if self._words is None or src.device != self.device:
+            raise LayoutError("scatter_table needs the Triton copies and a chunk buffer beside the cache")
+        cuda = self.device.type == "cuda"
+        with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
+            self._copy_blocks(src, rows, to_cache=True)
+            return self._queued() if cuda else None
+
+    def _queued(self) -> Ready:
+        """What to wait for: the copies queued so far on the current stream."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def warm_up(self) -> None:
         """Build the Triton copies now rather than in the first hand-off (block 0 is copied out and
@@ -261,22 +292,12 @@ class PagedKV:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _copy_blocks(
-        self,
-        chunk: torch.Tensor,
-        block_ids: Sequence[int],
-        first: int,
-        blocks: int,
-        to_cache: bool,
-        index: torch.Tensor | None = None,
-    ) -> None:
-        """The Triton copy between blocks `block_ids` and the chunk buffer's blocks `first ...` (of `blocks`)."""
+    def _copy_blocks(self, chunk: torch.Tensor, rows: list[tuple[int, int, int]], to_cache: bool) -> None:
+        """The Triton copy between the cache and `chunk` of the blocks `rows` list."""
         assert self._words is not None
         words, stride = self._words
-        ids = self.block_index(block_ids) if index is None else index
-        kernels.copy_blocks(
-            chunk.view(torch.int64), self._ptrs, ids, first * self.ratio, blocks * self.ratio, words, stride, to_cache
-        )
+        table = self.to_device(torch.tensor(rows, dtype=torch.long).view(-1, 3))
+        kernels.copy_blocks(chunk.view(torch.int64), self._ptrs, table, words, stride, to_cache)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for chunks of this cache: pinned next to a GPU, so copies run at full speed."""

@@ -3,7 +3,9 @@
 With torch, a chunk's copy between the paged cache and a chunk buffer takes a slice per layer and
 run of blocks on each side (64 slices for the 8B shape): ~0.5 ms of Python per chunk, which paced a
 GPU-to-GPU hand-off at a seventh of what the wire moved. Here the layers' base addresses sit in a
-device table and the chunk's block ids in another, and one kernel moves them all, 8 bytes a lane.
+device table and the blocks in another (where each block is in the cache and in the chunk
+buffer), and one kernel moves them all, 8 bytes a lane: one chunk, or a batch of chunks that
+arrived together.
 
 It moves each block's bytes as they lie, so it needs every layer's blocks to be one run of bytes,
 8-byte aligned (a block may sit at any stride from the next: vLLM 0.32 interleaves layers in one
@@ -29,14 +31,12 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["first", "n_blocks", "chunk_blocks"])
+    @triton.jit(do_not_specialize=["n_blocks"])
     def copy_blocks(
-        chunk,  # int64 words: [layers, chunk_blocks, block_words]
+        chunks,  # int64 words: the chunk buffer(s) the table points into
         layer_ptrs,  # int64: each layer's base address
-        block_ids,  # int64: the cache blocks, in chunk order from `first`
-        first,
+        table,  # int64 [n_blocks, 3]: cache block, its layer-0 words' offset in `chunks`, words per chunk layer
         n_blocks,
-        chunk_blocks,
         block_words,  # words of one block of one layer
         block_stride,  # words from one block of a layer to the next
         TO_CACHE: tl.constexpr,
@@ -44,13 +44,15 @@ def _kernel() -> Any:
     ):
         pid = tl.program_id(0)
         layer = (pid // n_blocks).to(tl.int64)
-        j = pid % n_blocks
+        j = (pid % n_blocks).to(tl.int64)
         words = tl.program_id(1) * LANES + tl.arange(0, LANES)
         mask = words < block_words
-        block = tl.load(block_ids + j).to(tl.int64)
+        block = tl.load(table + 3 * j)
+        offset = tl.load(table + 3 * j + 1)
+        layer_words = tl.load(table + 3 * j + 2)
         base = tl.load(layer_ptrs + layer).to(tl.pointer_type(tl.int64))
         in_cache = base + block * block_stride + words
-        in_chunk = chunk + (layer * chunk_blocks + first + j) * block_words + words
+        in_chunk = chunks + offset + layer * layer_words + words
         if TO_CACHE:
             tl.store(in_cache, tl.load(in_chunk, mask=mask), mask=mask)
         else:
@@ -69,22 +71,19 @@ def available() -> bool:
 
 
 def copy_blocks(
-    chunk: torch.Tensor,
+    chunks: torch.Tensor,
     layer_ptrs: torch.Tensor,
-    block_ids: torch.Tensor,
-    first: int,
-    chunk_blocks: int,
+    table: torch.Tensor,
     block_words: int,
     block_stride: int,
     to_cache: bool,
 ) -> None:
-    """Copy blocks `block_ids` of every layer to (`to_cache` False) or from the chunk buffer `chunk`
-    (flat int64 words, [layers, chunk_blocks, block_words]), at its blocks `first ...`; queued on
-    the current stream."""
-    layers, n = layer_ptrs.numel(), block_ids.numel()
+    """Copy the blocks `table` lists (rows: cache block, where its first layer's words start in
+    `chunks`, words from one layer to the next there) to (`to_cache` False) or from `chunks` (flat
+    int64 words), for every layer; queued on the current stream. The rows may point into several
+    chunks of one buffer: a loader places a batch of chunks in one launch."""
+    layers, n = layer_ptrs.numel(), table.shape[0]
     if not n:
         return
     grid = (layers * n, -(-block_words // LANES))
-    _kernel()[grid](
-        chunk, layer_ptrs, block_ids, first, n, chunk_blocks, block_words, block_stride, TO_CACHE=to_cache, LANES=LANES
-    )
+    _kernel()[grid](chunks, layer_ptrs, table, n, block_words, block_stride, TO_CACHE=to_cache, LANES=LANES)

@@ -2,7 +2,8 @@
 loader does: scatters queued on the loader's stream, a ring buffer handed out again only once the
 scatter reading it is done. Big chunks with scattered block ids make each scatter slow, so a buffer
 reused too early would be overwritten while read, and the blocks would differ. With the Triton
-block copies (one launch per chunk, the default where the layout allows) and with torch's."""
+block copies (one launch per batch of chunks, the default where the layout allows) and with
+torch's; over tcp, ucx GPU to GPU, and ucx from the prefiller's host memory into GPU memory."""
 
 from __future__ import annotations
 
@@ -34,14 +35,15 @@ def paged(device: str, seed: int | None) -> PagedKV:
     return PagedKV(caches, BLOCKS, BLOCK)
 
 
-@pytest.fixture(params=["tcp", "ucx"])
+@pytest.fixture(params=["tcp", "ucx", "ucx-host"])
 def prefiller(request):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    scheme = request.param
+    scheme = request.param.split("-")[0]
     src = paged("cuda:0", seed=5)
-    on_device = scheme == "ucx"
-    pool = StagingPool(1 << 31, ttl_s=60, allocate=src.device_buffer if on_device else src.host_buffer)
+    staged_on_device = request.param == "ucx"
+    on_device = scheme == "ucx"  # as the connector lands them: in GPU memory over ucx, whatever they wait in
+    pool = StagingPool(1 << 31, ttl_s=60, allocate=src.device_buffer if staged_on_device else src.host_buffer)
     per = CHUNK // BLOCK
     for i in range(BLOCKS // per):
         ids = list(range(i * per, (i + 1) * per))

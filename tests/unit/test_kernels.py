@@ -2,7 +2,8 @@
 Triton's interpreter on CPU tensors (in a child process: the switch is read when Triton loads), for
 kernel blocks smaller than the manager's, scattered ids, part of a chunk, layers interleaved in
 one allocation; blocks whose bytes lie in another order than their shape's go as they lie (and the
-layout says so), blocks that are not one run of bytes keep torch's copies."""
+layout says so), blocks that are not one run of bytes keep torch's copies; a loader's batches of
+chunks placed in one launch."""
 
 from __future__ import annotations
 
@@ -68,6 +69,54 @@ def check_all() -> None:
         assert torch.equal(x[[2, 7, 4]], y[[5, 6, 1]])
     assert paged("auto", False, 1, "gapped").block_copy == "torch"
     check_vllm_layouts()
+    check_batched_loader()
+
+
+def check_batched_loader() -> None:
+    """A loader with chunks beside the cache places the chunks that arrived together in one launch,
+    each read from its slot of the ring: the first chunk in part, the last one short, slots reused."""
+    import transfer
+    from pd import plan
+    from pd.loader import ChunkLoader, LoadJob
+
+    for ratio in (1, 2):
+        src, dst = paged("auto", False, ratio), paged("auto", False, ratio)
+        for t in dst.layers:
+            t.zero_()
+        bs, chunk = src.block_size, 2 * src.block_size  # 2 blocks a chunk
+        handed = 11 * bs - 3  # 11 blocks, the last one part full: 6 chunks, the last of one block
+        keys = [bytes([i]) * 16 for i in range(6)]
+        dst_ids = [11, 3, 0, 7, 8, 5, 1, 10, 2, 9, 4]
+        start = bs  # the first block is already here: the first chunk goes in part
+        chunks = plan.plan_load(keys, handed, start, handed, dst_ids, chunk, bs)
+        loader = ChunkLoader(dst, LoadJob("t", [], chunks, start, handed, dst_ids), on_device=True, window=2)
+        assert (loader.batch, loader._slots) == (2, 4)
+        launches = []
+        scatter_table = dst.scatter_table
+        dst.scatter_table = lambda ring, rows, stream: launches.append(len(rows)) or scatter_table(ring, rows, stream)
+        src_ids = list(range(11))
+        sunk = []
+        for c in [*chunks, None, None]:  # as the transport does: `window` chunks received ahead of the placing
+            if c is not None:
+                i = len(sunk)
+                ids = src_ids[i * 2 : i * 2 + c.src_blocks]
+                meta = {"layout": src.describe(), "blocks": c.src_blocks}
+                header = transfer.Header("chunk", key=c.key, nbytes=src.nbytes(c.src_blocks), meta=meta)
+                src.gather(ids, torch.from_numpy(loader.sink(header)))
+                sunk.append(header)
+            if len(sunk) - loader.next >= 2 or (c is None and loader.next < len(sunk)):
+                loader.place(sunk[loader.next])
+        loader.settle()
+        assert loader.next == 6 and loader.done == handed
+        assert launches == [3 * ratio, 4 * ratio, 3 * ratio]  # chunks 0-1 (one block skipped), 2-3, 4-5 (short)
+        for x, y in zip(src.layers, dst.layers, strict=True):
+            k = torch.tensor(src_ids[1:])
+            d = torch.tensor(dst_ids[1:])
+            if ratio > 1:
+                k = (k[:, None] * ratio + torch.arange(ratio)).reshape(-1)
+                d = (d[:, None] * ratio + torch.arange(ratio)).reshape(-1)
+            assert torch.equal(x[k], y[d]), ratio
+            assert not y[dst_ids[0] * ratio].any()  # before the load's start: untouched
 
 
 def check_vllm_layouts() -> None:

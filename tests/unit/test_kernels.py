@@ -93,7 +93,9 @@ def check_batched_loader() -> None:
         assert (loader.batch, loader._slots) == (2, 4)
         launches = []
         scatter_table = dst.scatter_table
-        dst.scatter_table = lambda ring, rows, stream: launches.append(len(rows)) or scatter_table(ring, rows, stream)
+        dst.scatter_table = lambda ring, rows, stream, f=scatter_table, n=launches: (
+            n.append(len(rows)) or f(ring, rows, stream)
+        )
         src_ids = list(range(11))
         sunk = []
         for c in [*chunks, None, None]:  # as the transport does: `window` chunks received ahead of the placing

@@ -1,8 +1,8 @@
 #!/bin/bash
 # Issue 5's GPU measurements, in steps that each fit one device call (after the staging calls of
 # examples/gpu/stage_ucx.sh). Results go to OUT (the device call's $OUT).
-#   bash examples/gpu/measure.sh transfer OUT   # bench_handoff_gpu (windows 1, 4, 8; UCX progress polling and
-#                                               # blocking) + pdrun profile transfer
+#   bash examples/gpu/measure.sh transfer OUT   # bench_handoff_gpu (windows 1, 4, 8; 1024-token chunks)
+#                                               # + pdrun profile transfer
 #   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == plain vLLM, 8B shape, over ucx (pytest -m gpu)
 #   bash examples/gpu/measure.sh pd-tcp OUT     # the same over tcp
 #   bash examples/gpu/measure.sh ttft OUT       # TTFT of 1P1D vs one cold vLLM at 16k tokens, over ucx
@@ -21,11 +21,11 @@ case "$STEP" in
       python3 examples/benchmarks/bench_handoff_gpu.py --paths ucx-gpu,ucx-host --window "$w" \
         --json "$OUT/handoff_window$w.json" 2>&1 | tee -a "$OUT/handoff.txt"
     done
-    PDRUN_UCX_PROGRESS=blocking python3 examples/benchmarks/bench_handoff_gpu.py --paths ucx-gpu,ucx-host \
-      --json "$OUT/handoff_blocking.json" 2>&1 | tee -a "$OUT/handoff.txt"
+    python3 examples/benchmarks/bench_handoff_gpu.py --paths ucx-gpu --chunk-tokens 1024 \
+      --json "$OUT/handoff_chunk1024.json" 2>&1 | tee -a "$OUT/handoff.txt"
     python3 -m launch profile transfer --transport tcp,ucx --memory host,cuda --json "$OUT/profile_transfer_gpu.json" \
       --plot "$OUT/profile_transfer_gpu.png" 2>&1 | tail -25 | tee "$OUT/profile_transfer.txt" ;;
-  pd-ucx|pd-tcp)
+  pd-ucx|pd-tcp)  # PDRUN_GPU_STAGING=host: the prefiller stages chunks in host memory
     PDRUN_GPU_TRANSPORT=${STEP#pd-} PDRUN_GPU_MODEL=$MODEL8B PDRUN_TEST_LOGS=$OUT/logs-$STEP \
       python3 -m pytest -m gpu tests/gpu -x -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/$STEP.txt" ;;
   ttft)

@@ -205,6 +205,7 @@ def main() -> None:
         try:
             address = ready.get(timeout=600)
             paged = paged_cache(decode_dev, args.tokens // BLOCK, pattern=False)
+            paged.warm_up()  # the Triton copies built, as the connector does at registration
             lanes = args.lanes or (2 if scheme == "tcp" else 1)  # the connector's defaults
             window = args.window if scheme == "ucx" else 1
             conns = transfer.ConnectionPool(lambda a: transfer.connect(a, io_timeout=120))
@@ -212,7 +213,8 @@ def main() -> None:
                 for _ in range(lanes):
                     stack.enter_context(conns.connection(address)).call("ping")
             # The first hand-off over a new connection pays for UCX's CUDA IPC set-up (~45 ms between
-            # two H200s); a decoder pays it once per prefiller. Reported apart, not in the median.
+            # two H200s: mapping each staging buffer); a decoder pays it once per prefiller and
+            # buffer. Reported apart, not in the median.
             first, *seconds = [
                 pull(conns, address, paged, memory, args.tokens, args.chunk_tokens, window, lanes, args.wire_only)
                 for _ in range(args.rounds + 1)

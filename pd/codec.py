@@ -17,7 +17,9 @@ into `ratio` kernel blocks), manager block b is kernel blocks b*ratio ... b*rati
 
 On CUDA, a gather is queued on the current stream (the forward pass's) and returns at once with an
 event: whoever reads the chunk waits for that event, the engine does not. Later kernels that reuse
-the blocks are queued behind it on the same stream, so freeing the blocks at once is safe. A
+the blocks are queued behind it on the same stream, so freeing the blocks at once is safe. A gather
+into host memory copies out on a side stream, behind the device-side gather: the forward pass goes
+on meanwhile. A
 scatter is queued too, on the stream its caller names (a loader's own, off the forward pass), and
 returns its event: the loader waits for it before it reuses the buffer or reports the blocks loaded.
 """
@@ -99,6 +101,7 @@ class PagedKV:
         if layout is not None:
             self._ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64, device=self.device)
         self.block_copy = "triton" if layout is not None else "torch"
+        self._copy_stream: torch.cuda.Stream | None = None
 
     def _word_layout(self) -> tuple[int, int, str] | None:
         """(words of one kernel block of one layer, words from one block to the next, the block's
@@ -208,27 +211,37 @@ class PagedKV:
         return in_cache, in_chunk
 
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> Ready | None:
-        """Copy blocks `block_ids` of every layer into the chunk buffer `out` (on any device: a
-        host buffer for a CUDA cache is filled by a device-side gather and a copy out).
-        On CUDA the copies are queued and the event to wait on returned; elsewhere they are done."""
-        view = self.chunk_view(out, len(block_ids))
-        same_device = out.device == self.device
-        if self._words is not None:  # one launch for every layer (into the GPU, then one copy out if need be)
-            on_device = out if same_device else torch.empty_like(out, device=self.device)
-            self._copy_blocks(on_device, self.copy_table(block_ids, 0, len(block_ids)), to_cache=False)
-            if not same_device:
+        """Copy blocks `block_ids` of every layer into the chunk buffer `out` (on any device). On CUDA
+        the copies are queued and the event to wait on returned; elsewhere they are done. Into host
+        memory from a GPU: gathered into GPU memory on the current stream (the forward pass's; a
+        fast device copy), then copied out on a side stream, so that the forward pass is never held
+        behind the copy out (2 GiB, a 16k-token prompt of an 8B model, take 37 ms at 55 GB/s)."""
+        if out.device != self.device and self.device.type == "cuda":
+            on_device = torch.empty_like(out, device=self.device)
+            self.gather(block_ids, on_device)
+            copier = self._copier()
+            copier.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(copier):
                 out.copy_(on_device, non_blocking=True)
-        elif same_device and (runs := self._runs(block_ids)) is not None:  # whole runs: one batched copy
+                on_device.record_stream(copier)  # not handed out again before the copy out is done
+                return self._queued()
+        view = self.chunk_view(out, len(block_ids))
+        if self._words is not None:  # one launch for every layer
+            self._copy_blocks(out, self.copy_table(block_ids, 0, len(block_ids)), to_cache=False)
+        elif (runs := self._runs(block_ids)) is not None:  # whole runs: one batched copy
             in_cache, in_chunk = self._run_slices(view, runs, 0)
             torch._foreach_copy_(in_chunk, in_cache)
         else:
             idx = self.block_index(block_ids)
             for layer, dst in zip(self.layers, view, strict=True):
-                if same_device:
-                    torch.index_select(layer, 0, idx, out=dst)
-                else:  # into pinned memory this is asynchronous too
-                    dst.copy_(torch.index_select(layer, 0, idx), non_blocking=True)
+                torch.index_select(layer, 0, idx, out=dst)
         return self._queued() if self.device.type == "cuda" else None
+
+    def _copier(self) -> torch.cuda.Stream:
+        """The side stream chunks are copied out to host memory on."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
 
     def scatter(
         self,

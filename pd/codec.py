@@ -60,14 +60,15 @@ class PagedKV:
         if not kv_caches:
             raise LayoutError("no KV cache tensors were registered")
         layers: list[torch.Tensor] = []
-        seen: set[tuple[int, tuple[int, ...]]] = set()
+        seen: dict[tuple[int, tuple[int, ...]], int] = {}
+        self.layer_of: dict[str, int] = {}  # vLLM's layer name -> index into `layers`
         for name in sorted(kv_caches, key=_layer_order):
             t = kv_caches[name]
             ident = (t.data_ptr(), tuple(t.stride()))
-            if ident in seen:  # a layer that shares another layer's cache: move it once
-                continue
-            seen.add(ident)
-            layers.append(t)
+            if ident not in seen:  # else a layer that shares another layer's cache: moved once
+                seen[ident] = len(layers)
+                layers.append(t)
+            self.layer_of[name] = seen[ident]
         first = layers[0]
         for t in layers[1:]:
             if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
@@ -164,21 +165,25 @@ class PagedKV:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def copy_table(
-        self, block_ids: Sequence[int], first: int, chunk_blocks: int, at: int = 0
+        self, block_ids: Sequence[int], first: int, chunk_blocks: int, buf: torch.Tensor, at: int = 0
     ) -> list[tuple[int, int, int]]:
         """The rows of the Triton copies' table (pd/kernels.py) between cache blocks `block_ids` and
-        the blocks `first ...` of a chunk of `chunk_blocks` blocks that starts `at` bytes into its
-        buffer, one per kernel block: a loader joins the rows of the chunks it places together."""
+        the blocks `first ...` of a chunk of `chunk_blocks` blocks that starts `at` bytes into `buf`,
+        one per kernel block. Rows of several chunks are copied in one launch (`device_table`)."""
         assert self._words is not None
         words, r = self._words[0], self.ratio
         layer_words = chunk_blocks * r * words
-        start = at // 8 + first * r * words
+        start = buf.data_ptr() + at + first * r * words * 8
         rows = []
         for i, b in enumerate(block_ids):
             if not 0 <= b < self.num_blocks:
                 raise LayoutError(f"block ids out of range 0..{self.num_blocks - 1}: {list(block_ids)}")
-            rows += [(b * r + k, start + (i * r + k) * words, layer_words) for k in range(r)]
+            rows += [(b * r + k, start + (i * r + k) * words * 8, layer_words) for k in range(r)]
         return rows
+
+    def device_table(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
+        """`copy_table` rows as the kernel reads them (on the cache's device, see `to_device`)."""
+        return self.to_device(torch.tensor(rows, dtype=torch.long).view(-1, 3))
 
     def _runs(self, block_ids: Sequence[int], most: int = 4) -> list[tuple[int, int, int]] | None:
         """Block ids as runs of consecutive blocks, (first kernel block, offset in the chunk, kernel
@@ -219,7 +224,7 @@ class PagedKV:
         if out.device != self.device and self.device.type == "cuda":
             on_device = torch.empty_like(out, device=self.device)
             self.gather(block_ids, on_device)
-            copier = self._copier()
+            copier = self.copier()
             copier.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(copier):
                 out.copy_(on_device, non_blocking=True)
@@ -227,7 +232,7 @@ class PagedKV:
                 return self._queued()
         view = self.chunk_view(out, len(block_ids))
         if self._words is not None:  # one launch for every layer
-            self._copy_blocks(out, self.copy_table(block_ids, 0, len(block_ids)), to_cache=False)
+            self._copy_blocks(self.device_table(self.copy_table(block_ids, 0, len(block_ids), out)), to_cache=False)
         elif (runs := self._runs(block_ids)) is not None:  # whole runs: one batched copy
             in_cache, in_chunk = self._run_slices(view, runs, 0)
             torch._foreach_copy_(in_chunk, in_cache)
@@ -237,7 +242,7 @@ class PagedKV:
                 torch.index_select(layer, 0, idx, out=dst)
         return self._queued() if self.device.type == "cuda" else None
 
-    def _copier(self) -> torch.cuda.Stream:
+    def copier(self) -> torch.cuda.Stream:
         """The side stream chunks are copied out to host memory on."""
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
@@ -265,7 +270,8 @@ class PagedKV:
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
             if self._words is not None:  # one launch for every layer (after one copy in if need be)
                 on_device = src if src.device == self.device else src.to(self.device, non_blocking=True)
-                self._copy_blocks(on_device, self.copy_table(block_ids, skip_blocks, src_blocks), to_cache=True)
+                rows = self.copy_table(block_ids, skip_blocks, src_blocks, on_device)
+                self._copy_blocks(self.device_table(rows), to_cache=True)
             elif src.device == self.device and (runs := self._runs(block_ids)) is not None:  # whole runs: one copy
                 in_cache, in_chunk = self._run_slices(view, runs, first)
                 torch._foreach_copy_(in_cache, in_chunk)
@@ -275,18 +281,42 @@ class PagedKV:
                     layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
             return self._queued() if cuda else None
 
-    def scatter_table(
-        self, src: torch.Tensor, rows: list[tuple[int, int, int]], stream: torch.cuda.Stream | None = None
-    ) -> Ready | None:
-        """Copy the blocks `rows` list (`copy_table`s joined) from the chunk buffer `src` (beside the
-        cache) into the cache in one launch, queued on `stream` as `scatter` does: a loader places
-        the chunks that arrived together at once. Triton copies only."""
-        if self._words is None or src.device != self.device:
-            raise LayoutError("scatter_table needs the Triton copies and a chunk buffer beside the cache")
+    def scatter_table(self, rows: list[tuple[int, int, int]], stream: torch.cuda.Stream | None = None) -> Ready | None:
+        """Copy the blocks `rows` list (`copy_table`s joined, over chunk buffers beside the cache)
+        into the cache in one launch, queued on `stream` as `scatter` does: a loader places the
+        chunks that arrived together at once. Triton copies only."""
+        if self._words is None:
+            raise LayoutError("scatter_table needs the Triton copies")
         cuda = self.device.type == "cuda"
         with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
-            self._copy_blocks(src, rows, to_cache=True)
+            self._copy_blocks(self.device_table(rows), to_cache=True)
             return self._queued() if cuda else None
+
+    def gather_layers(
+        self,
+        block_ids: Sequence[Sequence[int]],
+        outs: Sequence[torch.Tensor],
+        layers: range,
+        table: torch.Tensor | None = None,
+    ) -> None:
+        """Copy `layers` of blocks `block_ids[c]` into the chunk buffer `outs[c]` (beside the cache)
+        for every chunk c, queued on the current stream: one launch with the Triton copies, whose
+        `device_table` of the chunks may be given (a prefiller copying a step's chunks out layer by
+        layer makes it once)."""
+        if self._words is not None:
+            if table is None:
+                rows = [
+                    row
+                    for ids, out in zip(block_ids, outs, strict=True)
+                    for row in self.copy_table(ids, 0, len(ids), out)
+                ]
+                table = self.device_table(rows)
+            self._copy_blocks(table, to_cache=False, layers=layers)
+            return
+        for ids, out in zip(block_ids, outs, strict=True):
+            view, idx = self.chunk_view(out, len(ids)), self.block_index(ids)
+            for i in layers:
+                torch.index_select(self.layers[i], 0, idx, out=view[i])
 
     def _queued(self) -> Ready:
         """What to wait for: the copies queued so far on the current stream."""
@@ -305,12 +335,11 @@ class PagedKV:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _copy_blocks(self, chunk: torch.Tensor, rows: list[tuple[int, int, int]], to_cache: bool) -> None:
-        """The Triton copy between the cache and `chunk` of the blocks `rows` list."""
+    def _copy_blocks(self, table: torch.Tensor, to_cache: bool, layers: range | None = None) -> None:
+        """The Triton copy of the blocks `table` (a `device_table`) lists, between the cache and their chunks."""
         assert self._words is not None
         words, stride = self._words
-        table = self.to_device(torch.tensor(rows, dtype=torch.long).view(-1, 3))
-        kernels.copy_blocks(chunk.view(torch.int64), self._ptrs, table, words, stride, to_cache)
+        kernels.copy_blocks(self._ptrs, table, words, stride, to_cache, layers)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for chunks of this cache: pinned next to a GPU, so copies run at full speed."""

@@ -25,6 +25,13 @@ class ConnectorConfig(BaseModel):
         "GPU cache over ucx receives chunks in GPU memory whatever the producer staged them in (UCX moves "
         "host-staged chunks into GPU memory itself, through GPU fragments); else in host memory",
     )
+    layerwise: bool = Field(
+        False,
+        description="producer: copy each layer of the chunks a step finishes out of the KV cache as soon as "
+        "that layer's attention has run (vLLM's save_kv_layer), rather than every layer once the forward pass "
+        "is queued: the copies (host-staged: and the copies out to host memory) overlap the rest of the "
+        "forward pass. Decoders load whole chunks before their request runs either way",
+    )
     connect_timeout_s: float = Field(5.0, gt=0)
     io_timeout_s: float = Field(30.0, gt=0, description="consumer: longest wait for one chunk")
     checksums: bool | None = Field(

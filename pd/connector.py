@@ -49,6 +49,7 @@ from pd.codec import PagedKV
 from pd.compat import check_vllm_version
 from pd.config import ConnectorConfig, load_config
 from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
+from pd.layerwise import LayerwiseSave
 from pd.loader import ChunkLoader, LoadJob, pull
 from pd.logs import setup_logging
 from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
@@ -182,7 +183,8 @@ class PDConnector(KVConnectorBase_V1):
         return  # loads finish before their request is scheduled
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # chunks are copied out whole in wait_for_save
+        if self._worker is not None and self._worker.layerwise:  # else chunks are copied out whole in wait_for_save
+            self._worker.save_layer(self._get_connector_metadata(), layer_name)
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
@@ -486,6 +488,9 @@ class _WorkerSide:
         )
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
+        self.layerwise = cfg.layerwise and self.is_producer
+        self._layerwise: tuple[PDMetadata, LayerwiseSave] | None = None  # the step being copied out layer by layer
+        self._layerwise_seen = False
         self._load_errors: set[int] = set()
         self._reported_errors: set[int] = set()
 
@@ -523,15 +528,65 @@ class _WorkerSide:
             for transfer_id in meta.drops:
                 self.pool.release(transfer_id)
         evicted = self.pool.evicted_referenced if self.pool is not None else 0
+        copied = self._finish_layerwise(meta)
         for s in meta.saves:
             try:
-                staged = self._stage(s) if s.stage else None
+                if copied is not None and s.stage:  # copied out layer by layer: committed above
+                    staged = self.pool.get(s.key) if self.pool is not None else None
+                else:
+                    staged = self._stage(s) if s.stage else None
                 if s.cache:
                     self._cache(s, staged)
             except Exception:  # never the engine's problem: a decoder prefills it, the tier misses it
                 log.exception("request %s: could not copy out chunk %d", s.transfer, s.index)
         if self.pool is not None and self.pool.evicted_referenced != evicted:
             self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)
+
+    def save_layer(self, meta: PDMetadata, layer_name: str) -> None:
+        """`layerwise`: one layer of the step's chunks is computed; copy it out of the cache now."""
+        if self.paged is None or self.pool is None or not meta.saves:
+            return
+        try:
+            if self._layerwise is None or self._layerwise[0] is not meta:  # the step's first layer
+                chunks = []
+                for s in meta.saves:
+                    if s.stage and not self.pool.reference(s.transfer, s.key):
+                        buf = self.pool.allocate(self.paged.nbytes(len(s.block_ids)))
+                        if buf is not None:
+                            chunks.append((s, buf))
+                self._layerwise = (meta, LayerwiseSave(self.paged, chunks))
+            index = self.paged.layer_of.get(layer_name)
+            if index is not None:
+                self._layerwise[1].layer(index)
+        except Exception:  # the step's chunks are then copied out whole in wait_for_save
+            log.exception("copying out layer %s of the step's chunks failed", layer_name)
+            self._layerwise = None
+
+    def _finish_layerwise(self, meta: PDMetadata) -> LayerwiseSave | None:
+        """The chunks this step copied out layer by layer, now served (their missing layers copied
+        first); None where the step did not (layerwise off, or no hook ran)."""
+        pending, self._layerwise = self._layerwise, None
+        if pending is None or pending[0] is not meta or self.pool is None:
+            return None
+        copied = pending[1]
+        try:
+            ready = copied.finish()
+        except Exception:
+            log.exception("copying out the step's chunks failed; their decoders will prefill them")
+            return copied
+        for s, buf in copied.chunks:
+            self.pool.commit(s.transfer, s.key, len(s.block_ids), buf, ready)
+            self.stats.add(staged_chunks=1, staged_bytes=buf.numel())
+        if copied.chunks and not self._layerwise_seen:
+            self._layerwise_seen = True
+            log.info(
+                "PDConnector worker rank %d: chunks copied out layer by layer (%d of %d layers as vLLM computed "
+                "them, in the first such step)",
+                self.rank,
+                copied.hooked,
+                len(copied.copied),
+            )
+        return copied
 
     def _stage(self, s: plan.ChunkSave) -> Staged | None:
         """Put the chunk in the staging pool; its entry, or None if it does not fit."""

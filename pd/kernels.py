@@ -4,8 +4,8 @@ With torch, a chunk's copy between the paged cache and a chunk buffer takes a sl
 run of blocks on each side (64 slices for the 8B shape): ~0.5 ms of Python per chunk, which paced a
 GPU-to-GPU hand-off at a seventh of what the wire moved. Here the layers' base addresses sit in a
 device table and the blocks in another (where each block is in the cache and in the chunk
-buffer), and one kernel moves them all, 8 bytes a lane: one chunk, or a batch of chunks that
-arrived together.
+buffer), and one kernel moves them all, 8 bytes a lane: one chunk, a batch of chunks that arrived
+together, or one layer of the chunks a prefill step finished.
 
 It moves each block's bytes as they lie, so it needs every layer's blocks to be one run of bytes,
 8-byte aligned (a block may sit at any stride from the next: vLLM 0.32 interleaves layers in one
@@ -31,28 +31,28 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["n_blocks"])
+    @triton.jit(do_not_specialize=["n_blocks", "first_layer"])
     def copy_blocks(
-        chunks,  # int64 words: the chunk buffer(s) the table points into
         layer_ptrs,  # int64: each layer's base address
-        table,  # int64 [n_blocks, 3]: cache block, its layer-0 words' offset in `chunks`, words per chunk layer
+        table,  # int64 [n_blocks, 3]: cache block, address of its first layer's bytes in a chunk, words per layer
         n_blocks,
+        first_layer,  # the grid's first dimension covers layers first_layer ... for every block
         block_words,  # words of one block of one layer
         block_stride,  # words from one block of a layer to the next
         TO_CACHE: tl.constexpr,
         LANES: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        layer = (pid // n_blocks).to(tl.int64)
+        layer = (first_layer + pid // n_blocks).to(tl.int64)
         j = (pid % n_blocks).to(tl.int64)
         words = tl.program_id(1) * LANES + tl.arange(0, LANES)
         mask = words < block_words
         block = tl.load(table + 3 * j)
-        offset = tl.load(table + 3 * j + 1)
+        chunk = tl.load(table + 3 * j + 1).to(tl.pointer_type(tl.int64))
         layer_words = tl.load(table + 3 * j + 2)
         base = tl.load(layer_ptrs + layer).to(tl.pointer_type(tl.int64))
         in_cache = base + block * block_stride + words
-        in_chunk = chunks + offset + layer * layer_words + words
+        in_chunk = chunk + layer * layer_words + words
         if TO_CACHE:
             tl.store(in_cache, tl.load(in_chunk, mask=mask), mask=mask)
         else:
@@ -71,19 +71,21 @@ def available() -> bool:
 
 
 def copy_blocks(
-    chunks: torch.Tensor,
     layer_ptrs: torch.Tensor,
     table: torch.Tensor,
     block_words: int,
     block_stride: int,
     to_cache: bool,
+    layers: range | None = None,
 ) -> None:
-    """Copy the blocks `table` lists (rows: cache block, where its first layer's words start in
-    `chunks`, words from one layer to the next there) to (`to_cache` False) or from `chunks` (flat
-    int64 words), for every layer; queued on the current stream. The rows may point into several
-    chunks of one buffer: a loader places a batch of chunks in one launch."""
-    layers, n = layer_ptrs.numel(), table.shape[0]
-    if not n:
+    """Copy the blocks `table` lists (rows: cache block, the address where its first layer's bytes
+    lie in a chunk buffer, words from one layer to the next there) to (`to_cache` False) or from
+    the chunk buffers, for `layers` (default: every layer); queued on the current stream. The rows
+    may point into several chunk buffers: a loader places a batch of chunks in one launch, a
+    prefiller copies one layer of a step's chunks out in one."""
+    layers = range(layer_ptrs.numel()) if layers is None else layers
+    n = table.shape[0]
+    if not n or not len(layers):
         return
-    grid = (layers * n, -(-block_words // LANES))
-    _kernel()[grid](chunks, layer_ptrs, table, n, block_words, block_stride, TO_CACHE=to_cache, LANES=LANES)
+    grid = (len(layers) * n, -(-block_words // LANES))
+    _kernel()[grid](layer_ptrs, table, n, layers.start, block_words, block_stride, TO_CACHE=to_cache, LANES=LANES)

@@ -128,11 +128,11 @@ class ChunkLoader:
         if first == last:
             return
         if self._batched:  # one launch: each chunk's blocks, read from its slot of the ring
-            rows = []
+            rows, ring = [], self._rings[self.on_device]
             for i in range(first, last):
-                c = self.chunks[i]
-                rows += self.paged.copy_table(c.block_ids, c.skip_blocks, c.src_blocks, (i % self._slots) * self._size)
-            reading = self.paged.scatter_table(self._rings[self.on_device], rows, self._stream)
+                c, at = self.chunks[i], (i % self._slots) * self._size
+                rows += self.paged.copy_table(c.block_ids, c.skip_blocks, c.src_blocks, ring, at)
+            reading = self.paged.scatter_table(rows, self._stream)
             for i in range(first, last):
                 if reading is not None:
                     self._reading[i % self._slots] = reading

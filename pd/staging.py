@@ -73,25 +73,45 @@ class StagingPool:
         """Make chunk `key` available under `transfer`, calling `fill(buffer)` unless it is already
         staged (fill may return what to wait for before the buffer is read). Returns False when it
         cannot fit the budget at all."""
+        if self.reference(transfer, key):
+            return True
+        buf = self.allocate(nbytes)
+        if buf is None:
+            return False
+        self.commit(transfer, key, blocks, buf, fill(buf))
+        return True
+
+    def reference(self, transfer: str, key: bytes) -> bool:
+        """If chunk `key` is staged, reference it under `transfer` too (True)."""
         with self._lock:
             self._expire(time.monotonic())
             entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self._reference(transfer, key, entry)
-                return True
+            if entry is None:
+                return False
+            self._entries.move_to_end(key)
+            self._reference(transfer, key, entry)
+            return True
+
+    def allocate(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer for a chunk to `commit` once it is filled; None if the chunk cannot fit the budget."""
         if nbytes > self.budget:
             log.warning("a %d-byte chunk does not fit the %d-byte staging budget; not staged", nbytes, self.budget)
-            return False
-        buf = self._allocate(nbytes)
-        ready = fill(buf)
+            return None
+        return self._allocate(nbytes)
+
+    def commit(self, transfer: str, key: bytes, blocks: int, buf: torch.Tensor, ready: Ready | None) -> Staged:
+        """Serve `buf` (from `allocate`, being filled until `ready`) as chunk `key` under `transfer`:
+        room is made for it first; a chunk staged meanwhile under the same key stays, `buf` is dropped."""
         with self._lock:
-            self._make_room(nbytes)
-            entry = Staged(buf, blocks, ready=ready)
-            self._entries[key] = entry
-            self._bytes += nbytes
+            entry = self._entries.get(key)
+            if entry is None:
+                self._make_room(buf.numel())
+                entry = Staged(buf, blocks, ready=ready)
+                self._entries[key] = entry
+                self._bytes += buf.numel()
+            self._entries.move_to_end(key)
             self._reference(transfer, key, entry)
-        return True
+            return entry
 
     def get(self, key: bytes) -> Staged | None:
         with self._lock:

@@ -15,7 +15,9 @@ import torch
 import transfer
 from pd import plan
 from pd.codec import PagedKV
+from pd.layerwise import LayerwiseSave
 from pd.loader import ChunkLoader, LoadJob, pull
+from pd.plan import ChunkSave
 from pd.staging import StagingPool, StagingService
 
 pytestmark = pytest.mark.gpu
@@ -89,3 +91,22 @@ def test_a_gather_into_host_memory_leaves_the_forward_stream_free():
     ready.synchronize()
     for layer, chunk in zip(src.layers, src.chunk_view(out, BLOCKS), strict=True):
         assert torch.equal(chunk.to(src.device), layer[ids])
+
+
+@pytest.mark.parametrize("memory", ["device", "host"])
+def test_chunks_copied_out_layer_by_layer_equal_a_whole_gather(memory):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    src = paged("cuda:0", seed=11)
+    allocate = src.host_buffer if memory == "host" else src.device_buffer
+    per = CHUNK // BLOCK
+    saves = [ChunkSave("t", i, key(i), [(5 * (i * per + j)) % BLOCKS for j in range(per)]) for i in range(6)]
+    chunks = [(s, allocate(src.nbytes(per))) for s in saves]
+    copier = LayerwiseSave(src, chunks)
+    for i in range(0, LAYERS, 2):  # the others are left to finish
+        copier.layer(i)
+    copier.finish().synchronize()
+    for s, buf in chunks:
+        want = src.device_buffer(src.nbytes(per))
+        src.gather(s.block_ids, want).synchronize()
+        assert torch.equal(buf.to(src.device), want), (memory, s.index)

@@ -1,5 +1,6 @@
 """1P1D over the ucx transport on CPU (UCX over TCP on loopback): the decoder's output equals plain
-vLLM's token for token, and it loaded every handed-off token over UCX."""
+vLLM's token for token, and it loaded every handed-off token over UCX. The prefiller copies its
+chunks out layer by layer (`layerwise`), as vLLM computes each layer."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ UCX_ENV = {"UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n"}  # nothing 
 def ucx_pair(cluster, model_dir, tmp_path_factory):
     cluster.deployment.stop()  # memory for two more instances; its own last test stopped it already
     logs = tmp_path_factory.mktemp("ucx-logs")
-    connector = {"transport": "ucx", "io_timeout_s": DECODER_IO_TIMEOUT_S}
+    connector = {"transport": "ucx", "io_timeout_s": DECODER_IO_TIMEOUT_S, "layerwise": True}
     servers = [
         VllmServer(
             ServerSpec(
@@ -82,3 +83,12 @@ def test_eight_concurrent_hand_offs_over_ucx(cluster, ucx_pair):
         assert list(pool.map(pd, cases, timeout=300)) == wants
     expected = {LOADED: sum(len(t) - 1 for t in cases), LOAD_FAILURES: 0}
     assert wait_for_deltas(consumer.url, before, expected) == expected
+
+
+def test_the_prefiller_copied_its_chunks_out_layer_by_layer(cluster, ucx_pair):
+    producer, consumer = ucx_pair
+    prefill(producer.url, prompt(300, seed=520))
+    log = producer.log_path.read_text()
+    # The tiny model's 4 layers, all copied from vLLM's save_kv_layer, none left to wait_for_save.
+    assert "chunks copied out layer by layer (4 of 4 layers as vLLM computed them" in log
+    assert "layer by layer" not in consumer.log_path.read_text()  # decoders load whole chunks

@@ -3,7 +3,7 @@ Triton's interpreter on CPU tensors (in a child process: the switch is read when
 kernel blocks smaller than the manager's, scattered ids, part of a chunk, layers interleaved in
 one allocation; blocks whose bytes lie in another order than their shape's go as they lie (and the
 layout says so), blocks that are not one run of bytes keep torch's copies; a loader's batches of
-chunks placed in one launch."""
+chunks placed in one launch; a step's chunks copied out a layer at a time."""
 
 from __future__ import annotations
 
@@ -70,6 +70,25 @@ def check_all() -> None:
     assert paged("auto", False, 1, "gapped").block_copy == "torch"
     check_vllm_layouts()
     check_batched_loader()
+    check_layerwise()
+
+
+def check_layerwise() -> None:
+    """A step's chunks copied out one layer per launch (the kernel's layer range) equal a whole gather."""
+    from pd.layerwise import LayerwiseSave
+    from pd.plan import ChunkSave
+
+    for interleaved in (False, True):
+        kv = paged("auto", interleaved, 2)
+        saves = [ChunkSave("t", 0, b"a" * 16, [3, 4]), ChunkSave("t", 1, b"b" * 16, [9, 0, 5])]
+        chunks = [(s, torch.zeros(kv.nbytes(len(s.block_ids)), dtype=torch.uint8)) for s in saves]
+        copier = LayerwiseSave(kv, chunks)
+        copier.layer(1)
+        copier.finish()  # layers 0 and 2 there
+        for s, buf in chunks:
+            want = torch.zeros_like(buf)
+            kv.gather(s.block_ids, want)
+            assert torch.equal(buf, want), ("layerwise", interleaved, s.index)
 
 
 def check_batched_loader() -> None:
@@ -93,9 +112,7 @@ def check_batched_loader() -> None:
         assert (loader.batch, loader._slots) == (2, 4)
         launches = []
         scatter_table = dst.scatter_table
-        dst.scatter_table = lambda ring, rows, stream, f=scatter_table, n=launches: (
-            n.append(len(rows)) or f(ring, rows, stream)
-        )
+        dst.scatter_table = lambda rows, stream, f=scatter_table, n=launches: n.append(len(rows)) or f(rows, stream)
         src_ids = list(range(11))
         sunk = []
         for c in [*chunks, None, None]:  # as the transport does: `window` chunks received ahead of the placing

@@ -25,7 +25,7 @@ case "$STEP" in
       --json "$OUT/handoff_chunk1024.json" 2>&1 | tee -a "$OUT/handoff.txt"
     python3 -m launch profile transfer --transport tcp,ucx --memory host,cuda --json "$OUT/profile_transfer_gpu.json" \
       --plot "$OUT/profile_transfer_gpu.png" 2>&1 | tail -25 | tee "$OUT/profile_transfer.txt" ;;
-  pd-ucx|pd-tcp)  # PDRUN_GPU_STAGING=host: the prefiller stages chunks in host memory
+  pd-ucx|pd-tcp)  # PDRUN_GPU_STAGING=host: staged in host memory; PDRUN_GPU_LAYERWISE=1: copied out layer by layer
     PDRUN_GPU_TRANSPORT=${STEP#pd-} PDRUN_GPU_MODEL=$MODEL8B PDRUN_TEST_LOGS=$OUT/logs-$STEP \
       python3 -m pytest -m gpu tests/gpu -x -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/$STEP.txt" ;;
   ttft)

@@ -6,7 +6,8 @@
 PDRUN_GPU_MODEL: a model directory (served with dummy weights when it holds none; default: the
 tiny model). PDRUN_GPU_TRANSPORT: tcp (default) or ucx. With two GPUs the decoder gets the second
 (GPU to GPU over ucx); PDRUN_GPU_MEM sets each server's --gpu-memory-utilization (default 0.25);
-PDRUN_GPU_STAGING=host stages the prefiller's chunks in host memory (the connector's staging_memory).
+PDRUN_GPU_STAGING=host stages the prefiller's chunks in host memory (the connector's staging_memory);
+PDRUN_GPU_LAYERWISE=1 has it copy them out layer by layer (`layerwise`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Cluster:
 
 TRANSPORT = os.environ.get("PDRUN_GPU_TRANSPORT", "tcp")
 STAGING = os.environ.get("PDRUN_GPU_STAGING", "auto")
+LAYERWISE = os.environ.get("PDRUN_GPU_LAYERWISE") == "1"
 
 
 def gpu_args(model: Path) -> list[str]:
@@ -55,7 +57,7 @@ def gpu_cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     model = Path(os.environ.get("PDRUN_GPU_MODEL") or model_dir)
     decoder_gpu = "1" if torch.cuda.device_count() > 1 else "0"
     common = dict(model=str(model), device="cuda", dtype=dtype, max_model_len=4096, extra_args=gpu_args(model))
-    connector = {"transport": TRANSPORT, "io_timeout_s": 30.0, "staging_memory": STAGING}
+    connector = {"transport": TRANSPORT, "io_timeout_s": 30.0, "staging_memory": STAGING, "layerwise": LAYERWISE}
     # (role, GPU, log name): each server's ports are picked just before it starts, as UCX's own
     # listeners in the servers already up take ephemeral ports too.
     plan = [("kv_producer", "0", "p.log"), ("kv_consumer", decoder_gpu, "d.log"), ("plain", "0", "plain.log")]

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.gpu.conftest import STAGING, TRANSPORT
+from tests.gpu.conftest import LAYERWISE, STAGING, TRANSPORT
 from tests.integration.client import (
     EXTERNAL,
     LOADED,
@@ -53,3 +53,12 @@ def test_chunks_wait_and_land_in_gpu_memory_over_ucx(gpu_cluster):
     waits = "host" if STAGING == "host" else "device"
     assert f"chunks in {waits} memory" in gpu_cluster.prefiller.log_path.read_text()
     assert "chunks in device memory" in gpu_cluster.decoder.log_path.read_text()
+
+
+@pytest.mark.skipif(not LAYERWISE, reason="PDRUN_GPU_LAYERWISE=1 turns layer-by-layer copies out on")
+def test_the_prefiller_copied_its_chunks_out_layer_by_layer(gpu_cluster):
+    log = gpu_cluster.prefiller.log_path.read_text()
+    assert "chunks copied out layer by layer" in log
+    line = log[log.index("chunks copied out layer by layer") :].splitlines()[0]
+    hooked, total = (int(w) for w in line.split("(")[1].split(" layers")[0].split(" of "))
+    assert hooked == total > 0, line  # every layer from vLLM's save_kv_layer, as it computed it

@@ -174,6 +174,8 @@ class PagedKV:
         words, r = self._words[0], self.ratio
         layer_words = chunk_blocks * r * words
         start = buf.data_ptr() + at + first * r * words * 8
+        if start % 8:
+            raise LayoutError(f"chunk buffer at {start:#x} is not 8-byte aligned: the Triton copies move 8-byte words")
         rows = []
         for i, b in enumerate(block_ids):
             if not 0 <= b < self.num_blocks:

@@ -133,8 +133,8 @@ class ChunkLoader:
                 c, at = self.chunks[i], (i % self._slots) * self._size
                 rows += self.paged.copy_table(c.block_ids, c.skip_blocks, c.src_blocks, ring, at)
             reading = self.paged.scatter_table(rows, self._stream)
-            for i in range(first, last):
-                if reading is not None:
+            if reading is not None:
+                for i in range(first, last):
                     self._reading[i % self._slots] = reading
         else:
             for i in range(first, last):

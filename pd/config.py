@@ -54,7 +54,8 @@ class ConnectorConfig(BaseModel):
         ge=1,
         le=64,
         description="consumer: chunks of one hand-off being received at once over ucx while earlier ones are "
-        "placed; each holds a chunk buffer (32 MiB for 256 tokens of an 8B model) in the staging memory",
+        "placed, and with the Triton copies the chunks placed in one launch; each holds a chunk buffer (32 MiB "
+        "for 256 tokens of an 8B model), twice as many with the Triton copies",
     )
     cache: str | None = Field(
         None, description="a `pdrun cache-server` (tcp://HOST:PORT) shared by all instances; none: no cache tier"

@@ -19,9 +19,9 @@ On CUDA, a gather is queued on the current stream (the forward pass's) and retur
 event: whoever reads the chunk waits for that event, the engine does not. Later kernels that reuse
 the blocks are queued behind it on the same stream, so freeing the blocks at once is safe. A gather
 into host memory copies out on a side stream, behind the device-side gather: the forward pass goes
-on meanwhile. A
-scatter is queued too, on the stream its caller names (a loader's own, off the forward pass), and
-returns its event: the loader waits for it before it reuses the buffer or reports the blocks loaded.
+on meanwhile. A scatter is queued too, on the stream its caller names (a loader's own, off the
+forward pass), and returns its event: the loader waits for it before it reuses the buffer or reports
+the blocks loaded.
 """
 
 from __future__ import annotations
@@ -187,6 +187,22 @@ class PagedKV:
         """`copy_table` rows as the kernel reads them (on the cache's device, see `to_device`)."""
         return self.to_device(torch.tensor(rows, dtype=torch.long).view(-1, 3))
 
+    def gather_table(self, block_ids: Sequence[Sequence[int]], outs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The device table copying blocks `block_ids[c]` into the whole chunk buffer `outs[c]`, for
+        every chunk c; None with torch's copies."""
+        if self._words is None:
+            return None
+        rows = []
+        for ids, out in zip(block_ids, outs, strict=True):
+            rows += self.copy_table(ids, 0, len(ids), out)
+        return self.device_table(rows)
+
+    def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[object]:
+        """Run on `stream` (a CUDA cache's; None: the current stream)."""
+        return (
+            torch.cuda.stream(stream) if self.device.type == "cuda" and stream is not None else contextlib.nullcontext()
+        )
+
     def _runs(self, block_ids: Sequence[int], most: int = 4) -> list[tuple[int, int, int]] | None:
         """Block ids as runs of consecutive blocks, (first kernel block, offset in the chunk, kernel
         blocks), when there are at most `most` of them (a new request's blocks mostly are one run):
@@ -234,7 +250,7 @@ class PagedKV:
                 return self._queued()
         view = self.chunk_view(out, len(block_ids))
         if self._words is not None:  # one launch for every layer
-            self._copy_blocks(self.device_table(self.copy_table(block_ids, 0, len(block_ids), out)), to_cache=False)
+            self._copy_blocks(self.gather_table([block_ids], [out]), to_cache=False)
         elif (runs := self._runs(block_ids)) is not None:  # whole runs: one batched copy
             in_cache, in_chunk = self._run_slices(view, runs, 0)
             torch._foreach_copy_(in_chunk, in_cache)
@@ -269,7 +285,7 @@ class PagedKV:
         view = self.chunk_view(src, src_blocks)
         first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
         cuda = self.device.type == "cuda"
-        with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
+        with self._on(stream):
             if self._words is not None:  # one launch for every layer (after one copy in if need be)
                 on_device = src if src.device == self.device else src.to(self.device, non_blocking=True)
                 rows = self.copy_table(block_ids, skip_blocks, src_blocks, on_device)
@@ -289,10 +305,9 @@ class PagedKV:
         chunks that arrived together at once. Triton copies only."""
         if self._words is None:
             raise LayoutError("scatter_table needs the Triton copies")
-        cuda = self.device.type == "cuda"
-        with torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext():
+        with self._on(stream):
             self._copy_blocks(self.device_table(rows), to_cache=True)
-            return self._queued() if cuda else None
+            return self._queued() if self.device.type == "cuda" else None
 
     def gather_layers(
         self,
@@ -303,17 +318,10 @@ class PagedKV:
     ) -> None:
         """Copy `layers` of blocks `block_ids[c]` into the chunk buffer `outs[c]` (beside the cache)
         for every chunk c, queued on the current stream: one launch with the Triton copies, whose
-        `device_table` of the chunks may be given (a prefiller copying a step's chunks out layer by
+        `gather_table` of the chunks may be given (a prefiller copying a step's chunks out layer by
         layer makes it once)."""
         if self._words is not None:
-            if table is None:
-                rows = [
-                    row
-                    for ids, out in zip(block_ids, outs, strict=True)
-                    for row in self.copy_table(ids, 0, len(ids), out)
-                ]
-                table = self.device_table(rows)
-            self._copy_blocks(table, to_cache=False, layers=layers)
+            self._copy_blocks(table if table is not None else self.gather_table(block_ids, outs), False, layers)
             return
         for ids, out in zip(block_ids, outs, strict=True):
             view, idx = self.chunk_view(out, len(ids)), self.block_index(ids)

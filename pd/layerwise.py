@@ -31,12 +31,7 @@ class LayerwiseSave:
         self._host = any(b.device != paged.device for b in buffers) and paged.device.type == "cuda"
         self._outs = [torch.empty_like(b, device=paged.device) for b in buffers] if self._host else buffers
         self._ids = [s.block_ids for s, _ in chunks]
-        self._table = None
-        if paged.block_copy == "triton" and chunks:  # the same rows for every layer: made once
-            rows = []
-            for ids, out in zip(self._ids, self._outs, strict=True):
-                rows += paged.copy_table(ids, 0, len(ids), out)
-            self._table = paged.device_table(rows)
+        self._table = paged.gather_table(self._ids, self._outs) if chunks else None  # the same for every layer
 
     def layer(self, index: int) -> None:
         """Layer `index` was just computed: copy its blocks of every chunk out (queued on the

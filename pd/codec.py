@@ -247,7 +247,7 @@ class PagedKV:
             with torch.cuda.stream(copier):
                 out.copy_(on_device, non_blocking=True)
                 on_device.record_stream(copier)  # not handed out again before the copy out is done
-                return self._queued()
+                return self.queued()
         view = self.chunk_view(out, len(block_ids))
         if self._words is not None:  # one launch for every layer
             self._copy_blocks(self.gather_table([block_ids], [out]), to_cache=False)
@@ -258,7 +258,7 @@ class PagedKV:
             idx = self.block_index(block_ids)
             for layer, dst in zip(self.layers, view, strict=True):
                 torch.index_select(layer, 0, idx, out=dst)
-        return self._queued() if self.device.type == "cuda" else None
+        return self.queued() if self.device.type == "cuda" else None
 
     def copier(self) -> torch.cuda.Stream:
         """The side stream chunks are copied out to host memory on."""
@@ -297,7 +297,7 @@ class PagedKV:
                 idx = self.block_index(block_ids)
                 for layer, chunk in zip(self.layers, view, strict=True):
                     layer.index_copy_(0, idx, chunk[first:last].to(self.device, non_blocking=True))
-            return self._queued() if cuda else None
+            return self.queued() if cuda else None
 
     def scatter_table(self, rows: list[tuple[int, int, int]], stream: torch.cuda.Stream | None = None) -> Ready | None:
         """Copy the blocks `rows` list (`copy_table`s joined, over chunk buffers beside the cache)
@@ -307,7 +307,7 @@ class PagedKV:
             raise LayoutError("scatter_table needs the Triton copies")
         with self._on(stream):
             self._copy_blocks(self.device_table(rows), to_cache=True)
-            return self._queued() if self.device.type == "cuda" else None
+            return self.queued() if self.device.type == "cuda" else None
 
     def gather_layers(
         self,
@@ -328,7 +328,7 @@ class PagedKV:
             for i in layers:
                 torch.index_select(self.layers[i], 0, idx, out=view[i])
 
-    def _queued(self) -> Ready:
+    def queued(self) -> Ready:
         """What to wait for: the copies queued so far on the current stream."""
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

@@ -50,15 +50,13 @@ class LayerwiseSave:
             missing = missing[n:]
         if self.paged.device.type != "cuda":
             return None
-        event = torch.cuda.Event()
         if self._host:
             copier = self.paged.copier()
             for out in self._outs:
                 out.record_stream(copier)  # not handed out again before its copy out is done
-            event.record(copier)
-        else:
-            event.record(torch.cuda.current_stream(self.paged.device))
-        return event
+            with torch.cuda.stream(copier):
+                return self.paged.queued()
+        return self.paged.queued()
 
     def _copy(self, layers: range) -> None:
         for i in layers:

@@ -221,7 +221,7 @@ def main() -> None:
             with contextlib.ExitStack() as stack:  # the lanes' connections, made before any clock starts
                 for _ in range(lanes):
                     stack.enter_context(conns.connection(address)).call("ping")
-            # The first hand-off over a new connection pays for UCX's CUDA IPC set-up (~45 ms between
+            # The first hand-off over a new connection pays for UCX's CUDA IPC set-up (45 - 67 ms between
             # two H200s: mapping each staging buffer); a decoder pays it once per prefiller and
             # buffer. Reported apart, not in the median.
             first, *seconds = [

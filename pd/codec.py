@@ -31,7 +31,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -42,6 +42,16 @@ class Ready(Protocol):
     """Something to wait for before a chunk's bytes are there (a CUDA event)."""
 
     def synchronize(self) -> None: ...
+
+
+class LayerPart(NamedTuple):
+    """One layer of a chunk (`src`: its bytes, the chunk holding `src_blocks` blocks), of which the
+    blocks after the first `skip_blocks` go into cache blocks `block_ids`."""
+
+    block_ids: Sequence[int]
+    src: torch.Tensor
+    src_blocks: int
+    skip_blocks: int = 0
 
 
 class LayoutError(ValueError):
@@ -165,14 +175,21 @@ class PagedKV:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def copy_table(
-        self, block_ids: Sequence[int], first: int, chunk_blocks: int, buf: torch.Tensor, at: int = 0
+        self,
+        block_ids: Sequence[int],
+        first: int,
+        chunk_blocks: int,
+        buf: torch.Tensor,
+        at: int = 0,
+        one_layer: bool = False,
     ) -> list[tuple[int, int, int]]:
         """The rows of the Triton copies' table (pd/kernels.py) between cache blocks `block_ids` and
         the blocks `first ...` of a chunk of `chunk_blocks` blocks that starts `at` bytes into `buf`,
-        one per kernel block. Rows of several chunks are copied in one launch (`device_table`)."""
+        one per kernel block. Rows of several chunks are copied in one launch (`device_table`).
+        `one_layer`: `buf` holds one layer of the chunk (a layer-wise load), copied with a layer range."""
         assert self._words is not None
         words, r = self._words[0], self.ratio
-        layer_words = chunk_blocks * r * words
+        layer_words = 0 if one_layer else chunk_blocks * r * words
         start = buf.data_ptr() + at + first * r * words * 8
         if start % 8:
             raise LayoutError(f"chunk buffer at {start:#x} is not 8-byte aligned: the Triton copies move 8-byte words")
@@ -308,6 +325,40 @@ class PagedKV:
         with self._on(stream):
             self._copy_blocks(self.device_table(rows), to_cache=True)
             return self.queued() if self.device.type == "cuda" else None
+
+    def scatter_layer(
+        self, index: int, parts: Sequence[LayerPart], stream: torch.cuda.Stream | None = None
+    ) -> Ready | None:
+        """Copy layer `index` of several chunks into the cache, queued on `stream` as `scatter` does
+        (one launch with the Triton copies): a decoder loading a hand-off layer by layer places
+        each layer once every chunk's part of it has arrived."""
+        cuda = self.device.type == "cuda"
+        with self._on(stream):
+            if self._words is not None:
+                rows, srcs = [], []
+                for p in parts:
+                    self._check_part(p)
+                    # Parts received in host memory (tcp) go beside the cache first; the temporaries
+                    # live until the kernel is queued behind their copies on the same stream.
+                    srcs.append(p.src if p.src.device == self.device else p.src.to(self.device, non_blocking=True))
+                    rows += self.copy_table(p.block_ids, p.skip_blocks, p.src_blocks, srcs[-1], one_layer=True)
+                self._copy_blocks(self.device_table(rows), to_cache=True, layers=range(index, index + 1))
+            else:
+                for p in parts:
+                    self._check_part(p)
+                    view = p.src.view(self.dtype).view(p.src_blocks * self.ratio, *self.block_shape)
+                    first, last = p.skip_blocks * self.ratio, (p.skip_blocks + len(p.block_ids)) * self.ratio
+                    src = view[first:last].to(self.device, non_blocking=True)
+                    self.layers[index].index_copy_(0, self.block_index(p.block_ids), src)
+            return self.queued() if cuda else None
+
+    def _check_part(self, p: LayerPart) -> None:
+        if p.skip_blocks < 0 or p.skip_blocks + len(p.block_ids) > p.src_blocks:
+            raise LayoutError(
+                f"cannot take {len(p.block_ids)} blocks after {p.skip_blocks} from a {p.src_blocks}-block chunk"
+            )
+        if p.src.dtype != torch.uint8 or p.src.numel() * len(self.layers) != self.nbytes(p.src_blocks):
+            raise LayoutError(f"a layer of a {p.src_blocks}-block chunk is not {p.src.numel()} bytes")
 
     def gather_layers(
         self,

@@ -30,7 +30,10 @@ class ConnectorConfig(BaseModel):
         description="producer: copy each layer of the chunks a step finishes out of the KV cache as soon as "
         "that layer's attention has run (vLLM's save_kv_layer), rather than every layer once the forward pass "
         "is queued: the copies (host-staged: and the copies out to host memory) overlap the rest of the "
-        "forward pass. Decoders load whole chunks before their request runs either way",
+        "forward pass. Consumer: run a request with a hand-off at once and load the hand-off inside that "
+        "step's forward pass, layer by layer (vLLM's wait_for_layer_load), rather than whole before the "
+        "request is scheduled: later layers arrive while earlier ones compute, but the step's other requests "
+        "wait for the transfer too, and a failed hand-off is recomputed whole (not taken from the cache tier)",
     )
     connect_timeout_s: float = Field(5.0, gt=0)
     io_timeout_s: float = Field(30.0, gt=0, description="consumer: longest wait for one chunk")

@@ -13,7 +13,9 @@ Consumer (decoder), for requests carrying that hand-off: the scheduler side chec
   against its own prompt and reports the matching tokens as an asynchronous load; a worker thread
   pulls the chunks and scatters them into the blocks vLLM allocated, off the forward pass. Any
   failure reports the blocks not loaded as invalid, and vLLM recomputes them: the request is
-  prefilled locally from there, never failed.
+  prefilled locally from there, never failed. With `layerwise`, the load is synchronous instead:
+  the request runs at once and its hand-off arrives layer by layer inside that step's forward pass
+  (pd/layerwise.py).
 
 With a cache tier (`cache` in the config), in any role: the scheduler side asks the tier how many
   leading full chunks of a prompt it holds and loads them, asynchronously like a hand-off, instead
@@ -49,7 +51,7 @@ from pd.codec import PagedKV
 from pd.compat import check_vllm_version
 from pd.config import ConnectorConfig, load_config
 from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
-from pd.layerwise import LayerwiseSave
+from pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
 from pd.loader import ChunkLoader, LoadJob, pull
 from pd.logs import setup_logging
 from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
@@ -166,6 +168,11 @@ class PDConnector(KVConnectorBase_V1):
         assert self._sched is not None
         self._sched.loads_finished(connector_output.finished_recving or ())
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Layer-wise loads wait in the layers' hooks, which a full CUDA graph would skip.
+        return bool((extra_config or {}).get("layerwise"))
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._sched is not None
         return self._sched.request_finished(request)
@@ -180,10 +187,11 @@ class PDConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads finish before their request is scheduled
+        if self._worker is not None:  # else loads finish before their request is scheduled
+            self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        if self._worker is not None and self._worker.layerwise:  # else chunks are copied out whole in wait_for_save
+        if self._worker is not None and self._worker.layerwise_save:  # else copied out whole in wait_for_save
             self._worker.save_layer(self._get_connector_metadata(), layer_name)
 
     def wait_for_save(self) -> None:
@@ -263,7 +271,7 @@ class _SchedulerSide:
         self._saving: dict[str, _Saving] = {}
         self._incoming: dict[str, _Incoming | None] = {}
         self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
-        self._handoff_times: dict[str, list[float]] = {}  # decoder: [queued_s, load start, load end]
+        self._handoff_times: dict[str, list[float | None]] = {}  # decoder: [queued_s, load start, load end]
         self._meta = PDMetadata()
         log.info(
             "PDConnector scheduler: role=%s chunk_size=%d block_size=%d endpoints=%s cache=%s",
@@ -327,7 +335,11 @@ class _SchedulerSide:
         if state is None:
             return 0, False
         count = state.end - num_computed_tokens
-        return (count, True) if count > 0 else (0, False)
+        return (count, not self._in_step(state)) if count > 0 else (0, False)
+
+    def _in_step(self, state: _Incoming) -> bool:
+        """Loaded inside the step that runs the request (`layerwise` hand-offs), not before it."""
+        return self.cfg.layerwise and state.handoff is not None
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
@@ -343,7 +355,8 @@ class _SchedulerSide:
         if h is not None:
             request.kv_transfer_params["do_remote_prefill"] = False
             now = time.time()
-            self._handoff_times[rid] = [now - request.arrival_time, now, now]
+            # A layer-wise load's time is inside its step's forward pass: not reported apart.
+            self._handoff_times[rid] = [now - request.arrival_time, now, None if self._in_step(state) else now]
         if num_external_tokens <= 0:
             if h is not None and h.num_tokens:
                 self._meta.releases.append((h.endpoints, h.transfer))
@@ -356,7 +369,7 @@ class _SchedulerSide:
             state.keys, state.handed, start, state.end, block_ids, self.cfg.chunk_size, self.block_size
         )
         self._meta.loads[rid] = LoadJob(
-            h.transfer if h else "", h.endpoints if h else [], chunks, start, state.end, block_ids
+            h.transfer if h else "", h.endpoints if h else [], chunks, start, state.end, block_ids, self._in_step(state)
         )
 
     # -- saves: staging for a decoder (producer), writing behind to the cache tier (any role) --
@@ -417,7 +430,7 @@ class _SchedulerSide:
     def loads_finished(self, request_ids: Iterable[str]) -> None:
         now = time.time()
         for rid in request_ids:
-            if rid in self._handoff_times:
+            if rid in self._handoff_times and self._handoff_times[rid][2] is not None:
                 self._handoff_times[rid][2] = now
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
@@ -432,7 +445,10 @@ class _SchedulerSide:
             if times is None:
                 return False, None
             queued, start, end = times
-            return False, {TIMING: {"queued_s": round(queued, 6), "load_s": round(end - start, 6)}}
+            timing = {"queued_s": round(queued or 0.0, 6)}
+            if start is not None and end is not None:
+                timing["load_s"] = round(end - start, 6)
+            return False, {TIMING: timing}
         from vllm.v1.request import RequestStatus
 
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
@@ -488,9 +504,12 @@ class _WorkerSide:
         )
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
-        self.layerwise = cfg.layerwise and self.is_producer
+        self.layerwise_save = cfg.layerwise and self.is_producer
         self._layerwise: tuple[PDMetadata, LayerwiseSave] | None = None  # the step being copied out layer by layer
         self._layerwise_seen = False
+        self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad, threading.Thread]] = {}  # this step's layer-wise loads
+        self._in_step_failed: set[int] = set()  # blocks of this step's layer-wise loads that never started
+        self._in_step_seen = False
         self._load_errors: set[int] = set()
         self._reported_errors: set[int] = set()
 
@@ -501,7 +520,9 @@ class _WorkerSide:
         if self.is_producer:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
             self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate)
-            service = StagingService(self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n))
+            service = StagingService(
+                self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n), len(self.paged.layers)
+            )
             bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
             self.listener = transfer.listen(bind, service, **self.cfg.transfer_options())
         log.info(
@@ -624,7 +645,10 @@ class _WorkerSide:
     # -- loads: from a prefiller, the rest from the cache tier --
     def start_load_kv(self, meta: PDMetadata) -> None:
         for rid, job in meta.loads.items():
-            self._loader.submit(self._load, rid, job)
+            if job.layerwise:
+                self._start_in_step(rid, job)
+            else:
+                self._loader.submit(self._load, rid, job)
         for endpoints, transfer_id in meta.releases:
             self._loader.submit(self._release, endpoints, transfer_id)
 
@@ -716,6 +740,75 @@ class _WorkerSide:
         except Exception as e:  # the prefiller's TTL frees it anyway
             log.debug("release of %s failed: %s", transfer_id, e)
 
+    # -- layer-wise loads, inside the step's forward pass (pd/layerwise.py) --
+    def _start_in_step(self, rid: str, job: LoadJob) -> None:
+        """Start pulling the hand-off layer by layer, on a thread of its own: the forward pass
+        waits for each of this step's loads, none may queue behind another."""
+        assert self.paged is not None
+        try:
+            load = LayerwiseLoad(self.paged, job, on_device=self.on_device, window=self.cfg.window())
+        except Exception as e:  # no memory for its ring: the request is prefilled locally
+            log.warning("request %s: could not start a layer-wise load (%s: %s)", rid, type(e).__name__, e)
+            self.stats.add(load_failures=1)
+            self._in_step_failed |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
+            return
+        thread = threading.Thread(target=self._pull_in_step, args=(rid, job, load), name="pdrun-layers", daemon=True)
+        self._in_step[rid] = (job, load, thread)
+        thread.start()
+
+    def _pull_in_step(self, rid: str, job: LoadJob, load: LayerwiseLoad) -> None:
+        t0 = time.perf_counter()
+        try:
+            pull_layers(self._conns, self._peer(job.endpoints), load)
+        except Exception:
+            log.debug("request %s: layer-wise load failed", rid, exc_info=True)
+        finally:
+            load.stop()
+        self.stats.add(load_seconds=time.perf_counter() - t0)
+        self._release(job.endpoints, job.transfer)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """vLLM is about to compute `layer_name`: wait until this step's layer-wise loads placed it."""
+        index = self.paged.layer_of.get(layer_name) if self.paged is not None else None
+        if index is None:
+            return
+        for _, load, _ in self._in_step.values():
+            load.wait(index)
+
+    def _finish_in_step(self) -> set[int]:
+        """The step is done: wait for its layer-wise loads to end, and return the blocks of those
+        that did not arrive whole, or whose layers the forward pass did not wait for all (vLLM then
+        recomputes the request's blocks and drops what the step computed for it)."""
+        errors, self._in_step_failed = self._in_step_failed, set()
+        for rid, (job, load, thread) in self._in_step.items():
+            thread.join()
+            skipped = [i for i, waited in enumerate(load.awaited) if not waited]
+            if load.complete and not skipped:
+                self.stats.add(loads=1, loaded_tokens=job.end - job.start, loaded_bytes=load.nbytes)
+                continue
+            reason = load.error or f"vLLM did not wait for layers {skipped} (no layer hooks?)"
+            log.warning(
+                "request %s: layer-wise hand-off from %s failed (%s); prefilling its %d tokens locally",
+                rid,
+                job.endpoints[0],
+                reason,
+                job.end - job.start,
+            )
+            self.stats.add(load_failures=1)
+            errors |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
+        if self._in_step and not self._in_step_seen:
+            self._in_step_seen = True
+            job, load, _ = next(iter(self._in_step.values()))
+            log.info(
+                "PDConnector worker rank %d: hand-offs loaded layer by layer (%d of %d layers waited for by "
+                "vLLM's hooks, in the first such step)",
+                self.rank,
+                sum(load.awaited),
+                len(load.awaited),
+            )
+        self._in_step.clear()
+        return errors
+
     def take_finished_loads(self) -> set[str] | None:
         with self._lock:
             done, self._finished_loads = self._finished_loads, set()
@@ -725,8 +818,10 @@ class _WorkerSide:
         return done or None
 
     def take_load_errors(self) -> set[int]:
+        errors = self._finish_in_step()  # called once a step, after its forward pass
         with self._lock:
-            errors, self._reported_errors = self._reported_errors, set()
+            errors |= self._reported_errors
+            self._reported_errors = set()
         return errors
 
     def shutdown(self) -> None:

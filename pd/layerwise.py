@@ -1,21 +1,35 @@
-"""A prefiller copying the chunks a step finishes out of its KV cache layer by layer (`layerwise`).
+"""The hand-off layer by layer (`layerwise`), on both sides of it.
 
-vLLM calls the connector's `save_kv_layer` right after each attention layer has run. With
-`layerwise` on, that layer's blocks of every chunk the step finishes are copied into the chunks'
-staging buffers there and then (one launch per layer with the Triton copies), so the copies
-overlap the rest of the forward pass instead of following it; host-staged, each layer also goes
-out to host memory on a side stream as soon as it is copied. The chunks are served once the step
-is done (`wait_for_save`), where any layer no hook copied is copied too: vLLM skips the hooks
+A prefiller (`LayerwiseSave`): vLLM calls the connector's `save_kv_layer` right after each
+attention layer has run. That layer's blocks of every chunk the step finishes are copied into the
+chunks' staging buffers there and then (one launch per layer with the Triton copies), so the
+copies overlap the rest of the forward pass instead of following it; host-staged, each layer also
+goes out to host memory on a side stream as soon as it is copied. The chunks are served once the
+step is done (`wait_for_save`), where any layer no hook copied is copied too: vLLM skips the hooks
 where it has no attention metadata (profiling runs), and then the step falls back to whole-chunk
-copies. Decoders are unaffected: they load whole chunks before their request is scheduled.
+copies.
+
+A decoder (`LayerwiseLoad`): the request is scheduled at once, its hand-off loaded inside that
+step's forward pass. The prefiller streams layer 0 of every chunk, then layer 1, ...; a layer is
+placed as soon as all of it has arrived, and vLLM's `wait_for_layer_load`, called before each
+attention layer, waits for that layer alone: the transfer of the later layers overlaps the
+computation of the earlier ones. The price: the step's other requests wait with it, and a failed
+hand-off is found out only after the step, whose output for the request vLLM then drops to
+recompute its blocks (the cache tier is not asked: the layers already used cannot be patched).
 """
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import torch
 
-from pd.codec import PagedKV, Ready
+import transfer
+from pd.codec import LayerPart, PagedKV, Ready
+from pd.loader import LoadJob
 from pd.plan import ChunkSave
+from transfer import ConnectionPool, ProtocolError
 
 
 class LayerwiseSave:
@@ -72,3 +86,121 @@ class LayerwiseSave:
                     per_layer = buf.numel() // len(self.copied)  # a chunk is [layers, blocks, ...]
                     part = slice(layers.start * per_layer, layers.stop * per_layer)
                     buf[part].copy_(out[part], non_blocking=True)
+
+
+class LayerwiseLoad:
+    """A decoder's hand-off received layer-major: a frame per layer of a chunk, into a ring of
+    buffers that each hold one layer of every chunk of the job, placed a layer at a time (one
+    launch with the Triton copies). `wait` is the forward pass's side, the rest the loading
+    thread's. Up to `window` frames are received at once (ucx); the ring has room for them besides
+    the layer being placed."""
+
+    def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
+        self.paged = paged
+        self.job = job
+        self.window = window
+        self.layers = len(paged.layers)
+        chunks = job.chunks
+        self._sizes = [paged.nbytes(c.src_blocks) // self.layers for c in chunks]  # one layer of each
+        self._offsets = [sum(self._sizes[:i]) for i in range(len(chunks))]
+        self._layer_bytes = sum(self._sizes)
+        self._slots = 2 + -(-window // len(chunks))
+        allocate = paged.device_buffer if on_device else paged.host_buffer
+        self._ring = allocate(self._slots * self._layer_bytes)
+        self.frames = self.layers * len(chunks)
+        self.asked = 0  # frames a buffer was handed out for
+        self.arrived = 0
+        self.nbytes = 0
+        self.error = ""
+        self.awaited = [False] * self.layers  # layers the forward pass waited for (vLLM's hooks ran)
+        self._placed = [threading.Event() for _ in range(self.layers)]  # placed, or never will be
+        self._ready: list[Ready | None] = [None] * self.layers
+        self._reading: dict[int, Ready] = {}  # ring slot -> the placing of the layer in it
+        self._stream: torch.cuda.Stream | None = None
+        if paged.device.type == "cuda":
+            self._stream = torch.cuda.Stream(paged.device)
+            # Behind whatever the engine queued so far (the blocks' previous owner, if any).
+            self._stream.wait_stream(torch.cuda.current_stream(paged.device))
+
+    @property
+    def complete(self) -> bool:
+        return self.arrived == self.frames and not self.error
+
+    def _part(self, layer: int, i: int) -> torch.Tensor:
+        at = (layer % self._slots) * self._layer_bytes + self._offsets[i]
+        return self._ring[at : at + self._sizes[i]]
+
+    def sink(self, header: transfer.Header) -> Any:
+        if self.asked >= self.frames:
+            raise ProtocolError("more layers arrived than asked for")
+        layer, i = divmod(self.asked, len(self.job.chunks))
+        c = self.job.chunks[i]
+        got = (header.key, header.meta.get("layer"), header.meta.get("layout"), header.meta.get("blocks"))
+        if got != (c.key, layer, self.paged.describe(), c.src_blocks) or header.nbytes != self._sizes[i]:
+            raise ProtocolError(
+                f"got layer {got[1]} of chunk {header.key.hex()} ({got[2]} x{got[3]} blocks, {header.nbytes} "
+                f"bytes), expected layer {layer} of chunk {c.key.hex()} ({self.paged.describe()} x{c.src_blocks} "
+                f"blocks, {self._sizes[i]} bytes)"
+            )
+        reading = self._reading.pop(layer % self._slots, None)
+        if reading is not None:  # the layer that had this slot is still being placed
+            reading.synchronize()
+        self.asked += 1
+        buf = self._part(layer, i)
+        return buf if buf.is_cuda else buf.numpy()
+
+    def place(self, header: transfer.Header) -> None:
+        """The oldest frame asked for has arrived: once a layer is whole, place it."""
+        self.arrived += 1
+        self.nbytes += header.nbytes
+        chunks = self.job.chunks
+        if self.arrived % len(chunks):
+            return
+        layer = self.arrived // len(chunks) - 1
+        parts = [
+            LayerPart(c.block_ids, self._part(layer, i), c.src_blocks, c.skip_blocks) for i, c in enumerate(chunks)
+        ]
+        ready = self.paged.scatter_layer(layer, parts, self._stream)
+        if ready is not None:
+            self._reading[layer % self._slots] = ready
+        self._ready[layer] = ready
+        self._placed[layer].set()
+
+    def stop(self, error: str = "") -> None:
+        """No more frames will come: the layers not placed are given up (the forward pass waits no
+        longer), and once placing is done the ring may go."""
+        if error and not self.error:
+            self.error = error
+        if self.arrived < self.frames and not self.error:
+            self.error = f"the prefiller sent {self.arrived} of {self.frames} layers of chunks"
+        if self._stream is not None:
+            self._stream.synchronize()
+        for placed in self._placed:
+            placed.set()
+
+    def wait(self, layer: int) -> None:
+        """The forward pass is about to compute `layer`: wait until it is placed (on a GPU, the
+        forward pass's stream waits for the copies, the host does not)."""
+        self.awaited[layer] = True
+        self._placed[layer].wait()
+        ready = self._ready[layer]
+        if isinstance(ready, torch.cuda.Event):
+            torch.cuda.current_stream(self.paged.device).wait_event(ready)
+
+
+def pull_layers(conns: ConnectionPool, address: str, load: LayerwiseLoad) -> None:
+    """Stream the load's chunks layer by layer from the staging endpoint at `address`, placing each
+    layer once it is whole; whatever happens, `load` is stopped when this returns or raises."""
+    error = ""
+    try:
+        with conns.connection(address) as conn:
+            keys = [c.key.hex() for c in load.job.chunks]
+            for frame in conn.stream("get", meta={"keys": keys, "by_layer": True}, sink=load.sink, window=load.window):
+                load.place(frame.header)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        load.stop(error)
+    if not load.complete:
+        raise ProtocolError(load.error)

@@ -29,6 +29,7 @@ class LoadJob:
     start: int  # tokens [start, end) are loaded into block_ids
     end: int
     block_ids: list[int]
+    layerwise: bool = False  # loaded inside the forward pass, layer by layer (pd/layerwise.py)
 
 
 class ChunkLoader:

@@ -37,12 +37,12 @@ class Staged:
     transfers: set[str] = field(default_factory=set)
     ready: Ready | None = None  # the copy into `buffer` may still be running until this is done
 
-    def payload(self) -> Any:
-        """The bytes to send, once the copy that fills them is done: a GPU buffer as is (the ucx
-        transport moves device memory), a host one as a memoryview."""
+    def payload(self, part: slice = slice(None)) -> Any:
+        """The bytes to send (`part` of them), once the copy that fills them is done: a GPU buffer as
+        is (the ucx transport moves device memory), a host one as a memoryview."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.buffer if self.buffer.is_cuda else memoryview(self.buffer.numpy())
+        return self.buffer[part] if self.buffer.is_cuda else memoryview(self.buffer.numpy())[part]
 
 
 def host_allocator(nbytes: int) -> torch.Tensor:
@@ -163,17 +163,28 @@ class StagingPool:
 
 class StagingService(Service):
     """Serves a staging pool: "get" streams chunks in the order asked, stopping with an error at
-    the first one not staged; "release" drops a transfer's references; "ping" names the layout."""
+    the first one not staged; with "by_layer" (a decoder loading layer by layer), layer 0 of every
+    chunk asked, then layer 1, ..., a frame each, after checking that every chunk is staged;
+    "release" drops a transfer's references; "ping" names the layout."""
 
-    def __init__(self, pool: StagingPool, layout: str, on_served: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        pool: StagingPool,
+        layout: str,
+        on_served: Callable[[int], None] | None = None,
+        layers: int | None = None,  # layers per chunk (a chunk is layer-major): needed for "by_layer"
+    ):
         self.pool = pool
         self.layout = layout
+        self.layers = layers
         self._on_served = on_served or (lambda nbytes: None)
 
     def receive_buffer(self, header: Header) -> Any:
         raise ValueError("requests to a staging endpoint carry no payload")
 
     def handle(self, request: Header, payload: Any) -> Iterator[Frame]:
+        if request.op == "get" and request.meta.get("by_layer"):
+            return (yield from self._by_layer(keys_from(request.meta, MAX_KEYS_PER_REQUEST)))
         if request.op == "get":
             keys = keys_from(request.meta, MAX_KEYS_PER_REQUEST)
             for key in keys:
@@ -193,3 +204,21 @@ class StagingService(Service):
         if request.op == "ping":
             return {"layout": self.layout, "staged": len(self.pool)}
         raise ValueError(f"unknown op {request.op!r} (this endpoint serves get, release, ping)")
+
+    def _by_layer(self, keys: list[bytes]) -> Iterator[Frame]:
+        if not self.layers:
+            raise ValueError("this endpoint does not serve chunks by layer")
+        entries = []
+        for key in keys:  # all there, or an error before the first frame: the decoder computes at once
+            entry = self.pool.get(key)
+            if entry is None:
+                raise KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
+            entries.append(entry)
+        for layer in range(self.layers):
+            for key, entry in zip(keys, entries, strict=True):
+                size = entry.buffer.numel() // self.layers
+                meta = {"layout": self.layout, "blocks": entry.blocks, "layer": layer}
+                part = slice(layer * size, (layer + 1) * size)
+                yield Frame(Header(op="chunk", key=key, meta=meta), entry.payload(part))
+                self._on_served(size)
+        return {"count": len(keys)}

@@ -6,7 +6,10 @@ and serves it. A decoder process (this one; on the next GPU when there are two) 
 with the connector's own loader and scatters it into its paged cache, as PDConnector does. Timed:
 the first request to the last block in place (and synchronized); the bytes are then checked. Over
 ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`); `--lanes`
-connections pull shares of the chunks at once (the connector's `load_lanes`).
+connections pull shares of the chunks at once (the connector's `load_lanes`). `--by-layer`: the
+decoder loads as a `layerwise` one does (layer 0 of every chunk, then layer 1, ..., a frame each,
+placed a layer at a time) and the time to its first layer in place is reported too: what a
+forward pass waits before its first attention layer.
 
 Paths: ucx with chunks in GPU memory (GPU to GPU: cuda_ipc on one host), ucx host-staged (from the
 prefiller's pinned host memory into the decoder's GPU memory: UCX pipelines it through GPU
@@ -41,6 +44,7 @@ from common import memcpy_gbps, write_json
 import transfer
 from pd import plan
 from pd.codec import PagedKV
+from pd.layerwise import LayerwiseLoad, pull_layers
 from pd.loader import ChunkLoader, LoadJob
 from pd.loader import pull as load
 from pd.staging import StagingPool, StagingService
@@ -95,7 +99,7 @@ def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, re
         if cuda:
             torch.cuda.synchronize(paged.device)
         staged = time.perf_counter() - t0
-    listener = transfer.listen(f"{scheme}://127.0.0.1:0", StagingService(pool, paged.describe()))
+    listener = transfer.listen(f"{scheme}://127.0.0.1:0", StagingService(pool, paged.describe(), layers=LAYERS))
     ready.put((listener.address, {"stream_held_ms": round(held * 1e3, 2), "staged_ms": round(staged * 1e3, 2)}))
     stop.wait()
     listener.close()
@@ -118,26 +122,44 @@ def pull(
     window: int,
     lanes: int,
     wire_only: bool,
+    by_layer: bool = False,
     profile: bool = False,
-) -> float:
+) -> tuple[float, float | None]:
     """Seconds for the decoder to have every block of the prompt in place, pulled as PDConnector
-    does, over the pool's connections (a decoder keeps its connections to a prefiller)."""
+    does, over the pool's connections (a decoder keeps its connections to a prefiller); and, by
+    layer, seconds to the first layer in place."""
     keys = [key(i) for i in range(tokens // chunk)]
     block_ids = list(range(tokens // BLOCK))
     chunks = plan.plan_load(keys, tokens, 0, tokens, block_ids, chunk, BLOCK)
-    job = LoadJob("bench", [address], chunks, 0, tokens, block_ids)
-    loader = (WireOnly if wire_only else ChunkLoader)(paged, job, on_device=memory == "device", window=window)
+    job = LoadJob("bench", [address], chunks, 0, tokens, block_ids, layerwise=by_layer)
+    on_device = memory == "device"
     profiler = cProfile.Profile() if profile else None
-    with ThreadPoolExecutor(max(1, lanes - 1)) as executor:
-        t0 = time.perf_counter()
-        with profiler or contextlib.nullcontext():
-            load(conns, address, loader, lanes, executor)
-        if paged.device.type == "cuda":
-            torch.cuda.synchronize(paged.device)
-        seconds = time.perf_counter() - t0
+    first_layer = None
+    if by_layer:
+        layers = LayerwiseLoad(paged, job, on_device=on_device, window=window)
+        with ThreadPoolExecutor(1) as executor:
+            t0 = time.perf_counter()
+            with profiler or contextlib.nullcontext():
+                pulling = executor.submit(pull_layers, conns, address, layers)
+                for i in range(LAYERS):  # as the forward pass's hooks wait
+                    layers.wait(i)
+                    if i == 0:
+                        if paged.device.type == "cuda":
+                            torch.cuda.synchronize(paged.device)
+                        first_layer = time.perf_counter() - t0
+                pulling.result()
+    else:
+        loader = (WireOnly if wire_only else ChunkLoader)(paged, job, on_device=on_device, window=window)
+        with ThreadPoolExecutor(max(1, lanes - 1)) as executor:
+            t0 = time.perf_counter()
+            with profiler or contextlib.nullcontext():
+                load(conns, address, loader, lanes, executor)
+    if paged.device.type == "cuda":
+        torch.cuda.synchronize(paged.device)
+    seconds = time.perf_counter() - t0
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
-    return seconds
+    return seconds, first_layer
 
 
 def check(paged: PagedKV) -> None:
@@ -182,11 +204,16 @@ def main() -> None:
     ap.add_argument("--lanes", type=int, default=0, help="connections per hand-off (default: 2 over tcp, 1 over ucx)")
     ap.add_argument("--wire-only", action="store_true", help="diagnostic: receive the chunks, scatter none")
     ap.add_argument(
+        "--by-layer", action="store_true", help="the decoder loads layer by layer, as a `layerwise` one does"
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="diagnostic: one more hand-off per path, the decoder under cProfile"
     )
     ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
     ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))
     args = ap.parse_args()
+    if args.by_layer and (args.wire_only or args.lanes > 1):
+        ap.error("--by-layer pulls over one connection and places every layer: no --wire-only, no --lanes")
     if args.tokens % args.chunk_tokens or args.chunk_tokens % BLOCK:
         ap.error(f"--tokens must be a multiple of --chunk-tokens, itself a multiple of {BLOCK}")
     paths = [p for p in args.paths.split(",") if p]
@@ -215,7 +242,7 @@ def main() -> None:
             address, staging = ready.get(timeout=600)
             paged = paged_cache(decode_dev, args.tokens // BLOCK, pattern=False)
             paged.warm_up()  # the Triton copies built, as the connector does at registration
-            lanes = args.lanes or (2 if scheme == "tcp" else 1)  # the connector's defaults
+            lanes = 1 if args.by_layer else args.lanes or (2 if scheme == "tcp" else 1)  # the connector's defaults
             window = args.window if scheme == "ucx" else 1
             conns = transfer.ConnectionPool(lambda a: transfer.connect(a, io_timeout=120))
             with contextlib.ExitStack() as stack:  # the lanes' connections, made before any clock starts
@@ -224,13 +251,13 @@ def main() -> None:
             # The first hand-off over a new connection pays for UCX's CUDA IPC set-up (45 - 67 ms between
             # two H200s: mapping each staging buffer); a decoder pays it once per prefiller and
             # buffer. Reported apart, not in the median.
-            first, *seconds = [
-                pull(conns, address, paged, memory, args.tokens, args.chunk_tokens, window, lanes, args.wire_only)
-                for _ in range(args.rounds + 1)
-            ]
+            shape = (args.tokens, args.chunk_tokens, window, lanes, args.wire_only, args.by_layer)
+            (first, _), *timed = [pull(conns, address, paged, memory, *shape) for _ in range(args.rounds + 1)]
+            seconds = [s for s, _ in timed]
+            first_layer = [f for _, f in timed if f is not None]
             if args.profile:
                 print(f"{path}: the decoder's side of one hand-off, under cProfile")
-                pull(conns, address, paged, memory, args.tokens, args.chunk_tokens, window, lanes, args.wire_only, True)
+                pull(conns, address, paged, memory, *shape, profile=True)
             conns.close()
             if not args.wire_only:
                 check(paged)
@@ -248,6 +275,7 @@ def main() -> None:
                 "first_seconds": round(first, 4),
                 "seconds": [round(s, 4) for s in seconds],
                 "lanes": lanes,
+                "first_layer_ms": round(statistics.median(first_layer) * 1e3, 2) if first_layer else None,
                 "staging": staging,  # the prefiller's copies out of its cache for this prompt
                 "gb_per_s": round(nbytes / median / 1e9, 2),
                 "target_gb_per_s": TARGETS_GBPS.get(path) if cuda else None,
@@ -259,15 +287,19 @@ def main() -> None:
         f"Hand-off of {args.tokens} tokens ({nbytes / 2**30:.2f} GiB, {args.chunk_tokens}-token chunks), "
         f"{prefill_dev} -> {decode_dev}; floors (GB/s): {floor}"
     )
-    print(f"{'path':>13} {'lanes':>5} {'GB/s':>8} {'target':>7}  {'first':>7}  {'staging ms':>14}  seconds")
+    heads = f"{'path':>13} {'lanes':>5} {'GB/s':>8} {'target':>7}  {'first':>7}  {'staging ms':>14}  {'layer 0 ms':>10}"
+    print(f"{heads}  seconds")
     for r in rows:
         target = r["target_gb_per_s"]
         verdict = "" if target is None else ("  ok" if r["gb_per_s"] >= target else "  BELOW TARGET")
         rate, first = f"{r['gb_per_s']:>8.2f}", r["first_seconds"]
         staging = f"{r['staging']['stream_held_ms']}/{r['staging']['staged_ms']}"
-        cells = f"{r['path']:>13} {r['lanes']:>5} {rate} {target or '-':>7}  {first:>7}  {staging:>14}"
+        layer0 = r["first_layer_ms"] if r["first_layer_ms"] is not None else "-"
+        cells = f"{r['path']:>13} {r['lanes']:>5} {rate} {target or '-':>7}  {first:>7}  {staging:>14}  {layer0:>10}"
         print(f"{cells}  {r['seconds']}{verdict}")
     print("staging ms: the prefiller's stream held by the copies out / until every chunk was staged")
+    if args.by_layer:
+        print("layer 0 ms: until the decoder's first layer was in place (loaded by layer), median")
     write_json(
         args.json,
         {
@@ -279,6 +311,7 @@ def main() -> None:
             "ucx_spin_us": os.environ.get("PDRUN_UCX_SPIN_US", "200"),
             "block_copy": os.environ.get("PDRUN_BLOCK_COPY", "auto"),
             "wire_only": args.wire_only,
+            "by_layer": args.by_layer,
             "prefill_device": prefill_dev,
             "decode_device": decode_dev,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,

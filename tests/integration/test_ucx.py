@@ -1,13 +1,18 @@
-"""1P1D over the ucx transport on CPU (UCX over TCP on loopback): the decoder's output equals plain
+"""1P1D over the ucx transport on CPU (UCX over TCP on loopback): each decoder's output equals plain
 vLLM's token for token, and it loaded every handed-off token over UCX. The prefiller copies its
-chunks out layer by layer (`layerwise`), as vLLM computes each layer."""
+chunks out layer by layer (`layerwise`), as vLLM computes each layer; of the two decoders, one
+loads whole chunks before its request runs (the default), the other (`layerwise`) loads inside the
+request's first step, each layer before vLLM computes it, and recomputes the request when the
+hand-off breaks off half way."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import transfer
 from launch.vllm_server import ServerSpec, VllmServer
 from tests.integration.client import (
     LOAD_FAILURES,
@@ -23,42 +28,49 @@ from tests.integration.conftest import DECODER_IO_TIMEOUT_S, free_port, free_por
 
 pytestmark = [pytest.mark.integration, pytest.mark.after_deployment]
 UCX_ENV = {"UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n"}  # nothing listens beyond loopback
+DECODERS = ("whole", "layers")
 
 
 @pytest.fixture(scope="module")
-def ucx_pair(cluster, model_dir, tmp_path_factory):
-    cluster.deployment.stop()  # memory for two more instances; its own last test stopped it already
+def ucx_servers(cluster, model_dir, tmp_path_factory):
+    cluster.deployment.stop()  # memory for three more instances; its own last test stopped it already
     logs = tmp_path_factory.mktemp("ucx-logs")
-    connector = {"transport": "ucx", "io_timeout_s": DECODER_IO_TIMEOUT_S, "layerwise": True}
-    servers = [
-        VllmServer(
+    connector = {"transport": "ucx", "io_timeout_s": DECODER_IO_TIMEOUT_S}
+    roles = {
+        "prefiller": ("kv_producer", {**connector, "layerwise": True}),
+        "whole": ("kv_consumer", connector),
+        "layers": ("kv_consumer", {**connector, "layerwise": True}),
+    }
+    servers = {
+        name: VllmServer(
             ServerSpec(
                 model=str(model_dir),
                 port=free_port(),
                 role=role,
                 kv_port=free_port_range(8),
                 dtype="float32",
-                connector=connector,
+                connector=extra,
                 env=UCX_ENV,
             ),
-            logs / f"{role}.log",
+            logs / f"{name}.log",
         )
-        for role in ("kv_producer", "kv_consumer")
-    ]
+        for name, (role, extra) in roles.items()
+    }
     try:
-        for s in servers:
+        for s in servers.values():
             s.start()
-        for s in servers:
+        for s in servers.values():
             s.wait_healthy(timeout=600)
         yield servers
     finally:
-        for s in servers:
+        for s in servers.values():
             s.stop()
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("n", [1, 257, 3000])
-def test_pd_over_ucx_equals_plain_vllm(cluster, ucx_pair, n):
-    producer, consumer = ucx_pair
+def test_pd_over_ucx_equals_plain_vllm(cluster, ucx_servers, decoder, n):
+    producer, consumer = ucx_servers["prefiller"], ucx_servers[decoder]
     tokens = prompt(n, seed=500)
     params = prefill(producer.url, tokens)
     assert params["pdrun"]["endpoints"][0].startswith("ucx://127.0.0.1:")
@@ -69,8 +81,9 @@ def test_pd_over_ucx_equals_plain_vllm(cluster, ucx_pair, n):
     assert wait_for_deltas(consumer.url, before, expected) == expected
 
 
-def test_eight_concurrent_hand_offs_over_ucx(cluster, ucx_pair):
-    producer, consumer = ucx_pair
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_eight_concurrent_hand_offs_over_ucx(cluster, ucx_servers, decoder):
+    producer, consumer = ucx_servers["prefiller"], ucx_servers[decoder]
     cases = [prompt(n, seed=510 + n) for n in (255, 256, 600, 1000, 1500, 2000, 2500, 3001)]
     wants = [token_ids(complete(cluster.plain.url, t)) for t in cases]
     before = metrics(consumer.url)
@@ -85,10 +98,51 @@ def test_eight_concurrent_hand_offs_over_ucx(cluster, ucx_pair):
     assert wait_for_deltas(consumer.url, before, expected) == expected
 
 
-def test_the_prefiller_copied_its_chunks_out_layer_by_layer(cluster, ucx_pair):
-    producer, consumer = ucx_pair
-    prefill(producer.url, prompt(300, seed=520))
-    log = producer.log_path.read_text()
+def test_the_hand_off_went_layer_by_layer_where_asked(cluster, ucx_servers):
+    prefill(ucx_servers["prefiller"].url, prompt(300, seed=520))
+    log = ucx_servers["prefiller"].log_path.read_text()
     # The tiny model's 4 layers, all copied from vLLM's save_kv_layer, none left to wait_for_save.
     assert "chunks copied out layer by layer (4 of 4 layers as vLLM computed them" in log
-    assert "layer by layer" not in consumer.log_path.read_text()  # decoders load whole chunks
+    # ... and, on the layer-wise decoder, all 4 waited for in vLLM's wait_for_layer_load.
+    assert "hand-offs loaded layer by layer (4 of 4 layers waited for" in ucx_servers["layers"].log_path.read_text()
+    assert "layer by layer" not in ucx_servers["whole"].log_path.read_text()
+
+
+class CutAfter(transfer.Service):
+    """A prefiller endpoint that relays the real one's frames and fails after the first `frames`."""
+
+    def __init__(self, real: str, frames: int):
+        self.real, self.frames = real, frames
+
+    def handle(self, request, payload):
+        if request.op == "release":
+            return {}
+        with transfer.connect(self.real) as conn:
+            for i, frame in enumerate(conn.stream(request.op, meta=request.meta)):
+                if i == self.frames:
+                    raise ConnectionError("cut off half way")
+                yield transfer.Frame(frame.header, bytes(frame.payload))
+        return {}
+
+
+def test_a_layer_wise_hand_off_cut_off_half_way_is_recomputed(cluster, ucx_servers):
+    consumer = ucx_servers["layers"]
+    tokens = prompt(1500, seed=530)  # 6 chunks: the first layer of each arrives, then the error
+    want = token_ids(complete(cluster.plain.url, tokens))
+    params = prefill(ucx_servers["prefiller"].url, tokens)
+    before = metrics(consumer.url)
+    with transfer.listen("ucx://127.0.0.1:0", CutAfter(params["pdrun"]["endpoints"][0], frames=7)) as fake:
+        params["pdrun"]["endpoints"] = [fake.address]
+        t0 = time.monotonic()
+        assert token_ids(complete(consumer.url, tokens, kv_transfer_params=params)) == want
+        assert time.monotonic() - t0 < DECODER_IO_TIMEOUT_S + 20
+    expected = {LOAD_FAILURES: 1, LOADED: 0}
+    assert wait_for_deltas(consumer.url, before, expected) == expected
+    lines = [ln for ln in consumer.log_path.read_text().splitlines() if f"hand-off from {fake.address}" in ln]
+    assert lines and "cut off half way" in lines[-1] and "prefilling its 1499 tokens locally" in lines[-1]
+    # And it goes on loading hand-offs layer by layer.
+    ok = prompt(700, seed=531)
+    again = prefill(ucx_servers["prefiller"].url, ok)
+    before = metrics(consumer.url)
+    assert token_ids(complete(consumer.url, ok, kv_transfer_params=again)) == token_ids(complete(cluster.plain.url, ok))
+    assert wait_for_deltas(consumer.url, before, {LOADED: 699}) == {LOADED: 699}

@@ -3,7 +3,8 @@ Triton's interpreter on CPU tensors (in a child process: the switch is read when
 kernel blocks smaller than the manager's, scattered ids, part of a chunk, layers interleaved in
 one allocation; blocks whose bytes lie in another order than their shape's go as they lie (and the
 layout says so), blocks that are not one run of bytes keep torch's copies; a loader's batches of
-chunks placed in one launch; a step's chunks copied out a layer at a time."""
+chunks placed in one launch; a step's chunks copied out a layer at a time; a decoder's layer of
+several chunks placed in one launch."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def check_all() -> None:
     check_vllm_layouts()
     check_batched_loader()
     check_layerwise()
+    check_scatter_layer()
 
 
 def check_layerwise() -> None:
@@ -89,6 +91,38 @@ def check_layerwise() -> None:
             want = torch.zeros_like(buf)
             kv.gather(s.block_ids, want)
             assert torch.equal(buf, want), ("layerwise", interleaved, s.index)
+
+
+def check_scatter_layer() -> None:
+    """Layer by layer, parts of several chunks (one layer of each: the first taken in part) placed
+    in one launch per layer equal torch's copies and a whole-chunk scatter."""
+    from pd.codec import LayerPart
+
+    for interleaved in (False, True):
+        for ratio in (1, 2):
+            fast, slow, whole = (paged(kind, interleaved, ratio) for kind in ("auto", "torch", "auto"))
+            assert fast.block_copy == "triton"
+            for t in (*fast.layers, *slow.layers, *whole.layers):
+                t.zero_()
+            src = paged("auto", interleaved, ratio)
+            chunks = [([3, 4, 5], 1, [11, 0]), ([9, 1], 0, [7, 8])]  # (source blocks, skipped, destination)
+            bufs = []
+            for ids, skip, dst in chunks:
+                buf = torch.zeros(src.nbytes(len(ids)), dtype=torch.uint8)
+                src.gather(ids, buf)
+                bufs.append(buf)
+                whole.scatter(dst, buf, len(ids), skip_blocks=skip)
+            for layer in reversed(range(3)):  # any order: a layer's launch touches that layer only
+                for kv in (fast, slow):
+                    parts = [
+                        LayerPart(dst, buf.view(3, -1)[layer], len(ids), skip)
+                        for (ids, skip, dst), buf in zip(chunks, bufs, strict=True)
+                    ]
+                    kv.scatter_layer(layer, parts)
+                assert torch.equal(fast.layers[layer], whole.layers[layer]), ("layer", interleaved, ratio, layer)
+                assert torch.equal(slow.layers[layer], whole.layers[layer]), ("torch", interleaved, ratio, layer)
+                if layer:
+                    assert not fast.layers[layer - 1].any()  # not there yet
 
 
 def check_batched_loader() -> None:

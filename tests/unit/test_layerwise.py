@@ -1,14 +1,24 @@
-"""A prefiller's chunks copied out layer by layer (`layerwise`): whatever layers vLLM's hooks copy,
-in any order, `finish` copies the rest, and the chunks hold what a whole-chunk gather gives."""
+"""The hand-off layer by layer (`layerwise`). A prefiller's chunks copied out: whatever layers
+vLLM's hooks copy, in any order, `finish` copies the rest, and the chunks hold what a whole-chunk
+gather gives. A decoder's load over real loopback connections (tcp, ucx): each layer is in place
+when its wait returns, while later layers are still on the wire; a hand-off that is gone frees
+every wait at once, and says why."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 import torch
 
+import transfer
+from pd import plan
 from pd.codec import PagedKV
-from pd.layerwise import LayerwiseSave
+from pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
+from pd.loader import LoadJob
 from pd.plan import ChunkSave
+from pd.staging import StagingPool, StagingService
 
 LAYERS, BLOCKS = 5, 12
 
@@ -52,3 +62,97 @@ def test_a_hook_copies_its_own_layer_only():
         view = kv.chunk_view(buf, len(s.block_ids))
         assert torch.equal(view[2], kv.layers[2][s.block_ids])
         assert not view[[0, 1, 3, 4]].any()
+
+
+class Slow(StagingService):
+    """Serves each frame 5 ms apart: a transfer long against the test's checks."""
+
+    def handle(self, request, payload):
+        frames = super().handle(request, payload)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration as stop:
+                return stop.value
+            time.sleep(0.005)
+            yield frame
+
+
+CHUNK_BLOCKS, BLOCK = 2, 4
+
+
+@pytest.fixture(params=["tcp", "ucx"])
+def prefiller(request):
+    src = paged()
+    pool = StagingPool(1 << 24, ttl_s=60)
+    for i in range(BLOCKS // CHUNK_BLOCKS):  # 6 chunks of 2 blocks
+        ids = list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS))
+        pool.stage("t", bytes([i]) * 16, CHUNK_BLOCKS, src.nbytes(CHUNK_BLOCKS), lambda b, ids=ids: src.gather(ids, b))
+    service = Slow(pool, src.describe(), layers=LAYERS)
+    with transfer.listen(f"{request.param}://127.0.0.1:0", service, io_timeout=5) as listener:
+        yield src, pool, listener.address
+
+
+def layer_job(address: str, dst_ids: list[int]) -> LoadJob:
+    """Tokens [4, 45) of a 45-token hand-off: the first chunk in part, the last one short."""
+    handed, chunk = BLOCKS * BLOCK - 3, CHUNK_BLOCKS * BLOCK
+    keys = [bytes([i]) * 16 for i in range(BLOCKS // CHUNK_BLOCKS)]
+    chunks = plan.plan_load(keys, handed, BLOCK, handed, dst_ids, chunk, BLOCK)
+    return LoadJob("t", [address], chunks, BLOCK, handed, dst_ids, layerwise=True)
+
+
+def empty() -> PagedKV:
+    return PagedKV({f"model.layers.{i}.attn": torch.zeros(BLOCKS, 2, 4, 6) for i in range(LAYERS)}, BLOCKS, 4)
+
+
+@pytest.mark.parametrize("window", [1, 4, 9])
+def test_a_decoder_gets_each_layer_before_the_next_arrives(prefiller, window):
+    src, _, address = prefiller
+    dst = empty()
+    dst_ids = [11, 3, 0, 7, 8, 5, 1, 10, 2, 9, 4, 6]
+    load = LayerwiseLoad(dst, layer_job(address, dst_ids), window=window)
+    conns = transfer.ConnectionPool(transfer.connect)
+    puller = threading.Thread(target=pull_layers, args=(conns, address, load))
+    puller.start()
+    frames_per_layer = len(load.job.chunks)
+    for layer in range(LAYERS):
+        load.wait(layer)
+        # In place once the wait returns, blocks of the first chunk's skipped block untouched.
+        assert torch.equal(dst.layers[layer][dst_ids[1:]], src.layers[layer][1:]), layer
+        assert not dst.layers[layer][dst_ids[0]].any()
+        if layer < LAYERS - 1:  # the rest still on the wire (5 ms a frame)
+            assert load.arrived < frames_per_layer * (layer + 2), (layer, load.arrived)
+    puller.join()
+    conns.close()
+    assert load.complete and load.awaited == [True] * LAYERS
+    assert load.nbytes == src.nbytes(BLOCKS)  # every layer of every chunk, once
+
+
+def test_a_hand_off_that_is_gone_frees_every_wait_and_says_why(prefiller):
+    _, pool, address = prefiller
+    pool._entries.pop(bytes([4]) * 16)  # evicted: the prefiller says so before the first frame
+    dst = empty()
+    load = LayerwiseLoad(dst, layer_job(address, list(range(BLOCKS))))
+    conns = transfer.ConnectionPool(transfer.connect)
+    with pytest.raises(transfer.RemoteError, match="not staged"):
+        pull_layers(conns, address, load)
+    conns.close()
+    for layer in range(LAYERS):
+        load.wait(layer)  # returns: the forward pass goes on, and the step's result is dropped
+    assert not load.complete and "not staged" in load.error and load.arrived == 0
+    assert not any(t.any() for t in dst.layers)
+
+
+def test_a_prefiller_that_cannot_serve_layers_refuses_and_one_that_sends_whole_chunks_is_refused(prefiller):
+    src, pool, address = prefiller
+    with (
+        transfer.listen("tcp://127.0.0.1:0", StagingService(pool, src.describe())) as old,
+        transfer.connect(old.address) as conn,
+        pytest.raises(transfer.RemoteError, match="does not serve chunks by layer"),
+    ):
+        list(conn.stream("get", meta={"keys": [bytes([0]).hex() * 16], "by_layer": True}))
+    load = LayerwiseLoad(empty(), layer_job(address, list(range(BLOCKS))))
+    whole = {"layout": src.describe(), "blocks": CHUNK_BLOCKS}  # a "get" without by_layer: a whole chunk
+    header = transfer.Header("chunk", key=bytes([0]) * 16, nbytes=src.nbytes(CHUNK_BLOCKS), meta=whole)
+    with pytest.raises(transfer.ProtocolError, match="expected layer 0 of chunk"):
+        load.sink(header)

@@ -6,6 +6,9 @@
 #   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == plain vLLM, 8B shape, over ucx (pytest -m gpu)
 #   bash examples/gpu/measure.sh pd-tcp OUT     # the same over tcp
 #   bash examples/gpu/measure.sh ttft OUT       # TTFT of 1P1D vs one cold vLLM at 16k tokens, over ucx
+#   bash examples/gpu/measure.sh layers OUT     # the layer-by-layer hand-off (`layerwise`): the bench,
+#                                               # whole chunks then by layer
+#   bash examples/gpu/measure.sh layers-ttft OUT  # TTFT as `ttft`, default then both servers layerwise
 #   bash examples/gpu/measure.sh diagnose OUT   # where the GPU hand-off's time goes: the decoder under
 #                                               # cProfile, wire only (no scatter), bigger chunks, torch
 #                                               # copies; host-staged paths and the UCX protocols they take
@@ -30,6 +33,15 @@ case "$STEP" in
       python3 -m pytest -m gpu tests/gpu -x -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/$STEP.txt" ;;
   ttft)
     bash examples/gpu/ttft_pd_vs_plain.sh "$MODEL8B" 16384 ucx "$OUT/ttft" 2>&1 | tail -40 | tee "$OUT/ttft.txt" ;;
+  layers)
+    for by in "" "--by-layer"; do
+      python3 examples/benchmarks/bench_handoff_gpu.py --rounds 5 --paths ucx-gpu,ucx-host,tcp $by \
+        --json "$OUT/handoff${by:+_by_layer}.json" 2>&1 | tail -7
+    done | tee "$OUT/layers_handoff.txt" ;;
+  layers-ttft)
+    for lw in 0 1; do
+      LAYERWISE=$lw bash examples/gpu/ttft_pd_vs_plain.sh "$MODEL8B" 16384 ucx "$OUT/ttft_layerwise$lw" 2>&1 | tail -3
+    done | tee "$OUT/layers_ttft.txt" ;;
   diagnose)
     B=(python3 examples/benchmarks/bench_handoff_gpu.py --rounds 5)
     "${B[@]}" --paths ucx-gpu --profile --json "$OUT/diag_profile.json" 2>&1 | tee "$OUT/diag_profile.txt" | tail -45

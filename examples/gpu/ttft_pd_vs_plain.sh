@@ -8,11 +8,14 @@
 # decoder share GPU 0 (0.4 of its memory each), started one after the other behind `pdrun proxy`.
 # 1P1D twice: the prefiller's first token streamed at once (the default) and the decoder's (a second
 # proxy, --first-token decoder). Writes plain.json, pd.json, pd_decoder_first.json, pd_nostream.json
-# and ttft.json (medians and ratios) into OUT_DIR.
+# and ttft.json (medians and ratios) into OUT_DIR. LAYERWISE=1: both hand off layer by layer
+# (the connector's `layerwise`: the decoder loads inside its forward pass).
 set -euo pipefail
 MODEL=${1:?model dir (or tiny)}; TOKENS=${2:-16384}; TRANSPORT=${3:-ucx}; OUT_DIR=${4:-ttft}
-N=${N:-6}; MAXLEN=$((TOKENS + 512))
+N=${N:-6}; MAXLEN=$((TOKENS + 512)); LAYERWISE=${LAYERWISE:-0}
 mkdir -p "$OUT_DIR"; OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LW=$([ "$LAYERWISE" = 1 ] && echo true || echo false)
+printf 'connector:\n  layerwise: %s\n' "$LW" > "$OUT_DIR/launch.yaml"
 if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m launch model tiny); DEV=cpu; GPUS=(); VARGS=(); export VLLM_CPU_KVCACHE_SPACE=2
 else DEV=cuda; VARGS=(--load-format dummy --enforce-eager)
   NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
@@ -40,7 +43,8 @@ if [ "${SHARED:-0}" = 1 ]; then  # one GPU: each instance sizes its KV cache aft
   export CUDA_VISIBLE_DEVICES=0
   for role in kv_producer:8193:8300 kv_consumer:8194:8310; do IFS=: read -r R PORT KV <<< "$role"
     KTC=$(python3 -c "import json,sys; from launch.vllm_server import kv_transfer_config as k
-print(json.dumps(k(sys.argv[1], int(sys.argv[2]), {'transport': sys.argv[3]})))" "$R" "$KV" "$TRANSPORT")
+print(json.dumps(k(sys.argv[1], int(sys.argv[2]), {'transport': sys.argv[3], 'layerwise': sys.argv[4] == 'true'})))" \
+      "$R" "$KV" "$TRANSPORT" "$LW")
     python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name m --port "$PORT" \
       --max-model-len "$MAXLEN" --kv-transfer-config "$KTC" "${VARGS[@]}" > "$OUT_DIR/pd-$R.log" 2>&1 &
     PIDS+=($!); wait_up "localhost:$PORT/health"; done
@@ -49,7 +53,7 @@ print(json.dumps(k(sys.argv[1], int(sys.argv[2]), {'transport': sys.argv[3]})))"
 else
   python3 -m launch launch --model "$MODEL" --served-model-name m --prefill 1 --decode 1 --device "$DEV" \
     "${GPUS[@]}" --transport "$TRANSPORT" --port 8192 --max-model-len "$MAXLEN" --cache-cpu-gb 0 \
-    --run-dir "$OUT_DIR/run" -- "${VARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
+    --run-dir "$OUT_DIR/run" --config "$OUT_DIR/launch.yaml" -- "${VARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
 fi
 PIDS+=($!); wait_up localhost:8192/health
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
@@ -66,7 +70,7 @@ python3 -m launch profile requests --url http://127.0.0.1:8195 -n "$N" --prompt-
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tokens "$TOKENS" --max-tokens 8 \
   --no-stream --json "$OUT_DIR/pd_nostream.json"
 
-python3 - "$OUT_DIR" <<'PY'
+python3 - "$OUT_DIR" "$LAYERWISE" <<'PY'
 import json, statistics, sys
 d = sys.argv[1]
 runs = {k: json.load(open(f"{d}/{k}.json")) for k in ("plain", "pd", "pd_decoder_first")}
@@ -76,7 +80,7 @@ ttft = {k: med(k, "ttft") for k in runs}
 nostream = json.load(open(f"{d}/pd_nostream.json"))["requests"][1:]
 phases = {p: med("pd_decoder_first", p) for p in ("queue", "prefill", "first_token")}
 phases["handoff"] = statistics.median(r["handoff"] for r in nostream) if nostream else None
-out = {"tokens": runs["pd"]["requests"][0]["prompt_tokens"], "ttft_s": ttft,
+out = {"tokens": runs["pd"]["requests"][0]["prompt_tokens"], "layerwise": sys.argv[2] == "1", "ttft_s": ttft,
        "ratio": {k: ttft[k] / ttft["plain"] for k in ("pd", "pd_decoder_first")},
        "tpot_s": {k: med(k, "tpot") for k in runs}, "total_s": {k: med(k, "total") for k in runs},
        "pd_decoder_first_phases_s": phases, "modes": {k: sorted({r["mode"] for r in runs[k]["requests"]}) for k in runs}}

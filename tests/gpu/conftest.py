@@ -7,7 +7,8 @@ PDRUN_GPU_MODEL: a model directory (served with dummy weights when it holds none
 tiny model). PDRUN_GPU_TRANSPORT: tcp (default) or ucx. With two GPUs the decoder gets the second
 (GPU to GPU over ucx); PDRUN_GPU_MEM sets each server's --gpu-memory-utilization (default 0.25);
 PDRUN_GPU_STAGING=host stages the prefiller's chunks in host memory (the connector's staging_memory);
-PDRUN_GPU_LAYERWISE=1 has it copy them out layer by layer (`layerwise`).
+PDRUN_GPU_LAYERWISE=1 hands off layer by layer (`layerwise`, both servers): the prefiller copies
+its chunks out as vLLM computes each layer, the decoder loads each layer before vLLM computes it.
 """
 
 from __future__ import annotations

@@ -55,10 +55,12 @@ def test_chunks_wait_and_land_in_gpu_memory_over_ucx(gpu_cluster):
     assert "chunks in device memory" in gpu_cluster.decoder.log_path.read_text()
 
 
-@pytest.mark.skipif(not LAYERWISE, reason="PDRUN_GPU_LAYERWISE=1 turns layer-by-layer copies out on")
-def test_the_prefiller_copied_its_chunks_out_layer_by_layer(gpu_cluster):
-    log = gpu_cluster.prefiller.log_path.read_text()
-    assert "chunks copied out layer by layer" in log
-    line = log[log.index("chunks copied out layer by layer") :].splitlines()[0]
-    hooked, total = (int(w) for w in line.split("(")[1].split(" layers")[0].split(" of "))
-    assert hooked == total > 0, line  # every layer from vLLM's save_kv_layer, as it computed it
+@pytest.mark.skipif(not LAYERWISE, reason="PDRUN_GPU_LAYERWISE=1 turns the layer-by-layer hand-off on")
+def test_the_hand_off_went_layer_by_layer(gpu_cluster):
+    for server, what in ((gpu_cluster.prefiller, "chunks copied out"), (gpu_cluster.decoder, "hand-offs loaded")):
+        log = server.log_path.read_text()
+        assert f"{what} layer by layer" in log
+        line = log[log.index(f"{what} layer by layer") :].splitlines()[0]
+        hooked, total = (int(w) for w in line.split("(")[1].split(" layers")[0].split(" of "))
+        # Every layer in vLLM's hooks: copied out as it was computed, waited for before it was.
+        assert hooked == total > 0, line

@@ -89,26 +89,30 @@ class LayerwiseSave:
 
 
 class LayerwiseLoad:
-    """A decoder's hand-off received layer-major: a frame per layer of a chunk, into a ring of
-    buffers that each hold one layer of every chunk of the job, placed a layer at a time (one
-    launch with the Triton copies). `wait` is the forward pass's side, the rest the loading
-    thread's. Up to `window` frames are received at once (ucx); the ring has room for them besides
-    the layer being placed."""
+    """A decoder's hand-off received layer-major into a ring of buffers that each hold one layer of
+    every chunk of the job, placed a layer at a time (one launch with the Triton copies). A frame
+    holds one layer of one chunk or, with `whole_layers` (asked for when chunks land in GPU memory:
+    a frame costs each end ~60 us of Python), of all of them; up to `window` frames are received at
+    once (ucx), the ring has room for them besides the layer being placed: 2 + window layers with
+    whole layers (an eighth of the hand-off for 32 layers and window 2), else 2 + window / chunks.
+    `wait` is the forward pass's side, the rest the loading thread's."""
 
     def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
         self.paged = paged
         self.job = job
-        self.window = window
+        self.whole_layers = on_device
+        self.window = 2 if on_device else window  # frames of a whole layer are large: two in flight
         self.layers = len(paged.layers)
         chunks = job.chunks
         self._sizes = [paged.nbytes(c.src_blocks) // self.layers for c in chunks]  # one layer of each
         self._offsets = [sum(self._sizes[:i]) for i in range(len(chunks))]
         self._layer_bytes = sum(self._sizes)
-        self._slots = 2 + -(-window // len(chunks))
+        per_frame = len(chunks) if self.whole_layers else 1
+        self._slots = 2 + -(-self.window * per_frame // len(chunks))
         allocate = paged.device_buffer if on_device else paged.host_buffer
         self._ring = allocate(self._slots * self._layer_bytes)
-        self.frames = self.layers * len(chunks)
-        self.asked = 0  # frames a buffer was handed out for
+        self.parts = self.layers * len(chunks)  # a layer of a chunk each
+        self.asked = 0  # parts a buffer was handed out for
         self.arrived = 0
         self.nbytes = 0
         self.error = ""
@@ -124,34 +128,41 @@ class LayerwiseLoad:
 
     @property
     def complete(self) -> bool:
-        return self.arrived == self.frames and not self.error
+        return self.arrived == self.parts and not self.error
 
-    def _part(self, layer: int, i: int) -> torch.Tensor:
-        at = (layer % self._slots) * self._layer_bytes + self._offsets[i]
-        return self._ring[at : at + self._sizes[i]]
+    def _part(self, layer: int, first: int, n: int = 1) -> torch.Tensor:
+        """Layer `layer` of chunks first ... first + n - 1, in its ring slot."""
+        at = (layer % self._slots) * self._layer_bytes + self._offsets[first]
+        return self._ring[at : at + sum(self._sizes[first : first + n])]
 
     def sink(self, header: transfer.Header) -> Any:
-        if self.asked >= self.frames:
-            raise ProtocolError("more layers arrived than asked for")
-        layer, i = divmod(self.asked, len(self.job.chunks))
-        c = self.job.chunks[i]
-        got = (header.key, header.meta.get("layer"), header.meta.get("layout"), header.meta.get("blocks"))
-        if got != (c.key, layer, self.paged.describe(), c.src_blocks) or header.nbytes != self._sizes[i]:
+        chunks = self.job.chunks
+        layer, i = divmod(self.asked, len(chunks))
+        blocks = header.meta.get("blocks")
+        n = len(blocks) if isinstance(blocks, list) else 0
+        want = [c.src_blocks for c in chunks[i : i + n]]
+        got = (header.key, header.meta.get("layer"), header.meta.get("layout"), blocks)
+        if (
+            self.asked >= self.parts
+            or not n
+            or got != (chunks[i].key, layer, self.paged.describe(), want)
+            or header.nbytes != sum(self._sizes[i : i + n])
+        ):
             raise ProtocolError(
-                f"got layer {got[1]} of chunk {header.key.hex()} ({got[2]} x{got[3]} blocks, {header.nbytes} "
-                f"bytes), expected layer {layer} of chunk {c.key.hex()} ({self.paged.describe()} x{c.src_blocks} "
-                f"blocks, {self._sizes[i]} bytes)"
+                f"got layer {got[1]} of chunk {header.key.hex()} ({got[2]}, blocks {blocks}, {header.nbytes} "
+                f"bytes), expected layer {layer} of chunk {chunks[i].key.hex() if self.asked < self.parts else '-'} "
+                f"({self.paged.describe()})"
             )
         reading = self._reading.pop(layer % self._slots, None)
         if reading is not None:  # the layer that had this slot is still being placed
             reading.synchronize()
-        self.asked += 1
-        buf = self._part(layer, i)
+        self.asked += n
+        buf = self._part(layer, i, n)
         return buf if buf.is_cuda else buf.numpy()
 
     def place(self, header: transfer.Header) -> None:
         """The oldest frame asked for has arrived: once a layer is whole, place it."""
-        self.arrived += 1
+        self.arrived += len(header.meta["blocks"])
         self.nbytes += header.nbytes
         chunks = self.job.chunks
         if self.arrived % len(chunks):
@@ -171,8 +182,8 @@ class LayerwiseLoad:
         longer), and once placing is done the ring may go."""
         if error and not self.error:
             self.error = error
-        if self.arrived < self.frames and not self.error:
-            self.error = f"the prefiller sent {self.arrived} of {self.frames} layers of chunks"
+        if self.arrived < self.parts and not self.error:
+            self.error = f"the prefiller sent {self.arrived} of {self.parts} layers of chunks"
         if self._stream is not None:
             self._stream.synchronize()
         for placed in self._placed:
@@ -195,7 +206,8 @@ def pull_layers(conns: ConnectionPool, address: str, load: LayerwiseLoad) -> Non
     try:
         with conns.connection(address) as conn:
             keys = [c.key.hex() for c in load.job.chunks]
-            for frame in conn.stream("get", meta={"keys": keys, "by_layer": True}, sink=load.sink, window=load.window):
+            meta = {"keys": keys, "by_layer": True, "whole_layers": load.whole_layers}
+            for frame in conn.stream("get", meta=meta, sink=load.sink, window=load.window):
                 load.place(frame.header)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"

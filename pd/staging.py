@@ -37,12 +37,19 @@ class Staged:
     transfers: set[str] = field(default_factory=set)
     ready: Ready | None = None  # the copy into `buffer` may still be running until this is done
 
-    def payload(self, part: slice = slice(None)) -> Any:
-        """The bytes to send (`part` of them), once the copy that fills them is done: a GPU buffer as
-        is (the ucx transport moves device memory), a host one as a memoryview."""
+    def payload(self) -> Any:
+        """The bytes to send, once the copy that fills them is done: a GPU buffer as is (the ucx
+        transport moves device memory), a host one as a memoryview."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.buffer[part] if self.buffer.is_cuda else memoryview(self.buffer.numpy())[part]
+        return self.buffer if self.buffer.is_cuda else memoryview(self.buffer.numpy())
+
+    def layer(self, index: int, layers: int) -> torch.Tensor:
+        """Layer `index` of the chunk (a chunk is layer-major), once the copy that fills it is done."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        size = self.buffer.numel() // layers
+        return self.buffer[index * size : (index + 1) * size]
 
 
 def host_allocator(nbytes: int) -> torch.Tensor:
@@ -164,7 +171,8 @@ class StagingPool:
 class StagingService(Service):
     """Serves a staging pool: "get" streams chunks in the order asked, stopping with an error at
     the first one not staged; with "by_layer" (a decoder loading layer by layer), layer 0 of every
-    chunk asked, then layer 1, ..., a frame each, after checking that every chunk is staged;
+    chunk asked, then layer 1, ..., after checking that every chunk is staged: a frame per layer
+    of a chunk, or with "whole_layers" per layer of all of them;
     "release" drops a transfer's references; "ping" names the layout."""
 
     def __init__(
@@ -184,7 +192,8 @@ class StagingService(Service):
 
     def handle(self, request: Header, payload: Any) -> Iterator[Frame]:
         if request.op == "get" and request.meta.get("by_layer"):
-            return (yield from self._by_layer(keys_from(request.meta, MAX_KEYS_PER_REQUEST)))
+            keys = keys_from(request.meta, MAX_KEYS_PER_REQUEST)
+            return (yield from self._by_layer(keys, bool(request.meta.get("whole_layers"))))
         if request.op == "get":
             keys = keys_from(request.meta, MAX_KEYS_PER_REQUEST)
             for key in keys:
@@ -205,7 +214,12 @@ class StagingService(Service):
             return {"layout": self.layout, "staged": len(self.pool)}
         raise ValueError(f"unknown op {request.op!r} (this endpoint serves get, release, ping)")
 
-    def _by_layer(self, keys: list[bytes]) -> Iterator[Frame]:
+    def _by_layer(self, keys: list[bytes], whole_layers: bool) -> Iterator[Frame]:
+        """Layer 0 of every chunk, then layer 1, ...: a frame per layer of a chunk (its slice of the
+        chunk's buffer, sent as it lies), or with `whole_layers` a frame per layer of all of them,
+        joined into one buffer first (on the GPU for chunks staged there: a copy of ~50 us per 64
+        MiB, where a frame costs either end ~60 us of Python: 2048 frames moved a 16k-token prompt
+        at 12 GB/s between two H200s)."""
         if not self.layers:
             raise ValueError("this endpoint does not serve chunks by layer")
         entries = []
@@ -214,11 +228,15 @@ class StagingService(Service):
             if entry is None:
                 raise KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
             entries.append(entry)
+        runs = [list(range(len(keys)))] if whole_layers else [[i] for i in range(len(keys))]
         for layer in range(self.layers):
-            for key, entry in zip(keys, entries, strict=True):
-                size = entry.buffer.numel() // self.layers
-                meta = {"layout": self.layout, "blocks": entry.blocks, "layer": layer}
-                part = slice(layer * size, (layer + 1) * size)
-                yield Frame(Header(op="chunk", key=key, meta=meta), entry.payload(part))
-                self._on_served(size)
+            for run in runs:
+                parts = [entries[i].layer(layer, self.layers) for i in run]
+                meta = {"layout": self.layout, "blocks": [entries[i].blocks for i in run], "layer": layer}
+                data = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if data.is_cuda and len(parts) > 1:  # UCX reads it once handed over: the join must be done
+                    torch.cuda.current_stream(data.device).synchronize()
+                payload = data if data.is_cuda else memoryview(data.numpy())
+                yield Frame(Header(op="chunk", key=keys[run[0]], meta=meta), payload)
+                self._on_served(data.numel())
         return {"count": len(keys)}

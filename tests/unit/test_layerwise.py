@@ -65,7 +65,7 @@ def test_a_hook_copies_its_own_layer_only():
 
 
 class Slow(StagingService):
-    """Serves each frame 5 ms apart: a transfer long against the test's checks."""
+    """Serves a layer of a chunk every 5 ms: a transfer long against the test's checks."""
 
     def handle(self, request, payload):
         frames = super().handle(request, payload)
@@ -74,7 +74,8 @@ class Slow(StagingService):
                 frame = next(frames)
             except StopIteration as stop:
                 return stop.value
-            time.sleep(0.005)
+            self.sent.append(len(frame.header.meta["blocks"]))  # chunks in the frame
+            time.sleep(0.005 * self.sent[-1])
             yield frame
 
 
@@ -89,8 +90,9 @@ def prefiller(request):
         ids = list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS))
         pool.stage("t", bytes([i]) * 16, CHUNK_BLOCKS, src.nbytes(CHUNK_BLOCKS), lambda b, ids=ids: src.gather(ids, b))
     service = Slow(pool, src.describe(), layers=LAYERS)
+    service.sent = []
     with transfer.listen(f"{request.param}://127.0.0.1:0", service, io_timeout=5) as listener:
-        yield src, pool, listener.address
+        yield src, pool, listener.address, service
 
 
 def layer_job(address: str, dst_ids: list[int]) -> LoadJob:
@@ -105,31 +107,36 @@ def empty() -> PagedKV:
     return PagedKV({f"model.layers.{i}.attn": torch.zeros(BLOCKS, 2, 4, 6) for i in range(LAYERS)}, BLOCKS, 4)
 
 
-@pytest.mark.parametrize("window", [1, 4, 9])
-def test_a_decoder_gets_each_layer_before_the_next_arrives(prefiller, window):
-    src, _, address = prefiller
+@pytest.mark.parametrize(
+    ("window", "whole_layers"),
+    [(1, False), (4, False), (9, False), (4, True)],  # whole layers: as chunks landing beside a GPU cache ask
+)
+def test_a_decoder_gets_each_layer_before_the_next_arrives(prefiller, window, whole_layers):
+    src, _, address, service = prefiller
     dst = empty()
     dst_ids = [11, 3, 0, 7, 8, 5, 1, 10, 2, 9, 4, 6]
-    load = LayerwiseLoad(dst, layer_job(address, dst_ids), window=window)
+    load = LayerwiseLoad(dst, layer_job(address, dst_ids), on_device=whole_layers, window=window)
+    assert load.whole_layers == whole_layers
     conns = transfer.ConnectionPool(transfer.connect)
     puller = threading.Thread(target=pull_layers, args=(conns, address, load))
     puller.start()
-    frames_per_layer = len(load.job.chunks)
+    chunks = len(load.job.chunks)
     for layer in range(LAYERS):
         load.wait(layer)
         # In place once the wait returns, blocks of the first chunk's skipped block untouched.
         assert torch.equal(dst.layers[layer][dst_ids[1:]], src.layers[layer][1:]), layer
         assert not dst.layers[layer][dst_ids[0]].any()
         if layer < LAYERS - 1:  # the rest still on the wire (5 ms a frame)
-            assert load.arrived < frames_per_layer * (layer + 2), (layer, load.arrived)
+            assert load.arrived < chunks * (layer + 2), (layer, load.arrived)
     puller.join()
     conns.close()
     assert load.complete and load.awaited == [True] * LAYERS
+    assert service.sent == ([chunks] * LAYERS if whole_layers else [1] * chunks * LAYERS)
     assert load.nbytes == src.nbytes(BLOCKS)  # every layer of every chunk, once
 
 
 def test_a_hand_off_that_is_gone_frees_every_wait_and_says_why(prefiller):
-    _, pool, address = prefiller
+    _, pool, address, _ = prefiller
     pool._entries.pop(bytes([4]) * 16)  # evicted: the prefiller says so before the first frame
     dst = empty()
     load = LayerwiseLoad(dst, layer_job(address, list(range(BLOCKS))))
@@ -144,7 +151,7 @@ def test_a_hand_off_that_is_gone_frees_every_wait_and_says_why(prefiller):
 
 
 def test_a_prefiller_that_cannot_serve_layers_refuses_and_one_that_sends_whole_chunks_is_refused(prefiller):
-    src, pool, address = prefiller
+    src, pool, address, _ = prefiller
     with (
         transfer.listen("tcp://127.0.0.1:0", StagingService(pool, src.describe())) as old,
         transfer.connect(old.address) as conn,

@@ -327,22 +327,27 @@ class PagedKV:
             return self.queued() if self.device.type == "cuda" else None
 
     def scatter_layer(
-        self, index: int, parts: Sequence[LayerPart], stream: torch.cuda.Stream | None = None
+        self,
+        index: int,
+        parts: Sequence[LayerPart],
+        stream: torch.cuda.Stream | None = None,
+        table: torch.Tensor | None = None,
     ) -> Ready | None:
         """Copy layer `index` of several chunks into the cache, queued on `stream` as `scatter` does
         (one launch with the Triton copies): a decoder loading a hand-off layer by layer places
-        each layer once every chunk's part of it has arrived."""
+        each layer once every chunk's part of it has arrived. `table`: the parts' `layer_table`,
+        when they sit beside the cache where an earlier layer's did (a load reuses its ring's)."""
         cuda = self.device.type == "cuda"
         with self._on(stream):
             if self._words is not None:
-                rows, srcs = [], []
-                for p in parts:
-                    self._check_part(p)
-                    # Parts received in host memory (tcp) go beside the cache first; the temporaries
-                    # live until the kernel is queued behind their copies on the same stream.
-                    srcs.append(p.src if p.src.device == self.device else p.src.to(self.device, non_blocking=True))
-                    rows += self.copy_table(p.block_ids, p.skip_blocks, p.src_blocks, srcs[-1], one_layer=True)
-                self._copy_blocks(self.device_table(rows), to_cache=True, layers=range(index, index + 1))
+                srcs = []  # parts received in host memory (tcp) go beside the cache first; alive until queued
+                if table is None:
+                    for p in parts:
+                        src = p.src if p.src.device == self.device else p.src.to(self.device, non_blocking=True)
+                        srcs.append(src)
+                    table = self.layer_table([p._replace(src=src) for p, src in zip(parts, srcs, strict=True)])
+                    assert table is not None
+                self._copy_blocks(table, to_cache=True, layers=range(index, index + 1))
             else:
                 for p in parts:
                     self._check_part(p)
@@ -351,6 +356,17 @@ class PagedKV:
                     src = view[first:last].to(self.device, non_blocking=True)
                     self.layers[index].index_copy_(0, self.block_index(p.block_ids), src)
             return self.queued() if cuda else None
+
+    def layer_table(self, parts: Sequence[LayerPart]) -> torch.Tensor | None:
+        """The device table copying the parts (each one layer of a chunk, beside the cache) into any
+        one layer; None with torch's copies. Queued on the current stream, as `device_table` is."""
+        if self._words is None:
+            return None
+        rows = []
+        for p in parts:
+            self._check_part(p)
+            rows += self.copy_table(p.block_ids, p.skip_blocks, p.src_blocks, p.src, one_layer=True)
+        return self.device_table(rows)
 
     def _check_part(self, p: LayerPart) -> None:
         if p.skip_blocks < 0 or p.skip_blocks + len(p.block_ids) > p.src_blocks:

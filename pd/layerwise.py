@@ -120,6 +120,7 @@ class LayerwiseLoad:
         self._placed = [threading.Event() for _ in range(self.layers)]  # placed, or never will be
         self._ready: list[Ready | None] = [None] * self.layers
         self._reading: dict[int, Ready] = {}  # ring slot -> the placing of the layer in it
+        self._tables: dict[int, torch.Tensor | None] = {}  # ring slot -> its Triton copy table (built once)
         self._stream: torch.cuda.Stream | None = None
         if paged.device.type == "cuda":
             self._stream = torch.cuda.Stream(paged.device)
@@ -168,12 +169,17 @@ class LayerwiseLoad:
         if self.arrived % len(chunks):
             return
         layer = self.arrived // len(chunks) - 1
+        slot = layer % self._slots
         parts = [
             LayerPart(c.block_ids, self._part(layer, i), c.src_blocks, c.skip_blocks) for i, c in enumerate(chunks)
         ]
-        ready = self.paged.scatter_layer(layer, parts, self._stream)
+        table = self._tables.get(slot)
+        if table is None and self._ring.device == self.paged.device:  # the same table for every layer in the slot
+            with self.paged._on(self._stream):
+                table = self._tables[slot] = self.paged.layer_table(parts)  # type: ignore[assignment]
+        ready = self.paged.scatter_layer(layer, parts, self._stream, table)
         if ready is not None:
-            self._reading[layer % self._slots] = ready
+            self._reading[slot] = ready
         self._ready[layer] = ready
         self._placed[layer].set()
 

@@ -112,6 +112,8 @@ def empty() -> PagedKV:
     [(1, False), (4, False), (9, False), (4, True)],  # whole layers: as chunks landing beside a GPU cache ask
 )
 def test_a_decoder_gets_each_layer_before_the_next_arrives(prefiller, window, whole_layers):
+    """(Chunks staged in host memory go a frame per layer of a chunk even where whole layers are asked
+    for: only GPU memory is joined, see the next test for whole layers.)"""
     src, _, address, service = prefiller
     dst = empty()
     dst_ids = [11, 3, 0, 7, 8, 5, 1, 10, 2, 9, 4, 6]
@@ -131,7 +133,35 @@ def test_a_decoder_gets_each_layer_before_the_next_arrives(prefiller, window, wh
     puller.join()
     conns.close()
     assert load.complete and load.awaited == [True] * LAYERS
-    assert service.sent == ([chunks] * LAYERS if whole_layers else [1] * chunks * LAYERS)
+    assert service.sent == [1] * chunks * LAYERS
+
+
+def test_a_decoder_places_frames_of_whole_layers():
+    """As a prefiller with chunks in GPU memory sends them (tests/gpu runs the real thing): each frame
+    one layer of every chunk, joined; the decoder's ring holds 2 + window layers."""
+    src, dst = paged(), empty()
+    dst_ids = [11, 3, 0, 7, 8, 5, 1, 10, 2, 9, 4, 6]
+    load = LayerwiseLoad(dst, layer_job("tcp://-", dst_ids), on_device=True, window=4)
+    assert (load.whole_layers, load.window, load._slots) == (True, 2, 4)
+    bufs = []
+    for i, c in enumerate(load.job.chunks):
+        bufs.append(torch.zeros(src.nbytes(c.src_blocks), dtype=torch.uint8))
+        src.gather(list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS)), bufs[-1])
+    meta = {"layout": src.describe(), "blocks": [c.src_blocks for c in load.job.chunks]}
+    for layer in range(LAYERS):
+        joined = torch.cat([b.view(LAYERS, -1)[layer] for b in bufs])
+        key = load.job.chunks[0].key
+        header = transfer.Header("chunk", key=key, nbytes=joined.numel(), meta={**meta, "layer": layer})
+        load.sink(header)[:] = joined.numpy()
+        load.place(header)
+        load.wait(layer)
+        assert torch.equal(dst.layers[layer][dst_ids[1:]], src.layers[layer][1:]), layer
+    load.stop()
+    assert load.complete
+    short = {**meta, "layer": 0, "blocks": [*meta["blocks"][:-1], 1]}  # a frame that is not what was asked
+    header = transfer.Header("chunk", key=load.job.chunks[0].key, nbytes=joined.numel(), meta=short)
+    with pytest.raises(transfer.ProtocolError, match="expected layer"):
+        LayerwiseLoad(empty(), load.job, on_device=True).sink(header)
     assert load.nbytes == src.nbytes(BLOCKS)  # every layer of every chunk, once
 
 

@@ -268,6 +268,15 @@ class _SchedulerSide:
             # A load that fails must cost a local prefill, never the request.
             log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
             ktc.kv_load_failure_policy = "recompute"
+        self.loads_in_step = cfg.layerwise and self.is_consumer
+        if self.loads_in_step and vllm_config.scheduler_config.async_scheduling:
+            # A step already scheduled behind a failed synchronous load would go on from its output.
+            self.loads_in_step = False
+            log.warning(
+                "PDConnector: layerwise loads whole chunks before requests run on this decoder: vLLM recomputes "
+                "a failed hand-off loaded inside the forward pass only without async scheduling "
+                "(start vLLM with --no-async-scheduling)"
+            )
         self._saving: dict[str, _Saving] = {}
         self._incoming: dict[str, _Incoming | None] = {}
         self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
@@ -339,7 +348,7 @@ class _SchedulerSide:
 
     def _in_step(self, state: _Incoming) -> bool:
         """Loaded inside the step that runs the request (`layerwise` hand-offs), not before it."""
-        return self.cfg.layerwise and state.handoff is not None
+        return self.loads_in_step and state.handoff is not None
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id

@@ -15,6 +15,7 @@ MODEL=${1:?model dir (or tiny)}; TOKENS=${2:-16384}; TRANSPORT=${3:-ucx}; OUT_DI
 N=${N:-6}; MAXLEN=$((TOKENS + 512)); LAYERWISE=${LAYERWISE:-0}
 mkdir -p "$OUT_DIR"; OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LW=$([ "$LAYERWISE" = 1 ] && echo true || echo false)
+PDARGS=(); [ "$LAYERWISE" = 1 ] && PDARGS=(--no-async-scheduling)  # a decoder's loads in its forward pass need it
 printf 'connector:\n  layerwise: %s\n' "$LW" > "$OUT_DIR/launch.yaml"
 if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m launch model tiny); DEV=cpu; GPUS=(); VARGS=(); export VLLM_CPU_KVCACHE_SPACE=2
 else DEV=cuda; VARGS=(--load-format dummy --enforce-eager)
@@ -46,14 +47,14 @@ if [ "${SHARED:-0}" = 1 ]; then  # one GPU: each instance sizes its KV cache aft
 print(json.dumps(k(sys.argv[1], int(sys.argv[2]), {'transport': sys.argv[3], 'layerwise': sys.argv[4] == 'true'})))" \
       "$R" "$KV" "$TRANSPORT" "$LW")
     python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name m --port "$PORT" \
-      --max-model-len "$MAXLEN" --kv-transfer-config "$KTC" "${VARGS[@]}" > "$OUT_DIR/pd-$R.log" 2>&1 &
+      --max-model-len "$MAXLEN" --kv-transfer-config "$KTC" "${VARGS[@]}" "${PDARGS[@]}" > "$OUT_DIR/pd-$R.log" 2>&1 &
     PIDS+=($!); wait_up "localhost:$PORT/health"; done
   python3 -m launch proxy --prefill http://127.0.0.1:8193 --decode http://127.0.0.1:8194 --port 8192 \
     > "$OUT_DIR/pd-proxy.log" 2>&1 &
 else
   python3 -m launch launch --model "$MODEL" --served-model-name m --prefill 1 --decode 1 --device "$DEV" \
     "${GPUS[@]}" --transport "$TRANSPORT" --port 8192 --max-model-len "$MAXLEN" --cache-cpu-gb 0 \
-    --run-dir "$OUT_DIR/run" --config "$OUT_DIR/launch.yaml" -- "${VARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
+    --run-dir "$OUT_DIR/run" --config "$OUT_DIR/launch.yaml" -- "${VARGS[@]}" "${PDARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
 fi
 PIDS+=($!); wait_up localhost:8192/health
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \

@@ -67,7 +67,10 @@ def gpu_cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         t0 = time.monotonic()
         for role, gpu, log in plan:  # one at a time: each sizes its KV cache from the memory the others left
             pd = dict(kv_port=free_port(), connector=connector) if role != "plain" else {}
-            spec = ServerSpec(port=free_port(), role=role, **pd, **common, env={**env, "CUDA_VISIBLE_DEVICES": gpu})
+            args = dict(common)
+            if LAYERWISE and role == "kv_consumer":  # loads inside the forward pass need it (pd/config.py)
+                args["extra_args"] = [*gpu_args(model), "--no-async-scheduling"]
+            spec = ServerSpec(port=free_port(), role=role, **pd, **args, env={**env, "CUDA_VISIBLE_DEVICES": gpu})
             servers.append(VllmServer(spec, log_dir / log))
             servers[-1].start().wait_healthy(timeout=400)
         print(f"\n3 vLLM servers on the GPU healthy after {time.monotonic() - t0:.0f}s; logs in {log_dir}")

@@ -34,8 +34,8 @@ class ConnectorConfig(BaseModel):
         "step's forward pass, layer by layer (vLLM's wait_for_layer_load), rather than whole before the "
         "request is scheduled: later layers arrive while earlier ones compute, but the step's other requests "
         "wait for the transfer too, and a failed hand-off is recomputed whole (not taken from the cache tier). "
-        "A decoder needs vLLM's async scheduling off for it (--no-async-scheduling; else it loads whole chunks "
-        "and says so)",
+        "A decoder needs vLLM >= 0.32 and async scheduling off for it (--no-async-scheduling), for vLLM to "
+        "recompute a failed hand-off right; else it loads whole chunks and says so",
     )
     connect_timeout_s: float = Field(5.0, gt=0)
     io_timeout_s: float = Field(30.0, gt=0, description="consumer: longest wait for one chunk")

@@ -48,7 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 import transfer
 from pd import plan
 from pd.codec import PagedKV
-from pd.compat import check_vllm_version
+from pd.compat import SYNC_LOAD_RECOVERY, check_vllm_version, recovers_failed_sync_loads
 from pd.config import ConnectorConfig, load_config
 from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
 from pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
@@ -268,15 +268,7 @@ class _SchedulerSide:
             # A load that fails must cost a local prefill, never the request.
             log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
             ktc.kv_load_failure_policy = "recompute"
-        self.loads_in_step = cfg.layerwise and self.is_consumer
-        if self.loads_in_step and vllm_config.scheduler_config.async_scheduling:
-            # A step already scheduled behind a failed synchronous load would go on from its output.
-            self.loads_in_step = False
-            log.warning(
-                "PDConnector: layerwise loads whole chunks before requests run on this decoder: vLLM recomputes "
-                "a failed hand-off loaded inside the forward pass only without async scheduling "
-                "(start vLLM with --no-async-scheduling)"
-            )
+        self.loads_in_step = cfg.layerwise and self.is_consumer and not self._in_step_refused(vllm_config)
         self._saving: dict[str, _Saving] = {}
         self._incoming: dict[str, _Incoming | None] = {}
         self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
@@ -290,6 +282,22 @@ class _SchedulerSide:
             self.endpoints if self.is_producer else "-",
             cfg.cache or "-",
         )
+
+    @staticmethod
+    def _in_step_refused(vllm_config: VllmConfig) -> bool:
+        """Whether this vLLM cannot be trusted to recompute a failed hand-off loaded inside the
+        forward pass (`layerwise` on a decoder); if so, says why and that whole chunks are loaded."""
+        import vllm
+
+        if not recovers_failed_sync_loads():
+            why = f"vLLM {vllm.__version__} recomputed a failed one wrongly in our tests; needs >= {SYNC_LOAD_RECOVERY}"
+        elif vllm_config.scheduler_config.async_scheduling:
+            # A step scheduled behind the failed one would go on from its discarded output.
+            why = "vLLM recomputes a failed one right only without async scheduling: pass --no-async-scheduling"
+        else:
+            return False
+        log.warning("PDConnector: layerwise on this decoder loads hand-offs whole, not in the forward pass (%s)", why)
+        return True
 
     # -- loads: a hand-off (consumer), else the cache tier (any role) --
     def _incoming_of(self, request: Request) -> _Incoming | None:

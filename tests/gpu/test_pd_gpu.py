@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pd.compat import recovers_failed_sync_loads
 from tests.gpu.conftest import LAYERWISE, STAGING, TRANSPORT
 from tests.integration.client import (
     EXTERNAL,
@@ -57,7 +58,14 @@ def test_chunks_wait_and_land_in_gpu_memory_over_ucx(gpu_cluster):
 
 @pytest.mark.skipif(not LAYERWISE, reason="PDRUN_GPU_LAYERWISE=1 turns the layer-by-layer hand-off on")
 def test_the_hand_off_went_layer_by_layer(gpu_cluster):
-    for server, what in ((gpu_cluster.prefiller, "chunks copied out"), (gpu_cluster.decoder, "hand-offs loaded")):
+    checks = [(gpu_cluster.prefiller, "chunks copied out")]
+    decoder_log = gpu_cluster.decoder.log_path.read_text()
+    if recovers_failed_sync_loads():
+        checks.append((gpu_cluster.decoder, "hand-offs loaded"))
+    else:  # vLLM 0.26 (the lent machines' bundle) lost a token recomputing a failed one: whole chunks
+        assert "layerwise on this decoder loads hand-offs whole" in decoder_log
+        assert "hand-offs loaded layer by layer" not in decoder_log
+    for server, what in checks:
         log = server.log_path.read_text()
         assert f"{what} layer by layer" in log
         line = log[log.index(f"{what} layer by layer") :].splitlines()[0]

@@ -777,8 +777,9 @@ class _WorkerSide:
         t0 = time.perf_counter()
         try:
             pull_layers(self._conns, self._peer(job.endpoints), load)
-        except Exception:
+        except Exception as e:  # the forward pass goes on; the step's end reports the blocks
             log.debug("request %s: layer-wise load failed", rid, exc_info=True)
+            load.stop(f"{type(e).__name__}: {e}")
         finally:
             load.stop()
         self.stats.add(load_seconds=time.perf_counter() - t0)
@@ -815,7 +816,7 @@ class _WorkerSide:
             errors |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
         if self._in_step and not self._in_step_seen:
             self._in_step_seen = True
-            job, load, _ = next(iter(self._in_step.values()))
+            _, load, _ = next(iter(self._in_step.values()))
             log.info(
                 "PDConnector worker rank %d: hand-offs loaded layer by layer (%d of %d layers waited for by "
                 "vLLM's hooks, in the first such step)",

@@ -1,13 +1,12 @@
 """The hand-off layer by layer (`layerwise`). A prefiller's chunks copied out: whatever layers
 vLLM's hooks copy, in any order, `finish` copies the rest, and the chunks hold what a whole-chunk
 gather gives. A decoder's load over real loopback connections (tcp, ucx): each layer is in place
-when its wait returns, while later layers are still on the wire; a hand-off that is gone frees
+when its wait returns, while later layers are not yet sent; a hand-off that is gone frees
 every wait at once, and says why."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -64,8 +63,15 @@ def test_a_hook_copies_its_own_layer_only():
         assert not view[[0, 1, 3, 4]].any()
 
 
-class Slow(StagingService):
-    """Serves a layer of a chunk every 5 ms: a transfer long against the test's checks."""
+class Gated(StagingService):
+    """Sends a layer's frames only once the test opens that layer: what the decoder has when a wait
+    returns is then known exactly."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[int] = []  # chunks in each frame
+        self.open = [threading.Event() for _ in range(LAYERS)]
+        self.open[0].set()
 
     def handle(self, request, payload):
         frames = super().handle(request, payload)
@@ -74,8 +80,8 @@ class Slow(StagingService):
                 frame = next(frames)
             except StopIteration as stop:
                 return stop.value
-            self.sent.append(len(frame.header.meta["blocks"]))  # chunks in the frame
-            time.sleep(0.005 * self.sent[-1])
+            assert self.open[frame.header.meta["layer"]].wait(10)
+            self.sent.append(len(frame.header.meta["blocks"]))
             yield frame
 
 
@@ -89,8 +95,9 @@ def prefiller(request):
     for i in range(BLOCKS // CHUNK_BLOCKS):  # 6 chunks of 2 blocks
         ids = list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS))
         pool.stage("t", bytes([i]) * 16, CHUNK_BLOCKS, src.nbytes(CHUNK_BLOCKS), lambda b, ids=ids: src.gather(ids, b))
-    service = Slow(pool, src.describe(), layers=LAYERS)
-    service.sent = []
+    service = Gated(pool, src.describe(), layers=LAYERS)
+    for layer in service.open:  # all open but in the test that gates them
+        layer.set()
     with transfer.listen(f"{request.param}://127.0.0.1:0", service, io_timeout=5) as listener:
         yield src, pool, listener.address, service
 
@@ -119,17 +126,22 @@ def test_a_decoder_gets_each_layer_before_the_next_arrives(prefiller, window, wh
     dst_ids = [11, 3, 0, 7, 8, 5, 1, 10, 2, 9, 4, 6]
     load = LayerwiseLoad(dst, layer_job(address, dst_ids), on_device=whole_layers, window=window)
     assert load.whole_layers == whole_layers
+    for later in service.open[1:]:
+        later.clear()
     conns = transfer.ConnectionPool(transfer.connect)
     puller = threading.Thread(target=pull_layers, args=(conns, address, load))
     puller.start()
     chunks = len(load.job.chunks)
     for layer in range(LAYERS):
         load.wait(layer)
-        # In place once the wait returns, blocks of the first chunk's skipped block untouched.
+        # In place once the wait returns, with the later layers not sent yet; the first chunk's
+        # skipped block untouched.
+        assert load.arrived == chunks * (layer + 1), (layer, load.arrived)
         assert torch.equal(dst.layers[layer][dst_ids[1:]], src.layers[layer][1:]), layer
         assert not dst.layers[layer][dst_ids[0]].any()
-        if layer < LAYERS - 1:  # the rest still on the wire (5 ms a frame)
-            assert load.arrived < chunks * (layer + 2), (layer, load.arrived)
+        if layer + 1 < LAYERS:
+            assert not dst.layers[layer + 1].any()
+            service.open[layer + 1].set()
     puller.join()
     conns.close()
     assert load.complete and load.awaited == [True] * LAYERS

@@ -357,16 +357,18 @@ class PagedKV:
                     self.layers[index].index_copy_(0, self.block_index(p.block_ids), src)
             return self.queued() if cuda else None
 
-    def layer_table(self, parts: Sequence[LayerPart]) -> torch.Tensor | None:
+    def layer_table(self, parts: Sequence[LayerPart], stream: torch.cuda.Stream | None = None) -> torch.Tensor | None:
         """The device table copying the parts (each one layer of a chunk, beside the cache) into any
-        one layer; None with torch's copies. Queued on the current stream, as `device_table` is."""
+        one layer; None with torch's copies. Queued on `stream` (default: the current one), as
+        `device_table` is."""
         if self._words is None:
             return None
         rows = []
         for p in parts:
             self._check_part(p)
             rows += self.copy_table(p.block_ids, p.skip_blocks, p.src_blocks, p.src, one_layer=True)
-        return self.device_table(rows)
+        with self._on(stream):
+            return self.device_table(rows)
 
     def _check_part(self, p: LayerPart) -> None:
         if p.skip_blocks < 0 or p.skip_blocks + len(p.block_ids) > p.src_blocks:

@@ -100,6 +100,7 @@ class LayerwiseLoad:
     def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
         self.paged = paged
         self.job = job
+        self.layout = paged.describe()
         self.whole_layers = on_device
         self.window = 2 if on_device else window  # frames of a whole layer are large: two in flight
         self.layers = len(paged.layers)
@@ -146,13 +147,13 @@ class LayerwiseLoad:
         if (
             self.asked >= self.parts
             or not n
-            or got != (chunks[i].key, layer, self.paged.describe(), want)
+            or got != (chunks[i].key, layer, self.layout, want)
             or header.nbytes != sum(self._sizes[i : i + n])
         ):
             raise ProtocolError(
                 f"got layer {got[1]} of chunk {header.key.hex()} ({got[2]}, blocks {blocks}, {header.nbytes} "
                 f"bytes), expected layer {layer} of chunk {chunks[i].key.hex() if self.asked < self.parts else '-'} "
-                f"({self.paged.describe()})"
+                f"({self.layout})"
             )
         reading = self._reading.pop(layer % self._slots, None)
         if reading is not None:  # the layer that had this slot is still being placed
@@ -175,8 +176,7 @@ class LayerwiseLoad:
         ]
         table = self._tables.get(slot)
         if table is None and self._ring.device == self.paged.device:  # the same table for every layer in the slot
-            with self.paged._on(self._stream):
-                table = self._tables[slot] = self.paged.layer_table(parts)  # type: ignore[assignment]
+            table = self._tables[slot] = self.paged.layer_table(parts, self._stream)
         ready = self.paged.scatter_layer(layer, parts, self._stream, table)
         if ready is not None:
             self._reading[slot] = ready

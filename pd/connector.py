@@ -776,12 +776,10 @@ class _WorkerSide:
     def _pull_in_step(self, rid: str, job: LoadJob, load: LayerwiseLoad) -> None:
         t0 = time.perf_counter()
         try:
-            pull_layers(self._conns, self._peer(job.endpoints), load)
+            pull_layers(self._conns, self._peer(job.endpoints), load)  # stops the load whatever happens
         except Exception as e:  # the forward pass goes on; the step's end reports the blocks
             log.debug("request %s: layer-wise load failed", rid, exc_info=True)
-            load.stop(f"{type(e).__name__}: {e}")
-        finally:
-            load.stop()
+            load.stop(f"{type(e).__name__}: {e}")  # a failure before the pull (no such TP rank)
         self.stats.add(load_seconds=time.perf_counter() - t0)
         self._release(job.endpoints, job.transfer)
 

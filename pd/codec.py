@@ -63,6 +63,12 @@ def _layer_order(name: str) -> list[object]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+def _check_range(block_ids: Sequence[int], src_blocks: int, skip_blocks: int) -> None:
+    """Blocks skip_blocks ... skip_blocks + len(block_ids) - 1 must be in a chunk of src_blocks."""
+    if skip_blocks < 0 or skip_blocks + len(block_ids) > src_blocks:
+        raise LayoutError(f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk")
+
+
 class PagedKV:
     """One model shard's paged KV cache, as the codec moves it."""
 
@@ -295,10 +301,7 @@ class PagedKV:
         (which holds `src_blocks` blocks, on any device) into blocks `block_ids`. On CUDA the copies
         are queued on `stream` (default: the current one) and the event to wait on returned: until
         it is done neither are the blocks in place nor may `src` be written. Elsewhere they are done."""
-        if skip_blocks < 0 or skip_blocks + len(block_ids) > src_blocks:
-            raise LayoutError(
-                f"cannot take {len(block_ids)} blocks after {skip_blocks} from a {src_blocks}-block chunk"
-            )
+        _check_range(block_ids, src_blocks, skip_blocks)
         view = self.chunk_view(src, src_blocks)
         first, last = skip_blocks * self.ratio, (skip_blocks + len(block_ids)) * self.ratio
         cuda = self.device.type == "cuda"
@@ -371,10 +374,7 @@ class PagedKV:
             return self.device_table(rows)
 
     def _check_part(self, p: LayerPart) -> None:
-        if p.skip_blocks < 0 or p.skip_blocks + len(p.block_ids) > p.src_blocks:
-            raise LayoutError(
-                f"cannot take {len(p.block_ids)} blocks after {p.skip_blocks} from a {p.src_blocks}-block chunk"
-            )
+        _check_range(p.block_ids, p.src_blocks, p.skip_blocks)
         if p.src.dtype != torch.uint8 or p.src.numel() * len(self.layers) != self.nbytes(p.src_blocks):
             raise LayoutError(f"a layer of a {p.src_blocks}-block chunk is not {p.src.numel()} bytes")
 

@@ -40,16 +40,18 @@ class Staged:
     def payload(self) -> Any:
         """The bytes to send, once the copy that fills them is done: a GPU buffer as is (the ucx
         transport moves device memory), a host one as a memoryview."""
-        if self.ready is not None:
-            self.ready.synchronize()
+        self._filled()
         return self.buffer if self.buffer.is_cuda else memoryview(self.buffer.numpy())
 
     def layer(self, index: int, layers: int) -> torch.Tensor:
         """Layer `index` of the chunk (a chunk is layer-major), once the copy that fills it is done."""
-        if self.ready is not None:
-            self.ready.synchronize()
+        self._filled()
         size = self.buffer.numel() // layers
         return self.buffer[index * size : (index + 1) * size]
+
+    def _filled(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
 
 
 def host_allocator(nbytes: int) -> torch.Tensor:

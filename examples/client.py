@@ -2,8 +2,9 @@
 
     python examples/client.py [--url http://127.0.0.1:8000/v1] [--words 1500]
 
-Start the deployment first (bash examples/run-demo-cpu.sh, or pdrun launch). The prompt is
-prefilled on a prefiller, its KV handed to a decoder, which answers; /metrics shows the hand-offs.
+Start the deployment first (bash examples/run-demo-cpu.sh, or pdrun launch). A prefiller computes
+the prompt and the first token and hands the prompt's KV to a decoder, which generates the rest;
+the answers are what one vLLM would give (greedy here). The proxy's /metrics counts the hand-offs.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 #!/bin/bash
-# Issue 5's GPU measurements, in steps that each fit one device call (after the staging calls of
-# examples/gpu/stage_ucx.sh). Results go to OUT (the device call's $OUT).
-#   bash examples/gpu/measure.sh transfer OUT   # bench_handoff_gpu (windows 1, 4, 8; 1024-token chunks)
-#                                               # + pdrun profile transfer
-#   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == plain vLLM, 8B shape, over ucx (pytest -m gpu)
+# pdrun's GPU measurements (docs/benchmarks.md), one step at a time, each short enough to run alone.
+# Needs a CUDA host with pdrun, vLLM and ucxx importable (pip install -e '.[gpu,ucx,test]'; on a
+# host without internet, see the README and examples/gpu/stage_ucx.sh; wheels installed with
+# pip --target /tmp/site are found there). Results go to OUT.
+#   bash examples/gpu/measure.sh transfer OUT   # bench_handoff_gpu (chunks_in_flight 1, 4, 8; 1024-token
+#                                               # chunks) + pdrun profile transfer
+#   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == one vLLM, 8B shape, over ucx (pytest -m gpu)
 #   bash examples/gpu/measure.sh pd-tcp OUT     # the same over tcp
 #   bash examples/gpu/measure.sh ttft OUT       # TTFT of 1P1D vs one cold vLLM at 16k tokens, over ucx
 #   bash examples/gpu/measure.sh layers OUT     # the layer-by-layer hand-off (`layerwise`): the bench,
@@ -12,10 +14,12 @@
 #   bash examples/gpu/measure.sh diagnose OUT   # where the GPU hand-off's time goes: the decoder under
 #                                               # cProfile, wire only (no scatter), bigger chunks, torch
 #                                               # copies; host-staged paths and the UCX protocols they take
+# The model steps (pd-*, ttft, layers-ttft) serve MODEL8B (default /tmp/stage/models/llama8b): a
+# directory with a Llama-3.1-8B config.json and tokenizer (no weights needed: dummy weights are used).
 set -uo pipefail
 STEP=${1:?step}; OUT=${2:?out dir}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD UCX_WARN_UNUSED_ENV_VARS=n
-MODEL8B=/tmp/stage/models/llama8b
+MODEL8B=${MODEL8B:-/tmp/stage/models/llama8b}
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
 case "$STEP" in
   transfer)

@@ -1,11 +1,13 @@
 #!/bin/bash
-# Stage ucxx (UCX for Python, cu13 wheels for cp312) for the lent GPU machines, which have no
-# internet: the wheels are about 67 MB, more than one device call carries beside the project, so
-# they go in two git-ignored parts, .gpu/d (libucx, 43 MB) and .gpu/e (the rest, 26 MB).
-# After ../shared/gpu/stage.sh and its three calls, two more calls carrying .gpu/d, then .gpu/e:
-#     mkdir -p /tmp/stage/ucx && cp .gpu/X/*.whl /tmp/stage/ucx/
-# and, in the second, install them beside vLLM:
-#     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/ucx/*.whl
+# ucxx (UCX for Python: pdrun's ucx transport) for a CUDA host without internet access. Run it on a
+# machine with internet: it downloads ucxx-cu13 and its dependencies as wheels for CPython 3.12 on
+# manylinux x86-64 (about 67 MB) into two folders, DEST/d (libucx, 43 MB) and DEST/e (the rest,
+# 26 MB), so that each fits a copy with a size limit, and keeps DEST out of git. Copy both folders
+# to the CUDA host and install the wheels there, beside vLLM:
+#     python3 -m pip install --no-index --no-deps DEST/d/*.whl DEST/e/*.whl
+# (add --target DIR, and put DIR on PYTHONPATH, to install into a folder of your own, such as
+# /tmp/site, which examples/gpu/measure.sh puts on PYTHONPATH). For another Python version or
+# platform, change --python-version and the --platform list below.
 # Usage (from the project root): bash examples/gpu/stage_ucx.sh [DEST=.gpu]
 set -euo pipefail
 DEST=${1:-.gpu}

@@ -1,15 +1,18 @@
 #!/bin/bash
 # TTFT of a long prompt: 1P1D through pdrun against one cold vLLM, measured the same way (streamed,
 # through `pdrun proxy`, by `pdrun profile requests`), every prompt new so nothing is cached.
-#   GPU machine (after the staging calls; vLLM 0.26 in /tmp/site):
-#     PYTHONPATH=/tmp/site:$PWD bash examples/gpu/ttft_pd_vs_plain.sh /tmp/stage/models/llama8b 16384 ucx $OUT
+#   CUDA host (MODEL_DIR: a model's config.json and tokenizer; served with dummy weights):
+#     bash examples/gpu/ttft_pd_vs_plain.sh MODEL_DIR 16384 ucx OUT_DIR
 #   CPU (the flow, with the tiny model):  bash examples/gpu/ttft_pd_vs_plain.sh tiny 1000 tcp /tmp/ttft
 # With two GPUs, 1P1D is `pdrun launch` on GPUs 0 and 1; with one (or GPUS=0), the prefiller and the
 # decoder share GPU 0 (0.4 of its memory each), started one after the other behind `pdrun proxy`.
-# 1P1D twice: the prefiller's first token streamed at once (the default) and the decoder's (a second
-# proxy, --first-token decoder). Writes plain.json, pd.json, pd_decoder_first.json, pd_nostream.json
-# and ttft.json (medians and ratios) into OUT_DIR. LAYERWISE=1: both hand off layer by layer
-# (the connector's `layerwise`: the decoder loads inside its forward pass).
+# 1P1D twice: the prefiller's first token streamed at once (the default), and behind a second
+# proxy with the decoder sampling the first token after the hand-off. Known issue: that proxy is
+# started with --first-token decoder, an option `pdrun proxy` does not have, so it does not start
+# and the script fails there (after plain.json and pd.json are written). Writes plain.json,
+# pd.json, pd_decoder_first.json, pd_nostream.json and ttft.json (medians and ratios) into OUT_DIR.
+# LAYERWISE=1: both hand off layer by layer (the connector's `layerwise`: the decoder loads inside
+# its forward pass).
 set -euo pipefail
 MODEL=${1:?model dir (or tiny)}; TOKENS=${2:-16384}; TRANSPORT=${3:-ucx}; OUT_DIR=${4:-ttft}
 N=${N:-6}; MAXLEN=$((TOKENS + 512)); LAYERWISE=${LAYERWISE:-0}
@@ -60,7 +63,8 @@ PIDS+=($!); wait_up localhost:8192/health
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
   --json "$OUT_DIR/pd.json"
 # The same instances behind a second proxy whose decoder samples the first token itself (the
-# hand-off then comes before the first token, as with vLLM's own disaggregated proxies).
+# hand-off then comes before the first token, as with vLLM's own disaggregated proxies; see the
+# known issue at the top).
 if [ "${SHARED:-0}" = 1 ]; then URLS=(--prefill http://127.0.0.1:8193 --decode http://127.0.0.1:8194)
 else URLS=(--prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8101); fi
 python3 -m launch proxy "${URLS[@]}" --port 8195 --first-token decoder > "$OUT_DIR/pd-proxy-decoder.log" 2>&1 &

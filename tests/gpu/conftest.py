@@ -1,14 +1,16 @@
-"""The same 1P1D + plain cluster as tests/integration, on CUDA GPUs (vLLM 0.26 on the lent machines).
+"""The same 1P1D + plain cluster as tests/integration, on a CUDA host with vLLM for CUDA.
 
-    PYTHONPATH=/tmp/site:$PWD python3 -m pytest -m gpu tests/gpu
-    PDRUN_GPU_MODEL=/tmp/stage/models/llama8b PDRUN_GPU_TRANSPORT=ucx ... (the 8B shape, dummy weights)
+    python -m pytest -m gpu tests/gpu
+    PDRUN_GPU_MODEL=DIR PDRUN_GPU_TRANSPORT=ucx python -m pytest -m gpu tests/gpu   # e.g. the 8B shape
 
 PDRUN_GPU_MODEL: a model directory (served with dummy weights when it holds none; default: the
 tiny model). PDRUN_GPU_TRANSPORT: tcp (default) or ucx. With two GPUs the decoder gets the second
 (GPU to GPU over ucx); PDRUN_GPU_MEM sets each server's --gpu-memory-utilization (default 0.25);
 PDRUN_GPU_STAGING=host stages the prefiller's chunks in host memory (the connector's staging_memory);
 PDRUN_GPU_LAYERWISE=1 hands off layer by layer (`layerwise`, both servers): the prefiller copies
-its chunks out as vLLM computes each layer, the decoder loads each layer before vLLM computes it.
+its chunks out as vLLM computes each layer, the decoder (on vLLM >= 0.32) loads each layer before
+vLLM computes it. PDRUN_GPU_DTYPE (default bfloat16), PDRUN_GPU_BATCH_INVARIANT=1 (below);
+PDRUN_TEST_LOGS: where the servers' logs go (default: a temporary directory).
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ def gpu_args(model: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def gpu_cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:  # noqa: F811
     log_dir = Path(os.environ.get("PDRUN_TEST_LOGS") or tmp_path_factory.mktemp("logs"))
-    # PDRUN_GPU_DTYPE=float32 takes bf16 rounding out of the comparison: PD computes the last prompt
-    # token in a step of its own, a plain vLLM within the whole prefill, and in bf16 that alone can
-    # flip a near-tie; PDRUN_GPU_BATCH_INVARIANT=1 makes kernels independent of the batch shape.
+    # PDRUN_GPU_DTYPE=float32 takes bf16 rounding out of the comparison where a decoder samples the
+    # first token itself: it computes the prompt's last tokens in a step of its own, a plain vLLM
+    # within the whole prefill, and in bf16 that alone can flip a near tie.
+    # PDRUN_GPU_BATCH_INVARIANT=1 sets vLLM's VLLM_BATCH_INVARIANT: kernels independent of the batch
+    # shape, so that concurrent requests, batched differently by PD and plain, compare exactly.
     dtype = os.environ.get("PDRUN_GPU_DTYPE", "bfloat16")
     env = {"VLLM_BATCH_INVARIANT": "1"} if os.environ.get("PDRUN_GPU_BATCH_INVARIANT") == "1" else {}
     model = Path(os.environ.get("PDRUN_GPU_MODEL") or model_dir)

@@ -23,9 +23,10 @@ def check_vllm_version(version: str | None = None) -> str:
 
 
 # A hand-off loaded inside the forward pass (a `layerwise` decoder) that fails is recomputed by vLLM's
-# recovery of synchronous loads. On 0.26 (two H200s, bf16 and batch-invariant alike) the recomputed
-# request's output was plain vLLM's shifted by one token, where its whole-chunk loads were right; on
-# 0.32 the CPU tests see it right (0.32 on a GPU is not measured).
+# recovery of synchronous loads. Below 0.32 that recovery is not trusted: on 0.26 it gives the
+# request's output shifted by one token (on GPUs, bf16 and batch-invariant alike; whole-chunk loads
+# are right), so a decoder loads whole chunks there. 0.32 recovers right on vLLM's CPU backend; on
+# GPUs it is not measured yet (docs/benchmarks.md).
 SYNC_LOAD_RECOVERY = Version("0.32")
 
 

@@ -51,8 +51,8 @@ class ConnectorConfig(BaseModel):
         ge=1,
         le=16,
         description="consumer: connections one hand-off is pulled over at once, each taking a contiguous share "
-        "of its chunks; default 2 over tcp (one TCP stream tops out near 2.4 GB/s on a GPU host's loopback, "
-        "two moved 4.0 GB/s), 1 over ucx",
+        "of its chunks; default 2 over tcp (one TCP connection is bound by one thread's checksums and copies), "
+        "1 over ucx",
     )
     chunks_in_flight: int = Field(
         4,
@@ -76,9 +76,9 @@ class ConnectorConfig(BaseModel):
 
     def chunks_on_device(self, kv_device: torch.device, producer: bool) -> bool:
         """Whether chunks wait (`producer`) or land (consumer) in GPU memory, for a KV cache on
-        `kv_device` (see staging_memory). A consumer lands them there whenever ucx can: a hand-off
-        staged in the producer's host memory then moved 51 GB/s between two H200s, against 4 GB/s
-        into pinned host memory and a copy up (UCX's cma moves host to host in one thread)."""
+        `kv_device` (see staging_memory). A consumer lands them there whenever ucx can: UCX moves
+        host-staged chunks into GPU memory through GPU fragments about ten times as fast as into
+        pinned host memory, which its cma transport fills from one thread (docs/benchmarks.md)."""
         gpu_to_gpu = kv_device.type == "cuda" and self.transport == "ucx"
         if self.staging_memory == "device" and not gpu_to_gpu:
             raise ValueError(

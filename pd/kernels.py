@@ -1,11 +1,11 @@
 """One launch copies a chunk's blocks for every layer (Triton), on CUDA.
 
 With torch, a chunk's copy between the paged cache and a chunk buffer takes a slice per layer and
-run of blocks on each side (64 slices for the 8B shape): ~0.5 ms of Python per chunk, which paced a
-GPU-to-GPU hand-off at a seventh of what the wire moved. Here the layers' base addresses sit in a
-device table and the blocks in another (where each block is in the cache and in the chunk
-buffer), and one kernel moves them all, 8 bytes a lane: one chunk, a batch of chunks that arrived
-together, or one layer of the chunks a prefill step finished.
+run of blocks on each side (64 slices for the 8B shape): ~0.5 ms of Python per chunk, far more than
+a GPU-to-GPU wire takes to move one, so it would set a hand-off's pace. Here the layers' base
+addresses sit in a device table and the blocks in another (where each block is in the cache and in
+the chunk buffer), and one kernel moves them all, 8 bytes a lane: one chunk, a batch of chunks that
+arrived together, or one layer of the chunks a prefill step finished.
 
 It moves each block's bytes as they lie, so it needs every layer's blocks to be one run of bytes,
 8-byte aligned (a block may sit at any stride from the next: vLLM 0.32 interleaves layers in one

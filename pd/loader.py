@@ -3,8 +3,8 @@ connection or several at once (lanes), each chunk received whole into a buffer a
 
 A lane is a connection taking a contiguous share of the job's chunks; the job's progress is the
 prefix of chunks placed without a gap, so a lane that fails leaves the ones before it useful and
-the rest to the cache tier or to recomputation. One TCP stream tops out near 2.4 GB/s on a GPU
-host's loopback (xxh3 and the copies in one thread): two lanes moved 4.0 GB/s there.
+the rest to the cache tier or to recomputation. One TCP connection is bound by one thread's
+checksums and copies, so two lanes move more than one (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ class ChunkLoader:
     buffer is handed out again once the scatter that read it is done, and `settle` waits for the
     last one before anyone is told the blocks are loaded. With the Triton copies and chunks in GPU
     memory, the chunks that arrived are scattered `window` at a time in one launch (the ring then
-    has room for a batch besides the chunks being received): a launch per chunk cost ~0.1 ms of
-    the loader thread, which also drives the receives, and paced a GPU-to-GPU hand-off of 32 MiB
-    chunks at half of what the wire moved."""
+    has room for a batch besides the chunks being received): a launch per chunk costs the loader
+    thread, which also drives the receives, ~0.1 ms, enough to hold a GPU-to-GPU hand-off of 32 MiB
+    chunks to half of what the wire moves."""
 
     def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
         self.paged = paged

@@ -220,8 +220,8 @@ class StagingService(Service):
         """Layer 0 of every chunk, then layer 1, ...: a frame per layer of a chunk (its slice of the
         chunk's buffer, sent as it lies), or with `whole_layers`, for chunks staged in GPU memory, a
         frame per layer of all of them, joined into one buffer first (a GPU copy of ~50 us per 64
-        MiB, where a frame costs either end ~60 us of Python: 2048 frames moved a 16k-token prompt
-        at 12 GB/s between two H200s)."""
+        MiB, where each frame costs either end ~60 us of Python: a 16k-token prompt of an 8B model
+        is 2048 frames of a layer of a chunk, or 32 joined)."""
         if not self.layers:
             raise ValueError("this endpoint does not serve chunks by layer")
         entries = []
@@ -230,8 +230,8 @@ class StagingService(Service):
             if entry is None:
                 raise KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
             entries.append(entry)
-        # Joined on the GPU only: joined host chunks (pageable) crawled into a GPU at 0.13 GB/s over
-        # ucx, where a frame per chunk as it lies moved 12.
+        # Joined on the GPU only: a join in host memory is pageable, which UCX moves into a GPU far
+        # more slowly than the pinned staging buffers sent as they lie.
         whole_layers = whole_layers and all(e.buffer.is_cuda for e in entries)
         runs = [list(range(len(keys)))] if whole_layers else [[i] for i in range(len(keys))]
         for layer in range(self.layers):

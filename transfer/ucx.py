@@ -4,7 +4,7 @@ One UCX worker per process, progressed by ucxx's own thread (beside a GPU it pol
 blocks on the worker's events and every submitted request wakes it: see `_polling`). Callers post
 sends and receives from their own threads and poll the requests for completion, spinning a moment
 before backing off to sleeps of at most a millisecond: no event loop between a caller and UCX
-(ucxx's asyncio API cost 2-9 ms per message, thread hop after thread hop). As over TCP, a listener
+(through ucxx's asyncio API each message costs milliseconds of thread hops). As over TCP, a listener
 serves each connection from a thread of its own, one request at a time.
 
 Connecting: ucx://HOST:PORT is a small TCP socket bound to HOST (ucxx's own listener can only bind
@@ -161,9 +161,9 @@ class _Worker:
 
     def endpoint_to(self, address: bytes) -> Any:
         ucx = _libucxx()
-        # No UCX peer-failure handling: it rules out the shared-memory transports (host payloads then
-        # went over tcp/lo on one GPU host, 1.2 GB/s, and every small message with them); the TCP
-        # lifeline already tells each side when the other is gone.
+        # No UCX peer-failure handling: it rules out the shared-memory transports, and host payloads
+        # and every small message would go over TCP instead, several times slower; the TCP lifeline
+        # already tells each side when the other is gone.
         return ucx.UCXEndpoint.create_from_worker_address(
             self.worker, ucx.UCXAddress.create_from_buffer(address), False
         )

@@ -5,10 +5,12 @@ Loaded by vLLM from
      "kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_connector_extra_config": {...}}
 
 Producer (prefiller), for requests sent with kv_transfer_params {"do_remote_decode": true}:
-  the scheduler side names each chunk of the prompt (all tokens but the last, which the decoder
-  computes to sample from) and, in the step its tokens are computed, asks the worker to copy the
-  chunk's blocks into the staging pool, served by the worker's transfer endpoint. The blocks are
-  free again as soon as the request finishes; `request_finished` returns the hand-off.
+  the scheduler side names each chunk of the prompt (every prompt token: a decoder continues
+  after the first output token, pd/continuation.py) and, in the step its tokens are computed,
+  asks the worker to copy the chunk's blocks into the staging pool, served by the worker's
+  transfer endpoint. The blocks are free again as soon as the request finishes;
+  `request_finished` returns the hand-off when the request stopped for length (one token, as
+  asked); one that stopped otherwise is the whole answer, and its chunks are dropped.
 Consumer (decoder), for requests carrying that hand-off: the scheduler side checks the chunk keys
   against its own prompt and reports the matching tokens as an asynchronous load; a worker thread
   pulls the chunks and scatters them into the blocks vLLM allocated, off the forward pass. Any
@@ -125,6 +127,16 @@ def _fingerprint(vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config:
     )
 
 
+def _computed_here(continues: bool) -> int:
+    """The prompt tokens an instance computes itself after loading the rest. vLLM computes at
+    least the last one. A decoder that continues after the prefiller's first token computes just
+    that token's position, as one vLLM's next decode step does. An instance that samples the
+    first output token itself computes the prompt's last two: a one-token step may run a decode
+    kernel that sums in another order than the prefill it replaces, and a near tie then goes the
+    other way."""
+    return 1 if continues else 2
+
+
 def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, cfg: ConnectorConfig) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("PDConnector does not support pipeline parallelism")
@@ -230,7 +242,7 @@ class PDConnector(KVConnectorBase_V1):
 class _Saving:
     """A request whose chunks are copied out as they are computed: staged for its decoder, cached."""
 
-    keys: list[bytes]  # chunks of the prompt but its last token
+    keys: list[bytes]  # chunks of the prompt
     handed: int
     stage: bool  # a prefill for a decoder: every chunk goes to the staging pool
     cache_from: int | None  # full chunks from this index on go to the cache tier (None: none do)
@@ -290,7 +302,7 @@ class _SchedulerSide:
         import vllm
 
         if not recovers_failed_sync_loads():
-            why = f"vLLM {vllm.__version__} recomputed a failed one wrongly in our tests; needs >= {SYNC_LOAD_RECOVERY}"
+            why = f"vLLM {vllm.__version__} can recompute a failed one a token off; needs >= {SYNC_LOAD_RECOVERY}"
         elif vllm_config.scheduler_config.async_scheduling:
             # A step scheduled behind the failed one would go on from its discarded output.
             why = "vLLM recomputes a failed one right only without async scheduling: pass --no-async-scheduling"
@@ -305,7 +317,7 @@ class _SchedulerSide:
         if rid not in self._incoming:
             prompt = request.prompt_token_ids or []
             state = self._from_handoff(request, prompt) if self.is_consumer and prompt else None
-            if state is None and self.cache is not None and len(prompt) > 1 and rid not in self._cache_loaded:
+            if state is None and self.cache is not None and rid not in self._cache_loaded:
                 state = self._from_cache(prompt)
             self._incoming[rid] = state
         return self._incoming[rid]
@@ -336,12 +348,18 @@ class _SchedulerSide:
                     request.request_id,
                     end,
                 )
-            end = min(end, len(prompt) - 1)  # the last prompt token is always computed here
+            end = max(0, min(end, len(prompt) - _computed_here(len(prompt) > handoff.num_tokens)))
+            if self.loads_in_step:
+                # Layers are placed whole blocks at a time while the step runs, and vLLM writes the
+                # step's own KV before it waits for a layer: the block it writes into is computed here.
+                end -= end % self.block_size
         return _Incoming(handoff.key_bytes(), handoff.num_tokens, end, handoff)
 
-    def _from_cache(self, prompt: list[int]) -> _Incoming:
+    def _from_cache(self, prompt: list[int]) -> _Incoming | None:
         assert self.cache is not None
-        keys = chunk_keys(self.fingerprint, prompt[: len(prompt) - 1], full_only=True)
+        keys = chunk_keys(self.fingerprint, prompt[: len(prompt) - _computed_here(False)], full_only=True)
+        if not keys:
+            return None
         held = self.cache.lookup(keys)
         size = self.cfg.chunk_size
         self._meta.lookups.append((len(keys) * size, held * size))
@@ -399,8 +417,8 @@ class _SchedulerSide:
         if not stage and cache_from is None:
             return
         prompt = request.prompt_token_ids or []
-        handed = max(len(prompt) - 1, 0)
-        keys = chunk_keys(self.fingerprint, prompt[:handed])
+        handed = len(prompt)
+        keys = chunk_keys(self.fingerprint, prompt)
         self._saving[request.request_id] = _Saving(keys, handed, stage, cache_from)
 
     def _track_blocks(self, so: SchedulerOutput) -> None:
@@ -468,8 +486,9 @@ class _SchedulerSide:
             return False, {TIMING: timing}
         from vllm.v1.request import RequestStatus
 
-        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
-            self._meta.drops.append(rid)  # aborted: no decoder will come for it
+        if request.status != RequestStatus.FINISHED_LENGTH_CAPPED:
+            # Aborted, or stopped at its first token (the whole answer): no decoder will come for it.
+            self._meta.drops.append(rid)
             return False, None
         staged = st.saved
         handed = st.handed if staged == len(st.keys) else staged * self.cfg.chunk_size

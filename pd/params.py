@@ -32,7 +32,7 @@ class HandOff(BaseModel):
 
     endpoints: list[str] = Field(min_length=1, max_length=64)  # one per tensor-parallel rank
     transfer: str = Field(min_length=1, max_length=256)
-    num_tokens: int = Field(ge=0)  # the prompt's tokens whose KV is staged (all but the last)
+    num_tokens: int = Field(ge=0)  # the prompt's tokens whose KV is staged (all of them)
     keys: list[HexKey] = Field(max_length=1 << 16)
     fingerprint: str = Field(pattern=r"^[0-9a-f]{32}$")
     layout: str = Field(max_length=256)

@@ -67,10 +67,6 @@ def launch(
     policy: Annotated[
         str | None, typer.Option(help="Routing: prefix_aware (default), least_outstanding, round_robin.")
     ] = None,
-    first_token: Annotated[
-        str | None,
-        typer.Option(help="A streamed completion's first token from the prefiller (default: at once) or decoder."),
-    ] = None,
     transport: Annotated[
         str | None, typer.Option(help="KV hand-off transport: tcp (default) or ucx (ucxx; UCX_TLS picks its paths).")
     ] = None,
@@ -134,7 +130,6 @@ def launch(
         host=host,
         port=port,
         policy=policy,
-        first_token=first_token,
         transport=transport,
         chunk_size=chunk_size,
         device=device,
@@ -192,20 +187,22 @@ def proxy(
     host: Annotated[str, typer.Option(help="Where to listen.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     policy: Annotated[str, typer.Option(help="prefix_aware, least_outstanding or round_robin.")] = "prefix_aware",
-    first_token: Annotated[
-        str,
+    chat_parsing: Annotated[
+        bool,
         typer.Option(
-            help="Who gives a streamed completion its first token: prefiller (at once: TTFT is the prefiller's) "
-            "or decoder (after the hand-off)."
+            "--chat-parsing",
+            help="The instances parse chat answers (--reasoning-parser, --tool-call-parser): the decoder samples a "
+            "chat's first token itself instead of continuing after the prefiller's.",
         ),
-    ] = "prefiller",
+    ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """The one OpenAI endpoint in front of vLLM instances started elsewhere (xPyD across hosts).
 
-    Prefillers need PDConnector as kv_producer, decoders as kv_consumer (see the README). Each
-    request is prefilled on a prefiller (max_tokens=1) and decoded on a decoder with the KV it
-    hands over; with no prefiller in rotation, decoders prefill themselves.
+    Prefillers need PDConnector as kv_producer, decoders as kv_consumer (see the README). A
+    prefiller computes each request's prompt and first token and hands the prompt's KV to a
+    decoder, which generates the rest after that token; the client reads one answer, streamed or
+    not. With no prefiller in rotation, decoders prefill themselves.
 
     Example: pdrun proxy --prefill http://10.0.0.1:8100 --decode http://10.0.0.2:8100,http://10.0.0.3:8100
     """
@@ -219,7 +216,7 @@ def proxy(
             prefill=_split_urls(prefill),
             decode=_split_urls(decode),
             policy=policy,  # type: ignore[arg-type]
-            first_token=first_token,  # type: ignore[arg-type]
+            chat_parsing=chat_parsing,
         )
     except ValidationError as e:
         err = e.errors()[0]

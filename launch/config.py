@@ -26,9 +26,6 @@ class LaunchConfig(BaseModel):
     host: str = Field("127.0.0.1", description="where the proxy listens")
     port: int = Field(8000, ge=1, le=65535, description="the proxy's port: the one OpenAI endpoint")
     policy: Policy = "prefix_aware"
-    first_token: Literal["prefiller", "decoder"] = Field(
-        "prefiller", description="who gives a streamed completion its first token (see pdrun proxy --help)"
-    )
     transport: Literal["tcp", "ucx"] = "tcp"
     chunk_size: int = Field(256, ge=16, description="tokens per KV chunk")
     device: Literal["auto", "cpu", "cuda"] = "auto"

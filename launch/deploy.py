@@ -17,6 +17,8 @@ from launch.supervisor import ChildSpec
 from launch.vllm_server import ServerSpec
 
 KV_PORTS_PER_INSTANCE = 8  # TP rank r of an instance listens on its kv port + r
+# vLLM options that make it parse chat answers (reasoning, tool calls): the proxy is told.
+CHAT_PARSERS = ("--reasoning-parser", "--tool-call-parser", "--enable-auto-tool-choice")
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -83,7 +85,9 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
 
 def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "launch", "proxy", "--host", cfg.host, "--port", str(cfg.port)]
-    cmd += ["--policy", cfg.policy, "--first-token", cfg.first_token]
+    cmd += ["--policy", cfg.policy]
+    if any(a.split("=")[0] in CHAT_PARSERS for a in cfg.vllm_args):
+        cmd.append("--chat-parsing")
     for u in prefill_urls:
         cmd += ["--prefill", u]
     for u in decode_urls:

@@ -1,15 +1,15 @@
 """The one OpenAI endpoint in front of prefillers and decoders.
 
-Each completion or chat completion runs in two phases: the prompt goes to a prefiller with
-`max_tokens=1` and `kv_transfer_params={"do_remote_decode": true}`, then the original request goes
-to a decoder with the `kv_transfer_params` the prefiller returned; the decoder's answer (and its
-`usage`, which counts the whole prompt) goes back to the client unchanged. A streamed completion
-instead gets the prefiller's token at once and the decoder's continuation after it
-(pd/first_token.py says when that is exact; `first_token="decoder"` turns it off). A request the hand-off
-cannot serve (no prefiller in rotation, a prefiller failing, prompt logprobs, n > 1, batched
-prompts) is sent to a decoder alone, which prefills it itself. A decoder that cannot be reached
-before it has answered anything is replaced by another. A client that goes away cancels the
-upstream requests. vLLM's own errors pass through with their status.
+Each completion or chat completion runs in two phases (pd/continuation.py): the request goes to a
+prefiller for its first token, with `kv_transfer_params={"do_remote_decode": true}`; then a
+decoder, given the prompt's token ids with that token appended and the `kv_transfer_params` the
+prefiller returned, loads the prompt's KV and generates the rest. The client reads one answer,
+streamed or not, as one vLLM would give it; a streamed one gets the first token as soon as the
+prefill answers. A request the hand-off cannot serve (no prefiller in rotation, a prefiller
+failing, prompt logprobs, n > 1, batched prompts) is sent to a decoder alone, which prefills it
+itself. A decoder that cannot be reached before it has answered anything is replaced by another.
+A client that goes away cancels the upstream requests. vLLM's own errors pass through with their
+status.
 
 Every routed request's answer carries an `x-pdrun-request-id` header; `GET /pdrun/requests/{id}` tells where that
 request's time went (pd/timing.py), and /metrics has the same phases as histograms.
@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -36,15 +36,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pd import first_token
+from pd.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 from pd.params import TIMING
 from pd.routing import Backend, Policy, Router
-from pd.timing import PHASES, RequestTiming, StreamClock, TimingLog
+from pd.timing import PHASES, RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
 
 log = logging.getLogger("pd.proxy")
 
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
 # Retried on another decoder: the request never reached one (a connection refused, or not made in
 # time under a burst), or the decoder died before answering.
 RETRIABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
@@ -60,10 +58,10 @@ class ProxySettings(BaseModel):
     prefill: list[str] = Field(default_factory=list, description="prefiller vLLM base URLs")
     decode: list[str] = Field(min_length=1, description="decoder vLLM base URLs")
     policy: Policy = "prefix_aware"
-    first_token: Literal["prefiller", "decoder"] = Field(
-        "prefiller",
-        description="who gives a streamed completion its first token: the prefiller, at once (pd/first_token.py), "
-        "or the decoder, after the hand-off",
+    chat_parsing: bool = Field(
+        False,
+        description="the vLLM instances parse chat answers (--reasoning-parser, --tool-call-parser): the decoder "
+        "then samples a chat's first token itself instead of continuing after the prefiller's",
     )
     health_interval_s: float = Field(1.0, gt=0)
     connect_timeout_s: float = Field(
@@ -142,17 +140,6 @@ def decode_only_reason(body: dict[str, Any]) -> str | None:
     return None
 
 
-def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
-    """What the prefiller gets: the prompt, one token to sample, nothing to stream or return."""
-    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens", "echo", "best_of")}
-    out.update(stream=False, max_tokens=1, n=1, kv_transfer_params={"do_remote_decode": True})
-    if "max_completion_tokens" in out:
-        out["max_completion_tokens"] = 1
-    out.pop("logprobs", None)
-    out.pop("top_logprobs", None)
-    return out
-
-
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = {400: "BadRequestError", 404: "NotFoundError", 499: "ClientClosed", 503: "ServiceUnavailableError"}
     err = {"message": message, "type": kind.get(status, "APIError"), "param": param, "code": status}
@@ -167,9 +154,16 @@ class ProxyMetrics:
             "pdrun:proxy_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
         )
         self.handoffs = Counter("pdrun:proxy_handoffs", "Requests served prefill -> decode", registry=r)
-        self.early_first_tokens = Counter(
-            "pdrun:proxy_prefiller_first_tokens",
-            "Streamed answers whose first token came from the prefiller",
+        self.continued = Counter(
+            "pdrun:proxy_continued", "Answers a decoder continued after the prefiller's first token", registry=r
+        )
+        self.prefill_only = Counter(
+            "pdrun:proxy_prefill_only", "Answers the prefiller gave whole (a stop, or max_tokens 1)", registry=r
+        )
+        self.decoder_first_tokens = Counter(
+            "pdrun:proxy_decoder_first_tokens",
+            "Hand-offs whose first token the decoder sampled itself, by reason",
+            ["reason"],
             registry=r,
         )
         self.fallbacks = Counter(
@@ -332,18 +326,28 @@ class Proxy:
                 return answer  # the prefiller refused the request itself (4xx): the client's to fix
             if isinstance(answer, str):
                 reason = answer
+            elif answer.final:
+                self.metrics.prefill_only.inc()
+                timing.mode = "prefill only"
+                return self._prefill_answer(body, answer, t0, timing)
+            elif not (params := answer.answer.get("kv_transfer_params")):
+                reason = "no kv_transfer_params from the prefiller"
             else:
-                params = answer["kv_transfer_params"]
                 self.metrics.handoffs.inc()
-                first = first_token.first_token(body, answer) if self._early(path, body) else None
-                if first is not None:
-                    self.metrics.early_first_tokens.inc()
-                    timing.mode = "pd: first token from the prefiller"
+                self.metrics.handoff_tokens.inc((params.get("pdrun") or {}).get("num_tokens", 0))
+                inexact = inexact_reason(path, body, self.settings.chat_parsing) or answer.inexact()
+                if inexact is None:
+                    self.metrics.continued.inc()
+                    timing.mode = "pd"
+                    if not body.get("stream"):
+                        return await self._continue_whole(answer, params, t0, timing)
                     return RelayResponse(
-                        self._continue(path, body, first, params, t0, timing),
+                        self._continue(answer, params, t0, timing),
                         on_close=partial(self._closed, timing, t0),
                         media_type="text/event-stream",
                     )
+                self.metrics.decoder_first_tokens.labels(inexact).inc()
+                timing.mode = f"pd, first token from the decoder: {inexact}"
                 body = {**body, "kv_transfer_params": params}
         if reason is not None:
             self.metrics.fallbacks.labels(reason).inc()
@@ -351,17 +355,10 @@ class Proxy:
             log.info("decode-only request: %s", reason)
         return await self._decode(path, body, t0, timing)
 
-    def _early(self, path: str, body: dict[str, Any]) -> bool:
-        """Whether this request's first token may come from the prefiller (pd/first_token.py)."""
-        return self.settings.first_token == "prefiller" and path == COMPLETIONS and first_token.eligible(body)
-
-    async def _prefill(self, path: str, body: dict[str, Any], timing: RequestTiming) -> dict[str, Any] | Response | str:
-        """The prefiller's answer (with the decoder's kv_transfer_params), its 4xx, or why the decoder
-        prefills instead."""
+    async def _prefill(self, path: str, body: dict[str, Any], timing: RequestTiming) -> Continuation | Response | str:
+        """The prefiller's first token, its 4xx, or why the decoder prefills instead."""
         assert self.client is not None
-        pbody = prefill_body(body)
-        if self._early(path, body):
-            pbody["return_token_ids"] = True  # the prompt and the token, for the decoder to go on from
+        pbody = prefill_body(path, body)
         tried: list[Backend] = []
         reason = "no prefiller in rotation"
         t0 = time.monotonic()
@@ -384,14 +381,23 @@ class Proxy:
             if r.status_code != 200:
                 log.warning("prefiller %s answered %d: %s", p.url, r.status_code, r.text[:200])
                 return "prefiller error"
-            answer = r.json()
+            try:
+                answer = r.json()
+                first = Continuation(path, body, answer)
+            except ValueError as e:
+                log.warning("prefiller %s: %s", p.url, e)
+                return "prefiller answer unreadable"
             _prefill_timing(timing, answer, time.monotonic() - t0)
-            params = answer.get("kv_transfer_params")
-            if not params:
-                return "no kv_transfer_params from the prefiller"
-            self.metrics.handoff_tokens.inc((params.get("pdrun") or {}).get("num_tokens", 0))
-            return answer
+            return first
         return reason
+
+    def _prefill_answer(self, body: dict[str, Any], first: Continuation, t0: float, timing: RequestTiming) -> Response:
+        """The prefiller's answer is the whole answer (it stopped, or one token was asked for)."""
+        timing.output_tokens = 1
+        if body.get("stream"):
+            timing.ttft = time.monotonic() - t0
+            return Response(first.head(), media_type="text/event-stream")
+        return JSONResponse(first.whole())
 
     async def _open_decoder(self, path: str, body: dict[str, Any]) -> _Opened | Response:
         """A decoder's answer with its first bytes read (one that fails before sending any is
@@ -454,39 +460,37 @@ class Proxy:
                 await upstream.aclose()
 
     async def _continue(
-        self,
-        path: str,
-        body: dict[str, Any],
-        first: first_token.FirstToken,
-        params: dict[str, Any],
-        t0: float,
-        timing: RequestTiming,
+        self, first: Continuation, params: dict[str, Any], t0: float, timing: RequestTiming
     ) -> AsyncIterator[bytes]:
         """The client's stream: the prefiller's token at once, then the decoder's continuation."""
-        clock, decoder_clock, rest = StreamClock(), StreamClock(), first_token.Continuation(first)
-        event = first.event(body)
-        clock.feed(event, time.monotonic())
-        yield event
-        opened = await self._open_decoder(path, first.decoder_body(body, params))
+        clock, decoder_clock, events = StreamClock(), StreamClock(), SSEEvents()
+        head = first.head()
+        clock.feed(head, time.monotonic())
+        yield head
+        opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params))
         if isinstance(opened, Response):
-            log.warning("no decoder took the rest of a streamed completion: %s", bytes(opened.body)[:200])
+            log.warning("no decoder took the rest of a streamed answer: %s", bytes(opened.body)[:200])
             yield _error_event(opened.status_code, bytes(opened.body))
             return
         d, sent = opened.d, opened.sent
         try:
             if opened.upstream.status_code != 200:
                 answer = opened.first + b"".join([c async for c in opened.chunks])
-                log.warning("decoder %s refused the rest of a streamed completion: %s", d.url, answer[:200])
+                log.warning("decoder %s refused the rest of a streamed answer: %s", d.url, answer[:200])
                 yield _error_event(opened.upstream.status_code, answer)
                 return
             async for chunk in _chain(opened.first, opened.chunks):
-                now = time.monotonic()
-                out, events = rest.feed(chunk)
-                for data in events:  # parsed once, for both clocks
-                    decoder_clock.see(data, now)
-                    clock.see(data, now)
-                yield out
-            yield rest.flush()
+                now, out = time.monotonic(), []
+                for event in events.feed(chunk):
+                    data = event_data(event)
+                    if data is not None:  # else [DONE], comments: as they are
+                        decoder_clock.see(data, now)
+                        data = first.rewrite(data)
+                        clock.see(data, now)
+                        event = b"data: " + json.dumps(data).encode()
+                    out.append(event + b"\n\n")
+                yield b"".join(out)
+            yield events.rest()
             end = time.monotonic()
             timing.decode, timing.total = end - sent, end - t0
             timing.ttft = clock.first - t0 if clock.first is not None else None
@@ -499,6 +503,33 @@ class Proxy:
         finally:
             d.outstanding -= 1
             await opened.upstream.aclose()
+
+    async def _continue_whole(
+        self, first: Continuation, params: dict[str, Any], t0: float, timing: RequestTiming
+    ) -> Response:
+        """The client's one answer: the prefiller's token and the decoder's continuation, joined."""
+        opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params))
+        if isinstance(opened, Response):
+            return opened
+        d, upstream, sent = opened.d, opened.upstream, opened.sent
+        try:
+            content = opened.first + b"".join([c async for c in opened.chunks])
+            timing.decode = time.monotonic() - sent
+        except RETRIABLE as e:
+            self._failed(d, e)
+            return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
+        finally:
+            d.outstanding -= 1
+            await upstream.aclose()
+        if upstream.status_code != 200:
+            return _passthrough(upstream.status_code, content, upstream.headers.get("content-type"))
+        try:
+            whole = first.whole(json.loads(_take_decoder_timing(timing, content)))
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            log.warning("decoder %s answered what the proxy cannot read: %s", d.url, e)
+            return error_response(502, f"decoder {d.url} answered what the proxy cannot read: {e}")
+        timing.output_tokens = (whole.get("usage") or {}).get("completion_tokens")
+        return JSONResponse(whole)
 
     async def _closed(self, timing: RequestTiming, t0: float) -> None:
         self._finish(timing, t0)

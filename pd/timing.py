@@ -32,7 +32,7 @@ class RequestTiming:
     endpoint: str
     stream: bool
     started_at: float = field(default_factory=time.time)  # wall clock, for the record
-    mode: str = "pd"  # or "decode-only: <reason>"
+    mode: str = "pd"  # or "pd, first token from the decoder: <reason>", "prefill only", "decode-only: <reason>"
     status: int | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None  # streamed: the usage chunk's count, else events that carried tokens

@@ -101,15 +101,6 @@ def test_cli_errors_exit_2_and_name_the_problem(tmp_path):
     assert r.exit_code == 2 and "--gpus takes comma-separated GPU ids" in r.output
     r = runner.invoke(app, ["proxy", "--decode", "http://x:1", "--policy", "nope"])
     assert r.exit_code == 2 and "policy" in r.output
-    r = runner.invoke(app, ["proxy", "--decode", "http://x:1", "--first-token", "both"])
-    assert r.exit_code == 2 and "first_token: Input should be 'prefiller' or 'decoder'" in r.output
-
-
-def test_the_proxy_is_told_who_gives_the_first_token():
-    argv = deploy.proxy_command(load(None, {"first_token": "decoder"}), ["http://p"], ["http://d"])
-    assert argv[argv.index("--first-token") + 1] == "decoder"
-    default = deploy.proxy_command(load(None, {}), ["http://p"], ["http://d"])
-    assert default[default.index("--first-token") + 1] == "prefiller"
 
 
 def test_the_cache_server_is_started_with_the_tiers_asked_for_and_stopped_last(tmp_path):
@@ -139,3 +130,9 @@ def test_the_ucx_transport_reaches_every_instance_and_their_endpoints():
     for spec in specs[:3]:
         ktc = json.loads(spec.command[spec.command.index("--kv-transfer-config") + 1])
         assert ktc["kv_connector_extra_config"]["transport"] == "ucx"
+
+
+def test_the_proxy_is_told_when_vllm_parses_chat_answers():
+    plain = deploy.proxy_command(load(None, {}), ["http://p"], ["http://d"])
+    parsed = deploy.proxy_command(load(None, {"vllm_args": ["--reasoning-parser=qwen3"]}), ["http://p"], ["http://d"])
+    assert "--chat-parsing" not in plain and "--chat-parsing" in parsed

@@ -1,4 +1,4 @@
-"""What the proxy accepts, what it sends the prefiller, and which requests it cannot hand off."""
+"""What the proxy accepts, and which requests it cannot hand off."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pd.proxy import CHAT, COMPLETIONS, BadRequest, decode_only_reason, parse_body, prefill_body
+from pd.proxy import CHAT, COMPLETIONS, BadRequest, decode_only_reason, parse_body
 
 
 def parse(body, path=COMPLETIONS):
@@ -43,32 +43,6 @@ def test_good_bodies_pass_untouched_with_unknown_fields():
     assert parse(body) == body
     chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     assert parse(chat, CHAT) == chat
-
-
-def test_the_prefiller_samples_one_token_and_hands_off():
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "hi"}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_completion_tokens": 100,
-        "min_tokens": 10,
-        "logprobs": True,
-        "top_logprobs": 3,
-        "temperature": 0.7,
-    }
-    p = prefill_body(body)
-    assert p == {
-        "model": "m",
-        "messages": [{"role": "user", "content": "hi"}],
-        "stream": False,
-        "max_tokens": 1,
-        "max_completion_tokens": 1,
-        "n": 1,
-        "temperature": 0.7,
-        "kv_transfer_params": {"do_remote_decode": True},
-    }
-    assert body["max_completion_tokens"] == 100  # the client's request is left as it was
 
 
 @pytest.mark.parametrize(

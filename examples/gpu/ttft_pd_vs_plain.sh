@@ -6,11 +6,8 @@
 #   CPU (the flow, with the tiny model):  bash examples/gpu/ttft_pd_vs_plain.sh tiny 1000 tcp /tmp/ttft
 # With two GPUs, 1P1D is `pdrun launch` on GPUs 0 and 1; with one (or GPUS=0), the prefiller and the
 # decoder share GPU 0 (0.4 of its memory each), started one after the other behind `pdrun proxy`.
-# 1P1D twice: the prefiller's first token streamed at once (the default), and behind a second
-# proxy with the decoder sampling the first token after the hand-off. Known issue: that proxy is
-# started with --first-token decoder, an option `pdrun proxy` does not have, so it does not start
-# and the script fails there (after plain.json and pd.json are written). Writes plain.json,
-# pd.json, pd_decoder_first.json, pd_nostream.json and ttft.json (medians and ratios) into OUT_DIR.
+# A streamed answer's first token is the prefiller's, sent as soon as the prefill answers. Writes
+# plain.json, pd.json, pd_nostream.json and ttft.json (medians and ratios) into OUT_DIR.
 # LAYERWISE=1: both hand off layer by layer (the connector's `layerwise`: the decoder loads inside
 # its forward pass).
 set -euo pipefail
@@ -62,15 +59,6 @@ fi
 PIDS+=($!); wait_up localhost:8192/health
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
   --json "$OUT_DIR/pd.json"
-# The same instances behind a second proxy whose decoder samples the first token itself (the
-# hand-off then comes before the first token, as with vLLM's own disaggregated proxies; see the
-# known issue at the top).
-if [ "${SHARED:-0}" = 1 ]; then URLS=(--prefill http://127.0.0.1:8193 --decode http://127.0.0.1:8194)
-else URLS=(--prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8101); fi
-python3 -m launch proxy "${URLS[@]}" --port 8195 --first-token decoder > "$OUT_DIR/pd-proxy-decoder.log" 2>&1 &
-PIDS+=($!); wait_up localhost:8195/health
-python3 -m launch profile requests --url http://127.0.0.1:8195 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
-  --json "$OUT_DIR/pd_decoder_first.json"
 # Non-streamed answers carry the decoder's own hand-off time (load_s): where the rest goes.
 python3 -m launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tokens "$TOKENS" --max-tokens 8 \
   --no-stream --json "$OUT_DIR/pd_nostream.json"
@@ -78,17 +66,17 @@ python3 -m launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tok
 python3 - "$OUT_DIR" "$LAYERWISE" <<'PY'
 import json, statistics, sys
 d = sys.argv[1]
-runs = {k: json.load(open(f"{d}/{k}.json")) for k in ("plain", "pd", "pd_decoder_first")}
+runs = {k: json.load(open(f"{d}/{k}.json")) for k in ("plain", "pd")}
 # The first request of each warms the engine (allocations, kernels): medians of the rest.
 med = lambda k, p: statistics.median(r[p] for r in runs[k]["requests"][1:])  # noqa: E731
 ttft = {k: med(k, "ttft") for k in runs}
 nostream = json.load(open(f"{d}/pd_nostream.json"))["requests"][1:]
-phases = {p: med("pd_decoder_first", p) for p in ("queue", "prefill", "first_token")}
+phases = {p: med("pd", p) for p in ("queue", "prefill", "first_token")}
 phases["handoff"] = statistics.median(r["handoff"] for r in nostream) if nostream else None
 out = {"tokens": runs["pd"]["requests"][0]["prompt_tokens"], "layerwise": sys.argv[2] == "1", "ttft_s": ttft,
-       "ratio": {k: ttft[k] / ttft["plain"] for k in ("pd", "pd_decoder_first")},
+       "ratio": {"pd": ttft["pd"] / ttft["plain"]},
        "tpot_s": {k: med(k, "tpot") for k in runs}, "total_s": {k: med(k, "total") for k in runs},
-       "pd_decoder_first_phases_s": phases, "modes": {k: sorted({r["mode"] for r in runs[k]["requests"]}) for k in runs}}
+       "pd_phases_s": phases, "modes": {k: sorted({r["mode"] for r in runs[k]["requests"]}) for k in runs}}
 json.dump(out, open(f"{d}/ttft.json", "w"), indent=1)
 print(json.dumps(out))
 PY

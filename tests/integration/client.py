@@ -6,6 +6,7 @@ import json
 import random
 import time
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,11 +46,35 @@ def token_ids(response: dict[str, Any]) -> list[int]:
     return response["choices"][0]["token_ids"]
 
 
-def prefill(url: str, tokens: list[int]) -> dict[str, Any]:
-    """What the proxy sends the prefiller; returns the kv_transfer_params for the decoder."""
-    params = complete(url, tokens, max_tokens=1, kv_transfer_params={"do_remote_decode": True})["kv_transfer_params"]
-    assert params and params["do_remote_prefill"] is True, params
-    return params
+@dataclass
+class Prefilled:
+    """What the prefiller answers the proxy: the first output token, and the hand-off."""
+
+    token: int
+    params: dict[str, Any]
+
+
+def prefill(url: str, tokens: list[int]) -> Prefilled:
+    """What the proxy sends the prefiller: the prompt, for one token, its KV staged for a decoder."""
+    answer = complete(url, tokens, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+    params = answer["kv_transfer_params"]
+    assert params and params["do_remote_prefill"] is True, answer
+    return Prefilled(token_ids(answer)[0], params)
+
+
+def computed_with(url: str, tokens: list[int], first: Prefilled, max_tokens: int = MAX_TOKENS) -> list[int]:
+    """One vLLM's answer when it computes the prompt's tail and the first token in one prefill step:
+    the reference for a decoder that did (after a failed hand-off, or a layer-wise load's partial
+    last block). The whole output's token ids."""
+    rest = complete(url, [*tokens, first.token], max_tokens - 1)
+    return [first.token, *token_ids(rest)]
+
+
+def continue_after(url: str, tokens: list[int], first: Prefilled, max_tokens: int = MAX_TOKENS) -> list[int]:
+    """The decoder's part, as the proxy asks for it: the output after the prefiller's first token,
+    the whole prompt's KV loaded. Returns the whole output's token ids."""
+    rest = complete(url, [*tokens, first.token], max_tokens - 1, kv_transfer_params=first.params)
+    return [first.token, *token_ids(rest)]
 
 
 def metrics(url: str) -> dict[str, float]:

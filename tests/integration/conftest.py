@@ -197,7 +197,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_deployment(
-    model_dir: Path, run_dir: Path, cache_dir: Path, prefill: int = 1, decode: int = DECODERS, **settings: object
+    model_dir: Path,
+    run_dir: Path,
+    cache_dir: Path | None,
+    prefill: int = 1,
+    decode: int = DECODERS,
+    **settings: object,
 ) -> Deployment:
     n = prefill + decode
     port = free_port()
@@ -211,7 +216,7 @@ def start_deployment(
         "instance_port": base,
         "kv_port": base + n,
         "cache_port": base + 9 * n,
-        "cache_dir": str(cache_dir),
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
         "dtype": "float32",
         "max_model_len": 4096,
         "run_dir": str(run_dir),

@@ -20,6 +20,7 @@ from tests.integration.client import (
     LOADED,
     LOCAL_COMPUTE,
     complete,
+    continue_after,
     metrics,
     prefill,
     prompt,
@@ -62,8 +63,8 @@ def plain(cluster, tokens):
     return token_ids(complete(cluster.plain.url, tokens))
 
 
-def decode(cluster, tokens, params):
-    return token_ids(complete(cluster.decoder.url, tokens, kv_transfer_params=params))
+def decode(cluster, tokens, first):
+    return continue_after(cluster.decoder.url, tokens, first)
 
 
 def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(cluster, second_prefiller):
@@ -73,19 +74,19 @@ def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(
 
     tier = cluster.deployment.cache_metrics_url
     before = metrics(tier)
-    params = prefill(p0, a)
-    assert decode(cluster, a, params) == plain(cluster, a)
-    # Its 8 full chunks go to the tier behind the request; the 99-token rest is for the decoder only.
+    first = prefill(p0, a)
+    assert decode(cluster, a, first) == plain(cluster, a)
+    # Its 8 full chunks go to the tier behind the request; the 100-token rest is for the decoder only.
     assert wait_for_deltas(tier, before, {TIER_PUTS: 8}) == {TIER_PUTS: 8}
 
     before = metrics(p1)
-    params = prefill(p1, b)
+    first = prefill(p1, b)
     expected = {CACHE_HIT: 2048, CACHE_LOADED: 2048, EXTERNAL: 2048, LOCAL_COMPUTE: 150, STORED: 0}
     assert wait_for_deltas(p1, before, expected) == expected
     before = metrics(cluster.decoder.url)
-    assert decode(cluster, b, params) == plain(cluster, b)
+    assert decode(cluster, b, first) == plain(cluster, b)
     # The decoder still holds the prefix from `a` in its own prefix cache: it loads only the rest.
-    expected = {LOADED: len(b) - 1 - 2048}
+    expected = {LOADED: len(b) - 2048}
     assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
 
 
@@ -100,16 +101,16 @@ class Forgetful(Service):
 
 
 def test_a_decoder_takes_from_the_tier_what_the_prefiller_no_longer_has(cluster):
-    tokens = prompt(4 * CHUNK + 1, seed=310)  # hands over exactly 4 full chunks
+    tokens = prompt(4 * CHUNK, seed=310)  # hands over exactly 4 full chunks
     tier = cluster.deployment.cache_metrics_url
     before = metrics(tier)
-    params = prefill(cluster.prefiller.url, tokens)
+    first = prefill(cluster.prefiller.url, tokens)
     assert wait_for_deltas(tier, before, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
     fake = transfer.listen("tcp://127.0.0.1:0", Forgetful())
-    params["pdrun"]["endpoints"] = [fake.address]
+    first.params["pdrun"]["endpoints"] = [fake.address]
     before = metrics(cluster.decoder.url)
     try:
-        assert decode(cluster, tokens, params) == plain(cluster, tokens)
+        assert decode(cluster, tokens, first) == plain(cluster, tokens)
     finally:
         fake.close()
     expected = {CACHE_LOADED: 4 * CHUNK, LOADED: 0, LOAD_FAILURES: 0, LOCAL_COMPUTE: 1}
@@ -172,11 +173,11 @@ def test_a_relaunch_on_the_same_cache_dir_loads_from_disk_and_drops_damaged_chun
         first.wait_ready(["prefill-0", "decode-0"], timeout=600)
         pre_url = first.state()["children"]["prefill-0"]["url"]
         before = metrics(first.cache_metrics_url)
-        keys = {id(t): prefill(pre_url, t)["pdrun"]["keys"] for t in (p, x, y)}
+        keys = {id(t): prefill(pre_url, t).params["pdrun"]["keys"] for t in (p, x, y)}
         assert wait_for_deltas(first.cache_metrics_url, before, {TIER_PUTS: 8 + 8 + 4}) == {TIER_PUTS: 20}
     finally:
         stop(first)
-    files = {id(t): [chunk_file(cache_dir, k) for k in keys[id(t)][: (len(t) - 1) // CHUNK]] for t in (p, x, y)}
+    files = {id(t): [chunk_file(cache_dir, k) for k in keys[id(t)][: len(t) // CHUNK]] for t in (p, x, y)}
     assert all(f.is_file() for fs in files.values() for f in fs)  # flushed to disk at stop
     flipped, truncated = files[id(x)][4], files[id(y)][2]
     data = bytearray(flipped.read_bytes())

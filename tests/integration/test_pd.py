@@ -1,6 +1,7 @@
-"""The PD invariant on real vLLM servers: a decoder that loads the prefiller's KV answers exactly
-as a plain vLLM does (greedy, token for token), loads what it claims, recomputes only the token it
-must, and falls back to a local prefill, with the reason logged, whenever the hand-off fails."""
+"""The PD invariant on real vLLM servers: a decoder that loads the prefiller's KV and continues
+after its first token answers exactly as a plain vLLM does (greedy, token for token), loads every
+prompt position, computes only the first token's, and falls back to a local prefill, with the
+reason logged, whenever the hand-off fails."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from tests.integration.client import (
     LOADED,
     LOCAL_COMPUTE,
     complete,
+    computed_with,
+    continue_after,
     metrics,
     prefill,
     prompt,
@@ -33,22 +36,35 @@ pytestmark = pytest.mark.integration
 LENGTHS = [1, 255, 256, 257, 1000, 3000]
 
 
-def decode(cluster, tokens, params):
-    return token_ids(complete(cluster.decoder.url, tokens, kv_transfer_params=params))
+def decode(cluster, tokens, first):
+    return continue_after(cluster.decoder.url, tokens, first)
 
 
 @pytest.mark.parametrize("n", LENGTHS)
 def test_pd_output_equals_plain_vllm_and_the_kv_was_loaded(cluster, n):
     tokens = prompt(n, seed=1)
     want = token_ids(complete(cluster.plain.url, tokens))
-    params = prefill(cluster.prefiller.url, tokens)
-    assert params["pdrun"]["num_tokens"] == n - 1  # everything but the token the decoder samples from
+    first = prefill(cluster.prefiller.url, tokens)
+    assert first.params["pdrun"]["num_tokens"] == n  # every prompt position
     before = metrics(cluster.decoder.url)
-    got = decode(cluster, tokens, params)
+    got = decode(cluster, tokens, first)
     assert got == want
-    deltas = wait_for_deltas(cluster.decoder.url, before, {LOADED: n - 1, EXTERNAL: n - 1, LOCAL_COMPUTE: 1})
-    # Loaded all it was handed, and computed only the last prompt token: nothing loaded was recomputed.
-    assert deltas == {LOADED: n - 1, EXTERNAL: n - 1, LOCAL_COMPUTE: 1}
+    expected = {LOADED: n, EXTERNAL: n, LOCAL_COMPUTE: 1}
+    # Loaded the whole prompt and computed only the first output token's position: no prompt token.
+    assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
+
+
+@pytest.mark.parametrize("n", [2, 257, 1000, 3000])
+def test_a_decoder_that_samples_the_first_token_computes_the_last_two_prompt_tokens(cluster, n):
+    """The way for requests a continuation cannot serve exactly (say, structured output): the
+    decoder gets the prompt alone and samples the first token from a prefill-like step."""
+    tokens = prompt(n, seed=13)
+    want = token_ids(complete(cluster.plain.url, tokens))
+    first = prefill(cluster.prefiller.url, tokens)
+    before = metrics(cluster.decoder.url)
+    assert token_ids(complete(cluster.decoder.url, tokens, kv_transfer_params=first.params)) == want
+    expected = {LOADED: n - 2, EXTERNAL: n - 2, LOCAL_COMPUTE: 2}
+    assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
 
 
 def test_eight_concurrent_hand_offs(cluster):
@@ -63,7 +79,7 @@ def test_eight_concurrent_hand_offs(cluster):
     with ThreadPoolExecutor(8) as pool:
         results = dict(pool.map(pd, cases))
     assert results == wants
-    expected = sum(n - 1 for n, _ in cases)
+    expected = sum(n for n, _ in cases)
     assert wait_for_deltas(cluster.decoder.url, before, {LOADED: expected, LOAD_FAILURES: 0}) == {
         LOADED: expected,
         LOAD_FAILURES: 0,
@@ -73,9 +89,10 @@ def test_eight_concurrent_hand_offs(cluster):
 def test_a_different_prompt_loads_only_the_common_prefix(cluster):
     a = prompt(1000, seed=4)
     b = a[:600] + prompt(400, seed=5)  # the same first two chunks (512 tokens), then different
-    params = prefill(cluster.prefiller.url, a)
+    first = prefill(cluster.prefiller.url, a)
     before = metrics(cluster.decoder.url)
-    assert decode(cluster, b, params) == token_ids(complete(cluster.plain.url, b))
+    got = token_ids(complete(cluster.decoder.url, b, kv_transfer_params=first.params))
+    assert got == token_ids(complete(cluster.plain.url, b))
     assert wait_for_deltas(cluster.decoder.url, before, {LOADED: 512, LOCAL_COMPUTE: 1000 - 512}) == {
         LOADED: 512,
         LOCAL_COMPUTE: 1000 - 512,
@@ -84,9 +101,9 @@ def test_a_different_prompt_loads_only_the_common_prefix(cluster):
 
 def test_malformed_hand_off_params_mean_a_local_prefill(cluster):
     tokens = prompt(300, seed=6)
-    params = prefill(cluster.prefiller.url, tokens)
-    params["pdrun"]["keys"] = ["not-hex"]
-    assert decode(cluster, tokens, params) == token_ids(complete(cluster.plain.url, tokens))
+    first = prefill(cluster.prefiller.url, tokens)
+    first.params["pdrun"]["keys"] = ["not-hex"]
+    assert decode(cluster, tokens, first) == computed_with(cluster.plain.url, tokens, first)
     assert "malformed pdrun hand-off" in cluster.decoder.log_path.read_text()
 
 
@@ -156,8 +173,9 @@ def truncated_first_chunk(params) -> bytes:
 )
 def test_a_misbehaving_prefiller_costs_a_local_prefill_not_the_request(cluster, how, reason, seed):
     tokens = prompt(700, seed=seed)
-    want = token_ids(complete(cluster.plain.url, tokens))
-    params = prefill(cluster.prefiller.url, tokens)
+    first = prefill(cluster.prefiller.url, tokens)
+    want = computed_with(cluster.plain.url, tokens, first)  # the decoder computes the prompt and the token
+    params = first.params
     if how in ("garbage", "truncated"):
         fake = RawEndpoint(b"HTTP/1.1 200 OK\r\n\r\n" if how == "garbage" else truncated_first_chunk(params))
     else:
@@ -166,7 +184,7 @@ def test_a_misbehaving_prefiller_costs_a_local_prefill_not_the_request(cluster, 
     before = metrics(cluster.decoder.url)
     try:
         t0 = time.monotonic()
-        assert decode(cluster, tokens, params) == want
+        assert decode(cluster, tokens, first) == want
         assert time.monotonic() - t0 < DECODER_IO_TIMEOUT_S + 10
     finally:
         fake.close()
@@ -182,26 +200,26 @@ def test_a_misbehaving_prefiller_costs_a_local_prefill_not_the_request(cluster, 
 
 def test_the_prefiller_endpoint_survives_garbage(cluster):
     tokens = prompt(400, seed=9)
-    params = prefill(cluster.prefiller.url, tokens)
-    host, port = params["pdrun"]["endpoints"][0].removeprefix("tcp://").split(":")
+    first = prefill(cluster.prefiller.url, tokens)
+    host, port = first.params["pdrun"]["endpoints"][0].removeprefix("tcp://").split(":")
     junk_frame = encode_header(Header(op="get", nbytes=1 << 20, more=True)) + b"x" * 1000
     for junk in (b"\x00" * 100, b"GET / HTTP/1.1\r\n\r\n", junk_frame):
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(junk)
     before = metrics(cluster.decoder.url)
-    assert decode(cluster, tokens, params) == token_ids(complete(cluster.plain.url, tokens))
-    assert wait_for_deltas(cluster.decoder.url, before, {LOADED: 399}) == {LOADED: 399}
+    assert decode(cluster, tokens, first) == token_ids(complete(cluster.plain.url, tokens))
+    assert wait_for_deltas(cluster.decoder.url, before, {LOADED: 400}) == {LOADED: 400}
 
 
 def test_prefiller_killed_between_prefill_and_pull(cluster):
     # It kills the prefiller; the supervisor of the deployment restarts it, and the test waits for that.
     tokens = prompt(1000, seed=10)
-    want = token_ids(complete(cluster.plain.url, tokens))
-    params = prefill(cluster.prefiller.url, tokens)
+    first = prefill(cluster.prefiller.url, tokens)
+    want = computed_with(cluster.plain.url, tokens, first)
     starts = cluster.prefiller.starts
     cluster.prefiller.kill()
     before = metrics(cluster.decoder.url)
-    assert decode(cluster, tokens, params) == want
+    assert decode(cluster, tokens, first) == want
     assert wait_for_deltas(cluster.decoder.url, before, {LOAD_FAILURES: 1, LOADED: 0}) == {
         LOAD_FAILURES: 1,
         LOADED: 0,

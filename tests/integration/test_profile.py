@@ -86,8 +86,9 @@ def test_metrics_count_known_traffic_exactly(cluster):
         assert (bad.status_code, unknown.status_code) == (400, 404)
 
     pd_prompts = [*lengths, chat_prompt]
-    handed = sum(n - 1 for n in pd_prompts)
-    full_chunks = sum((n - 1) // CHUNK for n in pd_prompts)
+    handed = sum(pd_prompts)  # every prompt position
+    full_chunks = sum(n // CHUNK for n in pd_prompts)
+    looked_up = sum((n - 2) // CHUNK for n in pd_prompts) * CHUNK  # an instance computes the last two itself
     completions, chats = "[endpoint=/v1/completions]", "[endpoint=/v1/chat/completions]"
     phase = "pdrun:proxy_phase_seconds_count[phase={}]".format
     want_proxy = {
@@ -115,8 +116,8 @@ def test_metrics_count_known_traffic_exactly(cluster):
     assert wait_for_deltas(cache, before["cache"], want_cache) == want_cache
     settle(cluster)
     want_prefill = {
-        "pdrun:staged_chunks_total": sum(math.ceil((n - 1) / CHUNK) for n in pd_prompts),
-        "pdrun:cache_lookup_tokens_total": full_chunks * CHUNK,
+        "pdrun:staged_chunks_total": sum(math.ceil(n / CHUNK) for n in pd_prompts),
+        "pdrun:cache_lookup_tokens_total": looked_up,
         "pdrun:cache_hit_tokens_total": 0,
         "pdrun:cache_stored_chunks_total": full_chunks,
     }
@@ -156,10 +157,10 @@ def test_profile_requests_shows_where_the_time_went(cluster, tmp_path, stream):
     records = result["requests"]
     assert [r["asked_prompt_tokens"] for r in records] == [40, 40, 600, 600]
     for r in records:
-        # A streamed completion's first token is the prefiller's where the decoder can go on exactly
-        # after it (pd/first_token.py; not after a random token whose text is empty or partial).
-        early = r["mode"] == "pd: first token from the prefiller"
-        assert r["mode"] == "pd" or (early and stream)
+        # The first token is the prefiller's where the decoder can go on exactly after it
+        # (pd/continuation.py; not after a random token whose text is empty or partial).
+        continued = r["mode"] == "pd"
+        assert continued or r["mode"].startswith("pd, first token from the decoder: "), r["mode"]
         assert r["status"] == 200 and r["stream"] is stream
         assert r["prompt_tokens"] == r["asked_prompt_tokens"]  # the prefiller's own count
         assert r["queue"] >= 0 and r["prefill"] > 0 and r["decode"] > 0
@@ -168,7 +169,7 @@ def test_profile_requests_shows_where_the_time_went(cluster, tmp_path, stream):
         if stream:
             assert r["handoff"] is None and 0 < r["first_token"] <= r["decode"]
             assert r["tpot"] >= 0 and r["output_tokens"] == 4
-            if early:  # sent before the decoder was asked
+            if continued:  # sent before the decoder was asked
                 assert 0 < r["ttft"] <= r["total"] - r["decode"] + 1e-3
             else:
                 assert r["ttft"] >= r["first_token"]

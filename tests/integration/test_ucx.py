@@ -18,6 +18,8 @@ from tests.integration.client import (
     LOAD_FAILURES,
     LOADED,
     complete,
+    computed_with,
+    continue_after,
     metrics,
     prefill,
     prompt,
@@ -29,6 +31,7 @@ from tests.integration.conftest import DECODER_IO_TIMEOUT_S, free_port, free_por
 pytestmark = [pytest.mark.integration, pytest.mark.after_deployment]
 UCX_ENV = {"UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n"}  # nothing listens beyond loopback
 DECODERS = ("whole", "layers")
+BLOCK = 128  # vLLM's KV block size on CPU
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +70,30 @@ def ucx_servers(cluster, model_dir, tmp_path_factory):
             s.stop()
 
 
+def loaded(decoder: str, n: int) -> int:
+    """Tokens a decoder loads of an n-token prompt it continues: all of them, or, layer by layer, its
+    whole blocks (it computes the block the step writes into)."""
+    return n - n % BLOCK if decoder == "layers" else n
+
+
+def reference(cluster, decoder: str, tokens: list[int], first) -> list[int]:
+    """Plain vLLM's answer; for a layer-wise decoder, which computes the prompt's partial last block
+    with the first token, one vLLM's that computes them so."""
+    if decoder == "layers":
+        return computed_with(cluster.plain.url, tokens, first)
+    return token_ids(complete(cluster.plain.url, tokens))
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("n", [1, 257, 3000])
 def test_pd_over_ucx_equals_plain_vllm(cluster, ucx_servers, decoder, n):
     producer, consumer = ucx_servers["prefiller"], ucx_servers[decoder]
     tokens = prompt(n, seed=500)
-    params = prefill(producer.url, tokens)
-    assert params["pdrun"]["endpoints"][0].startswith("ucx://127.0.0.1:")
+    first = prefill(producer.url, tokens)
+    assert first.params["pdrun"]["endpoints"][0].startswith("ucx://127.0.0.1:")
     before = metrics(consumer.url)
-    got = token_ids(complete(consumer.url, tokens, kv_transfer_params=params))
-    assert got == token_ids(complete(cluster.plain.url, tokens))
-    expected = {LOADED: n - 1, LOAD_FAILURES: 0}
+    assert continue_after(consumer.url, tokens, first) == reference(cluster, decoder, tokens, first)
+    expected = {LOADED: loaded(decoder, n), LOAD_FAILURES: 0}
     assert wait_for_deltas(consumer.url, before, expected) == expected
 
 
@@ -85,16 +101,16 @@ def test_pd_over_ucx_equals_plain_vllm(cluster, ucx_servers, decoder, n):
 def test_eight_concurrent_hand_offs_over_ucx(cluster, ucx_servers, decoder):
     producer, consumer = ucx_servers["prefiller"], ucx_servers[decoder]
     cases = [prompt(n, seed=510 + n) for n in (255, 256, 600, 1000, 1500, 2000, 2500, 3001)]
-    wants = [token_ids(complete(cluster.plain.url, t)) for t in cases]
+    firsts = [prefill(producer.url, t) for t in cases]
+    wants = [reference(cluster, decoder, t, first) for t, first in zip(cases, firsts, strict=True)]
     before = metrics(consumer.url)
 
-    def pd(tokens):
-        params = prefill(producer.url, tokens)
-        return token_ids(complete(consumer.url, tokens, kv_transfer_params=params))
+    def pd(i):
+        return continue_after(consumer.url, cases[i], firsts[i])
 
     with ThreadPoolExecutor(8) as pool:
-        assert list(pool.map(pd, cases, timeout=300)) == wants
-    expected = {LOADED: sum(len(t) - 1 for t in cases), LOAD_FAILURES: 0}
+        assert list(pool.map(pd, range(len(cases)), timeout=300)) == wants
+    expected = {LOADED: sum(loaded(decoder, len(t)) for t in cases), LOAD_FAILURES: 0}
     assert wait_for_deltas(consumer.url, before, expected) == expected
 
 
@@ -128,21 +144,21 @@ class CutAfter(transfer.Service):
 def test_a_layer_wise_hand_off_cut_off_half_way_is_recomputed(cluster, ucx_servers):
     consumer = ucx_servers["layers"]
     tokens = prompt(1500, seed=530)  # 6 chunks: the first layer of each arrives, then the error
-    want = token_ids(complete(cluster.plain.url, tokens))
-    params = prefill(ucx_servers["prefiller"].url, tokens)
+    first = prefill(ucx_servers["prefiller"].url, tokens)
+    want = computed_with(cluster.plain.url, tokens, first)  # the decoder computes the prompt and the token
     before = metrics(consumer.url)
-    with transfer.listen("ucx://127.0.0.1:0", CutAfter(params["pdrun"]["endpoints"][0], frames=7)) as fake:
-        params["pdrun"]["endpoints"] = [fake.address]
+    with transfer.listen("ucx://127.0.0.1:0", CutAfter(first.params["pdrun"]["endpoints"][0], frames=7)) as fake:
+        first.params["pdrun"]["endpoints"] = [fake.address]
         t0 = time.monotonic()
-        assert token_ids(complete(consumer.url, tokens, kv_transfer_params=params)) == want
+        assert continue_after(consumer.url, tokens, first) == want
         assert time.monotonic() - t0 < DECODER_IO_TIMEOUT_S + 20
     expected = {LOAD_FAILURES: 1, LOADED: 0}
     assert wait_for_deltas(consumer.url, before, expected) == expected
     lines = [ln for ln in consumer.log_path.read_text().splitlines() if f"hand-off from {fake.address}" in ln]
-    assert lines and "cut off half way" in lines[-1] and "prefilling its 1499 tokens locally" in lines[-1]
+    assert lines and "cut off half way" in lines[-1] and "prefilling its 1408 tokens locally" in lines[-1]
     # And it goes on loading hand-offs layer by layer.
     ok = prompt(700, seed=531)
     again = prefill(ucx_servers["prefiller"].url, ok)
     before = metrics(consumer.url)
-    assert token_ids(complete(consumer.url, ok, kv_transfer_params=again)) == token_ids(complete(cluster.plain.url, ok))
-    assert wait_for_deltas(consumer.url, before, {LOADED: 699}) == {LOADED: 699}
+    assert continue_after(consumer.url, ok, again) == computed_with(cluster.plain.url, ok, again)
+    assert wait_for_deltas(consumer.url, before, {LOADED: 640}) == {LOADED: 640}

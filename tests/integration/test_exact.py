@@ -1,0 +1,207 @@
+"""Exact PD for every request kind: through the proxy, a greedy answer is plain vLLM's, token for
+token (text, token ids, finish reason, usage, logprobs), for completions of text and of token ids
+and for chats sharing a long system prompt, streamed or not, one at a time and eight at once; the
+decoders loaded every prompt and computed no prompt token of their own."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from launch.vllm_server import ServerSpec, VllmServer
+from tests.integration.client import (
+    EXTERNAL,
+    LOAD_FAILURES,
+    LOCAL_COMPUTE,
+    metrics,
+    prompt,
+    summed_metrics,
+    text_prompt,
+)
+from tests.integration.conftest import free_port, start_deployment
+
+pytestmark = pytest.mark.integration
+MAX_TOKENS = 24
+SYSTEM = text_prompt(1200, seed=4000)  # shared by every chat: the tier and prefix caches meet it
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "text", "ids" or "chat"
+    size: int  # words, tokens, or the user's words after the system prompt
+    seed: int
+    logprobs: bool = False
+
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
+
+    def body(self, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
+        if self.kind == "chat":
+            user = text_prompt(self.size, seed=self.seed)
+            body["messages"] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        else:
+            text = self.kind == "text"
+            body["prompt"] = text_prompt(self.size, seed=self.seed) if text else prompt(self.size, self.seed)
+            if self.logprobs:
+                body["logprobs"] = 2
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        return body
+
+
+def cases(n_each: int, seed: int) -> list[Case]:
+    """Prompts of random lengths up to about 3000 tokens, of each kind."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n_each):
+        out.append(Case("text", rng.randrange(1, 2900), seed * 1000 + i, logprobs=i % 3 == 0))
+        out.append(Case("ids", rng.randrange(1, 3001), seed * 1000 + i, logprobs=i % 3 == 1))
+        out.append(Case("chat", rng.randrange(1, 1500), seed * 1000 + i))
+    return out
+
+
+def answer(url: str, case: Case, stream: bool) -> dict[str, Any]:
+    """What a client reads: the text, token ids, finish reason, usage and logprobs, streamed or not."""
+    body = case.body(stream)
+    chat = case.kind == "chat"
+    if not stream:
+        r = httpx.post(f"{url}{case.path()}", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        a = r.json()
+        choice = a["choices"][0]
+        return {
+            "text": choice["message"]["content"] if chat else choice["text"],
+            "token_ids": choice["token_ids"],
+            "prompt_token_ids": a["prompt_token_ids"] if chat else choice["prompt_token_ids"],
+            "finish_reason": choice["finish_reason"],
+            "usage": {k: a["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+            "logprobs": choice["logprobs"],
+        }
+    text, ids, prompt_ids, finish, usage, ids_seen = "", [], None, None, None, set()
+    logprobs: dict[str, list] | None = None
+    with httpx.stream("POST", f"{url}{case.path()}", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = httpx.Response(200, content=line[6:]).json()
+            ids_seen.add(event["id"])
+            prompt_ids = prompt_ids or event.get("prompt_token_ids")
+            for c in event["choices"]:
+                text += (c["delta"].get("content") or "") if chat else c["text"]
+                ids += c.get("token_ids") or []
+                prompt_ids = prompt_ids or c.get("prompt_token_ids")
+                finish = c.get("finish_reason") or finish
+                if c.get("logprobs"):
+                    logprobs = logprobs or {}
+                    for k, v in c["logprobs"].items():
+                        logprobs.setdefault(k, []).extend(v)
+            if event.get("usage"):
+                usage = {k: event["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert len(ids_seen) == 1  # one stream, one id
+    return {"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids, "finish_reason": finish, "usage": usage,
+            "logprobs": logprobs}  # fmt: skip
+
+
+def first_difference(got: dict[str, Any], want: dict[str, Any]) -> str:
+    for key in want:
+        if got[key] != want[key]:
+            if key == "token_ids":
+                at = next((i for i, (a, b) in enumerate(zip(got[key], want[key], strict=False)) if a != b), None)
+                return f"token ids part at {at}: {got[key]} != {want[key]}"
+            return f"{key}: {got[key]!r} != {want[key]!r}"
+    return ""
+
+
+CONTINUED = "pdrun:proxy_continued_total"
+HANDOFFS = "pdrun:proxy_handoffs_total"
+DECODER_FIRST = "pdrun:proxy_decoder_first_tokens_total"
+
+
+def decoder_first_tokens(proxy_metrics: dict[str, float]) -> float:
+    return sum(v for k, v in proxy_metrics.items() if k.startswith(DECODER_FIRST))
+
+
+def test_every_request_kind_equals_plain_vllm_one_at_a_time(cluster):
+    todo = [(case, stream) for case in cases(14, seed=1) for stream in (False, True)]
+    decoders = [d.url for d in cluster.decoders]
+    before, before_proxy = summed_metrics(decoders), metrics(cluster.proxy_url)
+    differ = []
+    for case, stream in todo:
+        got, want = answer(cluster.proxy_url, case, stream), answer(cluster.plain.url, case, stream)
+        assert want["finish_reason"] == "length" or want["usage"]["completion_tokens"] < MAX_TOKENS
+        if got != want:
+            differ.append(f"{case} stream={stream}: {first_difference(got, want)}")
+    assert not differ, f"{len(differ)} of {len(todo)} differ from plain vLLM:\n" + "\n".join(differ)
+
+    # Every request was handed off; the decoders continued after the prefiller's token, computing
+    # only its position: no prompt token (one that samples the first token itself computes two).
+    proxy = metrics(cluster.proxy_url)
+    handoffs = proxy[HANDOFFS] - before_proxy[HANDOFFS]
+    continued = proxy[CONTINUED] - before_proxy.get(CONTINUED, 0)
+    sampled = decoder_first_tokens(proxy) - decoder_first_tokens(before_proxy)
+    assert handoffs == len(todo) and continued + sampled == handoffs and continued >= 0.9 * handoffs
+    after = summed_metrics(decoders)
+    computed = after[LOCAL_COMPUTE] - before.get(LOCAL_COMPUTE, 0)
+    assert continued + sampled <= computed <= continued + 2 * sampled
+    assert after[EXTERNAL] - before.get(EXTERNAL, 0) > 0 and after[LOAD_FAILURES] == before.get(LOAD_FAILURES, 0)
+
+
+# ---- eight at once: on CPU, vLLM's attention splits a lone decode's KV over threads and a batch's
+# not, so plain vLLM answers a batch as it answers one request only with that split off (its
+# batch-invariant mode does not cover the CPU backend). Both sides run so, in a deployment of their own.
+
+
+@dataclass
+class Invariant:
+    plain: VllmServer
+    proxy_url: str
+    decoder_url: str
+
+
+@pytest.fixture(scope="module")
+def invariant(cluster, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Invariant]:
+    logs = tmp_path_factory.mktemp("invariant")
+    cluster.deployment.stop()  # the session's deployment is done with (after_deployment): room for these
+    plain = VllmServer(ServerSpec(model=str(model_dir), port=free_port(), dtype="float32"), logs / "plain.log")
+    deployment = None
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("VLLM_CPU_ATTN_SPLIT_KV", "0")  # the instances inherit it
+            plain.start()
+            deployment = start_deployment(model_dir, logs / "run", None, prefill=1, decode=1, cache_cpu_gb=0)
+        deployment.wait_ready(["prefill-0", "decode-0"], timeout=600)
+        plain.wait_healthy(timeout=600)
+        decoder = deployment.state()["children"]["decode-0"]["url"]
+        yield Invariant(plain, deployment.proxy_url, decoder)
+    finally:
+        plain.stop()
+        if deployment is not None:
+            deployment.stop()
+            time.sleep(1)
+            assert not deployment.processes()
+
+
+@pytest.mark.after_deployment
+def test_eight_at_once_equal_plain_vllm_one_at_a_time(invariant):
+    todo = [(case, stream) for case in cases(3, seed=2)[:8] for stream in (False, True)]
+    plain = invariant.plain.url
+    alone = {job: answer(plain, *job) for job in todo}
+    with ThreadPoolExecutor(8) as pool:
+        batched = dict(zip(todo, pool.map(lambda job: answer(plain, *job), todo), strict=True))
+    assert batched == alone  # plain vLLM itself answers a batch as it answers each request alone
+    before = metrics(invariant.decoder_url)
+    with ThreadPoolExecutor(8) as pool:
+        pd = dict(zip(todo, pool.map(lambda job: answer(invariant.proxy_url, *job), todo), strict=True))
+    differ = [f"{job}: {first_difference(pd[job], alone[job])}" for job in todo if pd[job] != alone[job]]
+    assert not differ, "\n".join(differ)
+    assert metrics(invariant.decoder_url)[EXTERNAL] > before.get(EXTERNAL, 0)

@@ -225,6 +225,141 @@ def proxy(
     serve(settings, host=host, port=port, log_level=log_level)
 
 
+def _numbers(text: str, what: str, kind: type = int) -> list[Any]:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{what} takes comma-separated numbers, not {text!r}")
+        raise
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    systems: Annotated[
+        str,
+        typer.Option(
+            help="Systems to compare: plain, offload, lmcache, pdrun-tier, pdrun-1p1d, pdrun-1p1d-tier, "
+            "pdrun-XpYd[-tier], plain-dp (one plain vLLM per GPU of the largest PD system, round robin)."
+        ),
+    ] = "plain,pdrun-tier",
+    workloads: Annotated[
+        str, typer.Option(help="reuse, multiturn, noreuse, slo (launch/workloads.py says what each sends).")
+    ] = "reuse,noreuse",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model path or name (a directory without weights is served with dummy weights); "
+            "default: the embedded tiny model."
+        ),
+    ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="GPU ids to use, e.g. 0,1 (default: all). On CPU: how many vLLM instances run at once."),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds of every workload on every system (medians, min, max).")] = 3,
+    per_gpu: Annotated[
+        int,
+        typer.Option(
+            help="vLLM instances that may share a GPU, each with 0.9/N of its memory: more systems start "
+            "together and are measured in turn (give --gpu-blocks so each one's KV cache is the same)."
+        ),
+    ] = 1,
+    out: Annotated[Path, typer.Option(help="Where results.json, results.md, results.png and the logs go.")] = Path(
+        "bench-results"
+    ),
+    gpu_blocks: Annotated[
+        int | None, typer.Option(help="vLLM's --num-gpu-blocks-override for every instance (a small GPU cache).")
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len for every instance.")] = None,
+    reuse_tokens: Annotated[int, typer.Option(help="reuse: the reused prompt's length.")] = 16384,
+    evictors: Annotated[int, typer.Option(help="reuse: prompts of that length sent to evict it.")] = 4,
+    conversations: Annotated[int, typer.Option(help="multiturn: conversations (10 users at once).")] = 24,
+    lengths: Annotated[str, typer.Option(help="noreuse: prompt lengths.")] = "1024,4096,16384",
+    concurrency: Annotated[str, typer.Option(help="noreuse: requests at once.")] = "8,16",
+    prompts_per_user: Annotated[
+        int, typer.Option(help="noreuse: prompts sent per request at once (each length sends concurrency x this).")
+    ] = 2,
+    rates: Annotated[str, typer.Option(help="slo: request rates, per second per GPU.")] = "0.5,1,2,4",
+    slo_seconds: Annotated[float, typer.Option(help="slo: seconds of arrivals at each rate.")] = 30.0,
+    offload_gb: Annotated[float, typer.Option(help="offload, lmcache: CPU memory for KV, GiB.")] = 40.0,
+    cache_cpu_gb: Annotated[float, typer.Option(help="pdrun's cache tier memory, GiB (and a disk tier).")] = 40.0,
+    transport: Annotated[str, typer.Option(help="pdrun's KV transport: tcp or ucx.")] = "tcp",
+    enforce_eager: Annotated[
+        bool, typer.Option("--enforce-eager", help="No CUDA graphs (not for figures: vLLM's Python bounds it).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its duration; start nothing.")] = False,
+) -> None:
+    """Compare pdrun with plain vLLM (and its native offload, LMCache) on the same model and GPUs.
+
+    Each system is started, driven by each workload for `--rounds` rounds, interleaved with the
+    systems started beside it (A B A B), and stopped; systems that fit on the GPUs together start
+    together. Every figure is the median of its rounds, with min and max, and its ratio to `plain`
+    of the same run. The plan and its duration are printed first. Arguments after `--` go to every
+    vLLM instance.
+
+    Examples:
+
+    * `pdrun bench --dry-run` (the plan, and how long it takes)
+
+    * `pdrun bench --model /models/llama-8b --gpus 0,1 --systems plain,offload,pdrun-tier,pdrun-1p1d
+      --workloads reuse,multiturn,noreuse --gpu-blocks 4096`
+
+    * `pdrun bench --model /models/llama-8b --systems pdrun-1p1d,plain-dp --workloads slo`
+    """
+    from launch import bench as b
+    from launch import deploy
+    from launch import systems as sysmod
+    from launch import workloads as wl
+
+    names = [n.strip() for n in systems.split(",") if n.strip()]
+    chosen = [w.strip() for w in workloads.split(",") if w.strip()]
+    visible = deploy.visible_gpus()
+    device = "cuda" if visible else "cpu"
+    if device == "cuda":
+        ids = _numbers(gpus, "--gpus") if gpus else visible
+    else:
+        ids = list(range(_numbers(gpus, "--gpus")[0] if gpus else 4))
+    sizes = b.Sizes(
+        reuse=wl.ReuseSizes(tokens=reuse_tokens, evictors=evictors),
+        multiturn=wl.MultiturnSizes(conversations=conversations),
+        noreuse=wl.NoreuseSizes(lengths=tuple(_numbers(lengths, "--lengths")),
+                                concurrency=tuple(_numbers(concurrency, "--concurrency")),
+                                prompts_per_user=prompts_per_user),
+        slo=wl.SloSizes(rates=tuple(_numbers(rates, "--rates", float)), duration_s=slo_seconds),
+    )  # fmt: skip
+    if max_model_len is None and model is None:
+        max_model_len = 4096  # the tiny model's, as pdrun launch serves it
+    context = max_model_len or b.context_length(model)
+    if context is not None:
+        sizes = sizes.fit(context)
+    try:
+        p = b.plan(names, chosen, ids, rounds, device, sizes, per_gpu)
+    except (b.BenchError, sysmod.SystemError_) as e:
+        _fail(str(e))
+    typer.echo(b.describe(p))
+    if dry_run:
+        return
+    if model is None:
+        model = str(tiny_model.build(None))
+    settings = sysmod.Settings(
+        model=model,
+        device=device,  # type: ignore[arg-type]
+        max_model_len=max_model_len,
+        gpu_blocks=gpu_blocks,
+        gpu_memory_utilization=round(0.9 / per_gpu, 3) if per_gpu > 1 else None,
+        offload_gb=offload_gb,
+        cache_cpu_gb=cache_cpu_gb,
+        transport=transport,
+        enforce_eager=enforce_eager,
+        vllm_args=list(ctx.args),
+    )
+    results, failed = b.run(p, settings, sizes, out, say=typer.echo)
+    b.write(out, p, settings, sizes, results, failed)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+
+
 @app.command("cache-server")
 def cache_server(
     listen: Annotated[str, typer.Option(help="Where to serve the cache (tcp://HOST:PORT).")] = "tcp://127.0.0.1:15000",

@@ -1,0 +1,418 @@
+"""`pdrun bench`: the systems named, driven by the workloads named, side by side; JSON, a markdown
+table and a PNG.
+
+Method: systems that fit on the GPUs at once start together (a wave) and keep running for all
+their workloads; within a wave, each round runs every workload on each system in turn (A B A B),
+so a drift of the machine falls on all of them alike. Start-up is not measured. Every figure is
+reported as the median of its rounds with their minimum and maximum, and as a ratio to `plain`'s
+median (measured in the same run). The machine, its GPUs, the versions and the command are written
+into the JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from launch import systems as sysmod
+from launch import workloads as wl
+
+START_S = {"cpu": 90.0, "cuda": 150.0}  # start-up of a wave, for the estimate
+PREFILL_TOK_S = {"cpu": 4000.0, "cuda": 30000.0}  # for the estimate only
+DECODE_TOK_S = {"cpu": 300.0, "cuda": 3000.0}
+
+
+@dataclass
+class Sizes:
+    reuse: wl.ReuseSizes = field(default_factory=wl.ReuseSizes)
+    multiturn: wl.MultiturnSizes = field(default_factory=wl.MultiturnSizes)
+    noreuse: wl.NoreuseSizes = field(default_factory=wl.NoreuseSizes)
+    slo: wl.SloSizes = field(default_factory=wl.SloSizes)
+
+    def fit(self, max_len: int) -> Sizes:
+        """The same workloads with every prompt and answer inside a context of `max_len` tokens."""
+        r, m, n, s = self.reuse, self.multiturn, self.noreuse, self.slo
+        longest_out = s.output[1]
+        lo, hi = s.prompt
+        return Sizes(
+            reuse=replace(r, tokens=min(r.tokens, max_len - r.output)),
+            multiturn=replace(m, max_history=min(m.max_history, max_len)),
+            noreuse=replace(n, lengths=tuple(sorted({min(x, max_len - n.output) for x in n.lengths}))),
+            slo=replace(s, prompt=(min(lo, (max_len - longest_out) // 4), min(hi, max_len - longest_out))),
+        )
+
+
+@dataclass
+class Plan:
+    waves: list[list[tuple[str, list[int]]]]  # systems started together, with their GPUs
+    skipped: dict[str, str]  # system -> why it does not run here
+    workloads: list[str]
+    rounds: int
+    device: str
+    per_gpu: int = 1
+    estimate_s: float = 0.0
+
+
+class BenchError(Exception):
+    """A bench that cannot be planned or run: the message says what to change."""
+
+
+def context_length(model: str | None) -> int | None:
+    """The context a model directory's config.json allows; None where it does not say."""
+    if model is None:
+        return None
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+        return int(config["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def plan(
+    names: list[str], workloads: list[str], gpus: list[int], rounds: int, device: str, sizes: Sizes, per_gpu: int = 1
+) -> Plan:
+    """Waves of systems that fit on `gpus` together, `plain` first; `per_gpu` instances may share a
+    GPU (an idle system computes nothing, so systems measured in turn do not disturb each other).
+    On CPU `gpus` are slots: how many vLLM instances run at once."""
+    unknown = [w for w in workloads if w not in wl.WORKLOADS]
+    if unknown:
+        raise BenchError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(wl.WORKLOADS)}")
+    if rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    if len(set(names)) != len(names):
+        raise BenchError(f"a system is named twice in {','.join(names)}")
+    largest = max((sysmod.gpus_needed(n) for n in names if n != "plain-dp" and n.startswith("pdrun-")), default=2)
+    need = {n: sysmod.gpus_needed(n, largest) for n in names}
+    skipped = {n: why for n in names if (why := sysmod.unavailable(n)) is not None}
+    for n, k in need.items():
+        if k > len(gpus) and n not in skipped:
+            skipped[n] = f"needs {k} GPUs, {len(gpus)} given"
+    if per_gpu < 1:
+        raise BenchError("--per-gpu must be at least 1")
+    ordered = sorted((n for n in names if n not in skipped), key=lambda n: n != "plain")
+    waves: list[list[tuple[str, list[int]]]] = []
+    free: list[list[int]] = []  # each wave's GPU slots not taken yet
+
+    def take(slots: list[int], k: int) -> list[int] | None:
+        """k slots on k different GPUs, the least used first."""
+        picked: list[int] = []
+        for g in sorted(set(slots), key=lambda g: -slots.count(g)):
+            if len(picked) < k:
+                picked.append(g)
+        return sorted(picked) if len(picked) == k else None
+
+    for n in ordered:  # the first wave with room: systems side by side, in the order named
+        fits = [(k, got) for k, slots in enumerate(free) if (got := take(slots, need[n])) is not None]
+        if fits:
+            k, got = fits[0]
+        else:
+            waves.append([])
+            free.append([g for g in gpus for _ in range(per_gpu)])
+            k, got = len(waves) - 1, take(free[-1], need[n])
+        assert got is not None
+        waves[k].append((n, got))
+        for g in got:
+            free[k].remove(g)
+    p = Plan(waves, skipped, list(workloads), rounds, device, per_gpu=per_gpu)
+    p.estimate_s = estimate(p, sizes)
+    return p
+
+
+def estimate(p: Plan, sizes: Sizes) -> float:
+    """Seconds the plan takes, roughly: start-ups, then every workload's tokens at typical rates."""
+    pre, dec = PREFILL_TOK_S[p.device], DECODE_TOK_S[p.device]
+    per_system = 0.0
+    r, m, n, s = sizes.reuse, sizes.multiturn, sizes.noreuse, sizes.slo
+    if "reuse" in p.workloads:
+        per_system += (3 + r.evictors) * r.tokens / pre
+    if "multiturn" in p.workloads:
+        turns = m.conversations * sum(m.turns) / 2
+        per_system += turns * (sum(m.output) / 2) / dec / max(1, m.users) * 4
+    if "noreuse" in p.workloads:
+        per_system += sum(L * c * n.prompts_per_user / pre + n.output * n.prompts_per_user / dec * 8
+                          for L in n.lengths for c in n.concurrency)  # fmt: skip
+    if "slo" in p.workloads:
+        per_system += len(s.rates) * (s.duration_s + sum(s.output) / 2 / dec * 20)
+    systems = sum(len(w) for w in p.waves)
+    persisting = sum(1 for w in p.waves for n, _ in w if sysmod.persists(n))
+    restarts = persisting * START_S[p.device] if "reuse" in p.workloads else 0.0
+    return len(p.waves) * START_S[p.device] + systems * p.rounds * per_system + restarts
+
+
+def describe(p: Plan) -> str:
+    lines = []
+    for i, wave in enumerate(p.waves, 1):
+        parts = [f"{n} (GPU {','.join(map(str, g))})" if p.device == "cuda" else n for n, g in wave]
+        lines.append(f"wave {i}: {', '.join(parts)}")
+    for n, why in p.skipped.items():
+        lines.append(f"not run: {n}: {why}")
+    lines.append(
+        f"{', '.join(p.workloads)} x {p.rounds} rounds: about {p.estimate_s / 60:.0f} min"
+        f"{' (start-ups included)' if p.waves else ''}"
+    )
+    return "\n".join(lines)
+
+
+# ---- running ----
+
+Results = dict[str, dict[str, dict[str, list[float]]]]  # system -> workload -> figure -> one value per round
+
+
+def run(
+    p: Plan,
+    settings: sysmod.Settings,
+    sizes: Sizes,
+    out: Path,
+    say: Callable[[str], None] = print,
+    start_timeout_s: float = 900.0,
+) -> tuple[Results, dict[str, str]]:
+    """Every wave: start its systems, the rounds, stop them. Returns the figures, and the systems
+    that failed with why (a failed system is reported, the others go on)."""
+    results: Results = {}
+    failed: dict[str, str] = {}
+    for i, wave in enumerate(p.waves, 1):
+        started = [sysmod.make(n, g, settings, out / "logs") for n, g in wave]
+        try:
+            t0 = time.monotonic()
+            for s in started:
+                s.start()
+            for s in list(started):
+                try:
+                    s.wait_ready(start_timeout_s)
+                except sysmod.SystemError_ as e:
+                    failed[s.name] = f"did not start: {e}"
+                    s.stop()
+                    started.remove(s)
+            say(f"wave {i}: {', '.join(s.name for s in started)} ready after {time.monotonic() - t0:.0f}s")
+            sized = {s.name: _sized(s, sizes, say) for s in started}
+            longs: dict[str, list[int]] = {}
+            for r in range(p.rounds):
+                for workload in p.workloads:
+                    for s in started:
+                        if s.name in failed:
+                            continue
+                        t1 = time.monotonic()
+                        try:
+                            figures, long = _one(workload, s, settings, sized[s.name], seed=1000 * r + 17)
+                        except (wl.WorkloadError, httpx.HTTPError, OSError, TimeoutError) as e:
+                            failed[s.name] = f"{workload}, round {r + 1}: {type(e).__name__}: {e}"
+                            say(f"  {s.name}: failed: {failed[s.name]}")
+                            continue
+                        if long is not None:
+                            longs[s.name] = long
+                        _add(results, s.name, workload, figures)
+                        say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
+            if "reuse" in p.workloads:
+                for s in started:  # only a disk tier keeps a prefix across a full restart
+                    if s.name in failed or s.name not in longs or not s.persists:
+                        continue
+                    s.restart(start_timeout_s)
+                    target = wl.Target(s.url, settings.served_name)
+                    figures = asyncio.run(wl.after_restart(target, longs[s.name], sized[s.name].reuse))
+                    _add(results, s.name, "reuse", figures)
+                    say(f"  {s.name} after a full restart: {_brief(figures)}")
+        finally:
+            for s in started:
+                s.stop()
+    return results, failed
+
+
+def _sized(s: sysmod.System, sizes: Sizes, say: Callable[[str], None]) -> Sizes:
+    """The sizes for this system: `reuse` sends enough other prompts to fill its largest KV cache."""
+    capacity = s.kv_capacity_tokens()
+    r = sizes.reuse
+    if capacity is None:
+        return sizes
+    evictors = max(r.evictors, -(-capacity // r.tokens) + 1)
+    if evictors > r.evictors:
+        say(f"  {s.name}: its KV cache holds {capacity} tokens: reuse sends {evictors} other prompts to evict"
+            f"{' (--gpu-blocks makes it smaller)' if evictors > 8 else ''}")  # fmt: skip
+    return replace(sizes, reuse=replace(r, evictors=evictors))
+
+
+def _one(
+    workload: str, s: sysmod.System, settings: sysmod.Settings, sizes: Sizes, seed: int
+) -> tuple[dict[str, float], list[int] | None]:
+    target = wl.Target(s.url, settings.served_name)
+    if workload == "reuse":
+        return asyncio.run(wl.reuse(target, sizes.reuse, seed))
+    if workload == "multiturn":
+        return asyncio.run(wl.multiturn(target, sizes.multiturn, seed)), None
+    if workload == "noreuse":
+        return asyncio.run(wl.noreuse(target, sizes.noreuse, seed)), None
+    return asyncio.run(wl.slo(target, sizes.slo, len(s.gpus), seed)), None
+
+
+def _add(results: Results, system: str, workload: str, figures: dict[str, float]) -> None:
+    into = results.setdefault(system, {}).setdefault(workload, {})
+    for k, v in figures.items():
+        into.setdefault(k, []).append(v)
+
+
+def _brief(figures: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in list(figures.items())[:4])
+
+
+# ---- reporting ----
+
+
+def summarize(results: Results) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Each figure's median, min and max over its rounds, and its median over `plain`'s."""
+    base = results.get("plain", {})
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for system, by_workload in results.items():
+        for workload, figures in by_workload.items():
+            for name, values in figures.items():
+                stats = wl.median_min_max(values)
+                ref = base.get(workload, {}).get(name)
+                if ref and statistics.median(ref):
+                    stats["x_plain"] = stats["median"] / statistics.median(ref)
+                out.setdefault(system, {}).setdefault(workload, {})[name] = stats
+    return out
+
+
+def markdown(summary: dict[str, Any], failed: dict[str, str], skipped: dict[str, str], meta: dict[str, Any]) -> str:
+    systems = list(summary)
+    lines = [f"# pdrun bench: {meta['machine']}", "", f"`{meta['command']}`", ""]
+    lines.append(f"{meta['date']}; {meta['versions']}; {meta['rounds']} rounds, medians [min - max], x plain")
+    workloads = [w for w in wl.WORKLOADS if any(w in summary[s] for s in systems)]
+    for w in workloads:
+        names = sorted({f for s in systems for f in summary[s].get(w, {})}, key=_figure_order)
+        lines += ["", f"## {w}", "", "| figure | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
+        for f in names:
+            cells = [_cell(summary[s].get(w, {}).get(f)) for s in systems]
+            lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    for name, why in {**skipped, **failed}.items():
+        lines.append(f"\n**{name}**: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def _figure_order(name: str) -> tuple[str, ...]:
+    return tuple(name.split("_"))
+
+
+def _cell(stats: dict[str, float] | None) -> str:
+    if stats is None:
+        return "-"
+    text = f"{stats['median']:.3g}"
+    if stats["n"] > 1:
+        text += f" [{stats['min']:.3g} - {stats['max']:.3g}]"
+    if "x_plain" in stats:
+        text += f" ({stats['x_plain']:.2f}x)"
+    return text
+
+
+def plot(summary: dict[str, Any], path: Path) -> bool:
+    """One bar chart per workload's figures (ratios to plain where there are), the slo goodput as
+    curves over the rate; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    systems = list(summary)
+    workloads = [w for w in wl.WORKLOADS if any(w in summary[s] for s in systems)]
+    if not workloads:
+        return False
+    fig, axes = plt.subplots(len(workloads), 1, figsize=(11, 3.6 * max(1, len(workloads))), squeeze=False)
+    for ax, w in zip(axes[:, 0], workloads, strict=True):
+        names = sorted({f for s in systems for f in summary[s].get(w, {})}, key=_figure_order)
+        if w == "slo":
+            goodput = [f for f in names if f.startswith("goodput")]
+            rates = [float(f.rsplit("_r", 1)[1]) for f in goodput]
+            for s in systems:
+                ys = [summary[s].get(w, {}).get(f, {}).get("median") for f in goodput]
+                ax.plot(rates, [y if y is not None else float("nan") for y in ys], marker="o", label=s)
+            ax.set_xlabel("offered requests/s per GPU")
+            ax.set_ylabel("goodput, requests/s per GPU")
+        else:  # each figure as a ratio to plain's, where plain ran; else as measured, on a log scale
+            key = "x_plain" if "plain" in systems else "median"
+            shown = [s for s in systems if s != "plain"] if key == "x_plain" else systems
+            width = 0.8 / max(1, len(shown))
+            for k, s in enumerate(shown):
+                ys = [summary[s].get(w, {}).get(f, {}).get(key, float("nan")) for f in names]
+                ax.bar([i + k * width for i in range(len(names))], ys, width, label=s)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=7)
+            if key == "x_plain":
+                ax.axhline(1.0, color="gray", linewidth=0.8)
+                ax.set_ylabel("x plain (median)")
+            else:
+                ax.set_yscale("log")
+        ax.set_title(w)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def machine(device: str) -> dict[str, Any]:
+    """What ran the bench: host, GPUs, versions."""
+    info: dict[str, Any] = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                            "python": platform.python_version(), "cpus": os.cpu_count()}  # fmt: skip
+    for name in ("vllm", "torch"):
+        try:
+            info[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            info[name] = None
+    if device == "cuda":
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        try:
+            smi = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout
+            info["gpus"] = [line.strip() for line in smi.splitlines() if line.strip()]
+        except OSError:
+            info["gpus"] = []
+    return info
+
+
+def write(
+    out: Path, p: Plan, settings: sysmod.Settings, sizes: Sizes, results: Results, failed: dict[str, str]
+) -> dict[str, Any]:
+    """results.json, results.md and results.png in `out`; returns the JSON written."""
+    info = machine(p.device)
+    gpus = ", ".join(info.get("gpus") or []) or f"{info['cpus']} CPUs"
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": shlex.join(["pdrun", "bench", *sys.argv[1:]]) if sys.argv[0].endswith(("pdrun", "launch")) else
+        shlex.join(sys.argv),
+        "machine": gpus,
+        "versions": f"vLLM {info.get('vllm')}, torch {info.get('torch')}, Python {info['python']}",
+        "rounds": p.rounds,
+    }  # fmt: skip
+    summary = summarize(results)
+    doc = {
+        "meta": meta,
+        "host": info,
+        "plan": {
+            "waves": p.waves,
+            "skipped": p.skipped,
+            "workloads": p.workloads,
+            "rounds": p.rounds,
+            "per_gpu": p.per_gpu,
+        },
+        "settings": {k: v for k, v in vars(settings).items()},
+        "sizes": {k: vars(v) for k, v in vars(sizes).items()},
+        "failed": failed,
+        "results": results,
+        "summary": summary,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / "results.md").write_text(markdown(summary, failed, p.skipped, meta))
+    plot(summary, out / "results.png")
+    return doc

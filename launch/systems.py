@@ -1,0 +1,360 @@
+"""The systems `pdrun bench` compares: how each one starts on its GPUs, where its OpenAI endpoint
+is, and how it stops and restarts.
+
+    plain            one vLLM, prefix caching on
+    offload          one vLLM with its native CPU offloading (--kv-offloading-size)
+    lmcache          one vLLM with LMCache's connector, where the lmcache package imports
+    pdrun-tier       pdrun launch --prefill 0 --decode 1, with the cache tier
+    pdrun-1p1d       pdrun launch --prefill 1 --decode 1, no cache tier
+    pdrun-1p1d-tier  the same with the cache tier
+    pdrun-XpYd       any other shape, e.g. pdrun-2p2d (-tier for the cache tier)
+    plain-dp         one plain vLLM per GPU of the largest PD system, behind `pdrun proxy` round robin:
+                     PD's baseline on the same GPUs
+
+Every system serves the same model under the same name; each is a process group of its own, so
+stopping one leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from launch.supervisor import wait_group_gone
+from launch.vllm_server import ServerSpec, VllmServer
+
+PD_SHAPE = re.compile(r"^pdrun-(\d+)p(\d+)d(-tier)?$")
+SINGLE = {
+    "plain": "one vLLM, prefix caching on",
+    "offload": "one vLLM with its native CPU offloading",
+    "lmcache": "one vLLM with LMCache's connector",
+    "pdrun-tier": "pdrun: one instance with the cache tier",
+}
+
+
+class SystemError_(Exception):
+    """A system that cannot be planned or started: the message says which and why."""
+
+
+@dataclass
+class Settings:
+    """What every system is started with."""
+
+    model: str
+    served_name: str = "m"
+    device: Literal["cpu", "cuda"] = "cuda"
+    max_model_len: int | None = None
+    gpu_blocks: int | None = None  # vLLM's --num-gpu-blocks-override, every instance
+    gpu_memory_utilization: float | None = None
+    offload_gb: float = 40.0  # offload and lmcache: CPU memory for KV
+    cache_cpu_gb: float = 40.0  # pdrun's cache tier
+    transport: str = "tcp"
+    enforce_eager: bool = False
+    vllm_args: list[str] = field(default_factory=list)
+
+    def instance_args(self) -> list[str]:
+        args = list(self.vllm_args)
+        if self.gpu_blocks is not None:
+            args += ["--num-gpu-blocks-override", str(self.gpu_blocks)]
+        if self.device == "cuda":
+            if self.gpu_memory_utilization is not None:
+                args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+            if self.enforce_eager:
+                args.append("--enforce-eager")
+            if not any(Path(self.model).glob("*.safetensors")) and Path(self.model).is_dir():
+                args += ["--load-format", "dummy"]  # a shape only: random weights, the same in every system
+        return args
+
+
+def gpus_needed(name: str, largest_pd: int = 2) -> int:
+    """GPUs a system takes (on CPU, the number of vLLM instances)."""
+    if name in SINGLE:
+        return 1
+    if name == "plain-dp":
+        return largest_pd
+    m = PD_SHAPE.match(name)
+    if m is None:
+        known = ", ".join([*SINGLE, "pdrun-1p1d", "pdrun-1p1d-tier", "pdrun-XpYd[-tier]", "plain-dp"])
+        raise SystemError_(f"unknown system {name!r}; known: {known}")
+    return int(m.group(1)) + int(m.group(2))
+
+
+def persists(name: str) -> bool:
+    """Whether a full restart keeps what it cached: pdrun's cache tier, which the bench gives a disk."""
+    return name == "pdrun-tier" or (name.startswith("pdrun-") and name.endswith("-tier"))
+
+
+def unavailable(name: str) -> str | None:
+    """Why a system cannot run here, if it cannot (it is then reported, not run)."""
+    if name == "lmcache" and importlib.util.find_spec("lmcache") is None:
+        return "the lmcache package is not installed beside this vLLM"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports free now."""
+    for base in range(21000 + os.getpid() % 89 * 100, 60000, 173):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise SystemError_(f"no {n} consecutive free ports")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class System:
+    """One system under test: started with `start()` (returns at once), then `wait_ready()`."""
+
+    def __init__(self, name: str, gpus: list[int], settings: Settings, run_dir: Path):
+        self.name, self.gpus, self.settings, self.run_dir = name, gpus, settings, run_dir
+        self.persists = persists(name)
+        self.url = ""  # its OpenAI endpoint (the proxy, or the one vLLM)
+        self.instance_urls: list[str] = []  # its vLLM instances, for their metrics
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def kv_capacity_tokens(self) -> int | None:
+        """The most tokens one of its instances holds in its GPU (or CPU backend) KV cache, from
+        vLLM's `vllm:cache_config_info`; None where no instance says."""
+        best = None
+        for url in self.instance_urls:
+            try:
+                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("vllm:cache_config_info{"):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                    with contextlib.suppress(KeyError, ValueError):
+                        tokens = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+                        best = max(best or 0, tokens)
+        return best
+
+    def restart(self, timeout: float) -> None:
+        """A full restart: every process stopped, then started again (a disk tier is kept)."""
+        self.stop()
+        self.start()
+        self.wait_ready(timeout)
+
+
+class VllmSystem(System):
+    """plain, offload, lmcache, and plain-dp (one plain vLLM per GPU behind `pdrun proxy`)."""
+
+    def __init__(self, name: str, gpus: list[int], settings: Settings, run_dir: Path):
+        super().__init__(name, gpus, settings, run_dir)
+        self.servers: list[VllmServer] = []
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.proxy_port = 0
+
+    def _spec(self, gpu: int | None) -> ServerSpec:
+        s = self.settings
+        args = s.instance_args()
+        env: dict[str, str] = {"CUDA_VISIBLE_DEVICES": str(gpu)} if s.device == "cuda" and gpu is not None else {}
+        role = "plain"
+        connector: dict[str, object] = {}
+        if self.name == "offload":
+            args += ["--kv-offloading-size", f"{s.offload_gb:g}"]
+        elif self.name == "lmcache":
+            args += ["--kv-transfer-config", json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})]
+            env.update(LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE=f"{s.offload_gb:g}")
+        return ServerSpec(
+            model=s.model,
+            port=free_port(),
+            role=role,  # type: ignore[arg-type]
+            served_name=s.served_name,
+            device=s.device,
+            max_model_len=s.max_model_len,
+            connector=connector,
+            extra_args=args,
+            env=env,
+        )
+
+    def start(self) -> None:
+        gpus: list[int | None] = list(self.gpus) if self.settings.device == "cuda" else [None] * len(self.gpus)
+        self.servers = []
+        for k, gpu in enumerate(gpus):
+            server = VllmServer(self._spec(gpu), self.run_dir / f"{self.name}-{k}.log")
+            self.servers.append(server.start())
+        self.instance_urls = [s.url for s in self.servers]
+        self.url = self.instance_urls[0]
+        if self.name == "plain-dp":
+            self.proxy_port = free_port()
+            argv = [sys.executable, "-m", "launch", "proxy", "--policy", "round_robin", "--port", str(self.proxy_port)]
+            argv += ["--decode", ",".join(self.instance_urls)]
+            with open(self.run_dir / f"{self.name}-proxy.log", "ab") as log:
+                self.proxy = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.url = f"http://127.0.0.1:{self.proxy_port}"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            try:
+                server.wait_healthy(max(1.0, deadline - time.monotonic()))
+            except (RuntimeError, TimeoutError):
+                raise SystemError_(f"{self.name}: {last_error(server.log_path)} ({server.log_path})") from None
+        while not healthy(self.url):
+            if self.proxy is not None and self.proxy.poll() is not None:
+                raise SystemError_(f"{self.name}: its proxy exited ({self.run_dir / f'{self.name}-proxy.log'})")
+            if time.monotonic() > deadline:
+                raise SystemError_(f"{self.name}: not ready after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            _stop_group(self.proxy)
+            self.proxy = None
+        for server in self.servers:
+            server.stop()
+
+
+class PdrunSystem(System):
+    """`pdrun launch`, as a user starts it, from a YAML file of its own."""
+
+    def __init__(self, name: str, gpus: list[int], settings: Settings, run_dir: Path, cache_dir: Path | None):
+        super().__init__(name, gpus, settings, run_dir)
+        self.cache_dir = cache_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        m = PD_SHAPE.match(name)
+        self.prefill, self.decode = (int(m.group(1)), int(m.group(2))) if m else (0, 1)
+        self.tier = persists(name)
+        self.config: dict[str, object] = {}
+
+    def _config(self) -> dict[str, object]:
+        s = self.settings
+        n = self.prefill + self.decode
+        base = free_ports(9 * n + 2)
+        config: dict[str, object] = {
+            "model": s.model,
+            "served_model_name": s.served_name,
+            "prefill": self.prefill,
+            "decode": self.decode,
+            "port": free_port(),
+            "instance_port": base,
+            "kv_port": base + n,
+            "cache_port": base + 9 * n,
+            "transport": s.transport,
+            "device": s.device,
+            "cache_cpu_gb": s.cache_cpu_gb if self.tier else 0,
+            "run_dir": str(self.run_dir / self.name),
+            "echo_logs": False,
+            "restart": False,
+            "vllm_args": s.instance_args(),
+        }
+        if s.device == "cuda":
+            config["gpus"] = list(self.gpus)
+        if s.max_model_len is not None:
+            config["max_model_len"] = s.max_model_len
+        if self.tier and self.cache_dir is not None:
+            config["cache_dir"] = str(self.cache_dir)
+        return config
+
+    def start(self) -> None:
+        if not self.config:
+            self.config = self._config()  # the same ports and cache dir across restarts
+        path = self.run_dir / f"{self.name}.yaml"
+        path.write_text(yaml.safe_dump(self.config))
+        with open(self.run_dir / f"{self.name}-launch.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "launch", "launch", "--config", str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.url = f"http://127.0.0.1:{self.config['port']}"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        state = Path(str(self.config["run_dir"])) / "state.json"
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                logs = Path(str(self.config["run_dir"])) / "logs"
+                why = next((e for log in sorted(logs.glob("*.log")) if (e := last_error(log, ""))), "it exited")
+                raise SystemError_(f"{self.name}: {why} ({logs})")
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                children = json.loads(state.read_text())["children"]
+                instances = [c for n, c in children.items() if n.startswith(("prefill-", "decode-"))]
+                if all(c["state"] == "healthy" for c in children.values()) and healthy(self.url):
+                    self.instance_urls = [c["url"] for c in instances]
+                    return
+            if time.monotonic() > deadline:
+                raise SystemError_(f"{self.name}: not ready after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_group(self.proc, signal.SIGINT, grace=90)  # Ctrl-C: the supervisor stops its children
+            self.proc = None
+
+
+def last_error(log: Path, default: str = "exited during start-up") -> str:
+    """The last line of a log that names an error, for a message."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return default
+    errors = [ln for ln in lines if re.search(r"\b\w*Error\b|\berror:", ln) and "WARNING" not in ln]
+    return errors[-1].split("] ")[-1].strip()[:400] if errors else default
+
+
+def _stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 30) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wait_group_gone(proc.pid, 15)
+
+
+def make(name: str, gpus: list[int], settings: Settings, run_dir: Path) -> System:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if name in ("plain", "offload", "lmcache", "plain-dp"):
+        return VllmSystem(name, gpus, settings, run_dir)
+    cache_dir = run_dir / f"{name}-cache"  # a disk tier, so that a full restart keeps what it stored
+    return PdrunSystem(name, gpus, settings, run_dir, cache_dir)

@@ -1,0 +1,308 @@
+"""The workloads of `pdrun bench`: the requests each one sends, and the figures it reports.
+
+Every request is a streamed completion of random token ids from a seeded generator (each round
+draws new ones, so nothing is reused but what a workload reuses on purpose), greedy, with
+`ignore_eos`: each one generates exactly the tokens it asks for. Per request, as vLLM's `vllm
+bench serve` measures them: TTFT, the time to the first token; TPOT, the time per output token
+after the first, (latency - TTFT) / (output tokens - 1); latency, the time to the last token.
+
+    reuse      one long prompt cold, warm, after other prompts evicted it from the GPU cache, and
+               (`after_restart`) after a full restart of the system: TTFT of each
+    multiturn  conversations over a shared system prompt, each turn's prompt the whole history
+               (earlier turns and answers) and a new user message, users at once: TTFT and TPOT
+    noreuse    prompts of several lengths, nothing shared, at several concurrencies: throughput,
+               TTFT, TPOT
+    slo        long prompts and answers arriving at rising request rates (Poisson): goodput, the
+               requests per second meeting TTFT <= 2 s and TPOT <= 20 ms (DistServe's measure)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+TOKEN_IDS = range(100, 4000)  # inside any real vocabulary, clear of the special tokens
+WORKLOADS = ("reuse", "multiturn", "noreuse", "slo")
+
+
+class WorkloadError(Exception):
+    """A request the system failed: the message says which and how."""
+
+
+@dataclass
+class Outcome:
+    """One request, as its client saw it."""
+
+    prompt_tokens: int
+    output_ids: list[int]
+    ttft: float | None
+    latency: float
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or len(self.output_ids) < 2:
+            return None
+        return (self.latency - self.ttft) / (len(self.output_ids) - 1)
+
+
+@dataclass
+class Target:
+    """A system's endpoint, and the model it serves."""
+
+    url: str
+    model: str
+    timeout_s: float = 600.0
+
+
+def prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.choice(TOKEN_IDS) for _ in range(n)]
+
+
+def parse_event(line: str) -> dict[str, Any] | None:
+    """A server-sent event's JSON object; None for `[DONE]` and anything else."""
+    if not line.startswith("data: {"):
+        return None
+    try:
+        data = json.loads(line[6:])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_tokens: int) -> Outcome:
+    """One streamed completion; its outcome, or WorkloadError where the system answered an error."""
+    body = {"model": target.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}  # fmt: skip
+    t0 = time.perf_counter()
+    ttft, out = None, []
+    async with client.stream("POST", f"{target.url}/v1/completions", json=body, timeout=target.timeout_s) as r:
+        if r.status_code != 200:
+            raise WorkloadError(f"a {len(ids)}-token request answered {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            data = parse_event(line)
+            if data is None:
+                continue
+            if "error" in data:
+                raise WorkloadError(f"a {len(ids)}-token request failed mid-stream: {data['error']}")
+            for choice in data.get("choices") or []:
+                tokens = choice.get("token_ids") or []
+                if (tokens or choice.get("text")) and ttft is None:
+                    ttft = time.perf_counter() - t0
+                out += tokens
+    return Outcome(len(ids), out, ttft, time.perf_counter() - t0)
+
+
+def quantile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0..1) of the values, linearly interpolated; None for none."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# ---- reuse ----
+
+
+@dataclass
+class ReuseSizes:
+    tokens: int = 16384  # the reused prompt
+    evictors: int = 4  # other prompts of that length sent between, enough to evict it from the GPU cache
+    output: int = 8
+
+
+async def reuse(target: Target, sizes: ReuseSizes, seed: int) -> tuple[dict[str, float], list[int]]:
+    """TTFT of a new prompt cold, warm, and after `evictors` others went through; and the prompt,
+    for `after_restart`."""
+    rng = random.Random(seed)
+    long = prompt(rng, sizes.tokens)
+    figures: dict[str, float] = {}
+    async with httpx.AsyncClient() as client:
+        for name in ("cold", "warm"):
+            figures[f"ttft_{name}_s"] = _ttft(await send(client, target, long, sizes.output))
+        for _ in range(sizes.evictors):
+            await send(client, target, prompt(rng, sizes.tokens), 1)
+        figures["ttft_evicted_s"] = _ttft(await send(client, target, long, sizes.output))
+    return figures, long
+
+
+async def after_restart(target: Target, long: list[int], sizes: ReuseSizes) -> dict[str, float]:
+    async with httpx.AsyncClient() as client:
+        return {"ttft_restart_s": _ttft(await send(client, target, long, sizes.output))}
+
+
+def _ttft(o: Outcome) -> float:
+    if o.ttft is None:
+        raise WorkloadError(f"a {o.prompt_tokens}-token request streamed no token")
+    return o.ttft
+
+
+# ---- multiturn ----
+
+
+@dataclass
+class MultiturnSizes:
+    conversations: int = 24
+    turns: tuple[int, int] = (12, 18)
+    system: int = 500  # the system prompt every conversation shares
+    user: tuple[int, int] = (120, 160)  # new user tokens per turn
+    output: tuple[int, int] = (80, 120)  # answer tokens per turn
+    max_history: int = 20000  # a conversation ends before its prompt would pass this
+    users: int = 10  # conversations at once
+
+
+async def multiturn(target: Target, sizes: MultiturnSizes, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    system = prompt(rng, sizes.system)
+    plans = []
+    for _ in range(sizes.conversations):
+        turns = rng.randint(*sizes.turns)
+        plans.append([(prompt(rng, rng.randint(*sizes.user)), rng.randint(*sizes.output)) for _ in range(turns)])
+    queue: asyncio.Queue[list[tuple[list[int], int]]] = asyncio.Queue()
+    for p in plans:
+        queue.put_nowait(p)
+    outcomes: list[tuple[int, Outcome]] = []  # (turn, outcome)
+
+    async def user(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            history = list(system)
+            for turn, (message, answer) in enumerate(queue.get_nowait()):
+                ids = history + message
+                if len(ids) + answer > sizes.max_history:
+                    break
+                o = await send(client, target, ids, answer)
+                outcomes.append((turn, o))
+                history = ids + o.output_ids
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=sizes.users)) as client:
+        await asyncio.gather(*(user(client) for _ in range(sizes.users)))
+    elapsed = time.perf_counter() - t0
+    ttfts = [o.ttft for _, o in outcomes if o.ttft is not None]
+    late = [o.ttft for turn, o in outcomes if turn >= 5 and o.ttft is not None]
+    tpots = [o.tpot for _, o in outcomes if o.tpot is not None]
+    return _some(
+        ttft_p50_s=quantile(ttfts, 0.5),
+        ttft_p90_s=quantile(ttfts, 0.9),
+        ttft_turn6plus_p50_s=quantile(late, 0.5),
+        tpot_p50_ms=_ms(quantile(tpots, 0.5)),
+        output_tok_s=sum(len(o.output_ids) for _, o in outcomes) / elapsed,
+        turns=float(len(outcomes)),
+    )
+
+
+# ---- noreuse ----
+
+
+@dataclass
+class NoreuseSizes:
+    lengths: tuple[int, ...] = (1024, 4096, 16384)
+    concurrency: tuple[int, ...] = (8, 16)
+    output: int = 128
+    prompts_per_user: int = 2  # each configuration sends concurrency x this many prompts
+
+
+async def noreuse(target: Target, sizes: NoreuseSizes, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    figures: dict[str, float] = {}
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(sizes.concurrency))) as client:
+        for n in sizes.lengths:
+            for c in sizes.concurrency:
+                prompts = [prompt(rng, n) for _ in range(c * sizes.prompts_per_user)]
+                outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c)
+                tag = f"{n}_c{c}"
+                figures |= _some(
+                    **{
+                        f"output_tok_s_{tag}": sum(len(o.output_ids) for o in outcomes) / elapsed,
+                        f"ttft_p50_s_{tag}": quantile([o.ttft for o in outcomes if o.ttft is not None], 0.5),
+                        f"tpot_p50_ms_{tag}": _ms(quantile([o.tpot for o in outcomes if o.tpot is not None], 0.5)),
+                    }
+                )
+    return figures
+
+
+async def _closed_loop(
+    client: httpx.AsyncClient, target: Target, prompts: list[list[int]], output: int, concurrency: int
+) -> tuple[list[Outcome], float]:
+    """Every prompt sent, `concurrency` at a time; the outcomes and the time it took."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(ids: list[int]) -> Outcome:
+        async with gate:
+            return await send(client, target, ids, output)
+
+    t0 = time.perf_counter()
+    outcomes = await asyncio.gather(*(one(p) for p in prompts))
+    return list(outcomes), time.perf_counter() - t0
+
+
+# ---- slo ----
+
+
+@dataclass
+class SloSizes:
+    rates: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # requests per second, per GPU of the system
+    duration_s: float = 30.0  # of arrivals at each rate
+    prompt: tuple[int, int] = (4096, 16384)
+    output: tuple[int, int] = (256, 512)
+    ttft_s: float = 2.0
+    tpot_s: float = 0.020
+
+
+async def slo(target: Target, sizes: SloSizes, gpus: int, seed: int) -> dict[str, float]:
+    """At each rate (per GPU, times the system's GPUs), Poisson arrivals for `duration_s`: goodput
+    per GPU, p99 TTFT and TPOT."""
+    rng = random.Random(seed)
+    figures: dict[str, float] = {}
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000)) as client:
+        for rate in sizes.rates:
+            total_rate = rate * gpus
+            n = max(4, round(total_rate * sizes.duration_s))
+            jobs = [(prompt(rng, rng.randint(*sizes.prompt)), rng.randint(*sizes.output)) for _ in range(n)]
+            gaps = [rng.expovariate(total_rate) for _ in range(n)]
+
+            async def arrive(delay: float, ids: list[int], out: int) -> Outcome:
+                await asyncio.sleep(delay)
+                return await send(client, target, ids, out)
+
+            t0 = time.perf_counter()
+            at = [sum(gaps[: i + 1]) for i in range(n)]
+            outcomes = await asyncio.gather(*(arrive(a, ids, out) for a, (ids, out) in zip(at, jobs, strict=True)))
+            elapsed = time.perf_counter() - t0
+            good = sum(
+                1 for o in outcomes
+                if o.ttft is not None and o.ttft <= sizes.ttft_s and (o.tpot is None or o.tpot <= sizes.tpot_s)
+            )  # fmt: skip
+            tag = f"r{rate:g}"
+            figures |= _some(
+                **{
+                    f"goodput_rps_per_gpu_{tag}": good / elapsed / gpus,
+                    f"ttft_p99_s_{tag}": quantile([o.ttft for o in outcomes if o.ttft is not None], 0.99),
+                    f"tpot_p99_ms_{tag}": _ms(quantile([o.tpot for o in outcomes if o.tpot is not None], 0.99)),
+                }
+            )
+    return figures
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def _some(**figures: float | None) -> dict[str, float]:
+    """The figures that have a value."""
+    return {k: float(v) for k, v in figures.items() if v is not None}
+
+
+def median_min_max(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}

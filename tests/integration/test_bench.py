@@ -1,0 +1,51 @@
+"""`pdrun bench` as a user runs it, on the tiny model: plain vLLM against pdrun's cache tier,
+reuse and noreuse, two rounds; the figures checked for sanity (what each workload claims to
+measure happened), not for speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.after_deployment
+def test_bench_reuse_and_noreuse_plain_against_the_cache_tier(cluster, model_dir, tmp_path):
+    cluster.deployment.stop()  # done with: room for the bench's systems
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "launch", "bench", "--model", str(model_dir), "--systems", "plain,pdrun-tier",
+            "--workloads", "reuse,noreuse", "--rounds", "2", "--reuse-tokens", "1024", "--lengths", "256,1024",
+            "--concurrency", "2,4", "--gpu-blocks", "40", "--max-model-len", "4096", "--cache-cpu-gb", "0.5",
+            "--out", str(out)]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "wave 1: plain, pdrun-tier" in r.stdout and "about" in r.stdout.splitlines()[1]
+    # A KV cache of 40 blocks of 128 tokens: six other 1024-token prompts evict the reused one.
+    assert "reuse sends 6 other prompts to evict" in r.stdout
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["failed"] == {} and doc["plan"]["rounds"] == 2
+    assert doc["meta"]["command"].startswith("pdrun bench") or "bench" in doc["meta"]["command"]
+    assert doc["host"]["vllm"] and doc["meta"]["versions"].startswith("vLLM")
+    s = doc["summary"]
+    for system in ("plain", "pdrun-tier"):
+        reuse, noreuse = s[system]["reuse"], s[system]["noreuse"]
+        for name in ("ttft_cold_s", "ttft_warm_s", "ttft_evicted_s"):
+            assert reuse[name]["n"] == 2 and 0 < reuse[name]["min"] <= reuse[name]["median"] <= reuse[name]["max"] < 30
+        for tag in ("256_c2", "256_c4", "1024_c2", "1024_c4"):
+            assert noreuse[f"output_tok_s_{tag}"]["median"] > 0 and noreuse[f"tpot_p50_ms_{tag}"]["median"] > 0
+    plain = s["plain"]["reuse"]
+    # Warm: vLLM's prefix cache; evicted: computed again (plain vLLM has nothing else to load it from).
+    assert plain["ttft_warm_s"]["median"] < plain["ttft_cold_s"]["median"]
+    assert plain["ttft_evicted_s"]["median"] > plain["ttft_warm_s"]["median"]
+    assert plain["ttft_cold_s"]["x_plain"] == 1.0 and "x_plain" in s["pdrun-tier"]["reuse"]["ttft_cold_s"]
+    # Only the cache tier (on its disk) keeps the prompt across a full restart: measured once.
+    assert s["pdrun-tier"]["reuse"]["ttft_restart_s"]["n"] == 1 and "ttft_restart_s" not in plain
+
+    md = (out / "results.md").read_text()
+    assert "## reuse" in md and "## noreuse" in md and "| ttft_cold_s |" in md
+    assert (out / "results.png").stat().st_size > 10_000

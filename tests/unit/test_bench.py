@@ -1,0 +1,120 @@
+"""`pdrun bench`'s planning, figures and report, without starting anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from launch import bench as b
+from launch import workloads as wl
+from launch.cli import app
+from launch.systems import SystemError_, gpus_needed, persists
+
+
+def test_systems_are_packed_side_by_side_on_the_gpus_plain_first():
+    p = b.plan(["pdrun-tier", "pdrun-1p1d", "plain", "offload", "plain-dp"], ["reuse"], [0, 1], 3, "cuda", b.Sizes())
+    assert p.waves == [
+        [("plain", [0]), ("pdrun-tier", [1])],
+        [("pdrun-1p1d", [0, 1])],
+        [("offload", [0])],
+        [("plain-dp", [0, 1])],
+    ]
+    assert p.estimate_s > 0 and "about" in b.describe(p)
+
+
+def test_what_cannot_run_is_named_not_dropped():
+    p = b.plan(["plain", "pdrun-2p2d", "lmcache"], ["noreuse"], [0, 1], 1, "cuda", b.Sizes())
+    assert p.skipped["pdrun-2p2d"] == "needs 4 GPUs, 2 given"
+    assert [n for w in p.waves for n, _ in w] == ["plain"] + (["lmcache"] if "lmcache" not in p.skipped else [])
+    assert "not run: pdrun-2p2d: needs 4 GPUs, 2 given" in b.describe(p)
+
+
+@pytest.mark.parametrize(
+    ("names", "workloads", "rounds", "says"),
+    [
+        (["plain", "nope"], ["reuse"], 1, "unknown system 'nope'"),
+        (["plain"], ["reuse", "chat"], 1, "unknown workload(s) chat"),
+        (["plain"], ["reuse"], 0, "--rounds must be at least 1"),
+        (["plain", "plain"], ["reuse"], 1, "named twice"),
+    ],
+)
+def test_a_bad_plan_is_refused_with_the_reason(names, workloads, rounds, says):
+    with pytest.raises((b.BenchError, SystemError_), match=None) as e:
+        b.plan(names, workloads, [0, 1], rounds, "cuda", b.Sizes())
+    assert says in str(e.value)
+
+
+def test_gpus_per_system_and_which_keep_their_cache_across_a_restart():
+    assert [gpus_needed(n) for n in ("plain", "pdrun-tier", "pdrun-1p1d", "pdrun-2p3d-tier")] == [1, 1, 2, 5]
+    assert gpus_needed("plain-dp", largest_pd=3) == 3
+    assert [persists(n) for n in ("plain", "offload", "pdrun-1p1d", "pdrun-tier", "pdrun-1p1d-tier")] == [
+        False, False, False, True, True,
+    ]  # fmt: skip
+
+
+def test_more_rounds_and_bigger_prompts_take_longer():
+    short = b.plan(["plain"], ["reuse", "noreuse"], [0], 1, "cuda", b.Sizes()).estimate_s
+    assert b.plan(["plain"], ["reuse", "noreuse"], [0], 3, "cuda", b.Sizes()).estimate_s > short
+    small = b.Sizes().fit(4096)
+    assert b.plan(["plain"], ["reuse", "noreuse"], [0], 1, "cuda", small).estimate_s < short
+
+
+def test_sizes_fit_the_models_context():
+    s = b.Sizes().fit(4096)
+    assert s.reuse.tokens == 4096 - s.reuse.output
+    assert max(s.noreuse.lengths) + s.noreuse.output <= 4096 and 1024 in s.noreuse.lengths
+    assert s.slo.prompt[1] + s.slo.output[1] <= 4096 and s.slo.prompt[0] <= s.slo.prompt[1]
+    assert s.multiturn.max_history == 4096
+    assert b.Sizes().fit(1 << 20) == b.Sizes()
+
+
+def test_figures_summarized_as_medians_with_their_spread_and_a_ratio_to_plain():
+    results = {
+        "plain": {"reuse": {"ttft_cold_s": [0.5, 0.4, 0.6]}},
+        "pdrun-tier": {"reuse": {"ttft_cold_s": [0.25, 0.2, 0.3], "ttft_restart_s": [0.1]}},
+    }
+    s = b.summarize(results)
+    assert s["plain"]["reuse"]["ttft_cold_s"] == {"median": 0.5, "min": 0.4, "max": 0.6, "n": 3, "x_plain": 1.0}
+    assert s["pdrun-tier"]["reuse"]["ttft_cold_s"]["x_plain"] == pytest.approx(0.5)
+    assert "x_plain" not in s["pdrun-tier"]["reuse"]["ttft_restart_s"]  # plain has none to compare with
+    meta = {"machine": "2 x H200", "command": "pdrun bench", "date": "today", "versions": "vLLM x", "rounds": 3}
+    md = b.markdown(s, {"offload": "did not start: boom"}, {"lmcache": "not installed"}, meta)
+    assert "| ttft_cold_s | 0.5 [0.4 - 0.6] (1.00x) | 0.25 [0.2 - 0.3] (0.50x) |" in md
+    assert "| ttft_restart_s | - | 0.1 |" in md
+    assert "**offload**: did not start: boom" in md and "**lmcache**: not installed" in md
+
+
+def test_request_figures_as_vllm_bench_serve_defines_them():
+    o = wl.Outcome(prompt_tokens=10, output_ids=[1, 2, 3, 4, 5], ttft=0.2, latency=0.6)
+    assert o.tpot == pytest.approx(0.1)  # (latency - ttft) / (outputs - 1)
+    assert wl.Outcome(10, [1], 0.2, 0.2).tpot is None
+    assert wl.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5 and wl.quantile([], 0.9) is None
+    assert wl.quantile([1.0, 2.0], 0.99) == pytest.approx(1.99)
+    assert wl.parse_event('data: {"choices": []}') == {"choices": []}
+    assert wl.parse_event("data: [DONE]") is None and wl.parse_event("data: {oops") is None
+
+
+def test_the_cli_prints_the_plan_and_names_bad_input():
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "--dry-run", "--systems", "plain,pdrun-tier", "--gpus", "2"])
+    assert r.exit_code == 0, r.output
+    assert "wave 1: plain, pdrun-tier" in r.output and "about" in r.output
+    r = runner.invoke(app, ["bench", "--dry-run", "--systems", "plain,warp"])
+    assert r.exit_code == 2 and "unknown system 'warp'" in r.output
+    r = runner.invoke(app, ["bench", "--dry-run", "--lengths", "1k"])
+    assert r.exit_code == 2 and "--lengths takes comma-separated numbers" in r.output
+    json.dumps(b.Sizes().fit(4096).reuse.__dict__)  # the sizes go into the JSON as they are
+
+
+def test_systems_may_share_gpus_two_gpus_of_a_system_apart():
+    names = ["plain", "offload", "pdrun-tier", "pdrun-1p1d", "pdrun-1p1d-tier"]
+    p = b.plan(names, ["reuse"], [0, 1], 1, "cuda", b.Sizes(), per_gpu=2)
+    assert p.waves == [
+        [("plain", [0]), ("offload", [1]), ("pdrun-tier", [0])],
+        [("pdrun-1p1d", [0, 1]), ("pdrun-1p1d-tier", [0, 1])],
+    ]
+    for wave in p.waves:
+        used = [g for _, gpus in wave for g in gpus]
+        assert all(used.count(g) <= 2 for g in used)

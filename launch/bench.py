@@ -197,7 +197,7 @@ def run(
                     s.stop()
                     started.remove(s)
             say(f"wave {i}: {', '.join(s.name for s in started)} ready after {time.monotonic() - t0:.0f}s")
-            sized = {s.name: _sized(s, sizes, say) for s in started}
+            sized = {s.name: _sized(s, sizes, say) if "reuse" in p.workloads else sizes for s in started}
             longs: dict[str, list[int]] = {}
             for r in range(p.rounds):
                 for workload in p.workloads:
@@ -380,16 +380,25 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
+def gpu_summary(gpus: list[str]) -> str:
+    """'2 x NVIDIA H200 (143771 MiB, driver 580.159.04)' from nvidia-smi's lines."""
+    kinds: dict[str, int] = {}
+    for line in gpus:
+        name, *rest = [x.strip() for x in line.split(",")]
+        label = f"{name} ({rest[0]}, driver {rest[1]})" if len(rest) >= 2 else name
+        kinds[label] = kinds.get(label, 0) + 1
+    return ", ".join(f"{n} x {label}" for label, n in kinds.items())
+
+
 def write(
     out: Path, p: Plan, settings: sysmod.Settings, sizes: Sizes, results: Results, failed: dict[str, str]
 ) -> dict[str, Any]:
     """results.json, results.md and results.png in `out`; returns the JSON written."""
     info = machine(p.device)
-    gpus = ", ".join(info.get("gpus") or []) or f"{info['cpus']} CPUs"
+    gpus = gpu_summary(info.get("gpus") or []) or f"{info['cpus']} CPUs"
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": shlex.join(["pdrun", "bench", *sys.argv[1:]]) if sys.argv[0].endswith(("pdrun", "launch")) else
-        shlex.join(sys.argv),
+        "command": shlex.join(["pdrun", *sys.argv[1:]]),  # `pdrun bench ...` or `python -m launch bench ...`
         "machine": gpus,
         "versions": f"vLLM {info.get('vllm')}, torch {info.get('torch')}, Python {info['python']}",
         "rounds": p.rounds,

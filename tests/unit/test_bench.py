@@ -118,3 +118,9 @@ def test_systems_may_share_gpus_two_gpus_of_a_system_apart():
     for wave in p.waves:
         used = [g for _, gpus in wave for g in gpus]
         assert all(used.count(g) <= 2 for g in used)
+
+
+def test_the_machine_is_named_by_its_gpus():
+    lines = ["NVIDIA H200, 143771 MiB, 580.159.04", "NVIDIA H200, 143771 MiB, 580.159.04"]
+    assert b.gpu_summary(lines) == "2 x NVIDIA H200 (143771 MiB, driver 580.159.04)"
+    assert b.gpu_summary([]) == ""

@@ -192,7 +192,7 @@ def run(
             for s in list(started):
                 try:
                     s.wait_ready(start_timeout_s)
-                except sysmod.SystemError_ as e:
+                except sysmod.SystemFailure as e:
                     failed[s.name] = f"did not start: {e}"
                     s.stop()
                     started.remove(s)
@@ -219,9 +219,14 @@ def run(
                 for s in started:  # only a disk tier keeps a prefix across a full restart
                     if s.name in failed or s.name not in longs or not s.persists:
                         continue
-                    s.restart(start_timeout_s)
-                    target = wl.Target(s.url, settings.served_name)
-                    figures = asyncio.run(wl.after_restart(target, longs[s.name], sized[s.name].reuse))
+                    try:
+                        s.restart(start_timeout_s)
+                        target = wl.Target(s.url, settings.served_name)
+                        figures = asyncio.run(wl.after_restart(target, longs[s.name], sized[s.name].reuse))
+                    except (sysmod.SystemFailure, wl.WorkloadError, httpx.HTTPError, OSError) as e:
+                        failed[s.name] = f"reuse after a full restart: {type(e).__name__}: {e}"
+                        say(f"  {s.name}: failed: {failed[s.name]}")
+                        continue
                     _add(results, s.name, "reuse", figures)
                     say(f"  {s.name} after a full restart: {_brief(figures)}")
         finally:

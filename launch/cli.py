@@ -335,7 +335,7 @@ def bench(
         sizes = sizes.fit(context)
     try:
         p = b.plan(names, chosen, ids, rounds, device, sizes, per_gpu)
-    except (b.BenchError, sysmod.SystemError_) as e:
+    except (b.BenchError, sysmod.SystemFailure) as e:
         _fail(str(e))
     typer.echo(b.describe(p))
     if dry_run:

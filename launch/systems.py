@@ -46,7 +46,7 @@ SINGLE = {
 }
 
 
-class SystemError_(Exception):
+class SystemFailure(Exception):
     """A system that cannot be planned or started: the message says which and why."""
 
 
@@ -89,7 +89,7 @@ def gpus_needed(name: str, largest_pd: int = 2) -> int:
     m = PD_SHAPE.match(name)
     if m is None:
         known = ", ".join([*SINGLE, "pdrun-1p1d", "pdrun-1p1d-tier", "pdrun-XpYd[-tier]", "plain-dp"])
-        raise SystemError_(f"unknown system {name!r}; known: {known}")
+        raise SystemFailure(f"unknown system {name!r}; known: {known}")
     return int(m.group(1)) + int(m.group(2))
 
 
@@ -126,7 +126,7 @@ def free_ports(n: int) -> int:
         finally:
             for s in socks:
                 s.close()
-    raise SystemError_(f"no {n} consecutive free ports")
+    raise SystemFailure(f"no {n} consecutive free ports")
 
 
 def healthy(url: str) -> bool:
@@ -234,12 +234,12 @@ class VllmSystem(System):
             try:
                 server.wait_healthy(max(1.0, deadline - time.monotonic()))
             except (RuntimeError, TimeoutError):
-                raise SystemError_(f"{self.name}: {last_error(server.log_path)} ({server.log_path})") from None
+                raise SystemFailure(f"{self.name}: {last_error(server.log_path)} ({server.log_path})") from None
         while not healthy(self.url):
             if self.proxy is not None and self.proxy.poll() is not None:
-                raise SystemError_(f"{self.name}: its proxy exited ({self.run_dir / f'{self.name}-proxy.log'})")
+                raise SystemFailure(f"{self.name}: its proxy exited ({self.run_dir / f'{self.name}-proxy.log'})")
             if time.monotonic() > deadline:
-                raise SystemError_(f"{self.name}: not ready after {timeout:.0f}s")
+                raise SystemFailure(f"{self.name}: not ready after {timeout:.0f}s")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -313,7 +313,7 @@ class PdrunSystem(System):
             if self.proc is None or self.proc.poll() is not None:
                 logs = Path(str(self.config["run_dir"])) / "logs"
                 why = next((e for log in sorted(logs.glob("*.log")) if (e := last_error(log, ""))), "it exited")
-                raise SystemError_(f"{self.name}: {why} ({logs})")
+                raise SystemFailure(f"{self.name}: {why} ({logs})")
             with contextlib.suppress(OSError, ValueError, KeyError):
                 children = json.loads(state.read_text())["children"]
                 instances = [c for n, c in children.items() if n.startswith(("prefill-", "decode-"))]
@@ -321,7 +321,7 @@ class PdrunSystem(System):
                     self.instance_urls = [c["url"] for c in instances]
                     return
             if time.monotonic() > deadline:
-                raise SystemError_(f"{self.name}: not ready after {timeout:.0f}s")
+                raise SystemFailure(f"{self.name}: not ready after {timeout:.0f}s")
             time.sleep(0.5)
 
     def stop(self) -> None:

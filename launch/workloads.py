@@ -19,16 +19,16 @@ after the first, (latency - TTFT) / (output tokens - 1); latency, the time to th
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
+
+from pd.timing import event_data
 
 TOKEN_IDS = range(100, 4000)  # inside any real vocabulary, clear of the special tokens
 WORKLOADS = ("reuse", "multiturn", "noreuse", "slo")
@@ -68,17 +68,6 @@ def prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.choice(TOKEN_IDS) for _ in range(n)]
 
 
-def parse_event(line: str) -> dict[str, Any] | None:
-    """A server-sent event's JSON object; None for `[DONE]` and anything else."""
-    if not line.startswith("data: {"):
-        return None
-    try:
-        data = json.loads(line[6:])
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_tokens: int) -> Outcome:
     """One streamed completion; its outcome, or WorkloadError where the system answered an error."""
     body = {"model": target.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -89,7 +78,7 @@ async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_to
         if r.status_code != 200:
             raise WorkloadError(f"a {len(ids)}-token request answered {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
-            data = parse_event(line)
+            data = event_data(line.encode())
             if data is None:
                 continue
             if "error" in data:

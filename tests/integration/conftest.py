@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,35 +25,12 @@ import yaml
 
 from launch import tiny_model
 from launch.supervisor import group_members
+from launch.systems import free_port, free_ports
 from launch.vllm_server import ServerSpec, VllmServer
 
 pytestmark = pytest.mark.integration
 DECODER_IO_TIMEOUT_S = 4.0
 DECODERS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(n: int) -> int:
-    """The first of n consecutive ports that are free now."""
-    for base in range(20000 + os.getpid() % 97 * 100, 60000, 211):
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def processes_with_env(key: str, value: str) -> set[int]:
@@ -206,7 +182,7 @@ def start_deployment(
 ) -> Deployment:
     n = prefill + decode
     port = free_port()
-    base = free_port_range(9 * n + 2)
+    base = free_ports(9 * n + 2)
     config = {
         "model": str(model_dir),
         "served_model_name": "tiny",

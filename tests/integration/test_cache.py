@@ -27,7 +27,7 @@ from tests.integration.client import (
     token_ids,
     wait_for_deltas,
 )
-from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Deployment, free_port, free_port_range, start_deployment
+from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Deployment, free_port, free_ports, start_deployment
 from transfer import Service
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def second_prefiller(cluster, model_dir, tmp_path_factory):
         model=str(model_dir),
         port=free_port(),
         role="kv_producer",
-        kv_port=free_port_range(8),
+        kv_port=free_ports(8),
         dtype="float32",
         connector={"cache": cluster.deployment.cache_address, "io_timeout_s": DECODER_IO_TIMEOUT_S},
     )

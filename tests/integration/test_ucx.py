@@ -26,7 +26,7 @@ from tests.integration.client import (
     token_ids,
     wait_for_deltas,
 )
-from tests.integration.conftest import DECODER_IO_TIMEOUT_S, free_port, free_port_range
+from tests.integration.conftest import DECODER_IO_TIMEOUT_S, free_port, free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.after_deployment]
 UCX_ENV = {"UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n"}  # nothing listens beyond loopback
@@ -50,7 +50,7 @@ def ucx_servers(cluster, model_dir, tmp_path_factory):
                 model=str(model_dir),
                 port=free_port(),
                 role=role,
-                kv_port=free_port_range(8),
+                kv_port=free_ports(8),
                 dtype="float32",
                 connector=extra,
                 env=UCX_ENV,

@@ -2,7 +2,7 @@
 # pdrun's GPU measurements (docs/benchmarks.md), one step at a time, each short enough to run alone.
 # Needs a CUDA host with pdrun, vLLM and ucxx importable (pip install -e '.[gpu,ucx,test]'; on a
 # host without internet, see the README and examples/gpu/stage_ucx.sh; wheels installed with
-# pip --target /tmp/site are found there). Results go to OUT.
+# pip --target DIR are found with SITE=DIR). Results go to OUT.
 #   bash examples/gpu/measure.sh transfer OUT   # bench_handoff_gpu (chunks_in_flight 1, 4, 8; 1024-token
 #                                               # chunks) + pdrun profile transfer
 #   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == one vLLM, 8B shape, over ucx (pytest -m gpu)
@@ -14,12 +14,13 @@
 #   bash examples/gpu/measure.sh diagnose OUT   # where the GPU hand-off's time goes: the decoder under
 #                                               # cProfile, wire only (no scatter), bigger chunks, torch
 #                                               # copies; host-staged paths and the UCX protocols they take
-# The model steps (pd-*, ttft, layers-ttft) serve MODEL8B (default /tmp/stage/models/llama8b): a
-# directory with a Llama-3.1-8B config.json and tokenizer (no weights needed: dummy weights are used).
+# The model steps (pd-*, ttft, layers-ttft) serve MODEL8B: a directory with a Llama-3.1-8B
+# config.json and tokenizer (no weights needed: dummy weights are used).
 set -uo pipefail
 STEP=${1:?step}; OUT=${2:?out dir}; mkdir -p "$OUT"
-export PYTHONPATH=/tmp/site:$PWD UCX_WARN_UNUSED_ENV_VARS=n
-MODEL8B=${MODEL8B:-/tmp/stage/models/llama8b}
+export PYTHONPATH=${SITE:+$SITE:}$PWD UCX_WARN_UNUSED_ENV_VARS=n
+case "$STEP" in pd-*|ttft|layers-ttft)
+  MODEL8B=${MODEL8B:?set MODEL8B to a directory with a Llama-3.1-8B config.json and tokenizer} ;; esac
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
 case "$STEP" in
   transfer)

@@ -5,8 +5,8 @@
 # 26 MB), so that each fits a copy with a size limit, and keeps DEST out of git. Copy both folders
 # to the CUDA host and install the wheels there, beside vLLM:
 #     python3 -m pip install --no-index --no-deps DEST/d/*.whl DEST/e/*.whl
-# (add --target DIR, and put DIR on PYTHONPATH, to install into a folder of your own, such as
-# /tmp/site, which examples/gpu/measure.sh puts on PYTHONPATH). For another Python version or
+# (add --target DIR, and put DIR on PYTHONPATH, to install into a folder of your own; give it to
+# examples/gpu/measure.sh as SITE=DIR). For another Python version or
 # platform, change --python-version and the --platform list below.
 # Usage (from the project root): bash examples/gpu/stage_ucx.sh [DEST=.gpu]
 set -euo pipefail

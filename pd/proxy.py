@@ -508,26 +508,14 @@ class Proxy:
         self, first: Continuation, params: dict[str, Any], t0: float, timing: RequestTiming
     ) -> Response:
         """The client's one answer: the prefiller's token and the decoder's continuation, joined."""
-        opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params))
-        if isinstance(opened, Response):
-            return opened
-        d, upstream, sent = opened.d, opened.upstream, opened.sent
+        answer = await self._decode(COMPLETIONS, first.decoder_body(params), t0, timing)
+        if answer.status_code != 200:
+            return answer
         try:
-            content = opened.first + b"".join([c async for c in opened.chunks])
-            timing.decode = time.monotonic() - sent
-        except RETRIABLE as e:
-            self._failed(d, e)
-            return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
-        finally:
-            d.outstanding -= 1
-            await upstream.aclose()
-        if upstream.status_code != 200:
-            return _passthrough(upstream.status_code, content, upstream.headers.get("content-type"))
-        try:
-            whole = first.whole(json.loads(_take_decoder_timing(timing, content)))
+            whole = first.whole(json.loads(bytes(answer.body)))
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            log.warning("decoder %s answered what the proxy cannot read: %s", d.url, e)
-            return error_response(502, f"decoder {d.url} answered what the proxy cannot read: {e}")
+            log.warning("a decoder answered what the proxy cannot read: %s", e)
+            return error_response(502, f"the decoder answered what the proxy cannot read: {e}")
         timing.output_tokens = (whole.get("usage") or {}).get("completion_tokens")
         return JSONResponse(whole)
 

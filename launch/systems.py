@@ -193,8 +193,6 @@ class VllmSystem(System):
         s = self.settings
         args = s.instance_args()
         env: dict[str, str] = {"CUDA_VISIBLE_DEVICES": str(gpu)} if s.device == "cuda" and gpu is not None else {}
-        role = "plain"
-        connector: dict[str, object] = {}
         if self.name == "offload":
             args += ["--kv-offloading-size", f"{s.offload_gb:g}"]
         elif self.name == "lmcache":
@@ -203,11 +201,9 @@ class VllmSystem(System):
         return ServerSpec(
             model=s.model,
             port=free_port(),
-            role=role,  # type: ignore[arg-type]
             served_name=s.served_name,
             device=s.device,
             max_model_len=s.max_model_len,
-            connector=connector,
             extra_args=args,
             env=env,
         )

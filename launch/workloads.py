@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,7 +290,3 @@ def _ms(seconds: float | None) -> float | None:
 def _some(**figures: float | None) -> dict[str, float]:
     """The figures that have a value."""
     return {k: float(v) for k, v in figures.items() if v is not None}
-
-
-def median_min_max(values: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}

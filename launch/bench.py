@@ -206,7 +206,7 @@ def run(
                             continue
                         t1 = time.monotonic()
                         try:
-                            figures, long = _one(workload, s, settings, sized[s.name], seed=1000 * r + 17)
+                            figures, long = _one(workload, s, settings, sized[s.name], seed=seed(r, workload))
                         except (wl.WorkloadError, httpx.HTTPError, OSError, TimeoutError) as e:
                             failed[s.name] = f"{workload}, round {r + 1}: {type(e).__name__}: {e}"
                             say(f"  {s.name}: failed: {failed[s.name]}")
@@ -233,6 +233,12 @@ def run(
             for s in started:
                 s.stop()
     return results, failed
+
+
+def seed(round_: int, workload: str) -> int:
+    """The prompts' seed: the same for every system (they answer the same prompts), another for
+    each round and workload (a workload's prompts never start with another's)."""
+    return 1000 * round_ + wl.WORKLOADS.index(workload)
 
 
 def _sized(s: sysmod.System, sizes: Sizes, say: Callable[[str], None]) -> Sizes:

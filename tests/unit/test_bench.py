@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from typer.testing import CliRunner
@@ -122,3 +123,10 @@ def test_the_machine_is_named_by_its_gpus():
     lines = ["NVIDIA H200, 143771 MiB, 580.159.04", "NVIDIA H200, 143771 MiB, 580.159.04"]
     assert b.gpu_summary(lines) == "2 x NVIDIA H200 (143771 MiB, driver 580.159.04)"
     assert b.gpu_summary([]) == ""
+
+
+def test_no_workload_or_round_draws_another_ones_prompts():
+    seeds = [b.seed(r, w) for r in range(3) for w in wl.WORKLOADS]
+    assert len(set(seeds)) == len(seeds)
+    first = {w: wl.prompt(random.Random(b.seed(0, w)), 8) for w in wl.WORKLOADS}
+    assert len({tuple(p) for p in first.values()}) == len(wl.WORKLOADS)

@@ -367,11 +367,17 @@ def cache_server(
     dir: Annotated[Path | None, typer.Option("--dir", help="Disk tier directory; none: memory only.")] = None,
     disk_gb: Annotated[float, typer.Option(help="Disk tier budget, GiB.")] = 50.0,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+    shm_dir: Annotated[
+        Path | None, typer.Option(help="Where the memory tier's shared-memory file lives (default /dev/shm).")
+    ] = None,
 ) -> None:
-    """The shared KV cache: a memory tier over a disk tier, served to every instance over the transport.
+    """The shared KV cache: a memory tier over a disk tier, served to every instance.
 
-    Chunks put by any instance are found by all; the disk tier survives restarts (its index is
-    rebuilt from the files at start; damaged files are dropped). Ctrl-C or SIGTERM flushes and stops.
+    The memory tier is a shared-memory arena of --cpu-gb, allocated at start: instances on this host
+    map it and copy chunks in and out of it themselves (on GPUs by DMA); instances on other hosts
+    reach it over --listen. Chunks put by any instance are found by all; the disk tier is written
+    behind from memory and survives restarts (its index is rebuilt from the files at start; damaged
+    files are dropped). Ctrl-C or SIGTERM flushes and stops.
 
     Example: pdrun cache-server --listen tcp://127.0.0.1:15000 --cpu-gb 8 --dir /var/cache/pdrun --disk-gb 200
     """
@@ -379,6 +385,7 @@ def cache_server(
     import threading
 
     from pd.logs import setup_logging
+    from storage.arena import PAGE, Arena
     from storage.server import CacheServer, serve_metrics
     from storage.tiers import DiskTier, MemoryTier, TieredStore
 
@@ -386,13 +393,17 @@ def cache_server(
     if cpu_gb <= 0 or disk_gb <= 0:
         _fail(f"--cpu-gb and --disk-gb must be > 0, got {cpu_gb} and {disk_gb}")
     gib = 1 << 30
-    store = TieredStore(MemoryTier(int(cpu_gb * gib)), DiskTier(dir, int(disk_gb * gib)) if dir else None)
+    try:
+        memory = MemoryTier(int(cpu_gb * gib), Arena.create(int(cpu_gb * gib) + PAGE, shm_dir))
+    except (OSError, ValueError) as e:
+        _fail(f"--cpu-gb {cpu_gb:g}: {e}")
+    store = TieredStore(memory, DiskTier(dir, int(disk_gb * gib)) if dir else None)
     try:
         server = CacheServer(listen, store)
     except (OSError, ValueError) as e:
         store.close()
         _fail(f"cannot listen on {listen}: {e}")
-    metrics = serve_metrics(store, "127.0.0.1", metrics_port) if metrics_port is not None else None
+    metrics = serve_metrics(store, "127.0.0.1", metrics_port, server.local) if metrics_port is not None else None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

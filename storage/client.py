@@ -101,6 +101,16 @@ class CacheClient:
             self._failed("put", e)
             return False
 
+    def local(self) -> dict[str, Any] | None:
+        """Where the server offers its tier through this host's memory (storage/local.py); None
+        when it cannot say or offers none."""
+        try:
+            with self.pool.connection(self.address) as conn:
+                return dict(conn.call("local").meta) or None
+        except (TransferError, OSError) as e:
+            log.info("cache %s: no shared-memory tier (%s)", self.address, e)
+            return None
+
     def stats(self) -> dict[str, Any]:
         with self.pool.connection(self.address) as conn:
             return conn.call("stats").meta

@@ -5,16 +5,20 @@ Ops (keys are hex chunk keys, in prompt order):
     get {keys}           -> a "chunk" frame per leading stored key, then {"count": n}
     put key, payload, {meta} -> {"stored": bool}
     stats                -> per-tier counters
+    local                -> where an instance on this host reaches the tier through shared memory
+                            (storage/local.py), or {} when it does not offer that
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import transfer
+from storage.local import LocalService
 from storage.tiers import TieredStore
 from transfer import Frame, Header, Service
 
@@ -38,8 +42,9 @@ class CacheService(Service):
     """Each connection's thread reuses one buffer for the chunks it receives and one for those it
     sends: no allocation (and no page faults) per chunk once warm."""
 
-    def __init__(self, store: TieredStore, max_chunk_bytes: int = MAX_CHUNK_BYTES):
+    def __init__(self, store: TieredStore, max_chunk_bytes: int = MAX_CHUNK_BYTES, local: LocalService | None = None):
         self.store = store
+        self.local = local
         self.max_chunk_bytes = max_chunk_bytes
         self._local = threading.local()
 
@@ -84,19 +89,30 @@ class CacheService(Service):
             return {"stored": self.store.put(request.key, data, meta, request.checksum)}
         if op == "stats":
             return self.store.stats()
-        raise ValueError(f"unknown op {op!r} (the cache serves lookup, get, put, stats)")
+        if op == "local":
+            return dataclasses.asdict(self.local.info()) if self.local is not None else {}
+        raise ValueError(f"unknown op {op!r} (the cache serves lookup, get, put, stats, local)")
 
 
 class CacheServer:
-    """A TieredStore behind a transport listener; `close()` stops serving and flushes the disk writes."""
+    """A TieredStore behind a transport listener, and for instances on this host its arena
+    (`local`, storage/local.py); `close()` stops serving and flushes the disk writes."""
 
-    def __init__(self, address: str, store: TieredStore):
+    def __init__(self, address: str, store: TieredStore, local: bool = True):
         self.store = store
-        self.listener = transfer.listen(address, CacheService(store))
+        self.local = LocalService(store) if local else None
+        try:
+            self.listener = transfer.listen(address, CacheService(store, local=self.local))
+        except BaseException:
+            if self.local is not None:
+                self.local.close()
+            raise
         self.address = self.listener.address
 
     def close(self) -> None:
         self.listener.close()
+        if self.local is not None:
+            self.local.close()
         self.store.close()
 
     def __enter__(self) -> CacheServer:
@@ -112,8 +128,9 @@ class StoreCollector:
     COUNTERS = ("hits", "misses", "puts", "bytes_in", "bytes_out", "evictions", "dropped_corrupt")
     GAUGES = ("entries", "bytes_used")
 
-    def __init__(self, store: TieredStore):
+    def __init__(self, store: TieredStore, local: LocalService | None = None):
         self.store = store
+        self.local = local
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -134,13 +151,23 @@ class StoreCollector:
             asked = values.get("hits", 0) + values.get("misses", 0)
             ratio.add_metric([tier], values.get("hits", 0) / asked if asked else 0.0)
         yield ratio
+        if self.local is not None:
+            requests = CounterMetricFamily(
+                "pdrun:cache_local_requests", "requests of instances on this host, by op", labels=["op"]
+            )
+            for op, n in sorted(self.local.requests.items()):
+                requests.add_metric([op], n)
+            yield requests
+            yield GaugeMetricFamily(
+                "pdrun:cache_leases", "chunk leases held now by instances on this host", value=self.local.leases()
+            )
 
 
-def serve_metrics(store: TieredStore, host: str, port: int) -> Any:
+def serve_metrics(store: TieredStore, host: str, port: int, local: LocalService | None = None) -> Any:
     """`/metrics` for Prometheus on host:port, from a thread; returns the HTTP server (shutdown() stops it)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(StoreCollector(store))  # type: ignore[arg-type]
+    registry.register(StoreCollector(store, local))  # type: ignore[arg-type]
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

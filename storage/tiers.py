@@ -1,8 +1,10 @@
 """Where chunks are kept: memory over disk, each with a byte budget and LRU eviction.
 
 A chunk is an opaque payload (the KV of `chunk_size` tokens) under its chained key, with a little
-metadata (layout, token count) that must come back with it. Readers get copies, made under the
-tier's lock, so a chunk evicted or replaced meanwhile never reaches them half-written.
+metadata (layout, token count) that must come back with it. A key names its bytes: a chunk is
+stored once, never replaced. The memory tier's chunks live in a shared-memory arena
+(storage/arena.py); readers get copies made under the tier's lock, or pin chunks and read them in
+place, so a chunk evicted meanwhile never reaches them half-written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from storage.arena import PAGE, Arena
 from transfer.errors import TransferError
 from transfer.wire import PREFIX, Header, checksum, decode_header, decode_prefix, encode_header, verify
 
@@ -61,97 +64,212 @@ class ChunkStore(Protocol):
     def stats(self) -> dict[str, dict[str, int]]: ...
 
 
-class BufferPool:
-    """Reuses the buffers of evicted chunks for new ones of the same size: no allocation per chunk
-    once warm. On CUDA hosts `allocate` gives pinned memory, so loads to the GPU copy at full speed."""
+@dataclass
+class Entry:
+    """A chunk in the arena: readable once committed; never evicted while pinned (read or written)."""
 
-    def __init__(self, allocate: Callable[[int], Buffer] | None = None, keep_bytes: int = 1 << 30):
-        self.allocate = allocate or bytearray
-        self.keep_bytes = keep_bytes
-        self.free: dict[int, list[Buffer]] = {}
-        self.free_bytes = 0
-
-    def take(self, nbytes: int) -> Buffer:
-        spare = self.free.get(nbytes)
-        if spare:
-            self.free_bytes -= nbytes
-            return spare.pop()
-        return self.allocate(nbytes)
-
-    def give(self, buf: Buffer, nbytes: int) -> None:
-        if self.free_bytes + nbytes <= self.keep_bytes:
-            self.free.setdefault(nbytes, []).append(buf)
-            self.free_bytes += nbytes
+    offset: int
+    nbytes: int
+    meta: dict[str, Any]
+    digest: int | None = None
+    committed: bool = True
+    pins: int = 0
+    unsaved: bool = False  # waits for the disk: evicted only when nothing else can be
 
 
 class MemoryTier:
-    def __init__(self, budget_bytes: int, pool: BufferPool | None = None):
+    """Chunks in an arena (storage/arena.py), LRU over those neither pinned nor being written.
+
+    Besides whole-chunk `put` and `get` (copies, made under the tier's lock), a writer may
+    `reserve` a slot, fill it itself and `commit` it, and a reader may `pin` chunks and read their
+    slots in place: the same-host instances move chunks this way, without a copy by the server."""
+
+    def __init__(self, budget_bytes: int, arena: Arena | None = None):
         if budget_bytes <= 0:
             raise ValueError(f"memory tier budget must be > 0 bytes, got {budget_bytes}")
-        self.budget = budget_bytes
-        self.pool = pool or BufferPool(keep_bytes=min(budget_bytes // 8, 1 << 30))
-        self._chunks: OrderedDict[bytes, tuple[Buffer, int, dict[str, Any], int | None]] = OrderedDict()
+        self.arena = arena or Arena.create(budget_bytes + PAGE)
+        self.budget = self.arena.size - PAGE
+        self._chunks: OrderedDict[bytes, Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._stats = TierStats()
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
-            return key in self._chunks
+            entry = self._chunks.get(key)
+            return entry is not None and entry.committed
+
+    def _has(self, key: bytes) -> bool:
+        entry = self._chunks.get(key)
+        return entry is not None and entry.committed
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         with self._lock:
-            return leading(keys, self._chunks.__contains__)
+            return leading(keys, self._has)
 
     def get(self, key: bytes, into: Callable[[int], Buffer] | None = None) -> Chunk | None:
         """A copy of the chunk: into the buffer `into(nbytes)` gives, if given, so a caller that
         reuses one buffer allocates nothing per chunk."""
         with self._lock:
             entry = self._chunks.get(key)
-            if entry is None:
+            if entry is None or not entry.committed:
                 self._stats.misses += 1
                 return None
             self._chunks.move_to_end(key)
-            buf, nbytes, meta, digest = entry
             self._stats.hits += 1
-            self._stats.bytes_out += nbytes
-            src = memoryview(buf).cast("B")[:nbytes]
+            self._stats.bytes_out += entry.nbytes
+            src = self.arena.view(entry.offset, entry.nbytes)
             if into is None:
-                return Chunk(bytes(src), dict(meta), digest)
-            dst = memoryview(into(nbytes)).cast("B")[:nbytes]
+                return Chunk(bytes(src), dict(entry.meta), entry.digest)
+            dst = memoryview(into(entry.nbytes)).cast("B")[: entry.nbytes]
             dst[:] = src
-            return Chunk(dst, dict(meta), digest)
+            return Chunk(dst, dict(entry.meta), entry.digest)
 
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
+        """Store a copy of `data`; True also when the key is already held (a key names its bytes)."""
         src = memoryview(data).cast("B")
-        nbytes = src.nbytes
-        if nbytes > self.budget:
-            return False
-        with self._lock:
-            old = self._chunks.pop(key, None)
-            if old is not None:
-                self._release(old)
-            while self._stats.bytes_used + nbytes > self.budget:
-                _, victim = self._chunks.popitem(last=False)
-                self._release(victim)
-                self._stats.evictions += 1
-            buf = self.pool.take(nbytes)
-            memoryview(buf).cast("B")[:nbytes] = src
-            self._chunks[key] = (buf, nbytes, dict(meta or {}), digest)
-            self._stats.puts += 1
-            self._stats.bytes_in += nbytes
-            self._stats.bytes_used += nbytes
-            self._stats.entries = len(self._chunks)
+        entry = self.reserve(key, src.nbytes, meta, digest)
+        if entry is None:
+            return key in self
+        self.arena.view(entry.offset, entry.nbytes)[:] = src
+        self.commit(key)
         return True
 
-    def _release(self, entry: tuple[Buffer, int, dict[str, Any], int | None]) -> None:
-        buf, nbytes, _, _ = entry
-        self._stats.bytes_used -= nbytes
+    def reserve(
+        self, key: bytes, nbytes: int, meta: dict[str, Any] | None = None, digest: int | None = None
+    ) -> Entry | None:
+        """A slot for the caller to fill, then `commit` (or `abort`); None when the key is held or
+        being written already, or no slot can be freed."""
+        with self._lock:
+            if key in self._chunks or nbytes > self.budget:
+                return None
+            offset = self._allocate(nbytes)
+            if offset is None:
+                return None
+            entry = Entry(offset, nbytes, dict(meta or {}), digest, committed=False, pins=1)
+            self._chunks[key] = entry
+            self._stats.bytes_used += nbytes
+            self._stats.entries = len(self._chunks)
+            return entry
+
+    def _allocate(self, nbytes: int) -> int | None:
+        """A free slot, evicting the least recently used chunks nobody pins until one is: those
+        already on disk (or with no disk behind) first, and of those the ones of the same size
+        (their slots fit)."""
+        offset = self.arena.alloc(nbytes)
+        for unsaved, same_size in ((False, True), (False, False), (True, True), (True, False)):
+            if offset is not None:
+                return offset
+            for key in list(self._chunks):
+                entry = self._chunks[key]
+                if entry.pins or entry.unsaved != unsaved or (same_size and entry.nbytes != nbytes):
+                    continue
+                self._drop(key)
+                self._stats.evictions += 1
+                offset = self.arena.alloc(nbytes)
+                if offset is not None:
+                    return offset
+        return offset
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._chunks.pop(key)
+        self.arena.free(entry.offset, entry.nbytes)
+        self._stats.bytes_used -= entry.nbytes
         self._stats.entries = len(self._chunks)
-        self.pool.give(buf, nbytes)
+
+    def commit(self, key: bytes, digest: int | None = None) -> bool:
+        """The reserved slot is filled: the chunk is served from now on."""
+        with self._lock:
+            entry = self._chunks.get(key)
+            if entry is None or entry.committed:
+                return False
+            entry.committed, entry.pins = True, entry.pins - 1
+            entry.digest = digest if digest is not None else entry.digest
+            self._stats.puts += 1
+            self._stats.bytes_in += entry.nbytes
+            return True
+
+    def abort(self, key: bytes) -> None:
+        """A reservation that will not be filled: its slot is free again."""
+        with self._lock:
+            entry = self._chunks.get(key)
+            if entry is not None and not entry.committed:
+                self._drop(key)
+
+    def pin(self, keys: Sequence[bytes], count: bool = True) -> list[Entry]:
+        """The leading committed chunks of `keys`, pinned (not evicted) until `unpin`ned; counted
+        as hits and misses unless the tier pins them for itself (`count` false)."""
+        pinned: list[Entry] = []
+        with self._lock:
+            for key in keys:
+                entry = self._chunks.get(key)
+                if entry is None or not entry.committed:
+                    self._stats.misses += count
+                    break
+                entry.pins += 1
+                if count:
+                    self._chunks.move_to_end(key)
+                    self._stats.hits += 1
+                    self._stats.bytes_out += entry.nbytes
+                pinned.append(entry)
+        return pinned
+
+    def unpin(self, entries: Sequence[Entry]) -> None:
+        with self._lock:
+            for entry in entries:
+                entry.pins -= 1
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether `nbytes` fit without evicting a chunk that waits for the disk."""
+        with self._lock:
+            if self.arena.used + nbytes <= self.budget:
+                return True
+            return any(not e.pins and not e.unsaved and e.nbytes >= nbytes for e in self._chunks.values())
+
+    def mark_unsaved(self, key: bytes, unsaved: bool) -> None:
+        """Whether the chunk still waits for its disk copy (kept over chunks that do not)."""
+        with self._lock:
+            entry = self._chunks.get(key)
+            if entry is not None:
+                entry.unsaved = unsaved
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {"memory": dict(vars(self._stats))}
+
+    def close(self) -> None:
+        self.arena.close()
+
+
+@dataclass
+class DiskChunk:
+    """A chunk file's header, read so that its payload can go straight into a buffer of its size."""
+
+    path: Path
+    header: Header
+    offset: int  # where the payload starts
+
+    @classmethod
+    def open(cls, path: Path, key: bytes) -> DiskChunk:
+        with open(path, "rb") as f:
+            prefix = f.read(PREFIX.size)
+            if len(prefix) < PREFIX.size:
+                raise ValueError(f"truncated: {len(prefix)} bytes")
+            hlen = decode_prefix(prefix)
+            header = decode_header(f.read(hlen), max_payload=1 << 40)
+        if header.key != key:
+            raise ValueError("the file holds another key")
+        if header.checksum is None:
+            raise ValueError("no checksum")
+        return cls(path, header, PREFIX.size + hlen)
+
+    def read_into(self, into: memoryview) -> None:
+        """The payload into `into` (header.nbytes long), verified; ValueError or TransferError if damaged."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            got = f.readinto(into)
+        if got != self.header.nbytes:
+            raise ValueError(f"truncated: {got} of {self.header.nbytes} payload bytes")
+        verify(self.header, into)
 
 
 class DiskTier:
@@ -189,8 +307,24 @@ class DiskTier:
         self.disabled = reason
 
     def _path(self, key: bytes) -> Path:
+        return self.path_in(self.dir, key)
+
+    @classmethod
+    def path_in(cls, directory: Path, key: bytes) -> Path:
         h = key.hex()
-        return self.dir / h[:2] / f"{h}{self.SUFFIX}"
+        return directory / h[:2] / f"{h}{cls.SUFFIX}"
+
+    def count_hit(self, nbytes: int) -> None:
+        """A chunk an instance on this host read from this tier's files itself."""
+        with self._lock:
+            self._stats.hits += 1
+            self._stats.bytes_out += nbytes
+
+    def drop(self, key: bytes) -> None:
+        """A damaged file a reader found: deleted, never served."""
+        self._forget(key, corrupt=True)
+        with contextlib.suppress(OSError):
+            self._path(key).unlink()
 
     def _scan(self) -> None:
         found: list[tuple[float, bytes, int]] = []
@@ -326,27 +460,32 @@ class DiskTier:
 
 
 class TieredStore:
-    """Memory over disk: puts land in memory and are written to disk behind, off the caller's
-    thread; gets try memory, then disk, and promote what disk had."""
+    """Memory over disk: chunks land in memory and are written to disk behind, from the arena, by
+    a thread paced by the disk; gets try memory, then disk, and promote what disk had. A chunk
+    evicted from memory before its turn came is not on disk (counted: `write_behind_dropped`)."""
 
-    def __init__(self, memory: MemoryTier, disk: DiskTier | None = None, write_queue_bytes: int | None = None):
+    def __init__(self, memory: MemoryTier, disk: DiskTier | None = None):
         self.memory = memory
         self.disk = disk
-        # Copies waiting for the disk are bounded in bytes: a put waits up to write_wait_s for room
-        # (a burst is paced by the disk), then gives up the disk copy (memory still has the chunk).
-        self.write_queue_bytes = write_queue_bytes or min(max(memory.budget // 4, 1 << 26), 1 << 30)
-        self.write_wait_s = 1.0
-        self._queued = 0
-        self._queued_cond = threading.Condition()
-        self._writes: queue.Queue[tuple[bytes, bytes, dict[str, Any], int | None] | None] = queue.Queue()
+        self._writes: queue.Queue[bytes | None] = queue.Queue()
+        self._written = threading.Condition()
+        self.write_wait_s = 1.0  # a put waits this long for the disk before a chunk it waits for is evicted
         self.write_behind_dropped = 0
         self._writer: threading.Thread | None = None
         if disk is not None:
             self._writer = threading.Thread(target=self._write_behind, name="pdrun-cache-writer", daemon=True)
             self._writer.start()
 
+    def _anywhere(self, key: bytes) -> bool:
+        return key in self.memory or (self.disk is not None and key in self.disk)
+
     def lookup(self, keys: Sequence[bytes]) -> int:
-        return leading(keys, lambda k: k in self.memory or (self.disk is not None and k in self.disk))
+        return leading(keys, self._anywhere)
+
+    def where(self, keys: Sequence[bytes]) -> tuple[int, int]:
+        """(leading keys in memory, leading keys in memory or on disk)."""
+        in_memory = self.memory.lookup(keys)
+        return in_memory, in_memory + leading(keys[in_memory:], self._anywhere)
 
     def get(self, key: bytes, into: Callable[[int], Buffer] | None = None) -> Chunk | None:
         """The chunk from memory (copied into `into(nbytes)` if given), else from disk, promoted."""
@@ -358,33 +497,46 @@ class TieredStore:
         return chunk
 
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
-        stored = self.memory.put(key, data, meta, digest)
+        """Store a copy; with a disk behind, a burst is paced by the disk (each put waits up to
+        `write_wait_s` for room that costs no chunk its disk copy)."""
         if self.disk is not None and not self.disk.disabled:
-            src = memoryview(data).cast("B")
-            limit = max(self.write_queue_bytes, src.nbytes)
-            with self._queued_cond:
-                room = self._queued_cond.wait_for(lambda: self._queued + src.nbytes <= limit, self.write_wait_s)
-                if room:
-                    self._queued += src.nbytes
-                else:
-                    self.write_behind_dropped += 1  # the disk is behind: memory still has it
-            if room:
-                self._writes.put((key, bytes(src), dict(meta or {}), digest))
-            stored = True
+            nbytes = memoryview(data).nbytes
+            with self._written:
+                self._written.wait_for(lambda: self.memory.has_room(nbytes), self.write_wait_s)
+        stored = self.memory.put(key, data, meta, digest)
+        if stored:
+            self.stored(key)
         return stored
+
+    def stored(self, key: bytes) -> None:
+        """`key` was committed to memory: write it to disk behind."""
+        if self.disk is not None and not self.disk.disabled:
+            self.memory.mark_unsaved(key, True)
+            self._writes.put(key)
 
     def _write_behind(self) -> None:
         assert self.disk is not None
-        while (item := self._writes.get()) is not None:
-            key, data, meta, digest = item
+        while (key := self._writes.get()) is not None:
             try:
-                if key not in self.disk:
-                    self.disk.put(key, data, meta, digest)
+                if key in self.disk:
+                    self.memory.mark_unsaved(key, False)
+                    continue
+                pinned = self.memory.pin([key], count=False)
+                if not pinned:
+                    self.write_behind_dropped += 1  # evicted from memory before the disk's turn
+                    continue
+                entry = pinned[0]
+                try:
+                    self.disk.put(key, self.memory.arena.view(entry.offset, entry.nbytes), entry.meta, entry.digest)
+                finally:
+                    self.memory.mark_unsaved(key, False)
+                    self.memory.unpin(pinned)
+            except Exception:  # never let one chunk stop the writer
+                log.exception("writing chunk %s to disk failed", key.hex())
             finally:
-                with self._queued_cond:
-                    self._queued -= len(data)
-                    self._queued_cond.notify_all()
                 self._writes.task_done()
+                with self._written:
+                    self._written.notify_all()
         self._writes.task_done()
 
     def flush(self) -> None:
@@ -397,6 +549,7 @@ class TieredStore:
             self._writes.put(None)
             self._writer.join()
             self._writer = None
+        self.memory.close()
 
     def stats(self) -> dict[str, dict[str, int]]:
         out = self.memory.stats()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from storage.tiers import BufferPool, DiskTier, MemoryTier, TieredStore
+from storage.tiers import DiskTier, MemoryTier, TieredStore
 
 CHUNK = 4096
 
@@ -40,18 +40,34 @@ def test_memory_tier_keeps_its_budget_and_evicts_the_least_recently_used():
     assert not mem.put(key(99), b"x" * (11 * CHUNK))  # larger than the whole budget
 
 
-def test_memory_tier_reuses_evicted_buffers():
-    allocated = []
-
-    def allocate(n: int) -> bytearray:
-        allocated.append(n)
-        return bytearray(n)
-
-    mem = MemoryTier(budget_bytes=4 * CHUNK, pool=BufferPool(allocate, keep_bytes=4 * CHUNK))
+def test_memory_tier_reuses_the_slots_of_evicted_chunks():
+    mem = MemoryTier(budget_bytes=4 * CHUNK)
     for i in range(100):
-        mem.put(key(i), payload(i))
-    assert len(allocated) == 4  # the budget's worth, for 100 puts
+        assert mem.put(key(i), payload(i))
+    assert mem.arena.used == 4 * CHUNK  # the budget's worth of slots, for 100 puts
     assert all(mem.get(key(i)).data == payload(i) for i in range(96, 100))
+    mem.close()
+
+
+def test_a_pinned_or_reserved_chunk_is_never_evicted_and_a_held_key_is_not_copied_again():
+    mem = MemoryTier(budget_bytes=2 * CHUNK)
+    mem.put(key(0), payload(0))
+    (pinned,) = mem.pin([key(0)])
+    writing = mem.reserve(key(1), CHUNK, {"i": 1})
+    assert writing is not None and key(1) not in mem  # not served before it is committed
+    assert mem.reserve(key(2), CHUNK) is None  # both slots pinned: no room, nothing evicted
+    assert mem.reserve(key(0), CHUNK) is None and mem.put(key(0), payload(9))  # held: not copied again
+    assert mem.get(key(0)).data == payload(0)
+    mem.arena.view(writing.offset, CHUNK)[:] = payload(1)
+    assert mem.commit(key(1)) and mem.get(key(1)).data == payload(1)
+    mem.unpin([pinned])
+    assert mem.put(key(2), payload(2))  # now 0, the least recently used, gives its slot
+    assert key(0) not in mem and mem.get(key(2)).data == payload(2)
+    assert mem.reserve(key(3), CHUNK) is not None  # evicts 1
+    mem.abort(key(3))  # an abandoned reservation frees its slot
+    assert key(3) not in mem and key(2) in mem and mem.stats()["memory"]["entries"] == 1
+    assert mem.arena.used == CHUNK
+    mem.close()
 
 
 def test_disk_tier_survives_a_restart_and_rebuilds_its_index(tmp_path):
@@ -170,11 +186,11 @@ def test_concurrent_puts_and_gets_never_tear(tmp_path):
     def worker(w: int) -> None:
         for n in range(300):
             i = (w * 7 + n) % 40
-            version = n % 3
-            store.put(key(i), payload(i, version), {"v": version})
-            got = store.get(key((i + 5) % 40))
-            if got is not None and got.data != payload((i + 5) % 40, got.meta["v"]):
-                errors.append(f"torn read of chunk {(i + 5) % 40}")
+            store.put(key(i), payload(i), {"i": i})
+            j = (i + 5) % 40
+            got = store.get(key(j))
+            if got is not None and (got.data != payload(j) or got.meta != {"i": j}):
+                errors.append(f"torn read of chunk {j}")
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
     for t in threads:
@@ -186,8 +202,8 @@ def test_concurrent_puts_and_gets_never_tear(tmp_path):
     assert not errors
 
 
-def test_a_burst_of_puts_is_paced_by_the_disk_not_dropped(tmp_path):
-    store = TieredStore(MemoryTier(64 * CHUNK), DiskTier(tmp_path, 64 * (CHUNK + 200)), write_queue_bytes=CHUNK)
+def test_every_chunk_reaches_the_disk_while_memory_holds_it(tmp_path):
+    store = TieredStore(MemoryTier(64 * CHUNK), DiskTier(tmp_path, 64 * (CHUNK + 200)))
     for i in range(20):
         assert store.put(key(i), payload(i))
     store.flush()

@@ -68,7 +68,21 @@ class ConnectorConfig(BaseModel):
     cache_timeout_s: float = Field(2.0, gt=0, description="longest wait on the cache for one call; then a miss")
     cache_retry_s: float = Field(5.0, ge=0, description="after a cache failure, skip the cache this long")
     cache_write_queue_mb: float = Field(
-        512, gt=0, description="chunks waiting to be written behind to the cache; beyond, new ones are dropped"
+        512,
+        gt=0,
+        description="chunks waiting to be written behind to a cache server on another host; beyond, new ones "
+        "are dropped (on the server's own host chunks go through its shared memory and wait for nothing)",
+    )
+    cache_local: bool = Field(
+        True,
+        description="on the cache server's host, move chunks through its shared memory (the server's arena, "
+        "mapped here; control messages over a unix socket) instead of its network port",
+    )
+    cache_disk_load: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="load chunks the tier has only on disk: auto: when this instance reads them faster than it "
+        "prefills (both measured as it runs; until then it reads two chunks of a prompt from disk, to measure "
+        "the disk); always; never (recompute them)",
     )
     fingerprint_extra: str = Field(
         "", description="mixed into chunk keys: instances with different values never share KV"

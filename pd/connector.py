@@ -21,8 +21,10 @@ Consumer (decoder), for requests carrying that hand-off: the scheduler side chec
 
 With a cache tier (`cache` in the config), in any role: the scheduler side asks the tier how many
   leading full chunks of a prompt it holds and loads them, asynchronously like a hand-off, instead
-  of recomputing them; every full chunk an instance computes is written behind to the tier by a
-  worker thread; a decoder whose prefiller no longer has a chunk takes it from the tier.
+  of recomputing them; every full chunk an instance computes is stored in the tier off the forward
+  pass; a decoder whose prefiller no longer has a chunk takes it from the tier. On the cache
+  server's host, chunks go through its shared-memory arena by the instance's own copies
+  (pd/tier.py); elsewhere over its network port, written behind by a thread (pd/write_behind.py).
 
 Block ids come from the scheduler side (the scheduler output and the blocks vLLM allocated), as
 vLLM's offloading and NIXL connectors take them: the CPU backend has no attention metadata to read
@@ -59,8 +61,10 @@ from pd.logs import setup_logging
 from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
 from pd.staging import Staged, StagingPool, StagingService
 from pd.stats import PDPromMetrics, PDStats, StatsCounter
+from pd.tier import SharedTier
 from pd.write_behind import WriteBehind
 from storage.client import CacheClient
+from storage.local import LocalClient, LocalError
 from transfer import ConnectionPool, ProtocolError
 
 if TYPE_CHECKING:
@@ -92,6 +96,13 @@ def _cache_client(cfg: ConnectorConfig) -> CacheClient | None:
         connect=lambda addr: transfer.connect(addr, **cfg.transfer_options(t)),
         retry_after_s=cfg.cache_retry_s,
     )
+
+
+def _local_client(cache: CacheClient | None, cfg: ConnectorConfig) -> LocalClient | None:
+    """The cache tier through this host's shared memory, when its server runs here."""
+    if cache is None or not cfg.cache_local:
+        return None
+    return LocalClient.discover(cache.local(), cfg.cache_timeout_s)
 
 
 def _endpoints(vllm_config: VllmConfig, cfg: ConnectorConfig) -> list[str]:
@@ -179,6 +190,9 @@ class PDConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any) -> None:
         assert self._sched is not None
         self._sched.loads_finished(connector_output.finished_recving or ())
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        if stats is not None:
+            self._sched.rates.disk_read(stats.data)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -276,6 +290,9 @@ class _SchedulerSide:
         self.fingerprint_hex = self.fingerprint.seed().hex()
         self.endpoints = _endpoints(vllm_config, cfg)
         self.cache = _cache_client(cfg)
+        self.local = _local_client(self.cache, cfg)
+        self._local_retry_at = 0.0
+        self.rates = Rates(cfg.chunk_size)
         if (self.is_consumer or self.cache is not None) and ktc.kv_load_failure_policy != "recompute":
             # A load that fails must cost a local prefill, never the request.
             log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
@@ -360,10 +377,37 @@ class _SchedulerSide:
         keys = chunk_keys(self.fingerprint, prompt[: len(prompt) - _computed_here(False)], full_only=True)
         if not keys:
             return None
-        held = self.cache.lookup(keys)
+        if self.local is not None:
+            in_memory, anywhere = self._where(keys)
+            held = in_memory + self._from_disk(anywhere - in_memory)
+        else:
+            held = self.cache.lookup(keys)
         size = self.cfg.chunk_size
         self._meta.lookups.append((len(keys) * size, held * size))
         return _Incoming(keys[:held], held * size, held * size)
+
+    def _where(self, keys: list[bytes]) -> tuple[int, int]:
+        """The shared-memory tier's answer; after a failure a miss for cache_retry_s, then the
+        server is asked again where its tier is (a restarted server has another arena)."""
+        assert self.local is not None
+        if time.monotonic() < self._local_retry_at:
+            return 0, 0
+        try:
+            return self.local.where(keys)
+        except LocalError as e:
+            log.warning("cache tier lookup failed, skipping the tier for %g s: %s", self.cfg.cache_retry_s, e)
+        self._local_retry_at = time.monotonic() + self.cfg.cache_retry_s
+        fresh = _local_client(self.cache, self.cfg)
+        if fresh is not None:
+            self.local.close()
+            self.local = fresh
+        return 0, 0
+
+    def _from_disk(self, on_disk: int) -> int:
+        """How many of the `on_disk` chunks that follow those in memory are loaded (cache_disk_load)."""
+        if self.cfg.cache_disk_load != "auto":
+            return on_disk if self.cfg.cache_disk_load == "always" else 0
+        return self.rates.disk_chunks(on_disk)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         state = self._incoming_of(request)
@@ -458,6 +502,7 @@ class _SchedulerSide:
         self._meta.saves.extend(s for s in saves if s.stage or s.cache)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        self.rates.step(scheduler_output.total_num_scheduled_tokens)
         self._track_blocks(scheduler_output)
         meta, self._meta = self._meta, PDMetadata()
         return meta
@@ -507,8 +552,56 @@ class _SchedulerSide:
         return False, {**handoff_params(handoff), TIMING: timing}
 
     def shutdown(self) -> None:
+        if self.local is not None:
+            self.local.close()
         if self.cache is not None:
             self.cache.close()
+
+
+class Rates:
+    """What this instance measures as it runs, to load from disk only what pays: its prefill rate
+    (tokens of the steps that computed at least a chunk, over the time to the next step) and its
+    disk loads' rate (tokens over seconds, as its workers report them)."""
+
+    ALPHA = 0.2  # weight of the newest sample
+    PROBE_CHUNKS = 2  # read from disk while its rate is not known yet
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+        self.prefill: float | None = None  # tokens/s
+        self.disk: float | None = None
+        self._last: tuple[float, int] | None = None
+
+    @classmethod
+    def _mix(cls, old: float | None, sample: float) -> float:
+        return sample if old is None else (1 - cls.ALPHA) * old + cls.ALPHA * sample
+
+    def step(self, tokens: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            then, computed = self._last
+            if computed >= self.chunk_size and 0 < now - then < 2.0:  # not an idle gap
+                self.prefill = self._mix(self.prefill, computed / (now - then))
+        self._last = (now, tokens)
+
+    def disk_read(self, stats: dict[str, Any]) -> None:
+        tokens, seconds = stats.get("cache_disk_loaded_tokens", 0), stats.get("cache_disk_load_seconds", 0.0)
+        if tokens and seconds > 0:
+            self.disk = self._mix(self.disk, tokens / seconds)
+
+    def disk_chunks(self, on_disk: int) -> int:
+        """How many of `on_disk` chunks to read: all where that pays, none where it does not, a
+        few while that is not known (to measure the disk)."""
+        pays = self.disk_pays()
+        if pays is None:
+            return min(on_disk, self.PROBE_CHUNKS)
+        return on_disk if pays else 0
+
+    def disk_pays(self) -> bool | None:
+        """Whether reading from disk beats computing; None until both are measured."""
+        if self.disk is None or self.prefill is None:
+            return None
+        return self.disk > self.prefill
 
 
 class _WorkerSide:
@@ -530,8 +623,12 @@ class _WorkerSide:
         self.listener: transfer.Listener | None = None
         self._conns = ConnectionPool(lambda addr: transfer.connect(addr, **cfg.transfer_options()))
         self.cache = _cache_client(cfg)
+        self.local = _local_client(self.cache, cfg)
+        self.tier: SharedTier | None = None  # the local tier, once the KV caches are known
+        self._tier_lock = threading.Lock()
+        self._tier_retry_at = 0.0
         self.writer: WriteBehind | None = None
-        if cfg.cache is not None:
+        if cfg.cache is not None and self.local is None:
             self.writer = WriteBehind(_cache_client(cfg), int(cfg.cache_write_queue_mb * (1 << 20)), self._stored)  # type: ignore[arg-type]
         self._loader = ThreadPoolExecutor(cfg.load_threads, thread_name_prefix="pdrun-load")
         lanes = cfg.lanes()  # a load thread pulls its first lane itself, the others run here
@@ -553,6 +650,8 @@ class _WorkerSide:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
         self.paged.warm_up()
         self.on_device = self.cfg.chunks_on_device(self.paged.device, producer=self.is_producer)
+        if self.local is not None:
+            self.tier = SharedTier(self.local, self.paged, self._stored_shared)
         if self.is_producer:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
             self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate)
@@ -571,7 +670,7 @@ class _WorkerSide:
             self.paged.block_copy,
             "device" if self.on_device else "host",
             f", serving hand-offs on {self.listener.address}" if self.listener else "",
-            f", cache tier {self.cfg.cache}" if self.cache else "",
+            (f", cache tier {self.cfg.cache}" + (" through shared memory" if self.tier else "")) if self.cache else "",
         )
 
     # -- saves: staging (producer) and writing behind to the cache tier --
@@ -586,16 +685,24 @@ class _WorkerSide:
                 self.pool.release(transfer_id)
         evicted = self.pool.evicted_referenced if self.pool is not None else 0
         copied = self._finish_layerwise(meta)
+        to_tier: list[tuple[bytes, list[int]]] = []
         for s in meta.saves:
             try:
                 if copied is not None and s.stage:  # copied out layer by layer: committed above
                     staged = self.pool.get(s.key) if self.pool is not None else None
                 else:
                     staged = self._stage(s) if s.stage else None
-                if s.cache:
+                if s.cache and self.tier is not None:
+                    to_tier.append((rank_key(s.key, self.rank), s.block_ids))
+                elif s.cache:
                     self._cache(s, staged)
             except Exception:  # never the engine's problem: a decoder prefills it, the tier misses it
                 log.exception("request %s: could not copy out chunk %d", s.transfer, s.index)
+        tier = self._shared_tier()
+        if tier is not None:
+            tier.store(to_tier)
+        elif to_tier:
+            self.stats.add(cache_store_dropped=len(to_tier))
         if self.pool is not None and self.pool.evicted_referenced != evicted:
             self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)
 
@@ -671,6 +778,16 @@ class _WorkerSide:
         meta = {"layout": self.paged.describe(), "blocks": len(s.block_ids)}
         if not self.writer.submit(rank_key(s.key, self.rank), chunk, meta, ready):
             self.stats.add(cache_store_dropped=1)
+
+    def _stored_shared(self, stored: int, held: int, dropped: int, seconds: float) -> None:
+        nbytes = stored * self.paged.nbytes(self.cfg.chunk_size // self.block_size) if self.paged else 0
+        self.stats.add(
+            cache_stored_chunks=stored,
+            cache_stored_bytes=nbytes,
+            cache_store_skipped=held,
+            cache_store_dropped=dropped,
+            cache_store_seconds=seconds,
+        )
 
     def _stored(self, nbytes: int, seconds: float, stored: bool) -> None:
         if stored:
@@ -761,13 +878,47 @@ class _WorkerSide:
         assert self.cache is not None
         rest = loader.remaining()
         keys = [rank_key(c.key, self.rank) for c in rest]
-        loader.switch_source(on_device=False)  # the cache tier speaks tcp: host bytes
+        loader.switch_source(on_device=False)  # the cache tier: host bytes
         try:
-            self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
+            if self.tier is not None:
+                tier = self._shared_tier()
+                if tier is None:
+                    raise LocalError("the cache tier failed lately; skipped")
+                from_disk, seconds = tier.load(keys, loader, from_disk=True)
+                if from_disk:
+                    self.stats.add(
+                        cache_disk_loaded_tokens=from_disk * self.cfg.chunk_size, cache_disk_load_seconds=seconds
+                    )
+            else:
+                self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
         except Exception as e:  # a chunk that does not fit this cache: the rest is computed
             loader.error = f"{type(e).__name__}: {e}"
         finally:
             loader.settle()
+
+    def _shared_tier(self) -> SharedTier | None:
+        """The shared-memory tier, or None while it is skipped after a failure (cache_retry_s);
+        then the server is asked again where its tier is: a restarted server has another arena,
+        and the old one is let go once no copy uses it."""
+        with self._tier_lock:
+            tier = self.tier
+            if tier is None or not tier.failed:
+                return tier
+            if time.monotonic() < self._tier_retry_at:
+                return None
+            self._tier_retry_at = time.monotonic() + self.cfg.cache_retry_s
+            fresh = _local_client(self.cache, self.cfg)
+            if fresh is None:
+                return None
+            if fresh.info.token == tier.client.info.token:  # the same server: it failed a call, not died
+                fresh.close()
+                tier.failed = False
+                return tier
+            assert self.paged is not None
+            self.tier = SharedTier(fresh, self.paged, self._stored_shared)
+            threading.Thread(target=tier.retire, name="pdrun-tier-retire", daemon=True).start()
+            log.info("cache tier restarted: now through its new arena %s", fresh.info.arena)
+            return self.tier
 
     def _release(self, endpoints: list[str], transfer_id: str) -> None:
         try:
@@ -869,5 +1020,9 @@ class _WorkerSide:
         if self.writer is not None:
             self.writer.flush(timeout=5)
             self.writer.close()
+        if self.tier is not None:
+            self.tier.close()
+        elif self.local is not None:
+            self.local.close()
         if self.cache is not None:
             self.cache.close()

@@ -123,6 +123,26 @@ class ChunkLoader:
         if self.next - self._queued >= self.batch or self.next == len(self.chunks):
             self._flush()
 
+    def place_from(self, src: torch.Tensor) -> None:
+        """The next chunk's bytes are in `src` (the cache tier's shared memory, say): scatter them
+        from there (queued, on a GPU: `src` must stay untouched until `settle` returns)."""
+        c = self.chunks[self.next]
+        self._flush()
+        reading = self.paged.scatter(c.block_ids, src, c.src_blocks, c.skip_blocks, stream=self._stream)
+        if reading is not None:
+            self._reading[self.next % self._slots] = reading
+        self.next += 1
+        self._queued = self.next
+        self.asked = max(self.asked, self.next)
+        self.done = c.token_end
+        self.nbytes += src.numel()
+
+    def rewind(self, next_chunk: int, done: int, nbytes: int) -> None:
+        """Forget the chunks placed since (`next_chunk`, `done`, `nbytes`): their bytes are not to be trusted."""
+        self.settle()
+        self.next = self._queued = self.asked = next_chunk
+        self.done, self.nbytes = done, nbytes
+
     def _flush(self) -> None:
         """Queue the scatters of the chunks that arrived since the last ones queued."""
         first, last = self._queued, self.next

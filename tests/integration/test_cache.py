@@ -7,6 +7,10 @@ Chunks of the tiny model in float32 are 512 KiB (4 layers x K,V x 256 tokens x 2
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +38,9 @@ pytestmark = pytest.mark.integration
 
 CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
 TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # on the cache server's /metrics
+LOCAL_READS = "pdrun:cache_local_requests_total[op=read]"  # chunks read in place, through shared memory
+LOCAL_RESERVES = "pdrun:cache_local_requests_total[op=reserve]"
+LEASES = "pdrun:cache_leases"
 CACHE_HIT = "pdrun:cache_hit_tokens_total"
 STORED = "pdrun:cache_stored_chunks_total"
 CHUNK = 256
@@ -79,10 +86,15 @@ def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(
     # Its 8 full chunks go to the tier behind the request; the 100-token rest is for the decoder only.
     assert wait_for_deltas(tier, before, {TIER_PUTS: 8}) == {TIER_PUTS: 8}
 
-    before = metrics(p1)
+    # Through the host's shared memory: the instances copied the chunks in and out themselves.
+    assert metrics(tier)[LOCAL_RESERVES] - before.get(LOCAL_RESERVES, 0) >= 1
+
+    before, before_tier = metrics(p1), metrics(tier)
     first = prefill(p1, b)
     expected = {CACHE_HIT: 2048, CACHE_LOADED: 2048, EXTERNAL: 2048, LOCAL_COMPUTE: 150, STORED: 0}
     assert wait_for_deltas(p1, before, expected) == expected
+    assert metrics(tier)[LOCAL_READS] - before_tier.get(LOCAL_READS, 0) >= 1
+    assert metrics(tier)[LEASES] == 0  # nothing stays pinned once read
     before = metrics(cluster.decoder.url)
     assert decode(cluster, b, first) == plain(cluster, b)
     # The decoder still holds the prefix from `a` in its own prefix cache: it loads only the rest.
@@ -187,7 +199,11 @@ def test_a_relaunch_on_the_same_cache_dir_loads_from_disk_and_drops_damaged_chun
 
     # Relaunched with a memory tier of 4 chunks, so the memory tier churns over disk hits.
     memory_gb = 0.0021
-    second = start_deployment(model_dir, tmp_path / "second", cache_dir, prefill=1, decode=1, cache_cpu_gb=memory_gb)
+    # Every chunk on disk is read (`auto` would read two until it has measured disk and prefill).
+    connector = {"io_timeout_s": DECODER_IO_TIMEOUT_S, "connect_timeout_s": 2.0, "cache_disk_load": "always"}
+    second = start_deployment(
+        model_dir, tmp_path / "second", cache_dir, prefill=1, decode=1, cache_cpu_gb=memory_gb, connector=connector
+    )
     try:
         second.wait_ready(["prefill-0", "decode-0"], timeout=600)
         pre_url = second.state()["children"]["prefill-0"]["url"]
@@ -203,3 +219,63 @@ def test_a_relaunch_on_the_same_cache_dir_loads_from_disk_and_drops_damaged_chun
         assert tier["pdrun:cache_evictions_total[tier=memory]"] > 0
     finally:
         stop(second)
+
+
+def start_cache_server(port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "launch", "cache-server", "--listen", f"tcp://127.0.0.1:{port}"]
+    proc = subprocess.Popen(
+        [*cmd, "--cpu-gb", "0.05", "--metrics-port", str(port + 1)], stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            metrics(f"http://127.0.0.1:{port + 1}")
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the cache server did not start: {log.read_text()}")
+
+
+def test_an_instance_goes_on_through_a_cache_server_restart_and_uses_the_new_one(cluster, model_dir, tmp_path):
+    """The instance maps the server's arena; a restarted server has another, which the instance
+    finds on its own: meanwhile requests are computed, after it they are loaded again."""
+    port = free_port()
+    log = tmp_path / "cache.log"
+    cache = start_cache_server(port, log)
+    spec = ServerSpec(
+        model=str(model_dir),
+        port=free_port(),
+        role="kv_both",
+        kv_port=free_ports(8),
+        dtype="float32",
+        connector={"cache": f"tcp://127.0.0.1:{port}", "cache_retry_s": 1.0},
+        extra_args=["--no-enable-prefix-caching"],  # every repeat comes from the tier
+    )
+    server = VllmServer(spec, tmp_path / "instance.log")
+    server.start()
+    try:
+        server.wait_healthy(timeout=600)
+        a, b = prompt(1024 + 10, seed=340), prompt(1024 + 20, seed=341)
+        assert token_ids(complete(server.url, a)) == plain(cluster, a)
+        before = metrics(server.url)
+        assert token_ids(complete(server.url, a)) == plain(cluster, a)
+        assert wait_for_deltas(server.url, before, {CACHE_LOADED: 1024}) == {CACHE_LOADED: 1024}
+
+        cache.send_signal(signal.SIGKILL)
+        cache.wait(timeout=30)
+        cache = start_cache_server(port, log)
+        # The first request after finds the old arena's server gone: computed, and the tier skipped
+        # for cache_retry_s; then the instance asks where the new tier is and stores into it.
+        assert token_ids(complete(server.url, a)) == plain(cluster, a)
+        deadline, loaded = time.monotonic() + 60, 0.0
+        while time.monotonic() < deadline and not loaded:
+            before = metrics(server.url)
+            assert token_ids(complete(server.url, b)) == plain(cluster, b)
+            loaded = metrics(server.url).get(CACHE_LOADED, 0) - before.get(CACHE_LOADED, 0)
+        assert loaded == 1024, "the instance never loaded from the restarted cache server"
+        assert "cache tier restarted" in (tmp_path / "instance.log").read_text()
+    finally:
+        server.stop()
+        cache.send_signal(signal.SIGTERM)
+        cache.wait(timeout=30)

@@ -1,0 +1,197 @@
+"""The cache tier through this host's shared memory (storage/local.py): chunks go between the paged
+KV cache and the server's arena by the instance's own copies, never through a socket.
+
+Storing a step's chunks costs one request for their slots (chunks the tier holds already are not
+copied again) and one copy per chunk out of the KV cache, queued behind the forward pass (on a GPU
+on a side stream, into the arena registered for DMA); a thread commits the slots once the copies
+are done. Loading pins the chunks in memory, copies them into the request's blocks and unpins
+them; chunks only on disk are read into a slot of their own by the loader thread (the next reader
+finds them in memory), where the scheduler found that reading pays.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from pd.codec import PagedKV, Ready
+from pd.loader import ChunkLoader
+from storage.local import HELD, NO_ROOM, LocalClient, LocalError
+
+log = logging.getLogger(__name__)
+
+# (stored, held already, dropped) chunks and the seconds a batch waited for its copies
+OnStored = Callable[[int, int, int, float], None]
+
+
+class SharedTier:
+    def __init__(self, client: LocalClient, paged: PagedKV, on_stored: OnStored):
+        self.client = client
+        self.paged = paged
+        self._on_stored = on_stored
+        self.memory = torch.frombuffer(client.arena.buffer(), dtype=torch.uint8)
+        self.registered = False
+        if paged.device.type == "cuda":
+            t0 = time.perf_counter()
+            err = torch.cuda.cudart().cudaHostRegister(self.memory.data_ptr(), self.memory.numel(), 0)
+            self.registered = int(err) == 0
+            log.info(
+                "cache tier arena %s (%d GiB) %s for DMA in %.1f s",
+                client.arena.path,
+                self.memory.numel() >> 30,
+                "registered" if self.registered else f"NOT registered (cudaError {int(err)}): copies will be slower",
+                time.perf_counter() - t0,
+            )
+        self.failed = False  # the server did not answer: the caller reconnects
+        self._loads = 0  # loads copying out of the arena now
+        self._idle = threading.Condition()
+        self._commits: queue.Queue[tuple[int, list[bytes], Ready | None, int, int, float] | None] = queue.Queue()
+        self._committer = threading.Thread(target=self._commit_loop, name="pdrun-tier-commit", daemon=True)
+        self._committer.start()
+
+    def slot(self, offset: int, nbytes: int) -> torch.Tensor:
+        return self.memory[offset : offset + nbytes]
+
+    # -- stores --
+    def store(self, chunks: Sequence[tuple[bytes, Sequence[int]]]) -> None:
+        """Copy chunks (key, block ids) out of the KV cache into slots of the arena, committed
+        behind; the copies are queued now, on the engine's thread, before vLLM reuses the blocks."""
+        if not chunks:
+            return
+        meta = {"layout": self.paged.describe()}
+        sizes = [self.paged.nbytes(len(ids)) for _, ids in chunks]
+        metas = [{**meta, "blocks": len(ids)} for _, ids in chunks]
+        t0 = time.perf_counter()
+        try:
+            lease, slots = self.client.reserve([k for k, _ in chunks], sizes, metas)
+        except LocalError as e:
+            log.warning("cache tier store skipped: %s", e)
+            self.failed = True
+            self._on_stored(0, 0, len(chunks), 0.0)
+            return
+        keys: list[bytes] = []
+        ready = None
+        held = sum(1 for o in slots if o == HELD)
+        dropped = sum(1 for o in slots if o == NO_ROOM)
+        try:
+            for (key, ids), nbytes, offset in zip(chunks, sizes, slots, strict=True):
+                if offset >= 0:
+                    ready = self.paged.gather(ids, self.slot(offset, nbytes))
+                    keys.append(key)
+        except Exception:  # the slots not filled are freed by the commit
+            log.exception("copying chunks out to the cache tier failed")
+            dropped += sum(1 for o in slots if o >= 0) - len(keys)
+        if lease:
+            self._commits.put((lease, keys, ready, held, dropped, t0))  # the last copy queued ends them all
+        else:
+            self._on_stored(0, held, dropped, 0.0)
+
+    def _commit_loop(self) -> None:
+        while (item := self._commits.get()) is not None:
+            lease, keys, ready, held, dropped, t0 = item
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                self.client.commit(lease, keys)
+            except Exception as e:  # the server frees the slots when it sees this process gone
+                log.warning("committing %d chunks to the cache tier failed: %s", len(keys), e)
+                self.failed = True
+                dropped, keys = dropped + len(keys), []
+            self._on_stored(len(keys), held, dropped, time.perf_counter() - t0)
+            self._commits.task_done()
+        self._commits.task_done()
+
+    def flush(self) -> None:
+        self._commits.join()
+
+    # -- loads --
+    def load(self, keys: Sequence[bytes], loader: ChunkLoader, from_disk: bool) -> tuple[int, float]:
+        """Place the chunks of `keys` (the loader's remaining chunks) that the tier holds, in order:
+        those in memory, then (`from_disk`) those on disk. Returns the chunks read from disk and
+        the seconds that took; the loader's progress says how far it got."""
+        with self._idle:
+            self._loads += 1
+        try:
+            return self._load(keys, loader, from_disk)
+        except LocalError:
+            self.failed = True
+            raise
+        finally:
+            with self._idle:
+                self._loads -= 1
+                self._idle.notify_all()
+
+    def _load(self, keys: Sequence[bytes], loader: ChunkLoader, from_disk: bool) -> tuple[int, float]:
+        first, done, nbytes = loader.next, loader.done, loader.nbytes
+        lease, slots = self.client.read(keys)
+        try:
+            for slot in slots:
+                self._check(loader, slot.meta, slot.nbytes)
+                loader.place_from(self.slot(slot.offset, slot.nbytes))
+            loader.settle()
+        finally:
+            held = self.client.release(lease) if lease else True
+        if not held:  # unpinned while copying: those bytes may be another chunk's
+            loader.rewind(first, done, nbytes)
+            raise LocalError("the cache server unpinned chunks before they were copied")
+        read, t0 = 0, time.perf_counter()
+        if from_disk and self.client.disk is not None:
+            for key in keys[len(slots) :]:
+                if not self._load_file(key, loader):
+                    break
+                read += 1
+        return read, time.perf_counter() - t0
+
+    def _load_file(self, key: bytes, loader: ChunkLoader) -> bool:
+        chunk = self.client.disk_chunk(key)
+        if chunk is None:
+            return False
+        nbytes = chunk.header.nbytes
+        self._check(loader, chunk.header.meta, nbytes)
+        lease, (offset,) = self.client.reserve([key], [nbytes], [dict(chunk.header.meta)], from_disk=True)
+        # No slot (or another instance is reading it in now): into a buffer of this load's own.
+        buf = self.slot(offset, nbytes) if offset >= 0 else torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            chunk.read_into(memoryview(buf.numpy()))
+        except Exception as e:
+            self.client.damaged(key, e)
+            if lease:
+                self.client.commit(lease, [])
+            return False
+        loader.place_from(buf)
+        loader.settle()
+        if lease:
+            self.client.commit(lease, [key])
+        return True
+
+    @staticmethod
+    def _check(loader: ChunkLoader, meta: dict[str, Any], nbytes: int) -> None:
+        c = loader.chunks[loader.next]
+        if meta.get("layout") != loader.layout or meta.get("blocks") != c.src_blocks:
+            raise ValueError(
+                f"cached chunk layout {meta.get('layout')} x{meta.get('blocks')} blocks does not match this "
+                f"instance's {loader.layout} x{c.src_blocks}"
+            )
+        if nbytes != loader.paged.nbytes(c.src_blocks):
+            raise ValueError(f"cached chunk of {nbytes} bytes, expected {loader.paged.nbytes(c.src_blocks)}")
+
+    def retire(self, timeout_s: float = 60.0) -> None:
+        """Close once no copy uses the arena any more (the server it belongs to was replaced)."""
+        self.flush()
+        with self._idle:
+            self._idle.wait_for(lambda: self._loads == 0, timeout_s)
+        self.close()
+
+    def close(self) -> None:
+        self._commits.put(None)
+        self._committer.join(timeout=5)
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
+        del self.memory
+        self.client.close()

@@ -1,0 +1,38 @@
+"""Which chunks an instance loads from the tier's disk: until it has measured both its disk reads
+and its prefill, two chunks of a prompt (to measure the disk); then all of them where reading is
+faster than computing, none where it is slower."""
+
+from __future__ import annotations
+
+import time
+
+from pd.connector import Rates
+
+
+def test_nothing_measured_means_no_verdict():
+    rates = Rates(chunk_size=256)
+    assert rates.disk_pays() is None and rates.disk_chunks(10) == Rates.PROBE_CHUNKS and rates.disk_chunks(1) == 1
+    rates.disk_read({"cache_disk_loaded_tokens": 512, "cache_disk_load_seconds": 0.05})
+    assert rates.disk == 10240 and rates.disk_pays() is None  # prefill not measured yet
+
+
+def test_prefill_is_measured_from_steps_that_compute_a_chunk_or_more():
+    rates = Rates(chunk_size=256)
+    rates.step(4096)
+    time.sleep(0.05)
+    rates.step(16)  # the 4096-token step took the time to this one
+    assert rates.prefill is not None and 4096 / 0.2 < rates.prefill <= 4096 / 0.05
+    measured = rates.prefill
+    time.sleep(0.05)
+    rates.step(0)  # the 16-token step is a decode step: not a prefill sample
+    assert rates.prefill == measured
+
+
+def test_the_disk_pays_only_when_it_reads_faster_than_the_instance_prefills():
+    rates = Rates(chunk_size=256)
+    rates.prefill = 30000.0
+    rates.disk_read({"cache_disk_loaded_tokens": 1024, "cache_disk_load_seconds": 0.1})  # 10k tokens/s
+    assert rates.disk_pays() is False and rates.disk_chunks(10) == 0
+    for _ in range(30):  # the disk got faster (the files are in the page cache): the average follows
+        rates.disk_read({"cache_disk_loaded_tokens": 1024, "cache_disk_load_seconds": 0.01})
+    assert rates.disk_pays() is True and rates.disk_chunks(10) == 10

@@ -18,6 +18,13 @@ class ConnectorConfig(BaseModel):
     port: int | None = Field(None, ge=1, le=65535, description="first endpoint port (default: kv_port); +1 per TP rank")
     staging_gb: float = Field(2.0, gt=0, description="producer: bytes of chunks kept for decoders to pull")
     staging_ttl_s: float = Field(300.0, gt=0, description="producer: how long an unreleased hand-off stays")
+    staging_wait_s: float = Field(
+        10.0,
+        ge=0,
+        description="producer: when the staging pool is full of hand-offs decoders are yet to pull, how long a new "
+        "chunk waits for their releases (the prefiller pauses) before the oldest is evicted (its decoder then "
+        "prefills it); 0: evict at once",
+    )
     staging_memory: Literal["auto", "host", "device"] = Field(
         "auto",
         description="producer: where staged chunks wait; auto: GPU memory when the KV cache is on a GPU and the "

@@ -84,6 +84,7 @@ class PDMetadata(KVConnectorMetadata):
     loads: dict[str, LoadJob] = field(default_factory=dict)  # request id -> job
     releases: list[tuple[list[str], str]] = field(default_factory=list)  # hand-offs to release unread
     drops: list[str] = field(default_factory=list)  # producer: transfers no decoder will pull
+    handed: list[str] = field(default_factory=list)  # producer: transfers handed to a decoder, to be pulled
     lookups: list[tuple[int, int]] = field(default_factory=list)  # cache tier: (asked, held) tokens
 
 
@@ -546,6 +547,7 @@ class _SchedulerSide:
             layout=self.fingerprint.layout,
             chunk_size=self.cfg.chunk_size,
         )
+        self._meta.handed.append(rid)
         now = time.time()
         timing = {"queued_s": round(st.started - request.arrival_time, 6), "prefill_s": round(now - st.started, 6)}
         # The chunks are copies: the blocks can be freed now.
@@ -654,7 +656,9 @@ class _WorkerSide:
             self.tier = SharedTier(self.local, self.paged, self._stored_shared)
         if self.is_producer:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
-            self.pool = StagingPool(int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate)
+            self.pool = StagingPool(
+                int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate, self.cfg.staging_wait_s
+            )
             service = StagingService(
                 self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n), len(self.paged.layers)
             )
@@ -683,7 +687,10 @@ class _WorkerSide:
         if self.pool is not None:
             for transfer_id in meta.drops:
                 self.pool.release(transfer_id)
+            for transfer_id in meta.handed:
+                self.pool.handed(transfer_id)
         evicted = self.pool.evicted_referenced if self.pool is not None else 0
+        waited = self.pool.waited_s if self.pool is not None else 0.0
         copied = self._finish_layerwise(meta)
         to_tier: list[tuple[bytes, list[int]]] = []
         for s in meta.saves:
@@ -705,6 +712,8 @@ class _WorkerSide:
             self.stats.add(cache_store_dropped=len(to_tier))
         if self.pool is not None and self.pool.evicted_referenced != evicted:
             self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)
+        if self.pool is not None and self.pool.waited_s != waited:
+            self.stats.add(staging_wait_seconds=self.pool.waited_s - waited)
 
     def save_layer(self, meta: PDMetadata, layer_name: str) -> None:
         """`layerwise`: one layer of the step's chunks is computed; copy it out of the cache now."""

@@ -5,8 +5,10 @@ A prefiller copies each finished chunk of a hand-off out of its paged KV cache i
 buffer is referenced by the transfers (requests) that handed it off; a decoder releases its
 transfer after pulling, and a transfer nobody released expires after `ttl_s`. Unreferenced buffers
 stay as a small cache until their room is needed. Under memory pressure the least recently used
-buffers go first, unreferenced ones before referenced ones: a decoder whose chunk was evicted
-prefills locally instead, it never waits.
+buffers go first, unreferenced ones before referenced ones. While hand-offs that decoders are yet
+to pull hold the room a new chunk needs, the chunk waits for their releases, up to `wait_s`: the
+prefiller pauses rather than evict what a decoder is about to pull. Past that (a decoder that never
+comes), the oldest referenced buffers go, and their decoder prefills locally instead.
 """
 
 from __future__ import annotations
@@ -59,15 +61,25 @@ def host_allocator(nbytes: int) -> torch.Tensor:
 
 
 class StagingPool:
-    def __init__(self, budget_bytes: int, ttl_s: float, allocate: Callable[[int], torch.Tensor] = host_allocator):
+    def __init__(
+        self,
+        budget_bytes: int,
+        ttl_s: float,
+        allocate: Callable[[int], torch.Tensor] = host_allocator,
+        wait_s: float = 0.0,
+    ):
         self.budget = budget_bytes
         self.ttl_s = ttl_s
+        self.wait_s = wait_s
         self._allocate = allocate
         self._entries: OrderedDict[bytes, Staged] = OrderedDict()  # least recently used first
         self._transfers: dict[str, tuple[set[bytes], float]] = {}
+        self._handed: set[str] = set()  # transfers whose request finished: a decoder will pull them
         self._bytes = 0
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
         self.evicted_referenced = 0
+        self.waited_s = 0.0  # time chunks waited for room
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +145,12 @@ class StagingPool:
         with self._lock:
             self._release(transfer)
 
+    def handed(self, transfer: str) -> None:
+        """`transfer`'s request finished and was handed to a decoder, which will pull and release it."""
+        with self._lock:
+            if transfer in self._transfers:
+                self._handed.add(transfer)
+
     def _reference(self, transfer: str, key: bytes, entry: Staged) -> None:
         entry.transfers.add(transfer)
         keys, _ = self._transfers.get(transfer, (set(), 0.0))
@@ -141,10 +159,12 @@ class StagingPool:
 
     def _release(self, transfer: str) -> None:
         keys, _ = self._transfers.pop(transfer, (set(), 0.0))
+        self._handed.discard(transfer)
         for key in keys:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.transfers.discard(transfer)
+        self._released.notify_all()
 
     def _expire(self, now: float) -> None:
         for transfer in [t for t, (_, deadline) in self._transfers.items() if deadline < now]:
@@ -152,22 +172,38 @@ class StagingPool:
             self._release(transfer)
 
     def _make_room(self, nbytes: int) -> None:
-        for referenced in (False, True):
+        self._evict(nbytes, referenced=False)
+        if self._bytes + nbytes > self.budget and self.wait_s > 0 and self._awaited():
+            # Decoders will release what they pull: wait for that rather than evict it.
+            t0 = time.monotonic()
+            deadline = t0 + self.wait_s
+            while self._bytes + nbytes > self.budget and self._awaited() and time.monotonic() < deadline:
+                self._released.wait(deadline - time.monotonic())
+                self._expire(time.monotonic())
+                self._evict(nbytes, referenced=False)
+            self.waited_s += time.monotonic() - t0
+        self._evict(nbytes, referenced=True)
+
+    def _awaited(self) -> bool:
+        """Whether chunks of handed-off transfers are staged: their decoders will release them."""
+        return any(key in self._entries for t in self._handed for key in self._transfers.get(t, ((), 0))[0])
+
+    def _evict(self, nbytes: int, referenced: bool) -> None:
+        if self._bytes + nbytes <= self.budget:
+            return
+        for key in [k for k, e in self._entries.items() if bool(e.transfers) == referenced]:
+            entry = self._entries.pop(key)
+            self._bytes -= entry.buffer.numel()
+            if referenced:
+                self.evicted_referenced += 1
+                log.warning(
+                    "staging pool full (%d bytes): evicted a chunk still awaited by %s; "
+                    "that decoder will prefill locally",
+                    self.budget,
+                    ", ".join(sorted(entry.transfers)),
+                )
             if self._bytes + nbytes <= self.budget:
                 return
-            for key in [k for k, e in self._entries.items() if bool(e.transfers) == referenced]:
-                entry = self._entries.pop(key)
-                self._bytes -= entry.buffer.numel()
-                if referenced:
-                    self.evicted_referenced += 1
-                    log.warning(
-                        "staging pool full (%d bytes): evicted a chunk still awaited by %s; "
-                        "that decoder will prefill locally",
-                        self.budget,
-                        ", ".join(sorted(entry.transfers)),
-                    )
-                if self._bytes + nbytes <= self.budget:
-                    return
 
 
 class StagingService(Service):

@@ -24,6 +24,7 @@ COUNTERS: dict[str, str] = {
     "staged_bytes": "Bytes a prefiller copied into its staging pool",
     "served_bytes": "Bytes a prefiller's transfer endpoint sent to decoders",
     "staging_evictions": "Staged chunks evicted while a decoder still awaited them",
+    "staging_wait_seconds": "Seconds a prefiller paused for decoders to pull hand-offs from its full staging pool",
     "cache_lookup_tokens": "Prompt tokens (in full chunks) looked up in the cache tier",
     "cache_hit_tokens": "Looked-up tokens the cache tier held, as a leading run",
     "cache_loaded_tokens": "Prompt tokens whose KV was loaded from the cache tier",

@@ -1,3 +1,4 @@
+import threading
 import time
 
 import pytest
@@ -42,6 +43,45 @@ def test_budget_evicts_unreferenced_first_then_oldest_referenced():
     assert pool.evicted_referenced == 1
     assert pool.nbytes == 300
     assert not pool.stage("f", key(6), 1, 301, fill_with(6))  # can never fit
+
+
+def test_a_full_pool_waits_for_decoders_to_release_what_they_pulled_instead_of_evicting_it():
+    pool = StagingPool(budget_bytes=200, ttl_s=60, wait_s=30)
+    pool.stage("a", key(1), 1, 100, fill_with(1))
+    pool.stage("b", key(2), 1, 100, fill_with(2))
+    pool.handed("a")
+    pool.handed("b")
+    staged = threading.Event()
+    stager = threading.Thread(target=lambda: staged.set() if pool.stage("c", key(3), 1, 100, fill_with(3)) else None)
+    stager.start()
+    assert not staged.wait(0.3)  # paused: both chunks are about to be pulled
+    assert pool.get(key(1)) is not None and pool.get(key(2)) is not None
+    pool.release("a")  # a decoder pulled it
+    stager.join(timeout=10)
+    assert staged.is_set() and pool.get(key(1)) is None and pool.get(key(2)) is not None
+    assert pool.evicted_referenced == 0 and pool.waited_s > 0
+
+
+def test_a_decoder_that_never_comes_is_waited_for_only_wait_s_once():
+    pool = StagingPool(budget_bytes=200, ttl_s=60, wait_s=0.2)
+    pool.stage("a", key(1), 1, 100, fill_with(1))
+    pool.stage("b", key(2), 1, 100, fill_with(2))
+    pool.handed("a")
+    t0 = time.monotonic()
+    pool.stage("c", key(3), 1, 100, fill_with(3))  # waits for "a", then evicts the oldest
+    assert 0.2 <= time.monotonic() - t0 < 5 and pool.get(key(1)) is None and pool.evicted_referenced == 1
+    t0 = time.monotonic()
+    pool.stage("d", key(4), 1, 100, fill_with(4))  # nothing handed is staged any more: no wait
+    assert time.monotonic() - t0 < 0.1 and pool.evicted_referenced == 2
+
+
+def test_chunks_of_prefills_still_running_are_not_waited_for():
+    pool = StagingPool(budget_bytes=200, ttl_s=60, wait_s=30)
+    pool.stage("a", key(1), 1, 100, fill_with(1))
+    pool.stage("b", key(2), 1, 100, fill_with(2))
+    t0 = time.monotonic()
+    pool.stage("c", key(3), 1, 100, fill_with(3))  # no decoder will release "a" before it finishes
+    assert time.monotonic() - t0 < 0.1 and pool.evicted_referenced == 1
 
 
 def test_unreleased_transfers_expire():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -136,3 +139,11 @@ def test_the_proxy_is_told_when_vllm_parses_chat_answers():
     plain = deploy.proxy_command(load(None, {}), ["http://p"], ["http://d"])
     parsed = deploy.proxy_command(load(None, {"vllm_args": ["--reasoning-parser=qwen3"]}), ["http://p"], ["http://d"])
     assert "--chat-parsing" not in plain and "--chat-parsing" in parsed
+
+
+def test_the_cli_answers_without_importing_torch_or_vllm():
+    """`pdrun --help` and the config commands must not pay for torch and vLLM (seconds to import)."""
+    code = "import sys, launch.cli; print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))"
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr or r.stdout

@@ -21,15 +21,21 @@ from tests.integration.client import (
     EXTERNAL,
     LOAD_FAILURES,
     LOCAL_COMPUTE,
+    complete,
     metrics,
     prompt,
     summed_metrics,
     text_prompt,
+    token_ids,
+    wait_for_deltas,
 )
-from tests.integration.conftest import free_port, start_deployment
+from tests.integration.conftest import DECODER_IO_TIMEOUT_S, free_port, start_deployment
 
 pytestmark = pytest.mark.integration
 MAX_TOKENS = 24
+LOADS = "pdrun:loads_total"
+EVICTIONS = "pdrun:staging_evictions_total"  # staged chunks evicted while a decoder awaited them
+WAITED = "pdrun:staging_wait_seconds_total"
 SYSTEM = text_prompt(1200, seed=4000)  # shared by every chat: the tier and prefix caches meet it
 
 
@@ -165,7 +171,13 @@ def test_every_request_kind_equals_plain_vllm_one_at_a_time(cluster):
 class Invariant:
     plain: VllmServer
     proxy_url: str
+    prefiller_url: str
     decoder_url: str
+
+
+# The prefiller's staging pool: 24 chunks of the tiny model (512 KiB each), a step's worth (vLLM
+# computes at most 4096 tokens a step here), a few requests' worth of hand-offs.
+STAGING_GB = 12 / 1024
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +190,14 @@ def invariant(cluster, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         with pytest.MonkeyPatch.context() as env:
             env.setenv("VLLM_CPU_ATTN_SPLIT_KV", "0")  # the instances inherit it
             plain.start()
-            deployment = start_deployment(model_dir, logs / "run", None, prefill=1, decode=1, cache_cpu_gb=0)
+            connector = {"io_timeout_s": DECODER_IO_TIMEOUT_S, "connect_timeout_s": 2.0, "staging_gb": STAGING_GB}
+            deployment = start_deployment(
+                model_dir, logs / "run", None, prefill=1, decode=1, cache_cpu_gb=0, connector=connector
+            )
         deployment.wait_ready(["prefill-0", "decode-0"], timeout=600)
         plain.wait_healthy(timeout=600)
-        decoder = deployment.state()["children"]["decode-0"]["url"]
-        yield Invariant(plain, deployment.proxy_url, decoder)
+        children = deployment.state()["children"]
+        yield Invariant(plain, deployment.proxy_url, children["prefill-0"]["url"], children["decode-0"]["url"])
     finally:
         plain.stop()
         if deployment is not None:
@@ -205,3 +220,21 @@ def test_eight_at_once_equal_plain_vllm_one_at_a_time(invariant):
     differ = [f"{job}: {first_difference(pd[job], alone[job])}" for job in todo if pd[job] != alone[job]]
     assert not differ, "\n".join(differ)
     assert metrics(invariant.decoder_url)[EXTERNAL] > before.get(EXTERNAL, 0)
+
+
+@pytest.mark.after_deployment
+def test_hand_offs_several_times_the_staging_pool_are_all_pulled_none_lost(invariant):
+    """16 hand-offs at once, about 110 chunks, through a pool of 24: the prefiller pauses for
+    decoders to pull rather than evict what they are about to pull."""
+    prompts = [prompt(1024 + 37 * i, seed=400 + i) for i in range(16)]
+    want = [token_ids(complete(invariant.plain.url, p)) for p in prompts]
+    pre, dec = invariant.prefiller_url, invariant.decoder_url
+    before_pre, before_dec = metrics(pre), metrics(dec)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda p: token_ids(complete(invariant.proxy_url, p)), prompts))
+    assert got == want
+    expected = {LOADS: 16, LOAD_FAILURES: 0}
+    assert wait_for_deltas(dec, before_dec, expected) == expected
+    after_pre = metrics(pre)
+    assert after_pre.get(EVICTIONS, 0) - before_pre.get(EVICTIONS, 0) == 0
+    assert after_pre.get(WAITED, 0) - before_pre.get(WAITED, 0) > 0  # the pool was full: it paused

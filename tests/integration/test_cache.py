@@ -46,17 +46,24 @@ STORED = "pdrun:cache_stored_chunks_total"
 CHUNK = 256
 
 
+def instance(model_dir, role, connector, extra_args=()) -> ServerSpec:
+    """A vLLM instance of the tiny model with PDConnector, started by hand."""
+    return ServerSpec(
+        model=str(model_dir),
+        port=free_port(),
+        role=role,
+        kv_port=free_ports(8),
+        dtype="float32",
+        connector=connector,
+        extra_args=list(extra_args),
+    )
+
+
 @pytest.fixture(scope="module")
 def second_prefiller(cluster, model_dir, tmp_path_factory):
     """Another prefiller on the deployment's cache tier, started by hand as on another host."""
-    spec = ServerSpec(
-        model=str(model_dir),
-        port=free_port(),
-        role="kv_producer",
-        kv_port=free_ports(8),
-        dtype="float32",
-        connector={"cache": cluster.deployment.cache_address, "io_timeout_s": DECODER_IO_TIMEOUT_S},
-    )
+    connector = {"cache": cluster.deployment.cache_address, "io_timeout_s": DECODER_IO_TIMEOUT_S}
+    spec = instance(model_dir, "kv_producer", connector)
     server = VllmServer(spec, tmp_path_factory.mktemp("logs") / "prefill-b.log")
     server.start()
     try:
@@ -243,15 +250,8 @@ def test_an_instance_goes_on_through_a_cache_server_restart_and_uses_the_new_one
     port = free_port()
     log = tmp_path / "cache.log"
     cache = start_cache_server(port, log)
-    spec = ServerSpec(
-        model=str(model_dir),
-        port=free_port(),
-        role="kv_both",
-        kv_port=free_ports(8),
-        dtype="float32",
-        connector={"cache": f"tcp://127.0.0.1:{port}", "cache_retry_s": 1.0},
-        extra_args=["--no-enable-prefix-caching"],  # every repeat comes from the tier
-    )
+    connector = {"cache": f"tcp://127.0.0.1:{port}", "cache_retry_s": 1.0}
+    spec = instance(model_dir, "kv_both", connector, ["--no-enable-prefix-caching"])  # repeats: from the tier
     server = VllmServer(spec, tmp_path / "instance.log")
     server.start()
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from pd.connector import Rates
+from pd.rates import Rates
 
 
 def test_nothing_measured_means_no_verdict():

@@ -34,21 +34,30 @@ def _round(nbytes: int) -> int:
 PREFIX = "pdrun-arena-"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
 def remove_stale(directory: Path) -> None:
     """Delete the arenas of cache servers that died without removing theirs (their memory is
     not free until the file is gone)."""
     for path in directory.glob(f"{PREFIX}*"):
         pid = path.name.removeprefix(PREFIX).split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 path.unlink()
                 log.info("removed %s, the cache arena of a process that is gone", path)
-        except PermissionError:
-            pass
 
 
 def default_dir() -> Path:

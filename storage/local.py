@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from storage.arena import Arena
+from storage.arena import Arena, pid_alive
 from storage.tiers import DiskChunk, DiskTier, Entry, TieredStore
 from transfer.errors import TransferError
 
@@ -50,21 +50,6 @@ MAX_MESSAGE_BYTES = 4 << 20
 
 _encode = msgspec.msgpack.encode
 _decode = msgspec.msgpack.Decoder(dict[str, Any]).decode
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 @dataclass
@@ -154,9 +139,9 @@ class LocalService:
             memory, total = self.store.where(_keys(req))
             return {"memory": memory, "total": total}
         if op == "read":
-            pinned = self.memory.pin(_keys(req))
-            keys = _keys(req)[: len(pinned)]
-            lease = self._lease(req, False, list(zip(keys, pinned, strict=True))) if pinned else 0
+            keys = _keys(req)
+            pinned = self.memory.pin(keys)
+            lease = self._lease(req, False, list(zip(keys, pinned, strict=False))) if pinned else 0
             return {"lease": lease, "slots": [[e.offset, e.nbytes, e.meta] for e in pinned]}
         if op == "reserve":
             return self._reserve(req)
@@ -166,7 +151,7 @@ class LocalService:
             lease = self._leases.pop(_int(req, "lease"), None)
             if lease is None or lease.write:
                 return {"held": False}
-            self.memory.unpin([e for _, e in lease.entries])
+            self._free(lease)
             return {"held": True}
         if op == "forget":
             if self.store.disk is not None:

@@ -95,8 +95,7 @@ class MemoryTier:
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
-            entry = self._chunks.get(key)
-            return entry is not None and entry.committed
+            return self._has(key)
 
     def _has(self, key: bytes) -> bool:
         entry = self._chunks.get(key)
@@ -176,14 +175,13 @@ class MemoryTier:
         self._stats.bytes_used -= entry.nbytes
         self._stats.entries = len(self._chunks)
 
-    def commit(self, key: bytes, digest: int | None = None) -> bool:
+    def commit(self, key: bytes) -> bool:
         """The reserved slot is filled: the chunk is served from now on."""
         with self._lock:
             entry = self._chunks.get(key)
             if entry is None or entry.committed:
                 return False
             entry.committed, entry.pins = True, entry.pins - 1
-            entry.digest = digest if digest is not None else entry.digest
             self._stats.puts += 1
             self._stats.bytes_in += entry.nbytes
             return True
@@ -265,10 +263,11 @@ class DiskChunk:
     def read_into(self, into: memoryview) -> None:
         """The payload into `into` (header.nbytes long), verified; ValueError or TransferError if damaged."""
         with open(self.path, "rb") as f:
+            stored = os.fstat(f.fileno()).st_size - self.offset
             f.seek(self.offset)
             got = f.readinto(into)
-        if got != self.header.nbytes:
-            raise ValueError(f"truncated: {got} of {self.header.nbytes} payload bytes")
+        if got != self.header.nbytes or stored != self.header.nbytes:
+            raise ValueError(f"truncated: {stored} of {self.header.nbytes} payload bytes")
         verify(self.header, into)
 
 
@@ -361,36 +360,17 @@ class DiskTier:
             self._index.move_to_end(key)
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-            header, payload = self._parse(raw, key)
+            chunk = DiskChunk.open(path, key)
+            payload = memoryview(bytearray(chunk.header.nbytes))
+            chunk.read_into(payload)
         except (OSError, TransferError, ValueError) as e:
             log.warning("dropping cache file %s: %s", path.name, e)
-            self._forget(key, corrupt=True)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self.drop(key)
             return None
         with self._lock:
             self._stats.hits += 1
-            self._stats.bytes_out += header.nbytes
-        return Chunk(payload, dict(header.meta), header.checksum)
-
-    @staticmethod
-    def _parse(raw: bytes, key: bytes) -> tuple[Header, memoryview]:
-        view = memoryview(raw)
-        if len(raw) < PREFIX.size:
-            raise ValueError(f"truncated: {len(raw)} bytes")
-        hlen = decode_prefix(raw[: PREFIX.size])
-        header = decode_header(raw[PREFIX.size : PREFIX.size + hlen], max_payload=1 << 40)
-        payload = view[PREFIX.size + hlen :]
-        if header.key != key:
-            raise ValueError("the file holds another key")
-        if payload.nbytes != header.nbytes:
-            raise ValueError(f"truncated: {payload.nbytes} of {header.nbytes} payload bytes")
-        if header.checksum is None:
-            raise ValueError("no checksum")
-        verify(header, payload)
-        return header, payload
+            self._stats.bytes_out += chunk.header.nbytes
+        return Chunk(payload, dict(chunk.header.meta), chunk.header.checksum)
 
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
         if self.disabled:

@@ -743,8 +743,7 @@ class _WorkerSide:
         if not self.writer.submit(rank_key(s.key, self.rank), chunk, meta, ready):
             self.stats.add(cache_store_dropped=1)
 
-    def _stored_shared(self, stored: int, held: int, dropped: int, seconds: float) -> None:
-        nbytes = stored * self.paged.nbytes(self.cfg.chunk_size // self.block_size) if self.paged else 0
+    def _stored_shared(self, stored: int, nbytes: int, held: int, dropped: int, seconds: float) -> None:
         self.stats.add(
             cache_stored_chunks=stored,
             cache_stored_bytes=nbytes,

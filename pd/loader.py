@@ -93,17 +93,20 @@ class ChunkLoader:
         self.asked = self.next
         self._source(on_device, window)
 
+    def check(self, c: plan.ChunkLoad, meta: dict[str, Any], nbytes: int) -> None:
+        """A chunk that arrived for `c` (its `meta` and size) fits this cache; ProtocolError if not."""
+        if meta.get("layout") != self.layout or meta.get("blocks") != c.src_blocks:
+            raise ProtocolError(
+                f"chunk layout {meta.get('layout')} x{meta.get('blocks')} blocks does not "
+                f"match this instance's {self.layout} x{c.src_blocks}"
+            )
+        if nbytes != self.paged.nbytes(c.src_blocks):
+            raise ProtocolError(f"chunk of {nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
+
     def sink(self, header: transfer.Header) -> Any:
         if self.asked >= len(self.chunks):
             raise ProtocolError("more chunks arrived than asked for")
-        c = self.chunks[self.asked]
-        if header.meta.get("layout") != self.layout or header.meta.get("blocks") != c.src_blocks:
-            raise ProtocolError(
-                f"chunk layout {header.meta.get('layout')} x{header.meta.get('blocks')} blocks does not "
-                f"match this instance's {self.layout} x{c.src_blocks}"
-            )
-        if header.nbytes != self.paged.nbytes(c.src_blocks):
-            raise ProtocolError(f"chunk of {header.nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
+        self.check(self.chunks[self.asked], header.meta, header.nbytes)
         if self.asked - self._slots >= self._queued:  # the buffer's chunk still waits for its batch
             self._flush()
         reading = self._reading.pop(self.asked % self._slots, None)

@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
@@ -26,8 +25,8 @@ from storage.local import HELD, NO_ROOM, LocalClient, LocalError
 
 log = logging.getLogger(__name__)
 
-# (stored, held already, dropped) chunks and the seconds a batch waited for its copies
-OnStored = Callable[[int, int, int, float], None]
+# chunks (and bytes) stored, chunks held already, chunks dropped, and the seconds a batch took
+OnStored = Callable[[int, int, int, int, float], None]
 
 
 class SharedTier:
@@ -51,7 +50,7 @@ class SharedTier:
         self.failed = False  # the server did not answer: the caller reconnects
         self._loads = 0  # loads copying out of the arena now
         self._idle = threading.Condition()
-        self._commits: queue.Queue[tuple[int, list[bytes], Ready | None, int, int, float] | None] = queue.Queue()
+        self._commits: queue.Queue[tuple[int, list[bytes], int, Ready | None, int, int, float] | None] = queue.Queue()
         self._committer = threading.Thread(target=self._commit_loop, name="pdrun-tier-commit", daemon=True)
         self._committer.start()
 
@@ -73,9 +72,10 @@ class SharedTier:
         except LocalError as e:
             log.warning("cache tier store skipped: %s", e)
             self.failed = True
-            self._on_stored(0, 0, len(chunks), 0.0)
+            self._on_stored(0, 0, 0, len(chunks), 0.0)
             return
         keys: list[bytes] = []
+        copied = 0  # bytes
         ready = None
         held = sum(1 for o in slots if o == HELD)
         dropped = sum(1 for o in slots if o == NO_ROOM)
@@ -84,17 +84,18 @@ class SharedTier:
                 if offset >= 0:
                     ready = self.paged.gather(ids, self.slot(offset, nbytes))
                     keys.append(key)
+                    copied += nbytes
         except Exception:  # the slots not filled are freed by the commit
             log.exception("copying chunks out to the cache tier failed")
             dropped += sum(1 for o in slots if o >= 0) - len(keys)
         if lease:
-            self._commits.put((lease, keys, ready, held, dropped, t0))  # the last copy queued ends them all
+            self._commits.put((lease, keys, copied, ready, held, dropped, t0))  # the last copy queued ends them all
         else:
-            self._on_stored(0, held, dropped, 0.0)
+            self._on_stored(0, 0, held, dropped, 0.0)
 
     def _commit_loop(self) -> None:
         while (item := self._commits.get()) is not None:
-            lease, keys, ready, held, dropped, t0 = item
+            lease, keys, copied, ready, held, dropped, t0 = item
             try:
                 if ready is not None:
                     ready.synchronize()
@@ -102,8 +103,8 @@ class SharedTier:
             except Exception as e:  # the server frees the slots when it sees this process gone
                 log.warning("committing %d chunks to the cache tier failed: %s", len(keys), e)
                 self.failed = True
-                dropped, keys = dropped + len(keys), []
-            self._on_stored(len(keys), held, dropped, time.perf_counter() - t0)
+                dropped, keys, copied = dropped + len(keys), [], 0
+            self._on_stored(len(keys), copied, held, dropped, time.perf_counter() - t0)
             self._commits.task_done()
         self._commits.task_done()
 
@@ -132,7 +133,7 @@ class SharedTier:
         lease, slots = self.client.read(keys)
         try:
             for slot in slots:
-                self._check(loader, slot.meta, slot.nbytes)
+                loader.check(loader.chunks[loader.next], slot.meta, slot.nbytes)
                 loader.place_from(self.slot(slot.offset, slot.nbytes))
             loader.settle()
         finally:
@@ -153,7 +154,7 @@ class SharedTier:
         if chunk is None:
             return False
         nbytes = chunk.header.nbytes
-        self._check(loader, chunk.header.meta, nbytes)
+        loader.check(loader.chunks[loader.next], chunk.header.meta, nbytes)
         lease, (offset,) = self.client.reserve([key], [nbytes], [dict(chunk.header.meta)], from_disk=True)
         # No slot (or another instance is reading it in now): into a buffer of this load's own.
         buf = self.slot(offset, nbytes) if offset >= 0 else torch.empty(nbytes, dtype=torch.uint8)
@@ -169,17 +170,6 @@ class SharedTier:
         if lease:
             self.client.commit(lease, [key])
         return True
-
-    @staticmethod
-    def _check(loader: ChunkLoader, meta: dict[str, Any], nbytes: int) -> None:
-        c = loader.chunks[loader.next]
-        if meta.get("layout") != loader.layout or meta.get("blocks") != c.src_blocks:
-            raise ValueError(
-                f"cached chunk layout {meta.get('layout')} x{meta.get('blocks')} blocks does not match this "
-                f"instance's {loader.layout} x{c.src_blocks}"
-            )
-        if nbytes != loader.paged.nbytes(c.src_blocks):
-            raise ValueError(f"cached chunk of {nbytes} bytes, expected {loader.paged.nbytes(c.src_blocks)}")
 
     def retire(self, timeout_s: float = 60.0) -> None:
         """Close once no copy uses the arena any more (the server it belongs to was replaced)."""

@@ -39,9 +39,6 @@ def test_bench_reuse_and_noreuse_plain_against_the_cache_tier(cluster, model_dir
         for tag in ("256_c2", "256_c4", "1024_c2", "1024_c4"):
             assert noreuse[f"output_tok_s_{tag}"]["median"] > 0 and noreuse[f"tpot_p50_ms_{tag}"]["median"] > 0
     plain = s["plain"]["reuse"]
-    # Warm: vLLM's prefix cache; evicted: computed again (plain vLLM has nothing else to load it from).
-    assert plain["ttft_warm_s"]["median"] < plain["ttft_cold_s"]["median"]
-    assert plain["ttft_evicted_s"]["median"] > plain["ttft_warm_s"]["median"]
     assert plain["ttft_cold_s"]["x_plain"] == 1.0 and "x_plain" in s["pdrun-tier"]["reuse"]["ttft_cold_s"]
     # Only the cache tier (on its disk) keeps the prompt across a full restart: measured once.
     assert s["pdrun-tier"]["reuse"]["ttft_restart_s"]["n"] == 1 and "ttft_restart_s" not in plain

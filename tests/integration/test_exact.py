@@ -22,7 +22,9 @@ from tests.integration.client import (
     LOAD_FAILURES,
     LOCAL_COMPUTE,
     complete,
+    continue_after,
     metrics,
+    prefill,
     prompt,
     summed_metrics,
     text_prompt,
@@ -224,14 +226,21 @@ def test_eight_at_once_equal_plain_vllm_one_at_a_time(invariant):
 
 @pytest.mark.after_deployment
 def test_hand_offs_several_times_the_staging_pool_are_all_pulled_none_lost(invariant):
-    """16 hand-offs at once, about 110 chunks, through a pool of 24: the prefiller pauses for
-    decoders to pull rather than evict what they are about to pull."""
+    """16 hand-offs at once, about 110 chunks, through a pool of 24, each decoder coming a second
+    after its prefill (decoders slower than the prefiller): the prefiller pauses for them to pull
+    rather than evict what they are about to pull."""
     prompts = [prompt(1024 + 37 * i, seed=400 + i) for i in range(16)]
     want = [token_ids(complete(invariant.plain.url, p)) for p in prompts]
     pre, dec = invariant.prefiller_url, invariant.decoder_url
     before_pre, before_dec = metrics(pre), metrics(dec)
+
+    def prefill_then_decode_late(tokens: list[int]) -> list[int]:
+        first = prefill(pre, tokens)
+        time.sleep(1.0)  # a busy decoder: the pool holds four requests' hand-offs meanwhile
+        return continue_after(dec, tokens, first)
+
     with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda p: token_ids(complete(invariant.proxy_url, p)), prompts))
+        got = list(pool.map(prefill_then_decode_late, prompts))
     assert got == want
     expected = {LOADS: 16, LOAD_FAILURES: 0}
     assert wait_for_deltas(dec, before_dec, expected) == expected

@@ -331,13 +331,13 @@ class _SchedulerSide:
         return True
 
     # -- loads: a hand-off (consumer), else the cache tier (any role) --
-    def _incoming_of(self, request: Request) -> _Incoming | None:
+    def _incoming_of(self, request: Request, num_computed_tokens: int = 0) -> _Incoming | None:
         rid = request.request_id
         if rid not in self._incoming:
             prompt = request.prompt_token_ids or []
             state = self._from_handoff(request, prompt) if self.is_consumer and prompt else None
             if state is None and self.cache is not None and rid not in self._cache_loaded:
-                state = self._from_cache(prompt)
+                state = self._from_cache(prompt, num_computed_tokens)
             self._incoming[rid] = state
         return self._incoming[rid]
 
@@ -374,17 +374,21 @@ class _SchedulerSide:
                 end -= end % self.block_size
         return _Incoming(handoff.key_bytes(), handoff.num_tokens, end, handoff)
 
-    def _from_cache(self, prompt: list[int]) -> _Incoming | None:
+    def _from_cache(self, prompt: list[int], num_computed_tokens: int) -> _Incoming | None:
         assert self.cache is not None
         keys = chunk_keys(self.fingerprint, prompt[: len(prompt) - _computed_here(False)], full_only=True)
         if not keys:
             return None
+        size = self.cfg.chunk_size
+        if num_computed_tokens >= len(keys) * size:
+            # The GPU cache holds every chunk the tier could give: no lookup, and nothing put again
+            # (the request that computed those chunks stored them).
+            return _Incoming(keys, len(keys) * size, 0)
         if self.local is not None:
             in_memory, anywhere = self._where(keys)
             held = in_memory + self._from_disk(anywhere - in_memory)
         else:
             held = self.cache.lookup(keys)
-        size = self.cfg.chunk_size
         self._meta.lookups.append((len(keys) * size, held * size))
         return _Incoming(keys[:held], held * size, held * size)
 
@@ -412,7 +416,7 @@ class _SchedulerSide:
         return self.rates.disk_chunks(on_disk)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        state = self._incoming_of(request)
+        state = self._incoming_of(request, num_computed_tokens)
         if state is None:
             return 0, False
         count = state.end - num_computed_tokens

@@ -17,11 +17,12 @@ less 1; the count is the usage chunk's when the client asked for usage, else one
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+import msgspec
 
 PHASES = ("queue", "prefill", "handoff", "first_token", "decode", "total")
 
@@ -99,19 +100,34 @@ class StreamClock:
 
     def feed(self, chunk: bytes, now: float) -> None:
         for event in self._events.feed(chunk):
-            self.see(event_data(event), now)
+            if not event.startswith(b"data: {"):
+                continue
+            try:
+                e = _read_event(event[6:])
+            except msgspec.ValidationError:  # a shape of its own: read whole
+                self.see(event_data(event), now)
+                continue
+            except msgspec.DecodeError:
+                continue
+            carries = any(c.text or (c.delta is not None and c.delta.content) for c in e.choices or ())
+            self._tick(carries, e.usage.completion_tokens if e.usage is not None else None, now)
 
     def see(self, data: dict[str, Any] | None, now: float) -> None:
         """One event, already parsed (`event_data`)."""
         if data is None:
             return
-        if any(c.get("text") or (c.get("delta") or {}).get("content") for c in data.get("choices") or []):
+        choices, usage = data.get("choices"), data.get("usage")
+        carries = isinstance(choices, list) and any(_carries_tokens(c) for c in choices)
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        self._tick(carries, tokens if isinstance(tokens, int) else None, now)
+
+    def _tick(self, carries_tokens: bool, usage_tokens: int | None, now: float) -> None:
+        if carries_tokens:
             self.events += 1
             self.first = now if self.first is None else self.first
             self.last = now
-        tokens = (data.get("usage") or {}).get("completion_tokens")
-        if isinstance(tokens, int):
-            self.usage_tokens = tokens
+        if usage_tokens is not None:
+            self.usage_tokens = usage_tokens
 
     @property
     def tokens(self) -> int:
@@ -129,7 +145,37 @@ def event_data(event: bytes) -> dict[str, Any] | None:
     if not event.startswith(b"data: {"):
         return None
     try:
-        data = json.loads(event[6:])
-    except ValueError:
+        data = msgspec.json.decode(event[6:])
+    except msgspec.DecodeError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def _carries_tokens(choice: Any) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    return bool(choice.get("text") or (isinstance(delta, dict) and delta.get("content")))
+
+
+# What StreamClock reads of an event, and nothing else: a first event may carry the prompt's
+# token ids, which are skipped unread.
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None
+    delta: _Delta | None = None
+
+
+class _Usage(msgspec.Struct):
+    completion_tokens: int | None = None
+
+
+class _Event(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+
+
+_read_event = msgspec.json.Decoder(_Event).decode

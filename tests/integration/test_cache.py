@@ -40,6 +40,7 @@ CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
 TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # on the cache server's /metrics
 LOCAL_READS = "pdrun:cache_local_requests_total[op=read]"  # chunks read in place, through shared memory
 LOCAL_RESERVES = "pdrun:cache_local_requests_total[op=reserve]"
+LOCAL_WHERES = "pdrun:cache_local_requests_total[op=where]"  # lookups
 LEASES = "pdrun:cache_leases"
 CACHE_HIT = "pdrun:cache_hit_tokens_total"
 STORED = "pdrun:cache_stored_chunks_total"
@@ -107,6 +108,18 @@ def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(
     # The decoder still holds the prefix from `a` in its own prefix cache: it loads only the rest.
     expected = {LOADED: len(b) - 2048}
     assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
+
+
+def test_a_prompt_whose_chunks_the_gpu_cache_holds_costs_no_tier_lookup(cluster, second_prefiller):
+    tokens = prompt(1100, seed=310)  # 4 full chunks
+    tier = cluster.deployment.cache_metrics_url
+    before = metrics(tier).get(LOCAL_WHERES, 0)
+    first = prefill(second_prefiller.url, tokens)
+    looked_up = metrics(tier).get(LOCAL_WHERES, 0)
+    assert looked_up == before + 1
+    # Again: vLLM's own prefix cache has all 4 chunks, the tier could add nothing.
+    assert prefill(second_prefiller.url, tokens).token == first.token
+    assert metrics(tier).get(LOCAL_WHERES, 0) == looked_up
 
 
 class Forgetful(Service):

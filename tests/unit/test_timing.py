@@ -97,3 +97,20 @@ def test_tokens_merged_into_one_event_are_counted_from_the_usage_chunk():
     clock.feed(event({"choices": [{"index": 0, "text": " b c d"}]}), 4.0)
     clock.feed(event({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}) + event("[DONE]"), 4.0)
     assert (clock.events, clock.tokens, clock.per_token) == (2, 4, pytest.approx(1.0))
+
+
+def test_events_of_unexpected_shapes_are_read_as_the_dict_reader_reads_them():
+    # A first event with the prompt's ids; a text that is not a string; a delta that is a list (counted
+    # as no token, never an error that would break the relayed stream).
+    events = [
+        {"choices": [{"index": 0, "text": "", "prompt_token_ids": list(range(5000)), "token_ids": []}]},
+        {"choices": [{"index": 0, "text": 7}]},
+        {"choices": [{"index": 0, "delta": ["x"]}]},
+        {"choices": [{"index": 0, "delta": {"content": "y", "role": "assistant"}}], "usage": None},
+        {"choices": None, "usage": {"completion_tokens": "many"}},
+    ]
+    for i, data in enumerate(events):
+        fast, whole = StreamClock(), StreamClock()
+        fast.feed(event(data), 1.0 + i)
+        whole.see(json.loads(event(data)[6:]), 1.0 + i)
+        assert (fast.events, fast.first, fast.usage_tokens) == (whole.events, whole.first, whole.usage_tokens), data

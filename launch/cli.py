@@ -94,6 +94,15 @@ def launch(
     run_dir: Annotated[
         Path | None, typer.Option(help="Logs and state.json (default ~/.cache/pdrun/runs/<time>).")
     ] = None,
+    auth_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PDRUN_AUTH_TOKEN",
+            show_envvar=True,
+            help="The secret every KV transfer and cache port asks for; better in the environment than on a "
+            "command line (default: a new one per launch, kept in RUN_DIR/auth-token).",
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML file with any of these settings (the options win).")
     ] = None,
@@ -142,6 +151,7 @@ def launch(
         cache_disk_gb=cache_disk_gb,
         cache_port=cache_port,
         run_dir=run_dir,
+        auth_token=auth_token,
     )
     if gpus is not None:
         try:
@@ -164,9 +174,11 @@ def launch(
         return
     if cfg.model is None:
         tiny_model.build(None)
+    run_dir = cfg.run_dir or deploy.default_run_dir()
+    specs = deploy.with_auth_token(specs, cfg.auth_token, run_dir)
     supervisor = Supervisor(
         specs,
-        cfg.run_dir or deploy.default_run_dir(),
+        run_dir,
         restart=cfg.restart,
         echo_logs=cfg.echo_logs,
         startup_timeout_s=cfg.startup_timeout_s,
@@ -195,6 +207,17 @@ def proxy(
             "chat's first token itself instead of continuing after the prefiller's.",
         ),
     ] = False,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            help="The instances' cache server (tcp://HOST:PORT): a request whose prompt it holds, all but a short "
+            "tail, skips the prefill hop (a decoder loads it from the tier)."
+        ),
+    ] = None,
+    tier_shortcut_tokens: Annotated[
+        int,
+        typer.Option(help="The longest tail a decoder computes itself when taking a prompt from the tier (0: never)."),
+    ] = 512,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """The one OpenAI endpoint in front of vLLM instances started elsewhere (xPyD across hosts).
@@ -217,6 +240,8 @@ def proxy(
             decode=_split_urls(decode),
             policy=policy,  # type: ignore[arg-type]
             chat_parsing=chat_parsing,
+            cache=cache,
+            tier_shortcut_tokens=tier_shortcut_tokens,
         )
     except ValidationError as e:
         err = e.errors()[0]
@@ -370,6 +395,15 @@ def cache_server(
     shm_dir: Annotated[
         Path | None, typer.Option(help="Where the memory tier's shared-memory file lives (default /dev/shm).")
     ] = None,
+    auth_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PDRUN_AUTH_TOKEN",
+            show_envvar=True,
+            help="A secret every client must give first, others are refused; better in the environment than on a "
+            "command line (default: none).",
+        ),
+    ] = None,
 ) -> None:
     """The shared KV cache: a memory tier over a disk tier, served to every instance.
 
@@ -399,7 +433,7 @@ def cache_server(
         _fail(f"--cpu-gb {cpu_gb:g}: {e}")
     store = TieredStore(memory, DiskTier(dir, int(disk_gb * gib)) if dir else None)
     try:
-        server = CacheServer(listen, store)
+        server = CacheServer(listen, store, auth_token=auth_token)
     except (OSError, ValueError) as e:
         store.close()
         _fail(f"cannot listen on {listen}: {e}")
@@ -408,7 +442,9 @@ def cache_server(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     tiers = f"memory {cpu_gb:g} GiB" + (f", disk {disk_gb:g} GiB in {dir}" if dir else "")
-    typer.echo(f"cache server on {server.address} ({tiers})" + (f", /metrics on {metrics_port}" if metrics else ""))
+    guard = ", auth token required" if auth_token else ""
+    shown = f"cache server on {server.address} ({tiers}{guard})"
+    typer.echo(shown + (f", /metrics on {metrics_port}" if metrics else ""))
     stop.wait()
     server.close()
     if metrics is not None:

@@ -43,6 +43,12 @@ class LaunchConfig(BaseModel):
     connector: dict[str, Any] = Field(default_factory=dict, description="extra PDConnector settings")
     vllm_args: list[str] = Field(default_factory=list, description="extra arguments for every vLLM")
     run_dir: Path | None = Field(None, description="logs and state (default: ~/.cache/pdrun/runs/<time>)")
+    auth_token: str | None = Field(
+        None,
+        min_length=8,
+        description="the secret every KV transfer and cache port asks for (default: $PDRUN_AUTH_TOKEN, else a new "
+        "one per launch, kept in RUN_DIR/auth-token)",
+    )
     restart: bool = Field(True, description="restart a crashed instance, with backoff")
     echo_logs: bool = Field(True, description="print every child's log lines, prefixed with its name")
     startup_timeout_s: float = Field(900, gt=0)
@@ -88,6 +94,13 @@ class LaunchConfig(BaseModel):
     def starts_cache(self) -> bool:
         """A cache server of its own, unless the connector names one already running."""
         return self.cache_cpu_gb > 0 and "cache" not in self.connector
+
+    @property
+    def cache_address(self) -> str | None:
+        """The cache server every instance (and the proxy) uses, if any."""
+        if self.starts_cache:
+            return f"tcp://127.0.0.1:{self.cache_port}"
+        return self.connector.get("cache")
 
     @property
     def instances(self) -> int:

@@ -4,17 +4,20 @@ the cache server they share."""
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from launch import tiny_model
 from launch.config import ConfigError, LaunchConfig
 from launch.supervisor import ChildSpec
 from launch.vllm_server import ServerSpec
+from transfer import AUTH_TOKEN_ENV
 
 KV_PORTS_PER_INSTANCE = 8  # TP rank r of an instance listens on its kv port + r
 # vLLM options that make it parse chat answers (reasoning, tool calls): the proxy is told.
@@ -56,8 +59,8 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
     model = cfg.model or str(tiny_model.DEFAULT_DIR)
     served = cfg.served_model_name or ("tiny" if cfg.model is None else cfg.model)
     connector = {"chunk_size": cfg.chunk_size, "transport": cfg.transport, **cfg.connector}
-    if cfg.starts_cache:
-        connector["cache"] = f"tcp://127.0.0.1:{cfg.cache_port}"
+    if cfg.cache_address is not None:
+        connector["cache"] = cfg.cache_address
     # The tiny model's config allows 4096 positions; vLLM's CPU backend reserves KV for all of them.
     max_len = cfg.max_model_len if cfg.max_model_len is not None else (4096 if cfg.model is None else None)
     out = []
@@ -88,6 +91,8 @@ def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[
     cmd += ["--policy", cfg.policy]
     if any(a.split("=")[0] in CHAT_PARSERS for a in cfg.vllm_args):
         cmd.append("--chat-parsing")
+    if cfg.cache_address is not None and prefill_urls:
+        cmd += ["--cache", cfg.cache_address]  # the tier shortcut
     for u in prefill_urls:
         cmd += ["--prefill", u]
     for u in decode_urls:
@@ -123,6 +128,20 @@ def child_specs(cfg: LaunchConfig) -> list[ChildSpec]:
         health = f"http://127.0.0.1:{cfg.cache_port + 1}/metrics"
         specs.append(ChildSpec("cache", cache_command(cfg), env, health, tier=2))
     return specs
+
+
+def with_auth_token(specs: list[ChildSpec], token: str | None, run_dir: Path) -> list[ChildSpec]:
+    """Every child gets the deployment's auth token in its environment (never on a command line);
+    with none given, a new one. It is kept in RUN_DIR/auth-token (owner-only) for instances and
+    clients started by hand."""
+    token = token or secrets.token_urlsafe(24)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "auth-token"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return [replace(s, env={**s.env, AUTH_TOKEN_ENV: token}) for s in specs]
 
 
 def default_run_dir() -> Path:

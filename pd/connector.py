@@ -140,14 +140,9 @@ def _fingerprint(vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config:
     )
 
 
-def _computed_here(continues: bool) -> int:
-    """The prompt tokens an instance computes itself after loading the rest. vLLM computes at
-    least the last one. A decoder that continues after the prefiller's first token computes just
-    that token's position, as one vLLM's next decode step does. An instance that samples the
-    first output token itself computes the prompt's last two: a one-token step may run a decode
-    kernel that sums in another order than the prefill it replaces, and a near tie then goes the
-    other way."""
-    return 1 if continues else 2
+def _salt(request: Request) -> str | None:
+    """vLLM's per-request `cache_salt`: requests with different salts share no KV, here as in vLLM."""
+    return getattr(request, "cache_salt", None)
 
 
 def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, cfg: ConnectorConfig) -> None:
@@ -337,7 +332,7 @@ class _SchedulerSide:
             prompt = request.prompt_token_ids or []
             state = self._from_handoff(request, prompt) if self.is_consumer and prompt else None
             if state is None and self.cache is not None and rid not in self._cache_loaded:
-                state = self._from_cache(prompt, num_computed_tokens)
+                state = self._from_cache(prompt, num_computed_tokens, _salt(request))
             self._incoming[rid] = state
         return self._incoming[rid]
 
@@ -358,7 +353,7 @@ class _SchedulerSide:
             )
         else:
             theirs = handoff.key_bytes()
-            ours = chunk_keys(self.fingerprint, prompt[: handoff.num_tokens])
+            ours = chunk_keys(self.fingerprint, prompt[: handoff.num_tokens], salt=_salt(request))
             matched = matching_prefix(ours, theirs)
             end = handoff.num_tokens if matched == len(theirs) == len(ours) else matched * self.cfg.chunk_size
             if end < handoff.num_tokens:
@@ -367,16 +362,17 @@ class _SchedulerSide:
                     request.request_id,
                     end,
                 )
-            end = max(0, min(end, len(prompt) - _computed_here(len(prompt) > handoff.num_tokens)))
+            end = max(0, min(end, len(prompt) - plan.computed_here(len(prompt) > handoff.num_tokens)))
             if self.loads_in_step:
                 # Layers are placed whole blocks at a time while the step runs, and vLLM writes the
                 # step's own KV before it waits for a layer: the block it writes into is computed here.
                 end -= end % self.block_size
         return _Incoming(handoff.key_bytes(), handoff.num_tokens, end, handoff)
 
-    def _from_cache(self, prompt: list[int], num_computed_tokens: int) -> _Incoming | None:
+    def _from_cache(self, prompt: list[int], num_computed_tokens: int, salt: str | None) -> _Incoming | None:
         assert self.cache is not None
-        keys = chunk_keys(self.fingerprint, prompt[: len(prompt) - _computed_here(False)], full_only=True)
+        usable = prompt[: len(prompt) - plan.computed_here(False)]
+        keys = chunk_keys(self.fingerprint, usable, full_only=True, salt=salt)
         if not keys:
             return None
         size = self.cfg.chunk_size
@@ -468,7 +464,7 @@ class _SchedulerSide:
             return
         prompt = request.prompt_token_ids or []
         handed = len(prompt)
-        keys = chunk_keys(self.fingerprint, prompt)
+        keys = chunk_keys(self.fingerprint, prompt, salt=_salt(request))
         self._saving[request.request_id] = _Saving(keys, handed, stage, cache_from)
 
     def _track_blocks(self, so: SchedulerOutput) -> None:

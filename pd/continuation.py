@@ -13,7 +13,7 @@ string, or `max_tokens` 1) has given the whole answer: no decoder is asked.
 
 Where the decoder cannot continue exactly (`inexact_reason` and `Continuation.inexact` say when),
 it samples the first token itself after loading all prompt positions but the last two, which it
-computes as a prefill step (pd/connector.py `_computed_here`): the first token's logits then come
+computes as a prefill step (pd/plan.py `computed_here`): the first token's logits then come
 from another split of the prompt than the prefiller's, and a near tie can go the other way.
 """
 

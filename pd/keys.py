@@ -59,14 +59,26 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
     return a.tobytes()
 
 
-def chunk_keys(fingerprint: Fingerprint, tokens: Sequence[int], *, full_only: bool = False) -> list[bytes]:
-    """Keys of the chunks of `tokens`, in order. With `full_only`, the trailing partial chunk is left out."""
-    size = fingerprint.chunk_size
+def chunk_keys(
+    fingerprint: Fingerprint, tokens: Sequence[int], *, full_only: bool = False, salt: str | None = None
+) -> list[bytes]:
+    """Keys of the chunks of `tokens`, in order. With `full_only`, the trailing partial chunk is
+    left out. A request's `cache_salt` (vLLM's, for keeping tenants apart) changes every key."""
+    return chained_keys(salted(fingerprint.seed(), salt), fingerprint.chunk_size, tokens, full_only=full_only)
+
+
+def salted(seed: bytes, salt: str | None) -> bytes:
+    """The seed of the keys of requests with `salt`: two salts never share a chunk, nor with no salt."""
+    return seed if not salt else xxhash.xxh3_128_digest(seed + b"\x00cache_salt\x00" + salt.encode())
+
+
+def chained_keys(seed: bytes, size: int, tokens: Sequence[int], *, full_only: bool = False) -> list[bytes]:
+    """`chunk_keys` from a fingerprint's seed: what the proxy, which knows only the seed, computes."""
     if size <= 0:
         raise ValueError(f"chunk_size must be positive, got {size}")
     end = len(tokens) - len(tokens) % size if full_only else len(tokens)
     keys: list[bytes] = []
-    prev = fingerprint.seed()
+    prev = seed
     for start in range(0, end, size):
         h = xxhash.xxh3_128(prev)
         h.update(_token_bytes(tokens[start : min(start + size, end)]))

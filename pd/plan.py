@@ -16,6 +16,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def computed_here(continues: bool) -> int:
+    """The prompt tokens an instance computes itself after loading the rest. vLLM computes at
+    least the last one. A decoder that continues after the prefiller's first token computes just
+    that token's position, as one vLLM's next decode step does. An instance that samples the
+    first output token itself computes the prompt's last two: a one-token step may run a decode
+    kernel that sums in another order than the prefill it replaces, and a near tie then goes the
+    other way."""
+    return 1 if continues else 2
+
+
 def chunk_token_range(index: int, handed: int, chunk_size: int) -> tuple[int, int]:
     start = index * chunk_size
     return start, min(start + chunk_size, handed)

@@ -37,10 +37,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import transfer
 from pd.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 from pd.params import TIMING
 from pd.routing import Backend, Policy, Router
+from pd.shortcut import TierShortcut
 from pd.timing import PHASES, RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
+from storage.client import CacheClient
 
 log = logging.getLogger("pd.proxy")
 
@@ -51,6 +54,8 @@ SLOW_PROBES_DOWN = 5  # health checks in a row that time out before a backend le
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 REQUEST_ID = "x-pdrun-request-id"
+IN_TIER = "prompt in the cache tier"  # the decode-only reason of the tier shortcut
+SHORTCUT_LOOKUP_TIMEOUT_S = 0.5  # a cache slower than this is a miss: the request takes the prefill hop
 
 
 class ProxySettings(BaseModel):
@@ -71,6 +76,15 @@ class ProxySettings(BaseModel):
     prefill_timeout_s: float = Field(300.0, gt=0, description="longest wait for a prefiller's answer")
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from a decoder")
     max_connections: int = Field(2048, ge=1, description="upstream connections, all backends together")
+    cache: str | None = Field(
+        None, description="the deployment's cache server (tcp://HOST:PORT), for the tier shortcut (pd/shortcut.py)"
+    )
+    tier_shortcut_tokens: int = Field(
+        512,
+        ge=0,
+        description="with a cache: a request whose prompt the tier holds but for at most this many tokens goes to "
+        "a decoder alone, which loads it from the tier and computes that tail itself; 0: always the prefill hop",
+    )
 
 
 class BadRequest(Exception):
@@ -215,6 +229,7 @@ class Proxy:
         self.metrics = ProxyMetrics(self.router)
         self.timings = TimingLog()
         self.client: httpx.AsyncClient | None = None
+        self.shortcut = _shortcut(settings)
         self._checks: set[asyncio.Task[None]] = set()  # health checks a failed request asked for
 
     # ---- lifecycle ----
@@ -234,6 +249,8 @@ class Proxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await checker
             await self.client.aclose()
+            if self.shortcut is not None:
+                self.shortcut.close()
 
     async def _check_health_forever(self) -> None:
         while True:
@@ -321,6 +338,8 @@ class Proxy:
 
     async def _serve(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
         reason = decode_only_reason(body)
+        if reason is None and await self._in_tier(path, body):
+            reason = IN_TIER
         if reason is None:
             answer = await self._prefill(path, body, timing)
             if isinstance(answer, Response):
@@ -334,6 +353,8 @@ class Proxy:
             elif not (params := answer.answer.get("kv_transfer_params")):
                 reason = "no kv_transfer_params from the prefiller"
             else:
+                if self.shortcut is not None:
+                    self.shortcut.learn(body.get("model"), params)
                 self.metrics.handoffs.inc()
                 self.metrics.handoff_tokens.inc((params.get("pdrun") or {}).get("num_tokens", 0))
                 inexact = inexact_reason(path, body, self.settings.chat_parsing) or answer.inexact()
@@ -353,8 +374,20 @@ class Proxy:
         if reason is not None:
             self.metrics.fallbacks.labels(reason).inc()
             timing.mode = f"decode-only: {reason}"
-            log.info("decode-only request: %s", reason)
+            if reason != IN_TIER:
+                log.info("decode-only request: %s", reason)
         return await self._decode(path, body, t0, timing)
+
+    async def _in_tier(self, path: str, body: dict[str, Any]) -> bool:
+        """Whether the cache tier holds the prompt but a short tail (the prefill hop is then skipped)."""
+        if self.shortcut is None or not any(b.healthy for b in self.router.prefillers):
+            return False
+        decoder = next((b for b in self.router.decoders if b.healthy), None)
+        if decoder is None:
+            return False
+        assert self.client is not None
+        tokens, held = await self.shortcut.held(self.client, decoder.url, path, body)
+        return self.shortcut.takes(tokens, held)
 
     async def _prefill(self, path: str, body: dict[str, Any], timing: RequestTiming) -> Continuation | Response | str:
         """The prefiller's first token, its 4xx, or why the decoder prefills instead."""
@@ -597,6 +630,14 @@ class _Opened:
     first: bytes  # its first bytes
     chunks: AsyncIterator[bytes]  # the rest
     sent: float
+
+
+def _shortcut(settings: ProxySettings) -> TierShortcut | None:
+    if settings.cache is None or settings.tier_shortcut_tokens == 0 or not settings.prefill:
+        return None
+    timeout = SHORTCUT_LOOKUP_TIMEOUT_S
+    connect = partial(transfer.connect, connect_timeout=timeout, io_timeout=timeout)
+    return TierShortcut(CacheClient(settings.cache, connect, retry_after_s=5.0), settings.tier_shortcut_tokens)
 
 
 def _json(body: dict[str, Any]) -> dict[str, Any]:

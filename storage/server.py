@@ -98,11 +98,12 @@ class CacheServer:
     """A TieredStore behind a transport listener, and for instances on this host its arena
     (`local`, storage/local.py); `close()` stops serving and flushes the disk writes."""
 
-    def __init__(self, address: str, store: TieredStore, local: bool = True):
+    def __init__(self, address: str, store: TieredStore, local: bool = True, auth_token: str | None = None):
         self.store = store
         self.local = LocalService(store) if local else None
         try:
-            self.listener = transfer.listen(address, CacheService(store, local=self.local))
+            options = {} if auth_token is None else {"auth_token": auth_token}  # else $PDRUN_AUTH_TOKEN
+            self.listener = transfer.listen(address, CacheService(store, local=self.local), **options)
         except BaseException:
             if self.local is not None:
                 self.local.close()

@@ -291,7 +291,7 @@ class DiskTier:
         self._stats = TierStats()
         self.disabled: str | None = None
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # created owner-only: KV is the prompts
             probe = self.dir / f".probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"x")
             probe.unlink()
@@ -391,7 +391,7 @@ class DiskTier:
         path = self._path(key)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(exist_ok=True, mode=0o700)
             with open(tmp, "wb") as f:
                 f.write(head)
                 f.write(payload)

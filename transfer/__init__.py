@@ -4,6 +4,10 @@
     with transfer.connect(listener.address) as conn:
         for frame in conn.stream("get", meta={...}, sink=...): ...
 
+A listener with an auth token (`PDRUN_AUTH_TOKEN` in the environment, unless given as the
+`auth_token` option) serves only connections that give the same token first; connections give the
+same one.
+
 This package knows nothing of KV caches, storage or vLLM.
 """
 
@@ -17,12 +21,15 @@ from transfer.errors import (
     RemoteError,
     TransferError,
     TransferTimeout,
+    Unauthorized,
 )
+from transfer.framed import AUTH_TOKEN_ENV
 from transfer.pool import ConnectionPool
 from transfer.tcp import TcpOptions, TcpTransport
 from transfer.wire import Header
 
 __all__ = [
+    "AUTH_TOKEN_ENV",
     "ChecksumError",
     "Connection",
     "ConnectionPool",
@@ -39,6 +46,7 @@ __all__ = [
     "TransferError",
     "TransferTimeout",
     "Transport",
+    "Unauthorized",
     "connect",
     "listen",
     "transport_for",

@@ -27,3 +27,7 @@ class RemoteError(TransferError):
 
 class Rejected(TransferError):
     """The receiver refused a frame's payload; the frame was read and dropped, the stream is intact."""
+
+
+class Unauthorized(TransferError):
+    """The peer's port needs the deployment's auth token, and this side did not give it (or gave another)."""

@@ -5,7 +5,9 @@ request and its reply are, on the caller's side and on the listener's."""
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -13,10 +15,17 @@ from typing import Any, Protocol
 import msgspec
 
 from transfer.base import Connection, Frame, Reply, Service
-from transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError
+from transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError, Unauthorized
 from transfer.wire import Header, Sink
 
 log = logging.getLogger(__name__)
+
+HELLO = "hello"  # a connection's first request where its listener needs the auth token
+AUTH_TOKEN_ENV = "PDRUN_AUTH_TOKEN"
+
+
+def auth_token_from_env() -> str | None:
+    return os.environ.get(AUTH_TOKEN_ENV) or None
 
 
 class Channel(Protocol):
@@ -52,6 +61,16 @@ class FramedConnection(Connection):
     def broken(self) -> bool:
         return self._broken
 
+    def authenticate(self, token: str | None) -> None:
+        """Give the listener the deployment's auth token, first thing on the connection (none: nothing sent)."""
+        if token is None:
+            return
+        try:
+            self.call(HELLO, meta={"token": token})
+        except RemoteError as e:
+            self.close()
+            raise Unauthorized(str(e)) from None
+
     def stream(
         self,
         op: str,
@@ -84,9 +103,20 @@ class FramedConnection(Connection):
         return dict(final.meta)
 
 
-def serve(channel: Channel, service: Service, name: str, idle_timeout: float, closed: threading.Event) -> None:
-    """Answer requests on `channel` until the peer leaves, the channel fails or `closed` is set."""
+def serve(
+    channel: Channel,
+    service: Service,
+    name: str,
+    idle_timeout: float,
+    closed: threading.Event,
+    auth_token: str | None = None,
+) -> None:
+    """Answer requests on `channel` until the peer leaves, the channel fails or `closed` is set.
+    With `auth_token`, the first frame must give it (`FramedConnection.authenticate`), else the
+    connection is answered an error and closed before any request reaches the service."""
     try:
+        if auth_token is not None and not _admitted(channel, name, idle_timeout, auth_token):
+            return
         while not closed.is_set():
             try:
                 header, payload = channel.read(service.receive_buffer, first_timeout=idle_timeout, drain_rejected=True)
@@ -100,9 +130,35 @@ def serve(channel: Channel, service: Service, name: str, idle_timeout: float, cl
                 with contextlib.suppress(TransferError):
                     channel.write(Header(op="error", meta={"message": f"{type(e).__name__}: {e}"}))
                 return
+            if header.op == HELLO:  # a token this listener does not ask for
+                channel.write(Header(op="ok"))
+                continue
             _reply(channel, service, name, header, payload)
     except TransferError as e:
         log.debug("%s: connection ended while replying: %s", name, e)
+
+
+def _admitted(channel: Channel, name: str, idle_timeout: float, token: str) -> bool:
+    try:
+        header, _ = channel.read(_no_payload, first_timeout=idle_timeout)
+        given = header.meta.get("token") if header.op == HELLO else None
+    except Rejected:
+        given = None
+    except PeerClosed:
+        return False
+    if isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
+        channel.write(Header(op="ok"))
+        return True
+    why = "a wrong auth token" if given is not None else "no auth token"
+    log.warning("%s: refused a connection that gave %s", name, why)
+    with contextlib.suppress(TransferError):
+        channel.write(Header(op="error", meta={"message": f"unauthorized: {why}; this port needs the deployment's "
+                                               f"auth token ({AUTH_TOKEN_ENV} or --auth-token)"}))  # fmt: skip
+    return False
+
+
+def _no_payload(header: Header) -> Any:
+    raise ProtocolError("the first frame of a connection carries no payload")
 
 
 def _reply(channel: Channel, service: Service, name: str, header: Header, payload: Any) -> None:

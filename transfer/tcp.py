@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +23,7 @@ import msgspec
 from transfer import framed
 from transfer.base import Listener, Service, Transport
 from transfer.errors import PeerClosed, Rejected, TransferTimeout
-from transfer.framed import FramedConnection
+from transfer.framed import FramedConnection, auth_token_from_env
 from transfer.wire import (
     DEFAULT_MAX_PAYLOAD,
     PREFIX,
@@ -46,6 +46,8 @@ class TcpOptions:
     io_timeout: float = 30.0  # per frame: from its first byte being awaited to its last byte
     idle_timeout: float = 600.0  # listener side: a connection quiet this long is closed
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    # The deployment's shared secret (default $PDRUN_AUTH_TOKEN): listeners need it, connections give it.
+    auth_token: str | None = field(default_factory=auth_token_from_env)
     checksums: bool = True  # compute on send and verify on receive
     socket_buffer: int = 4 << 20
     max_connections: int = 512  # listener side
@@ -164,6 +166,7 @@ class TcpConnection(FramedConnection):
             raise PeerClosed(f"cannot connect to {address}: {e}") from None
         _tune(sock, options)
         self.channel = _FrameIO(sock, options)
+        self.authenticate(options.auth_token)
 
     def stale(self) -> bool:
         # An idle connection has nothing to read: EOF, an error or stray bytes all mean it is done.
@@ -219,9 +222,8 @@ class TcpListener(Listener):
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            framed.serve(
-                _FrameIO(conn, self._options), self._service, self.address, self._options.idle_timeout, self._closed
-            )
+            o = self._options
+            framed.serve(_FrameIO(conn, o), self._service, self.address, o.idle_timeout, self._closed, o.auth_token)
         finally:
             with self._lock:
                 self._conns.discard(conn)

@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,7 +53,7 @@ import msgspec
 from transfer import framed
 from transfer.base import Listener, Service, Transport
 from transfer.errors import PeerClosed, ProtocolError, Rejected, TransferError, TransferTimeout
-from transfer.framed import FramedConnection
+from transfer.framed import FramedConnection, auth_token_from_env
 from transfer.wire import (
     DEFAULT_MAX_PAYLOAD,
     PREFIX,
@@ -79,6 +79,8 @@ class UcxOptions:
     io_timeout: float = 30.0  # per message of a frame
     idle_timeout: float = 600.0  # listener side: a connection quiet this long is closed
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    # The deployment's shared secret (default $PDRUN_AUTH_TOKEN): listeners need it, connections give it.
+    auth_token: str | None = field(default_factory=auth_token_from_env)
     checksums: bool = False  # host payloads: compute on send, verify on receipt
 
 
@@ -505,6 +507,7 @@ class UcxConnection(FramedConnection):
             sock.close()
             raise PeerClosed(f"connect to {address}: {type(e).__name__}: {e}") from None
         self.channel = _Channel(ep, options, address, send_tag=tag, recv_tag=tag + 1, lifeline=sock, rings=True)
+        self.authenticate(options.auth_token)
 
     @property
     def broken(self) -> bool:
@@ -563,7 +566,8 @@ class UcxListener(Listener):
 
     def _serve(self, ch: _Channel) -> None:
         try:
-            framed.serve(ch, self._service, self.address, self._options.idle_timeout, self._closed)
+            o = self._options
+            framed.serve(ch, self._service, self.address, o.idle_timeout, self._closed, o.auth_token)
         finally:
             with self._lock:
                 self._channels.discard(ch)

@@ -98,6 +98,11 @@ class Deployment:
         return f"tcp://127.0.0.1:{self.cache_port}"
 
     @property
+    def auth_token(self) -> str:
+        """The secret `pdrun launch` made for its ports, from RUN_DIR/auth-token."""
+        return (self.run_dir / "auth-token").read_text().strip()
+
+    @property
     def cache_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.cache_port + 1}"
 

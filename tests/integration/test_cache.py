@@ -14,10 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 import transfer
 from launch.vllm_server import ServerSpec, VllmServer
+from pd.proxy import IN_TIER
 from tests.integration.client import (
     EXTERNAL,
     LOAD_FAILURES,
@@ -28,11 +30,13 @@ from tests.integration.client import (
     metrics,
     prefill,
     prompt,
+    summed_metrics,
+    text_prompt,
     token_ids,
     wait_for_deltas,
 )
 from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Deployment, free_port, free_ports, start_deployment
-from transfer import Service
+from transfer import AUTH_TOKEN_ENV, Service
 
 pytestmark = pytest.mark.integration
 
@@ -45,10 +49,13 @@ LEASES = "pdrun:cache_leases"
 CACHE_HIT = "pdrun:cache_hit_tokens_total"
 STORED = "pdrun:cache_stored_chunks_total"
 CHUNK = 256
+HANDOFFS = "pdrun:proxy_handoffs_total"
+SHORTCUTS = f"pdrun:proxy_decode_only_total[reason={IN_TIER}]"
 
 
-def instance(model_dir, role, connector, extra_args=()) -> ServerSpec:
-    """A vLLM instance of the tiny model with PDConnector, started by hand."""
+def instance(model_dir, role, connector, extra_args=(), auth_token=None) -> ServerSpec:
+    """A vLLM instance of the tiny model with PDConnector, started by hand (with the auth token
+    of the deployment it joins)."""
     return ServerSpec(
         model=str(model_dir),
         port=free_port(),
@@ -57,6 +64,7 @@ def instance(model_dir, role, connector, extra_args=()) -> ServerSpec:
         dtype="float32",
         connector=connector,
         extra_args=list(extra_args),
+        env={AUTH_TOKEN_ENV: auth_token} if auth_token else {},
     )
 
 
@@ -64,7 +72,7 @@ def instance(model_dir, role, connector, extra_args=()) -> ServerSpec:
 def second_prefiller(cluster, model_dir, tmp_path_factory):
     """Another prefiller on the deployment's cache tier, started by hand as on another host."""
     connector = {"cache": cluster.deployment.cache_address, "io_timeout_s": DECODER_IO_TIMEOUT_S}
-    spec = instance(model_dir, "kv_producer", connector)
+    spec = instance(model_dir, "kv_producer", connector, auth_token=cluster.deployment.auth_token)
     server = VllmServer(spec, tmp_path_factory.mktemp("logs") / "prefill-b.log")
     server.start()
     try:
@@ -120,6 +128,56 @@ def test_a_prompt_whose_chunks_the_gpu_cache_holds_costs_no_tier_lookup(cluster,
     # Again: vLLM's own prefix cache has all 4 chunks, the tier could add nothing.
     assert prefill(second_prefiller.url, tokens).token == first.token
     assert metrics(tier).get(LOCAL_WHERES, 0) == looked_up
+
+
+def salted_prefill(url: str, tokens: list[int], salt: str) -> list[int]:
+    body = {"model": "tiny", "prompt": tokens, "max_tokens": 1, "temperature": 0, "cache_salt": salt}
+    body["kv_transfer_params"] = {"do_remote_decode": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_requests_with_different_cache_salts_share_no_kv_through_the_tier(cluster, second_prefiller):
+    tokens = prompt(1100, seed=350)  # 4 full chunks
+    p0, p1, tier = cluster.prefiller.url, second_prefiller.url, cluster.deployment.cache_metrics_url
+    before_tier = metrics(tier)
+    first = salted_prefill(p0, tokens, "tenant-a")
+    assert wait_for_deltas(tier, before_tier, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
+    before = metrics(p1)
+    assert salted_prefill(p1, tokens, "tenant-b") == first  # computed: tenant-a's chunks are not b's
+    assert wait_for_deltas(p1, before, {CACHE_HIT: 0, LOCAL_COMPUTE: 1100}) == {CACHE_HIT: 0, LOCAL_COMPUTE: 1100}
+    before = metrics(p1)
+    assert salted_prefill(p1, tokens, "tenant-a") == first  # the same tenant: loaded
+    assert wait_for_deltas(p1, before, {CACHE_HIT: 1024}) == {CACHE_HIT: 1024}
+
+
+def ask(url: str, p: list[int] | str) -> list[int]:
+    """The answer's token ids, for a prompt of token ids or of text."""
+    if not isinstance(p, str):
+        return token_ids(complete(url, p))
+    body = {"model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0, "return_token_ids": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return token_ids(r.json())
+
+
+@pytest.mark.parametrize("kind", ["ids", "text"])
+def test_a_prompt_the_tier_holds_but_a_short_tail_skips_the_prefill_hop(cluster, kind):
+    proxy, tier = cluster.proxy_url, cluster.deployment.cache_metrics_url
+    # 1100 token ids, or 1000 words of text (1086 tokens, which the proxy asks a decoder for): 4 full chunks.
+    head: list[int] | str = prompt(1100, seed=330) if kind == "ids" else text_prompt(1000, seed=332)
+    longer = head + prompt(60, seed=331) if kind == "ids" else head + " and the rest of it"
+    before, before_tier = metrics(proxy), metrics(tier)
+    assert ask(proxy, head) == ask(cluster.plain.url, head)
+    after = metrics(proxy)
+    assert after[HANDOFFS] - before[HANDOFFS] == 1  # a new prompt: prefilled, handed off, stored
+    assert wait_for_deltas(tier, before_tier, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
+
+    assert ask(proxy, longer) == ask(cluster.plain.url, longer)
+    final = metrics(proxy)
+    assert final[HANDOFFS] == after[HANDOFFS]  # no prefill hop
+    assert final.get(SHORTCUTS, 0) - after.get(SHORTCUTS, 0) == 1
 
 
 class Forgetful(Service):
@@ -226,11 +284,13 @@ def test_a_relaunch_on_the_same_cache_dir_loads_from_disk_and_drops_damaged_chun
     )
     try:
         second.wait_ready(["prefill-0", "decode-0"], timeout=600)
-        pre_url = second.state()["children"]["prefill-0"]["url"]
+        # The prefiller loads the first prompt; the proxy, knowing then how chunks are named, sends
+        # the others to the decoder alone (the tier holds all but their tail), which loads them.
+        urls = [second.state()["children"][name]["url"] for name in ("prefill-0", "decode-0")]
         for tokens, loads in ((p, 2048), (x, 4 * CHUNK), (y, 2 * CHUNK)):
-            before = metrics(pre_url)
+            before = summed_metrics(urls)
             assert token_ids(complete(second.proxy_url, tokens)) == wants[id(tokens)]
-            assert wait_for_deltas(pre_url, before, {CACHE_LOADED: loads}) == {CACHE_LOADED: loads}
+            assert wait_for_deltas(urls, before, {CACHE_LOADED: loads}) == {CACHE_LOADED: loads}
         tier = metrics(second.cache_metrics_url)
         assert tier["pdrun:cache_hits_total[tier=disk]"] >= 8 + 4 + 2
         assert tier["pdrun:cache_dropped_corrupt_total[tier=disk]"] == 2

@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.client import LOADED, metrics, text_prompt, wait_for_deltas
+import transfer
+from tests.integration.client import LOADED, metrics, prefill, prompt, text_prompt, wait_for_deltas
 
 pytestmark = pytest.mark.integration
 
@@ -98,6 +99,24 @@ def test_a_streamed_completion_takes_its_first_token_from_the_prefiller(cluster)
     assert len(seen(got)[1]) == 12 and len({e["id"] for e in got}) == 1
     timing = httpx.get(f"{cluster.proxy_url}/pdrun/requests/{request_id}").json()
     assert timing["mode"] == "pd" and timing["output_tokens"] == 12
+
+
+def test_the_kv_and_cache_ports_serve_only_who_gives_the_deployments_auth_token(cluster):
+    d = cluster.deployment
+    token_file = d.run_dir / "auth-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600 and len(d.auth_token) >= 16
+    first = prefill(cluster.prefiller.url, prompt(300, seed=20))
+    kv_port = first.params["pdrun"]["endpoints"][0]
+    for address, op in ((kv_port, "release"), (d.cache_address, "stats")):
+        with (
+            pytest.raises(transfer.RemoteError, match="unauthorized: no auth token"),
+            transfer.connect(address, auth_token=None) as conn,
+        ):
+            conn.call(op, meta={"transfer": first.params["pdrun"]["transfer"]})
+        with pytest.raises(transfer.Unauthorized, match="a wrong auth token"):
+            transfer.connect(address, auth_token="not the token")
+        with transfer.connect(address, auth_token=d.auth_token) as conn:
+            conn.call(op, meta={"transfer": first.params["pdrun"]["transfer"]})
 
 
 def test_models_health_and_proxy_metrics(cluster):

@@ -110,15 +110,15 @@ def test_malformed_hand_off_params_mean_a_local_prefill(cluster):
 class Corrupting(Service):
     """A fake prefiller endpoint that relays the real one's chunks, damaged in a chosen way."""
 
-    def __init__(self, real: str, how: str):
-        self.real, self.how = real, how
+    def __init__(self, real: str, how: str, auth_token: str):
+        self.real, self.how, self.auth_token = real, how, auth_token
 
     def handle(self, request, payload):
         if request.op == "release":
             return {}
         if self.how == "silent":
             time.sleep(60)
-        with transfer.connect(self.real) as conn:
+        with transfer.connect(self.real, auth_token=self.auth_token) as conn:
             for frame in conn.stream(request.op, meta=request.meta):
                 data = bytearray(frame.payload)
                 header = frame.header
@@ -146,16 +146,18 @@ class RawEndpoint:
             except OSError:
                 return
             with conn:
-                conn.recv(1 << 16)
+                if b"hello" in conn.recv(1 << 16):  # the decoder's auth token first: taken
+                    conn.sendall(encode_header(Header(op="ok")))
+                    conn.recv(1 << 16)
                 conn.sendall(self.reply)
 
     def close(self):
         self.sock.close()
 
 
-def truncated_first_chunk(params) -> bytes:
+def truncated_first_chunk(params, auth_token: str) -> bytes:
     """The prefiller's real first chunk frame, cut off half way through its payload."""
-    with transfer.connect(params["pdrun"]["endpoints"][0]) as conn:
+    with transfer.connect(params["pdrun"]["endpoints"][0], auth_token=auth_token) as conn:
         frame = next(iter(conn.stream("get", meta={"keys": params["pdrun"]["keys"][:1]})))
         conn.close()
     return encode_header(frame.header) + bytes(frame.payload)[: frame.header.nbytes // 2]
@@ -177,9 +179,11 @@ def test_a_misbehaving_prefiller_costs_a_local_prefill_not_the_request(cluster, 
     want = computed_with(cluster.plain.url, tokens, first)  # the decoder computes the prompt and the token
     params = first.params
     if how in ("garbage", "truncated"):
-        fake = RawEndpoint(b"HTTP/1.1 200 OK\r\n\r\n" if how == "garbage" else truncated_first_chunk(params))
+        token = cluster.deployment.auth_token
+        fake = RawEndpoint(b"HTTP/1.1 200 OK\r\n\r\n" if how == "garbage" else truncated_first_chunk(params, token))
     else:
-        fake = transfer.listen("tcp://127.0.0.1:0", Corrupting(params["pdrun"]["endpoints"][0], how))
+        real = params["pdrun"]["endpoints"][0]
+        fake = transfer.listen("tcp://127.0.0.1:0", Corrupting(real, how, cluster.deployment.auth_token))
     params["pdrun"]["endpoints"] = [fake.address]
     before = metrics(cluster.decoder.url)
     try:

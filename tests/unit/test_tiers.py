@@ -81,6 +81,13 @@ def test_disk_tier_survives_a_restart_and_rebuilds_its_index(tmp_path):
     assert again.stats()["disk"]["entries"] == 5
 
 
+def test_the_disk_tier_creates_its_directories_owner_only(tmp_path):
+    disk = DiskTier(tmp_path / "cache", budget_bytes=100 * CHUNK)
+    assert disk.put(key(0), payload(0), {})
+    made = [tmp_path / "cache", *(d for d in (tmp_path / "cache").iterdir() if d.is_dir())]
+    assert len(made) >= 2 and all(d.stat().st_mode & 0o777 == 0o700 for d in made)
+
+
 def test_disk_tier_keeps_its_budget_under_churn(tmp_path):
     disk = DiskTier(tmp_path, budget_bytes=8 * (CHUNK + 200))
     for i in range(50):

@@ -204,7 +204,7 @@ def run(
                     for s in started:
                         if s.name in failed:
                             continue
-                        t1 = time.monotonic()
+                        t1, before = time.monotonic(), s.counters()
                         try:
                             figures, long = _one(workload, s, settings, sized[s.name], seed=seed(r, workload))
                         except (wl.WorkloadError, httpx.HTTPError, OSError, TimeoutError) as e:
@@ -213,6 +213,8 @@ def run(
                             continue
                         if long is not None:
                             longs[s.name] = long
+                        after = s.counters()
+                        figures |= {name: after[name] - before.get(name, 0.0) for name in after}
                         _add(results, s.name, workload, figures)
                         say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
             if "reuse" in p.workloads:
@@ -301,7 +303,8 @@ def markdown(summary: dict[str, Any], failed: dict[str, str], skipped: dict[str,
     lines.append(f"{meta['date']}; {meta['versions']}; {meta['rounds']} rounds, medians [min - max], x plain")
     workloads = [w for w in wl.WORKLOADS if any(w in summary[s] for s in systems)]
     for w in workloads:
-        names = sorted({f for s in systems for f in summary[s].get(w, {})}, key=_figure_order)
+        counted = set(sysmod.COUNTERS.values())  # counts of what went wrong: in the tables only
+        names = sorted({f for s in systems for f in summary[s].get(w, {})} - counted, key=_figure_order)
         lines += ["", f"## {w}", "", "| figure | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
         for f in names:
             cells = [_cell(summary[s].get(w, {}).get(f)) for s in systems]
@@ -342,7 +345,8 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(len(workloads), 1, figsize=(11, 3.6 * max(1, len(workloads))), squeeze=False)
     for ax, w in zip(axes[:, 0], workloads, strict=True):
-        names = sorted({f for s in systems for f in summary[s].get(w, {})}, key=_figure_order)
+        counted = set(sysmod.COUNTERS.values())  # counts of what went wrong: in the tables only
+        names = sorted({f for s in systems for f in summary[s].get(w, {})} - counted, key=_figure_order)
         if w == "slo":
             goodput = [f for f in names if f.startswith("goodput")]
             rates = [float(f.rsplit("_r", 1)[1]) for f in goodput]

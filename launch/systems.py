@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from launch.supervisor import wait_group_gone
 from launch.vllm_server import ServerSpec, VllmServer
@@ -43,6 +44,14 @@ SINGLE = {
     "offload": "one vLLM with its native CPU offloading",
     "lmcache": "one vLLM with LMCache's connector",
     "pdrun-tier": "pdrun: one instance with the cache tier",
+}
+
+
+# pdrun counters a bench reports per workload (their increase), under these names.
+COUNTERS = {
+    "pdrun:load_failures_total": "kv_load_failures",  # hand-offs and tier loads that were recomputed
+    "pdrun:staging_evictions_total": "staging_evictions",  # staged chunks evicted before their decoder came
+    "pdrun:cache_store_dropped_total": "cache_chunks_dropped",  # chunks the tier could not take
 }
 
 
@@ -172,6 +181,23 @@ class System:
                         tokens = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
                         best = max(best or 0, tokens)
         return best
+
+    def counters(self) -> dict[str, float]:
+        """pdrun's own counters of what went wrong (`COUNTERS`), summed over its instances; empty
+        for systems without pdrun's connector."""
+        out: dict[str, float] = {}
+        for url in self.instance_urls:
+            try:
+                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name in COUNTERS:
+                        name = COUNTERS[sample.name]
+                        out[name] = out.get(name, 0.0) + sample.value
+        return out
 
     def restart(self, timeout: float) -> None:
         """A full restart: every process stopped, then started again (a disk tier is kept)."""

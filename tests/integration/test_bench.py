@@ -40,6 +40,11 @@ def test_bench_reuse_and_noreuse_plain_against_the_cache_tier(cluster, model_dir
             assert noreuse[f"output_tok_s_{tag}"]["median"] > 0 and noreuse[f"tpot_p50_ms_{tag}"]["median"] > 0
     plain = s["plain"]["reuse"]
     assert plain["ttft_cold_s"]["x_plain"] == 1.0 and "x_plain" in s["pdrun-tier"]["reuse"]["ttft_cold_s"]
+    # What went wrong, from pdrun's own counters: nothing here; plain vLLM has no such counters.
+    for workload in ("reuse", "noreuse"):
+        figures = s["pdrun-tier"][workload]
+        assert figures["kv_load_failures"]["max"] == 0 and figures["cache_chunks_dropped"]["max"] == 0
+        assert "kv_load_failures" not in s["plain"][workload]
     # Only the cache tier (on its disk) keeps the prompt across a full restart: measured once.
     assert s["pdrun-tier"]["reuse"]["ttft_restart_s"]["n"] == 1 and "ttft_restart_s" not in plain
 

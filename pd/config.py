@@ -18,10 +18,16 @@ class ConnectorConfig(BaseModel):
     host: str = Field("127.0.0.1", description="where a producer's transfer endpoint listens")
     advertise_host: str | None = Field(None, description="the host decoders dial (default: host)")
     port: int | None = Field(None, ge=1, le=65535, description="first endpoint port (default: kv_port); +1 per TP rank")
-    staging_gb: float = Field(2.0, gt=0, description="producer: bytes of chunks kept for decoders to pull")
+    staging_gb: float | None = Field(
+        None,
+        gt=0,
+        description="producer: GiB of chunks kept for decoders to pull; default: a quarter of this instance's KV "
+        "cache, at least 2, at most half the memory free where they wait (GPU or host) once the KV cache is "
+        "allocated",
+    )
     staging_ttl_s: float = Field(300.0, gt=0, description="producer: how long an unreleased hand-off stays")
     staging_wait_s: float = Field(
-        10.0,
+        30.0,
         ge=0,
         description="producer: when the staging pool is full of hand-offs decoders are yet to pull, how long a new "
         "chunk waits for their releases (the prefiller pauses) before the oldest is evicted (its decoder then "
@@ -111,6 +117,13 @@ class ConnectorConfig(BaseModel):
         if not producer:
             return gpu_to_gpu
         return self.staging_memory == "device" or (self.staging_memory == "auto" and gpu_to_gpu)
+
+    def staging_bytes(self, kv_cache_bytes: int, free_bytes: int) -> int:
+        """The staging pool's size (see staging_gb), for a KV cache of `kv_cache_bytes` and
+        `free_bytes` free where the chunks wait."""
+        if self.staging_gb is not None:
+            return int(self.staging_gb * (1 << 30))
+        return min(max(2 << 30, kv_cache_bytes // 4), free_bytes // 2)
 
     def lanes(self) -> int:
         """Connections per hand-off (see load_lanes)."""

@@ -33,7 +33,9 @@ them from in `start_load_kv`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -611,9 +613,8 @@ class _WorkerSide:
             self.tier = SharedTier(self.local, self.paged, self._stored_shared)
         if self.is_producer:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
-            self.pool = StagingPool(
-                int(self.cfg.staging_gb * (1 << 30)), self.cfg.staging_ttl_s, allocate, self.cfg.staging_wait_s
-            )
+            size = self.cfg.staging_bytes(self.paged.nbytes(self.num_blocks), self._free_bytes())
+            self.pool = StagingPool(size, self.cfg.staging_ttl_s, allocate, self.cfg.staging_wait_s)
             service = StagingService(
                 self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n), len(self.paged.layers)
             )
@@ -628,9 +629,23 @@ class _WorkerSide:
             self.paged.bytes_per_block,
             self.paged.block_copy,
             "device" if self.on_device else "host",
-            f", serving hand-offs on {self.listener.address}" if self.listener else "",
+            f", serving hand-offs on {self.listener.address} from a staging pool of {self.pool.budget / (1 << 30):.1f} "
+            "GiB"
+            if self.listener and self.pool
+            else "",
             (f", cache tier {self.cfg.cache}" + (" through shared memory" if self.tier else "")) if self.cache else "",
         )
+
+    def _free_bytes(self) -> int:
+        """Memory free now where staged chunks wait: the GPU's, else the host's (MemAvailable)."""
+        assert self.paged is not None
+        if self.on_device:
+            return int(torch.cuda.mem_get_info(self.paged.device)[0])
+        with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
     # -- saves: staging (producer) and writing behind to the cache tier --
     def save(self, meta: PDMetadata) -> None:

@@ -41,3 +41,12 @@ def test_ucx_progress_mode(monkeypatch):
     monkeypatch.setenv("PDRUN_UCX_PROGRESS", "fast")
     with pytest.raises(ValueError, match="PDRUN_UCX_PROGRESS='fast'"):
         ucx._polling(0)
+
+
+def test_the_staging_pool_is_a_quarter_of_the_kv_cache_within_half_the_free_memory():
+    gib = 1 << 30
+    default = load_config({})
+    assert default.staging_bytes(kv_cache_bytes=32 * gib, free_bytes=100 * gib) == 8 * gib
+    assert default.staging_bytes(kv_cache_bytes=1 * gib, free_bytes=100 * gib) == 2 * gib  # at least 2 GiB
+    assert default.staging_bytes(kv_cache_bytes=100 * gib, free_bytes=14 * gib) == 7 * gib  # the GPU's rest
+    assert load_config({"staging_gb": 0.5}).staging_bytes(32 * gib, 1 * gib) == gib // 2  # as asked

@@ -183,21 +183,9 @@ class System:
         return best
 
     def counters(self) -> dict[str, float]:
-        """pdrun's own counters of what went wrong (`COUNTERS`), summed over its instances; empty
+        """pdrun's own counters of what went wrong (`COUNTERS`), summed over its instances; none
         for systems without pdrun's connector."""
-        out: dict[str, float] = {}
-        for url in self.instance_urls:
-            try:
-                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-                    text = r.read().decode()
-            except OSError:
-                continue
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name in COUNTERS:
-                        name = COUNTERS[sample.name]
-                        out[name] = out.get(name, 0.0) + sample.value
-        return out
+        return {}
 
     def restart(self, timeout: float) -> None:
         """A full restart: every process stopped, then started again (a disk tier is kept)."""
@@ -345,6 +333,21 @@ class PdrunSystem(System):
             if time.monotonic() > deadline:
                 raise SystemFailure(f"{self.name}: not ready after {timeout:.0f}s")
             time.sleep(0.5)
+
+    def counters(self) -> dict[str, float]:
+        out = dict.fromkeys(COUNTERS.values(), 0.0)  # a counter never raised is not exported
+        for url in self.instance_urls:
+            try:
+                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+                    text = r.read().decode()
+            except OSError:
+                return {}  # an instance that cannot say: no figures rather than a wrong 0
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name in COUNTERS:
+                        name = COUNTERS[sample.name]
+                        out[name] = out.get(name, 0.0) + sample.value
+        return out
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 HELLO = "hello"  # a connection's first request where its listener needs the auth token
 AUTH_TOKEN_ENV = "PDRUN_AUTH_TOKEN"
+REFUSED_LINGER_S = 1.0  # a refused connection stays open this long at most, for its error to arrive
 
 
 def auth_token_from_env() -> str | None:
@@ -70,6 +71,9 @@ class FramedConnection(Connection):
         except RemoteError as e:
             self.close()
             raise Unauthorized(str(e)) from None
+        except PeerClosed as e:  # refused, the answer lost as the listener closed (ucx may drop it)
+            self.close()
+            raise Unauthorized(f"{self.address} closed the connection when given the auth token: {e}") from None
 
     def stream(
         self,
@@ -154,6 +158,7 @@ def _admitted(channel: Channel, name: str, idle_timeout: float, token: str) -> b
     with contextlib.suppress(TransferError):
         channel.write(Header(op="error", meta={"message": f"unauthorized: {why}; this port needs the deployment's "
                                                f"auth token ({AUTH_TOKEN_ENV} or --auth-token)"}))  # fmt: skip
+        channel.read(_no_payload, first_timeout=REFUSED_LINGER_S)  # until the peer has read it and closed
     return False
 
 

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import transfer
 from pd.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 from pd.params import TIMING
-from pd.routing import Backend, Policy, Router
+from pd.routing import Backend, Policy, Router, prompt_tokens
 from pd.shortcut import TierShortcut
 from pd.timing import PHASES, RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
 from storage.client import CacheClient
@@ -396,9 +396,11 @@ class Proxy:
         tried: list[Backend] = []
         reason = "no prefiller in rotation"
         t0 = time.monotonic()
-        while (p := self.router.pick_prefiller(body)) is not None and p not in tried:
+        tokens = prompt_tokens(body)
+        while (p := self.router.pick_prefiller(body, tokens)) is not None and p not in tried:
             tried.append(p)
             p.outstanding += 1
+            p.pending_tokens += tokens
             try:
                 r = await self.client.post(f"{p.url}{path}", **_json(pbody), timeout=self.settings.prefill_timeout_s)
             except httpx.TimeoutException:
@@ -409,6 +411,7 @@ class Proxy:
                 continue
             finally:
                 p.outstanding -= 1
+                p.pending_tokens -= tokens
             p.served += 1
             if 400 <= r.status_code < 500:
                 return _passthrough(r.status_code, r.content, r.headers.get("content-type"))

@@ -7,7 +7,9 @@ out at once, and the next good health check puts it back. Policies:
 - `least_outstanding`: the backend with the fewest requests in flight (ties in turn);
 - `prefix_aware`: prefillers by rendezvous hash of the prompt's head, so that prompts sharing a
   prefix meet vLLM's own prefix cache on the same prefiller, and a prefiller leaving moves only
-  its own prompts; decoders by least outstanding.
+  its own prompts; but never one whose prompt tokens in flight would pass 1.25x the prefillers'
+  mean (bounded-load hashing: the next in the prompt's order takes it, so a hot prefix cannot
+  pile up on one prefiller); decoders by least outstanding.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ Policy = Literal["round_robin", "least_outstanding", "prefix_aware"]
 POLICIES: tuple[str, ...] = ("round_robin", "least_outstanding", "prefix_aware")
 AFFINITY_CHARS = 1024  # the head of a prompt that picks its prefiller
 AFFINITY_TOKENS = 256
+LOAD_BOUND = 1.25  # prefix_aware: most prompt tokens in flight on one prefiller, over the mean
+CHARS_PER_TOKEN = 4  # a text prompt's tokens, estimated
 
 
 @dataclass(eq=False)
@@ -35,6 +39,7 @@ class Backend:
     role: Literal["prefill", "decode"]
     healthy: bool = False
     outstanding: int = 0
+    pending_tokens: int = 0  # prompt tokens of the requests in flight (estimated for text)
     served: int = 0
     models: set[str] = field(default_factory=set)
     last_error: str = ""
@@ -63,9 +68,24 @@ class Backend:
             "url": self.url,
             "healthy": self.healthy,
             "outstanding": self.outstanding,
+            "pending_tokens": self.pending_tokens,
             "served": self.served,
             "error": self.last_error or None,
         }
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """A request's prompt tokens: counted for token ids, estimated for text and chats."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return len(prompt) // CHARS_PER_TOKEN + 1
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        chars = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+        return chars // CHARS_PER_TOKEN + 1
+    return 1
 
 
 def affinity_key(body: dict[str, Any]) -> bytes:
@@ -98,13 +118,17 @@ class Router:
     def models(self) -> set[str]:
         return {m for b in self.backends if b.healthy for m in b.models}
 
-    def pick_prefiller(self, body: dict[str, Any]) -> Backend | None:
+    def pick_prefiller(self, body: dict[str, Any], tokens: int = 0) -> Backend | None:
+        """The prefiller for a request of `tokens` prompt tokens."""
         live = [b for b in self.prefillers if b.healthy]
         if not live:
             return None
         if self.policy == "prefix_aware":
             key = affinity_key(body)
-            return max(live, key=lambda b: xxhash.xxh3_64_intdigest(key, seed=b.seed))
+            ranked = sorted(live, key=lambda b: xxhash.xxh3_64_intdigest(key, seed=b.seed), reverse=True)
+            bound = LOAD_BOUND * (sum(b.pending_tokens for b in live) + tokens) / len(live)
+            fits = [b for b in ranked if b.pending_tokens + tokens <= bound]
+            return fits[0] if fits else min(ranked, key=lambda b: b.pending_tokens)
         return self._pick(live)
 
     def pick_decoder(self, exclude: Iterable[Backend] = ()) -> Backend | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pd.routing import Router, affinity_key
+from pd.routing import Router, affinity_key, prompt_tokens
 
 P = [f"http://p{i}:8000" for i in range(4)]
 D = ["http://d0:8000", "http://d1:8000"]
@@ -48,6 +48,34 @@ def test_prefix_aware_sends_a_shared_prefix_to_one_prefiller_and_spreads_the_res
     assert len(chosen) == 1  # the first 1024 characters decide
     spread = {r.pick_prefiller({"prompt": f"{i} unrelated prompt"}).url for i in range(200)}
     assert spread == set(P)
+
+
+def test_prefix_aware_moves_a_hot_prefix_on_only_when_its_prefiller_has_over_its_share():
+    r = router("prefix_aware")
+    head = {"prompt": "system: you are helpful. " * 100}
+    home = r.pick_prefiller(head, 1000)
+    # Requests of the hot prefix arrive and stay in flight: its prefiller takes them until it holds
+    # 1.25x the mean of the prompt tokens in flight, the next ones go to others.
+    placed = []
+    for _ in range(40):
+        b = r.pick_prefiller(head, 1000)
+        b.pending_tokens += 1000
+        placed.append(b)
+    mean = sum(b.pending_tokens for b in r.prefillers) / len(P)
+    assert placed[0] is home and home.pending_tokens <= 1.25 * mean
+    assert len({b.url for b in placed}) > 1  # spilled over
+    assert all(b.pending_tokens <= 1.25 * mean for b in r.prefillers)  # no prefiller over its bound
+    # Once the load is gone the prefix goes home again.
+    for b in r.prefillers:
+        b.pending_tokens = 0
+    assert r.pick_prefiller(head, 1000) is home
+
+
+def test_prompt_tokens_count_ids_and_estimate_text():
+    assert prompt_tokens({"prompt": list(range(300))}) == 300
+    assert prompt_tokens({"prompt": "x" * 400}) == 101
+    assert prompt_tokens({"messages": [{"role": "user", "content": "y" * 80}, "junk"]}) == 21
+    assert prompt_tokens({"prompt": None}) == 1
 
 
 def test_prefix_aware_moves_only_the_prompts_of_a_prefiller_that_left():

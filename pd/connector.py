@@ -175,18 +175,29 @@ class PDConnector(KVConnectorBase_V1):
 
     # ---- scheduler side ----
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Scheduler, for a waiting request, after vLLM's own prefix cache gave `num_computed_tokens`:
+        how many more prompt tokens pdrun loads, and whether asynchronously (the request then waits
+        in WAITING_FOR_REMOTE_KVS). A hand-off's tokens on a decoder, else the leading chunks the
+        cache tier holds (no lookup when vLLM's cache already has them all)."""
         assert self._sched is not None
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """Scheduler, once vLLM has allocated the request's blocks: plan the load of the tokens
+        granted into those blocks, and which of its chunks are copied out once computed (staged for
+        a decoder, written behind to the tier)."""
         assert self._sched is not None
         self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """Scheduler, at the end of each schedule: this step's loads, chunk saves, staging releases
+        and tier lookups, for the workers."""
         assert self._sched is not None
         return self._sched.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: Any) -> None:
+        """Scheduler, with each step's output from the workers: loads that finished (for the
+        hand-off timing) and the disk read rate (for `cache_disk_load: auto`)."""
         assert self._sched is not None
         self._sched.loads_finished(connector_output.finished_recving or ())
         stats = getattr(connector_output, "kv_connector_stats", None)
@@ -199,39 +210,58 @@ class PDConnector(KVConnectorBase_V1):
         return bool((extra_config or {}).get("layerwise"))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Scheduler, when a request finishes or is aborted: on a prefiller, the hand-off params the
+        proxy passes to a decoder (the chunks are copies: the blocks are freed at once, never
+        delayed); an aborted prefill's staged chunks are dropped. On a decoder, the request's
+        queue and load times."""
         assert self._sched is not None
         return self._sched.request_finished(request)
 
     # ---- worker side ----
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Worker, once vLLM has allocated the paged KV cache: learn its layout, map the cache
+        tier's arena, and on a prefiller size the staging pool and start serving hand-offs."""
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Worker, before each forward pass: start this step's loads (on loader threads; layer-wise
+        hand-offs on a thread each, waited for layer by layer) and release what decoders no longer need."""
         assert self._worker is not None
         self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        """Worker, inside the forward pass, before `layer_name`'s attention: wait for that layer of
+        this step's layer-wise loads (`layerwise` on a decoder)."""
         if self._worker is not None:  # else loads finish before their request is scheduled
             self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Worker, inside the forward pass, after `layer_name`'s attention wrote its KV: with
+        `layerwise` on a prefiller, copy that layer of the step's finished chunks out now."""
         if self._worker is not None and self._worker.layerwise_save:  # else copied out whole in wait_for_save
             self._worker.save_layer(self._get_connector_metadata(), layer_name)
 
     def wait_for_save(self) -> None:
+        """Worker, after the forward pass is queued: copy this step's finished chunks out of the KV
+        cache (queued behind the forward pass) into the staging pool and the cache tier."""
         assert self._worker is not None
         self._worker.save(self._get_connector_metadata())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Worker, at the end of each step: (requests whose blocks may be freed, none: pdrun never
+        delays freeing; requests whose asynchronous loads finished, failed ones included)."""
         assert self._worker is not None
         return None, self._worker.take_finished_loads()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        """Worker, at the end of each step: blocks whose load failed, which vLLM recomputes (pdrun
+        sets kv_load_failure_policy=recompute). Waits for this step's layer-wise loads to end."""
         assert self._worker is not None
         return self._worker.take_load_errors()
 
     def get_kv_connector_stats(self) -> PDStats | None:
+        """Worker, each step: pdrun's counters since the last call (pdrun:* metrics)."""
         return self._worker.stats.take() if self._worker is not None else None
 
     def shutdown(self) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import msgspec
 import pytest
 
@@ -246,3 +247,50 @@ def test_prefiller_killed_between_prefill_and_pull(cluster):
     assert decode(cluster, again, prefill(cluster.prefiller.url, again)) == token_ids(
         complete(cluster.plain.url, again)
     )
+
+
+class Late(Service):
+    """A prefiller endpoint that relays the real one's chunks only after a pause."""
+
+    def __init__(self, real: str, auth_token: str, pause_s: float):
+        self.real, self.auth_token, self.pause_s = real, auth_token, pause_s
+
+    def handle(self, request, payload):
+        if request.op == "release":
+            return {}
+        time.sleep(self.pause_s)
+        with transfer.connect(self.real, auth_token=self.auth_token) as conn:
+            for frame in conn.stream(request.op, meta=request.meta):
+                yield Frame(frame.header, bytes(frame.payload))
+        return {}
+
+
+USAGE = "vllm:kv_cache_usage_perc"
+
+
+def test_a_request_aborted_mid_hand_off_keeps_its_blocks_until_the_late_bytes_have_landed(cluster):
+    decoder = cluster.decoder.url
+    idle = metrics(decoder)[USAGE]
+    tokens = prompt(2000, seed=95)
+    first = prefill(cluster.prefiller.url, tokens)
+    real = first.params["pdrun"]["endpoints"][0]
+    late = transfer.listen("tcp://127.0.0.1:0", Late(real, cluster.deployment.auth_token, pause_s=2.5))
+    first.params["pdrun"]["endpoints"] = [late.address]
+    body = {"model": "tiny", "prompt": [*tokens, first.token], "max_tokens": 8, "temperature": 0, "stream": True,
+            "kv_transfer_params": first.params}  # fmt: skip
+    try:
+        with httpx.stream("POST", f"{decoder}/v1/completions", json=body, timeout=30):
+            time.sleep(0.5)  # its hand-off is being pulled, the chunks 2 s away: the client leaves
+        # Requests decoding while the aborted hand-off's chunks land: had its blocks been given to
+        # them, they would read that prompt's KV.
+        for i in range(6):
+            other = prompt(300, seed=96 + i)
+            want = token_ids(complete(cluster.plain.url, other, max_tokens=24))
+            assert token_ids(complete(decoder, other, max_tokens=24)) == want
+    finally:
+        late.close()
+    # And the blocks are given back once the copy is done: nothing held for the aborted request.
+    deadline = time.monotonic() + 20
+    while metrics(decoder)[USAGE] > idle and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metrics(decoder)[USAGE] <= idle

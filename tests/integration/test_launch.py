@@ -18,7 +18,7 @@ import openai
 import pytest
 
 import transfer
-from tests.integration.client import LOADED, metrics, prefill, prompt, text_prompt, wait_for_deltas
+from tests.integration.client import LOADED, metrics, prefill, prompt, text_prompt
 
 pytestmark = pytest.mark.integration
 
@@ -212,25 +212,32 @@ def test_a_decoder_killed_under_load_costs_no_request_and_rejoins(cluster):
     prompts = [text_prompt(100 + 20 * i, seed=3000 + i) for i in range(40)]
     wants = [completion(plain, p, stream=False) for p in prompts]
     starts = victim.starts
-    done = threading.Event()
+    before_proxy = metrics(cluster.proxy_url)
+    out_of_rotation = threading.Event()
 
-    def kill_soon() -> None:
-        time.sleep(2)
+    def kill_while_it_serves() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not in_flight(cluster, victim.url):
+            time.sleep(0.05)
         os.kill(victim.pid, signal.SIGKILL)  # the API server only, as `kill -9 <pid>` would
-        done.set()
+        while time.monotonic() < deadline and not out_of_rotation.is_set():
+            if victim.url not in cluster.deployment.in_rotation():
+                out_of_rotation.set()
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_soon)
+    killer = threading.Thread(target=kill_while_it_serves)
     killer.start()
     t0 = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: completion(proxy, p, stream=False), prompts))
     killer.join()
-    assert done.is_set()
     assert got == wants  # none lost, none failed: requests on the dead decoder moved to the other
     assert time.monotonic() - t0 < 300
+    moved = metrics(cluster.proxy_url)[RETRIES] - before_proxy.get(RETRIES, 0)
+    assert moved >= 1  # it died with requests in flight, and they were retried on the other
+    assert out_of_rotation.is_set()  # taken out when it failed
 
     # While it is down, new requests go to the other decoder.
-    assert victim.url not in cluster.deployment.in_rotation() or victim.starts > starts
     extra = text_prompt(80, seed=3999)
     assert completion(proxy, extra, stream=False) == completion(plain, extra, stream=False)
 
@@ -241,7 +248,19 @@ def test_a_decoder_killed_under_load_costs_no_request_and_rejoins(cluster):
     for i in range(4):  # equally idle decoders take turns
         p = text_prompt(60, seed=4000 + i)
         assert completion(proxy, p, stream=False) == completion(plain, p, stream=False)
-    assert wait_for_deltas(victim.url, before, {LOADED: 0})[LOADED] > 0
+    deadline = time.monotonic() + 15  # counters are exported a step after the request
+    while metrics(victim.url).get(LOADED, 0) == before.get(LOADED, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metrics(victim.url).get(LOADED, 0) > before.get(LOADED, 0)  # it served hand-offs again
+
+
+def in_flight(cluster, url: str) -> int:
+    """Requests the proxy has in flight on the backend at `url` (its /health)."""
+    health = httpx.get(f"{cluster.proxy_url}/health", timeout=5).json()
+    return sum(b["outstanding"] for b in health["decode"] + health["prefill"] if b["url"] == url)
+
+
+RETRIES = "pdrun:proxy_decode_retries_total"
 
 
 @pytest.mark.stops_deployment

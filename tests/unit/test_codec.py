@@ -157,10 +157,13 @@ def test_layout_errors_are_named():
 
 
 def test_host_buffer_holds_a_chunk():
-    p = PagedKV({"l": torch.zeros(4, 2, 16, 8)}, 4, 16)
+    p = PagedKV({"l": torch.randn(4, 2, 16, 8)}, 4, 16)
     buf = p.host_buffer(p.nbytes(2))
     assert buf.dtype == torch.uint8 and buf.device.type == "cpu" and buf.numel() == p.nbytes(2)
-    p.gather([1, 3], buf)  # usable as a chunk buffer as is
+    p.gather([1, 3], buf)  # usable as a chunk buffer as is: what it holds goes back where it came from
+    q = PagedKV({"l": torch.zeros(4, 2, 16, 8)}, 4, 16)
+    q.scatter([0, 2], buf, src_blocks=2)
+    assert torch.equal(q.layers[0][[0, 2]], p.layers[0][[1, 3]])
 
 
 @pytest.mark.parametrize(

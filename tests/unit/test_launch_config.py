@@ -147,3 +147,18 @@ def test_the_cli_answers_without_importing_torch_or_vllm():
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr or r.stdout
+
+
+def test_a_package_that_breaks_vllm_for_cpu_is_named_with_the_command_that_fixes_it(tmp_path, monkeypatch):
+    assert deploy.cpu_install_problem() is None  # this environment runs vLLM for CPU
+    broken = tmp_path / "torchaudio"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise RuntimeError('operator torchaudio::x does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert deploy.cpu_install_problem() == (
+        "torchaudio cannot be imported beside this torch, and vLLM for CPU fails to start with it installed; "
+        "vLLM serves text models without: pip uninstall -y torchaudio"
+    )
+    r = CliRunner().invoke(app, ["launch", "--device", "cpu", "--run-dir", str(tmp_path / "run")])
+    assert r.exit_code != 0 and "pip uninstall -y torchaudio" in r.output

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -294,3 +295,43 @@ def test_a_request_aborted_mid_hand_off_keeps_its_blocks_until_the_late_bytes_ha
     while metrics(decoder)[USAGE] > idle and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metrics(decoder)[USAGE] <= idle
+
+
+def engine_of(api_pid: int) -> int:
+    """The EngineCore process under a vLLM API server: where the connector's threads and sockets live."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == api_pid:
+                return int(entry.name)
+    raise AssertionError(f"no child process of {api_pid}")
+
+
+def threads_and_fds(pid: int) -> tuple[int, int]:
+    threads = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Threads:"))
+    return int(threads.split()[1]), len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def test_failed_hand_offs_leave_no_thread_or_connection_behind(cluster):
+    engine = engine_of(cluster.decoder.pid)
+    ok = prompt(300, seed=110)
+    decode(cluster, ok, prefill(cluster.prefiller.url, ok))  # warm: pools and loader threads exist
+    before = threads_and_fds(engine)
+    failures = 6
+    for i in range(failures):
+        tokens = prompt(400, seed=111 + i)
+        first = prefill(cluster.prefiller.url, tokens)
+        real = first.params["pdrun"]["endpoints"][0]
+        how = ("flip-a-byte", "wrong-layout")[i % 2]
+        fake = transfer.listen("tcp://127.0.0.1:0", Corrupting(real, how, cluster.deployment.auth_token))
+        first.params["pdrun"]["endpoints"] = [fake.address]
+        try:
+            assert decode(cluster, tokens, first) == computed_with(cluster.plain.url, tokens, first)
+        finally:
+            fake.close()
+    after = threads_and_fds(engine)
+    # Each failed hand-off closed what it opened: neither count grew with the failures.
+    assert after[0] - before[0] < failures // 2 and after[1] - before[1] < failures // 2, (before, after)

@@ -39,7 +39,10 @@ class Rates:
 
     def disk_chunks(self, on_disk: int) -> int:
         """How many of `on_disk` chunks to read: all where that pays, none where it does not, a
-        few while that is not known (to measure the disk)."""
+        few while the disk is not measured, none before this instance has prefilled anything (the
+        first requests after a restart are computed, not spent measuring the disk)."""
+        if self.prefill is None:
+            return 0
         pays = self.disk_pays()
         if pays is None:
             return min(on_disk, self.PROBE_CHUNKS)

@@ -1,6 +1,7 @@
-"""Which chunks an instance loads from the tier's disk: until it has measured both its disk reads
-and its prefill, two chunks of a prompt (to measure the disk); then all of them where reading is
-faster than computing, none where it is slower."""
+"""Which chunks an instance loads from the tier's disk: none before it has prefilled anything (the
+first request after a restart is computed); then, until it has measured its disk reads, two chunks
+of a prompt (to measure the disk); then all of them where reading is faster than computing, none
+where it is slower."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from pd.rates import Rates
 
 def test_nothing_measured_means_no_verdict():
     rates = Rates(chunk_size=256)
+    assert rates.disk_pays() is None and rates.disk_chunks(10) == 0  # nothing prefilled yet: compute
+    rates.prefill = 30000.0
     assert rates.disk_pays() is None and rates.disk_chunks(10) == Rates.PROBE_CHUNKS and rates.disk_chunks(1) == 1
+    rates.prefill = None
     rates.disk_read({"cache_disk_loaded_tokens": 512, "cache_disk_load_seconds": 0.05})
     assert rates.disk == 10240 and rates.disk_pays() is None  # prefill not measured yet
 

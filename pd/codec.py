@@ -43,6 +43,8 @@ class Ready(Protocol):
 
     def synchronize(self) -> None: ...
 
+    def query(self) -> bool: ...
+
 
 class LayerPart(NamedTuple):
     """One layer of a chunk (`src`: its bytes, the chunk holding `src_blocks` blocks), of which the

@@ -64,7 +64,7 @@ from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
 from pd.rates import Rates
 from pd.staging import Staged, StagingPool, StagingService
 from pd.stats import PDPromMetrics, PDStats, StatsCounter
-from pd.tier import SharedTier
+from pd.tier import SharedTier, TierLoad
 from pd.write_behind import WriteBehind
 from storage.client import CacheClient
 from storage.local import LocalClient, LocalError
@@ -302,6 +302,7 @@ class _Incoming:
     handed: int  # tokens the keys cover (only a hand-off's last chunk may be partial)
     end: int
     handoff: HandOff | None = None  # None: the cache tier
+    from_disk: int = 0  # of the tier's chunks, how many are read from its disk
 
     @property
     def cached_chunks(self) -> int:
@@ -412,13 +413,15 @@ class _SchedulerSide:
             # The GPU cache holds every chunk the tier could give: no lookup, and nothing put again
             # (the request that computed those chunks stored them).
             return _Incoming(keys, len(keys) * size, 0)
+        from_disk = 0
         if self.local is not None:
             in_memory, anywhere = self._where(keys)
-            held = in_memory + self._from_disk(anywhere - in_memory)
+            from_disk = self._from_disk(anywhere - in_memory)
+            held = in_memory + from_disk
         else:
             held = self.cache.lookup(keys)
         self._meta.lookups.append((len(keys) * size, held * size))
-        return _Incoming(keys[:held], held * size, held * size)
+        return _Incoming(keys[:held], held * size, held * size, from_disk=from_disk)
 
     def _where(self, keys: list[bytes]) -> tuple[int, int]:
         """The shared-memory tier's answer; after a failure a miss for cache_retry_s, then the
@@ -482,7 +485,14 @@ class _SchedulerSide:
             state.keys, state.handed, start, state.end, block_ids, self.cfg.chunk_size, self.block_size
         )
         self._meta.loads[rid] = LoadJob(
-            h.transfer if h else "", h.endpoints if h else [], chunks, start, state.end, block_ids, self._in_step(state)
+            h.transfer if h else "",
+            h.endpoints if h else [],
+            chunks,
+            start,
+            state.end,
+            block_ids,
+            self._in_step(state),
+            state.from_disk,
         )
 
     # -- saves: staging for a decoder (producer), writing behind to the cache tier (any role) --
@@ -629,6 +639,8 @@ class _WorkerSide:
         self.layerwise_save = cfg.layerwise and self.is_producer
         self._layerwise: tuple[PDMetadata, LayerwiseSave] | None = None  # the step being copied out layer by layer
         self._layerwise_seen = False
+        # loads from the arena this thread queued, polled each step
+        self._from_arena: dict[str, tuple[LoadJob, ChunkLoader, TierLoad, SharedTier]] = {}
         self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad, threading.Thread]] = {}  # this step's layer-wise loads
         self._in_step_failed: set[int] = set()  # blocks of this step's layer-wise loads that never started
         self._in_step_seen = False
@@ -808,6 +820,8 @@ class _WorkerSide:
         for rid, job in meta.loads.items():
             if job.layerwise:
                 self._start_in_step(rid, job)
+            elif not job.endpoints and not job.from_disk and self.tier is not None:
+                self._start_from_arena(rid, job)
             else:
                 self._loader.submit(self._load, rid, job)
         for endpoints, transfer_id in meta.releases:
@@ -903,6 +917,52 @@ class _WorkerSide:
             loader.error = f"{type(e).__name__}: {e}"
         finally:
             loader.settle()
+
+    # -- loads from this host's arena, queued by the engine's thread and polled each step --
+    def _start_from_arena(self, rid: str, job: LoadJob) -> None:
+        assert self.paged is not None
+        loader = ChunkLoader(self.paged, job)
+        tier = self._shared_tier()
+        try:
+            if tier is None:
+                raise LocalError("the cache tier failed lately; skipped")
+            load = tier.start_load([rank_key(c.key, self.rank) for c in job.chunks], loader)
+        except Exception as e:  # nothing queued or pinned: the request computes it all
+            self._arena_load_done(rid, job, job.start, 0, 0.0, f"{type(e).__name__}: {e}")
+            return
+        self._from_arena[rid] = (job, loader, load, tier)
+
+    def _poll_from_arena(self) -> None:
+        """End the arena loads whose copies are done: unpin their chunks and report the request."""
+        for rid, (job, loader, load, tier) in list(self._from_arena.items()):
+            if not load.done():
+                continue
+            del self._from_arena[rid]
+            held = tier.finish(load)
+            seconds = time.perf_counter() - load.started
+            if held:
+                self._arena_load_done(rid, job, loader.done, loader.nbytes, seconds, loader.error or "chunks missing")
+            else:
+                why = "the cache server unpinned chunks before they were copied"
+                self._arena_load_done(rid, job, job.start, 0, seconds, why)
+
+    def _arena_load_done(self, rid: str, job: LoadJob, done: int, nbytes: int, seconds: float, why: str) -> None:
+        self.stats.add(cache_loaded_tokens=done - job.start, cache_loaded_bytes=nbytes, cache_load_seconds=seconds)
+        if done < job.end:
+            log.warning(
+                "request %s: KV load from the cache %s failed after %d of %d tokens (%s); prefilling the "
+                "remaining %d tokens locally",
+                rid,
+                self.cfg.cache,
+                done - job.start,
+                job.end - job.start,
+                why,
+                job.end - done,
+            )
+            self.stats.add(load_failures=1)
+        with self._lock:
+            self._load_errors |= plan.blocks_from(done, job.end, job.block_ids, self.block_size)
+            self._finished_loads.add(rid)
 
     def _shared_tier(self) -> SharedTier | None:
         """The shared-memory tier, or None while it is skipped after a failure (cache_retry_s);
@@ -1004,6 +1064,7 @@ class _WorkerSide:
         return errors
 
     def take_finished_loads(self) -> set[str] | None:
+        self._poll_from_arena()
         with self._lock:
             done, self._finished_loads = self._finished_loads, set()
             # Errors go out in the same step as their request's completion.
@@ -1019,6 +1080,11 @@ class _WorkerSide:
         return errors
 
     def shutdown(self) -> None:
+        for _, _, load, tier in self._from_arena.values():
+            if load.ready is not None:
+                load.ready.synchronize()
+            tier.finish(load)
+        self._from_arena.clear()
         self._loader.shutdown(wait=False, cancel_futures=True)
         if self._lanes is not None:
             self._lanes.shutdown(wait=False, cancel_futures=True)

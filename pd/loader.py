@@ -30,6 +30,7 @@ class LoadJob:
     end: int
     block_ids: list[int]
     layerwise: bool = False  # loaded inside the forward pass, layer by layer (pd/layerwise.py)
+    from_disk: int = 0  # of its chunks, how many the scheduler expects from the cache tier's disk
 
 
 class ChunkLoader:
@@ -168,6 +169,15 @@ class ChunkLoader:
                 if reading is not None:
                     self._reading[i % self._slots] = reading
         self._queued = last
+
+    def ready(self) -> Ready | None:
+        """Queue what waits for a batch and return what to wait for (None: done already, off a GPU):
+        the blocks up to `done` are in place once it is."""
+        self._flush()
+        if self._stream is None:
+            return None
+        with torch.cuda.stream(self._stream):
+            return self.paged.queued()
 
     def settle(self) -> None:
         """Queue what waits for a batch, then wait for the scatters queued so far: the blocks up to

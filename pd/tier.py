@@ -5,8 +5,10 @@ Storing a step's chunks costs one request for their slots (chunks the tier holds
 copied again) and one copy per chunk out of the KV cache, queued behind the forward pass (on a GPU
 on a side stream, into the arena registered for DMA); a thread commits the slots once the copies
 are done. Loading pins the chunks in memory, copies them into the request's blocks and unpins
-them; chunks only on disk are read into a slot of their own by the loader thread (the next reader
-finds them in memory), where the scheduler found that reading pays.
+them: chunks in memory by copies the engine's thread queues (`start_load`, polled with `finish`:
+no thread to wake, no lock to take in between), chunks only on disk read into a slot of their own
+by a loader thread (the next reader finds them in memory), where the scheduler found that reading
+pays.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +30,19 @@ log = logging.getLogger(__name__)
 
 # chunks (and bytes) stored, chunks held already, chunks dropped, and the seconds a batch took
 OnStored = Callable[[int, int, int, int, float], None]
+
+
+@dataclass
+class TierLoad:
+    """Copies out of the arena queued for one request; its chunks stay pinned until `finish`."""
+
+    lease: int
+    ready: Ready | None  # None: done already (off a GPU)
+    chunks: int
+    started: float
+
+    def done(self) -> bool:
+        return self.ready is None or bool(self.ready.query())
 
 
 class SharedTier:
@@ -112,6 +128,42 @@ class SharedTier:
         self._commits.join()
 
     # -- loads --
+    def start_load(self, keys: Sequence[bytes], loader: ChunkLoader) -> TierLoad:
+        """Pin the leading chunks of `keys` the arena holds and queue their copies into the
+        loader's blocks; the caller polls the load and ends it with `finish`."""
+        t0 = time.perf_counter()
+        try:
+            lease, slots = self.client.read(keys)
+        except LocalError:
+            self.failed = True
+            raise
+        try:
+            for slot in slots:
+                loader.check(loader.chunks[loader.next], slot.meta, slot.nbytes)
+                loader.place_from(self.slot(slot.offset, slot.nbytes))
+            ready = loader.ready()
+        except Exception:
+            loader.settle()  # nothing reads the slots any more once the lease goes
+            if lease:
+                self.client.release(lease)
+            raise
+        with self._idle:
+            self._loads += 1
+        return TierLoad(lease, ready, len(slots), t0)
+
+    def finish(self, load: TierLoad) -> bool:
+        """Unpin a started load's chunks once its copies are done; whether they were pinned
+        throughout (if not, what was copied may be another chunk's bytes)."""
+        try:
+            return self.client.release(load.lease) if load.lease else True
+        except LocalError:
+            self.failed = True
+            return False
+        finally:
+            with self._idle:
+                self._loads -= 1
+                self._idle.notify_all()
+
     def load(self, keys: Sequence[bytes], loader: ChunkLoader, from_disk: bool) -> tuple[int, float]:
         """Place the chunks of `keys` (the loader's remaining chunks) that the tier holds, in order:
         those in memory, then (`from_disk`) those on disk. Returns the chunks read from disk and

@@ -8,7 +8,9 @@ writes JSON.
 Store: the copies out of the KV cache queued and the slots committed (what the tier holds after).
 Load: from asking for the chunks to the blocks in place. On a GPU the arena is registered for DMA,
 and the floor is the host<->GPU copy speed; on CPU the copies are memcpy. Every load is checked
-byte for byte against the blocks stored.
+byte for byte against the blocks stored. On a GPU two more rows give the floors: the same bytes
+copied chunk by chunk into GPU memory from pinned host memory (`h2d_pinned`) and from the arena
+(`h2d_arena`), with no paged cache in between.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def paged_cache(layers: int, heads: int, dim: int, blocks: int, device: str) -> 
     return PagedKV(caches, blocks, BLOCK)
 
 
+def h2d_seconds(host: torch.Tensor, chunk_bytes: int, chunks: int) -> float:
+    """Seconds to copy `chunks` chunks from `host` into GPU memory, one copy per chunk."""
+    dst = torch.empty(chunk_bytes * chunks, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(chunks):
+        part = slice(i * chunk_bytes, (i + 1) * chunk_bytes)
+        dst[part].copy_(host[part], non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
@@ -65,6 +79,7 @@ def main() -> None:
         t0 = time.perf_counter()
         tier = SharedTier(client, paged, lambda stored, *_: stored_counts.append(stored))
         register_s = time.perf_counter() - t0
+        pinned = paged.host_buffer(chunks * chunk_bytes) if args.device.startswith("cuda") else None
         src_ids = list(range(chunks * per))
         dst_ids = list(range(chunks * per, 2 * chunks * per))
         rows: dict[str, list[float]] = {"store_s": [], "load_s": []}
@@ -79,14 +94,18 @@ def main() -> None:
             job = LoadJob("", [], loads, 0, chunks * CHUNK, dst_ids)
             t0 = time.perf_counter()
             loader = ChunkLoader(paged, job)
-            tier.load(keys, loader, from_disk=False)
+            load = tier.start_load(keys, loader)  # as an instance's engine thread queues it
             loader.settle()
+            assert tier.finish(load), "the chunks were unpinned while being copied"
             rows["load_s"].append(time.perf_counter() - t0)
             assert loader.done == chunks * CHUNK, f"loaded {loader.done} of {chunks * CHUNK} tokens"
             for layer in paged.layers:
                 assert torch.equal(layer[src_ids], layer[dst_ids]), "a loaded block differs from the one stored"
             for layer in paged.layers:
                 layer[dst_ids] = 0
+            if args.device.startswith("cuda"):
+                for name, host in (("h2d_pinned_s", pinned), ("h2d_arena_s", tier.memory)):
+                    rows.setdefault(name, []).append(h2d_seconds(host, chunk_bytes, chunks))
         tier.close()
     nbytes = chunks * chunk_bytes
     result = {

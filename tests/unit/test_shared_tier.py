@@ -1,0 +1,103 @@
+"""A paged KV cache to the cache server's arena and back (pd/tier.py), on a real server, arena and
+unix socket: what a store copies out a load puts back byte for byte, the chunks stay pinned until
+the load ends, and a load whose pins ran out is not trusted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pd import plan
+from pd.codec import PagedKV
+from pd.loader import ChunkLoader, LoadJob
+from pd.tier import SharedTier
+from storage.client import CacheClient
+from storage.local import LocalClient
+from storage.server import CacheServer
+from storage.tiers import MemoryTier, TieredStore
+
+BLOCKS, BLOCK, CHUNK = 64, 4, 8  # 2 blocks per chunk
+PER = CHUNK // BLOCK
+CHUNKS = 6
+
+
+def paged() -> PagedKV:
+    g = torch.Generator().manual_seed(7)
+    caches = {f"model.layers.{i}.attn": torch.randn(BLOCKS, 2, BLOCK, 3, generator=g) for i in range(2)}
+    return PagedKV(caches, BLOCKS, BLOCK)
+
+
+def keys(n: int = CHUNKS) -> list[bytes]:
+    return [i.to_bytes(16, "big") for i in range(n)]
+
+
+SRC = list(range(CHUNKS * PER))  # blocks stored
+DST = list(range(CHUNKS * PER, 2 * CHUNKS * PER))  # blocks loaded into
+
+
+@pytest.fixture
+def tier():
+    cache = paged()
+    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(1 << 20))) as server:
+        client = LocalClient.discover(CacheClient(server.address).local())
+        assert client is not None
+        stored: list[int] = []
+        t = SharedTier(client, cache, lambda n, *_: stored.append(n))
+        yield server, t, cache, stored
+        t.close()
+
+
+def stored_chunks(t: SharedTier, cache: PagedKV, n: int = CHUNKS) -> None:
+    t.store([(k, SRC[i * PER : (i + 1) * PER]) for i, k in enumerate(keys(n))])
+    t.flush()
+
+
+def loader(cache: PagedKV, n: int = CHUNKS) -> ChunkLoader:
+    tokens = n * CHUNK
+    job = LoadJob("", [], plan.plan_load(keys(n), tokens, 0, tokens, DST, CHUNK, BLOCK), 0, tokens, DST)
+    return ChunkLoader(cache, job)
+
+
+def test_a_load_puts_back_what_a_store_copied_out_and_pins_until_it_ends(tier):
+    server, t, cache, stored = tier
+    stored_chunks(t, cache)
+    assert sum(stored) == CHUNKS
+    ld = loader(cache)
+    load = t.start_load(keys(), ld)
+    assert load.done() and ld.done == CHUNKS * CHUNK  # off a GPU the copies are done when queued
+    assert server.local.leases() == 1  # pinned until the load ends: no store may take these slots
+    assert t.finish(load)
+    assert server.local.leases() == 0
+    for layer in cache.layers:
+        assert torch.equal(layer[SRC], layer[DST])
+
+
+def test_a_load_takes_the_leading_chunks_the_arena_holds(tier):
+    server, t, cache, _ = tier
+    stored_chunks(t, cache, n=3)
+    ld = loader(cache)
+    load = t.start_load(keys(), ld)
+    assert load.chunks == 3 and ld.done == 3 * CHUNK  # the rest is computed
+    assert t.finish(load)
+    n = 3 * PER
+    for layer in cache.layers:
+        assert torch.equal(layer[SRC[:n]], layer[DST[:n]])
+        assert not torch.equal(layer[SRC[n:]], layer[DST[n:]])
+
+
+def test_a_load_whose_pins_ran_out_is_not_trusted(tier):
+    server, t, cache, _ = tier
+    stored_chunks(t, cache)
+    server.local.lease_s = 0.0
+    load = t.start_load(keys(), loader(cache))
+    server.local.sweep()  # past its time: unpinned, the slots may be reused
+    assert not t.finish(load)
+
+
+def test_a_chunk_of_another_layout_is_refused_and_unpins_what_it_took(tier):
+    server, t, cache, _ = tier
+    stored_chunks(t, cache)
+    other = ChunkLoader(cache, LoadJob("", [], [plan.ChunkLoad(keys(1)[0], PER + 1, 0, DST[:PER], CHUNK)], 0, CHUNK, DST))
+    with pytest.raises(Exception, match="does not match"):
+        t.start_load(keys(1), other)
+    assert server.local.leases() == 0

@@ -260,6 +260,13 @@ def _numbers(text: str, what: str, kind: type = int) -> list[Any]:
         raise
 
 
+def _range(text: str, what: str) -> tuple[int, int]:
+    bounds = _numbers(text, what)
+    if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+        _fail(f"{what} takes MIN,MAX with 0 < MIN <= MAX, not {text!r}")
+    return bounds[0], bounds[1]
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
     ctx: typer.Context,
@@ -309,6 +316,10 @@ def bench(
     ] = 2,
     rates: Annotated[str, typer.Option(help="slo: request rates, per second per GPU.")] = "0.5,1,2,4",
     slo_seconds: Annotated[float, typer.Option(help="slo: seconds of arrivals at each rate.")] = 30.0,
+    slo_prompt: Annotated[
+        str, typer.Option(help="slo: prompt lengths drawn from MIN,MAX (a decode-heavy mix: 1024,4096).")
+    ] = "4096,16384",
+    slo_output: Annotated[str, typer.Option(help="slo: answer lengths drawn from MIN,MAX.")] = "256,512",
     offload_gb: Annotated[float, typer.Option(help="offload, lmcache: CPU memory for KV, GiB.")] = 40.0,
     cache_cpu_gb: Annotated[float, typer.Option(help="pdrun's cache tier memory, GiB (and a disk tier).")] = 40.0,
     transport: Annotated[str, typer.Option(help="pdrun's KV transport: tcp or ucx.")] = "tcp",
@@ -353,7 +364,8 @@ def bench(
         noreuse=wl.NoreuseSizes(lengths=tuple(_numbers(lengths, "--lengths")),
                                 concurrency=tuple(_numbers(concurrency, "--concurrency")),
                                 prompts_per_user=prompts_per_user),
-        slo=wl.SloSizes(rates=tuple(_numbers(rates, "--rates", float)), duration_s=slo_seconds),
+        slo=wl.SloSizes(rates=tuple(_numbers(rates, "--rates", float)), duration_s=slo_seconds,
+                        prompt=_range(slo_prompt, "--slo-prompt"), output=_range(slo_output, "--slo-output")),
     )  # fmt: skip
     if max_model_len is None and model is None:
         max_model_len = 4096  # the tiny model's, as pdrun launch serves it

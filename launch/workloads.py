@@ -181,6 +181,7 @@ async def multiturn(target: Target, sizes: MultiturnSizes, seed: int) -> dict[st
     late = [o.ttft for turn, o in outcomes if turn >= 5 and o.ttft is not None]
     tpots = [o.tpot for _, o in outcomes if o.tpot is not None]
     return _some(
+        ttft_mean_s=sum(ttfts) / len(ttfts) if ttfts else None,
         ttft_p50_s=quantile(ttfts, 0.5),
         ttft_p90_s=quantile(ttfts, 0.9),
         ttft_turn6plus_p50_s=quantile(late, 0.5),

@@ -121,6 +121,7 @@ class PagedKV:
             self._ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64, device=self.device)
         self.block_copy = "triton" if layout is not None else "torch"
         self._copy_stream: torch.cuda.Stream | None = None
+        self._in_stream: torch.cuda.Stream | None = None
 
     def _word_layout(self) -> tuple[int, int, str] | None:
         """(words of one kernel block of one layer, words from one block to the next, the block's
@@ -290,6 +291,12 @@ class PagedKV:
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         return self._copy_stream
+
+    def copier_in(self) -> torch.cuda.Stream:
+        """The side stream chunks are copied in from host memory on (beside the cache, to be scattered)."""
+        if self._in_stream is None:
+            self._in_stream = torch.cuda.Stream(self.device)
+        return self._in_stream
 
     def scatter(
         self,

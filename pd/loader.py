@@ -20,6 +20,8 @@ from pd import plan
 from pd.codec import PagedKV, Ready
 from transfer import ConnectionPool, ProtocolError
 
+COPY_IN_SLOTS = 4  # chunks from host memory crossing the bus or waiting to be scattered, per load
+
 
 @dataclass
 class LoadJob:
@@ -62,6 +64,8 @@ class ChunkLoader:
         self._size = max(paged.nbytes(c.src_blocks) for c in job.chunks)
         self._rings: dict[bool, torch.Tensor] = {}
         self._reading: dict[int, Ready] = {}  # ring slot -> the scatter still reading its buffer
+        self._copy_in_ring: torch.Tensor | None = None  # host chunks copied in beside the cache (place_from)
+        self._copy_in_read: dict[int, Ready] = {}  # its slot -> the scatter that read it last
         self._stream: torch.cuda.Stream | None = None
         if paged.device.type == "cuda":
             self._stream = torch.cuda.Stream(paged.device)
@@ -129,17 +133,49 @@ class ChunkLoader:
 
     def place_from(self, src: torch.Tensor) -> None:
         """The next chunk's bytes are in `src` (the cache tier's shared memory, say): scatter them
-        from there (queued, on a GPU: `src` must stay untouched until `settle` returns)."""
+        from there (queued, on a GPU: `src` must stay untouched until `settle` returns). From host
+        memory with the Triton copies, each chunk is copied in on a stream of its own into a ring
+        beside the cache and scattered from there on the loader's: the next chunk crosses the bus
+        while this one is scattered, so loading runs at the bus's speed."""
         c = self.chunks[self.next]
         self._flush()
+        ring_slot = None
+        if self._stream is not None and not src.is_cuda and self.paged.block_copy == "triton":
+            ring_slot = self.next % COPY_IN_SLOTS
+            src = self._copied_in(src, ring_slot)
         reading = self.paged.scatter(c.block_ids, src, c.src_blocks, c.skip_blocks, stream=self._stream)
         if reading is not None:
             self._reading[self.next % self._slots] = reading
+            if ring_slot is not None:
+                self._copy_in_read[ring_slot] = reading
         self.next += 1
         self._queued = self.next
         self.asked = max(self.asked, self.next)
         self.done = c.token_end
         self.nbytes += src.numel()
+
+    def _copied_in(self, src: torch.Tensor, slot: int) -> torch.Tensor:
+        """`src` (host memory) copied into `slot` of the ring beside the cache, on the copy-in stream
+        once the scatter that last read that slot is done; the loader's stream waits for it."""
+        assert self._stream is not None
+        ring = self._copy_in_ring
+        if ring is None:
+            ring = self._copy_in_ring = self.paged.device_buffer(COPY_IN_SLOTS * self._size)
+            ring.record_stream(self._stream)
+        buf = ring[slot * self._size : slot * self._size + src.numel()]
+        copier = self.paged.copier_in()
+        scattered = self._copy_in_read.get(slot)
+        if scattered is not None:
+            copier.wait_event(scattered)
+        else:
+            copier.wait_stream(self._stream)  # the ring is new: behind what the loader's stream queued
+        with torch.cuda.stream(copier):
+            buf.copy_(src, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(copier)
+        ring.record_stream(copier)
+        self._stream.wait_event(arrived)
+        return buf
 
     def rewind(self, next_chunk: int, done: int, nbytes: int) -> None:
         """Forget the chunks placed since (`next_chunk`, `done`, `nbytes`): their bytes are not to be trusted."""

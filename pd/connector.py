@@ -403,15 +403,18 @@ class _SchedulerSide:
         return _Incoming(handoff.key_bytes(), handoff.num_tokens, end, handoff)
 
     def _from_cache(self, prompt: list[int], num_computed_tokens: int, salt: str | None) -> _Incoming | None:
+        """The prompt's leading full chunks the tier holds, loaded up to the last whole block this
+        instance does not compute itself (the last chunk in part, if need be)."""
         assert self.cache is not None
-        usable = prompt[: len(prompt) - plan.computed_here(False)]
-        keys = chunk_keys(self.fingerprint, usable, full_only=True, salt=salt)
+        size = self.cfg.chunk_size
+        limit = len(prompt) - plan.computed_here(False)
+        limit -= limit % self.block_size
+        keys = chunk_keys(self.fingerprint, prompt, full_only=True, salt=salt)[: -(-limit // size)]
         if not keys:
             return None
-        size = self.cfg.chunk_size
-        if num_computed_tokens >= len(keys) * size:
-            # The GPU cache holds every chunk the tier could give: no lookup, and nothing put again
-            # (the request that computed those chunks stored them).
+        if num_computed_tokens >= min(len(keys) * size, limit):
+            # The GPU cache holds all the tier could give: no lookup, and nothing put again (the
+            # request that computed those chunks stored them).
             return _Incoming(keys, len(keys) * size, 0)
         from_disk = 0
         if self.local is not None:
@@ -421,7 +424,7 @@ class _SchedulerSide:
         else:
             held = self.cache.lookup(keys)
         self._meta.lookups.append((len(keys) * size, held * size))
-        return _Incoming(keys[:held], held * size, held * size, from_disk=from_disk)
+        return _Incoming(keys[:held], held * size, min(held * size, limit), from_disk=from_disk)
 
     def _where(self, keys: list[bytes]) -> tuple[int, int]:
         """The shared-memory tier's answer; after a failure a miss for cache_retry_s, then the

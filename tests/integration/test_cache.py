@@ -49,6 +49,7 @@ LEASES = "pdrun:cache_leases"
 CACHE_HIT = "pdrun:cache_hit_tokens_total"
 STORED = "pdrun:cache_stored_chunks_total"
 CHUNK = 256
+BLOCK = 128  # vLLM's KV block size on CPU
 HANDOFFS = "pdrun:proxy_handoffs_total"
 SHORTCUTS = f"pdrun:proxy_decode_only_total[reason={IN_TIER}]"
 
@@ -116,6 +117,20 @@ def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(
     # The decoder still holds the prefix from `a` in its own prefix cache: it loads only the rest.
     expected = {LOADED: len(b) - 2048}
     assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
+
+
+def test_a_prompt_of_whole_chunks_loads_all_but_the_blocks_it_computes(cluster, second_prefiller):
+    tokens = prompt(4 * CHUNK, seed=360)  # 4 full chunks, the last one ending with the prompt
+    tier, p1 = cluster.deployment.cache_metrics_url, second_prefiller.url
+    before = metrics(tier)
+    prefill(cluster.prefiller.url, tokens)
+    assert wait_for_deltas(tier, before, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
+    before = metrics(p1)
+    assert prefill(p1, tokens).token == token_ids(complete(cluster.plain.url, tokens, max_tokens=1))[0]
+    # The instance computes the prompt's last two tokens, so the block holding them: the rest of
+    # the last chunk comes from the tier with the three chunks before it.
+    expected = {CACHE_LOADED: 4 * CHUNK - BLOCK, LOCAL_COMPUTE: BLOCK}
+    assert wait_for_deltas(p1, before, expected) == expected
 
 
 def test_a_prompt_whose_chunks_the_gpu_cache_holds_costs_no_tier_lookup(cluster, second_prefiller):

@@ -96,8 +96,8 @@ class ConnectorConfig(BaseModel):
     cache_disk_load: Literal["auto", "always", "never"] = Field(
         "auto",
         description="load chunks the tier has only on disk: auto: when this instance reads them faster than it "
-        "prefills (both measured as it runs; until then it reads two chunks of a prompt from disk, to measure "
-        "the disk); always; never (recompute them)",
+        "prefills (both measured as it runs: none before its first prefill, then two chunks of a prompt until "
+        "the disk is measured); always; never (recompute them)",
     )
     fingerprint_extra: str = Field(
         "", description="mixed into chunk keys: instances with different values never share KV"

@@ -233,6 +233,7 @@ class Proxy:
         self.client: httpx.AsyncClient | None = None
         self.shortcut = _shortcut(settings)
         self._checks: set[asyncio.Task[None]] = set()  # health checks a failed request asked for
+        self._went_down: dict[str, asyncio.Event] = {}  # backend url -> set when it leaves the rotation
 
     # ---- lifecycle ----
     @asynccontextmanager
@@ -268,7 +269,7 @@ class Proxy:
             r = await self.client.get(f"{b.url}/health", timeout=2.0)
             b.slow_probes = 0
             if r.status_code != 200:
-                b.mark_down(f"/health answered {r.status_code}")
+                self._down(b, f"/health answered {r.status_code}")
                 return
             if not b.healthy or not b.models:
                 models = (await self.client.get(f"{b.url}/v1/models", timeout=5.0)).json()
@@ -278,16 +279,39 @@ class Proxy:
             # checks in a row leaves the rotation.
             b.slow_probes += 1
             if b.slow_probes >= SLOW_PROBES_DOWN:
-                b.mark_down(f"/health unanswered {b.slow_probes} times in a row")
+                self._down(b, f"/health unanswered {b.slow_probes} times in a row")
         except (httpx.HTTPError, ValueError, KeyError) as e:
-            b.mark_down(f"/health: {type(e).__name__}: {e}".rstrip(": "))
+            self._down(b, f"/health: {type(e).__name__}: {e}".rstrip(": "))
+
+    def _down(self, b: Backend, reason: str) -> None:
+        """Take b out of rotation; the prefills waiting on it stop waiting (`_prefill_from`)."""
+        b.mark_down(reason)
+        self._went_down.pop(b.url, asyncio.Event()).set()
+
+    async def _prefill_from(self, p: Backend, path: str, pbody: dict[str, Any]) -> httpx.Response | None:
+        """p's answer to the prefill, or None if p left the rotation first (a prefiller that stopped
+        answering costs its requests the health checks that find it out, not prefill_timeout_s)."""
+        assert self.client is not None
+        down = self._went_down.setdefault(p.url, asyncio.Event())
+        post = asyncio.ensure_future(
+            self.client.post(f"{p.url}{path}", **_json(pbody), timeout=self.settings.prefill_timeout_s)
+        )
+        gone = asyncio.ensure_future(down.wait())
+        try:
+            await asyncio.wait({post, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            answered = post.done()
+            if not answered:
+                post.cancel()
+        return post.result() if answered else None
 
     def _failed(self, b: Backend, e: Exception) -> None:
         """A request to b failed. Refused: b is gone, out of rotation now. Anything else (a reset, a
         pooled connection the server had just closed) may be that one connection, not the backend:
         a health check, at once, decides."""
         if isinstance(e, httpx.ConnectError):
-            b.mark_down(f"{type(e).__name__}: {e}")
+            self._down(b, f"{type(e).__name__}: {e}")
         else:
             task = asyncio.create_task(self._check(b))
             self._checks.add(task)
@@ -404,7 +428,10 @@ class Proxy:
             p.outstanding += 1
             p.pending_tokens += tokens
             try:
-                r = await self.client.post(f"{p.url}{path}", **_json(pbody), timeout=self.settings.prefill_timeout_s)
+                r = await self._prefill_from(p, path, pbody)
+                if r is None:
+                    reason = "prefiller out of rotation"
+                    continue
             except httpx.TimeoutException:
                 return "prefiller timed out"
             except httpx.HTTPError as e:

@@ -132,3 +132,47 @@ def test_a_connection_not_made_in_time_moves_the_request_to_another_decoder():
     assert statuses == [200] * 4
     retries = proxy.metrics.registry.get_sample_value("pdrun:proxy_decode_retries_total")
     assert retries >= 1  # the blackhole was tried, and left for the other
+
+
+class Frozen(Backend):
+    """A prefiller that stopped answering (SIGSTOP, a hung GPU): requests are taken, never answered."""
+
+    release = threading.Event()
+
+    def do_GET(self):
+        type(self).release.wait(30)
+
+    def do_POST(self):
+        type(self).release.wait(30)
+
+
+def test_a_prefill_waiting_on_a_prefiller_that_leaves_the_rotation_stops_waiting():
+    frozen = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Frozen)
+    frozen.daemon_threads = True
+    threading.Thread(target=frozen.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{frozen.server_address[1]}"
+    proxy = Proxy(ProxySettings(prefill=[url], decode=[url], prefill_timeout_s=300))
+    prefiller = proxy.router.prefillers[0]
+    prefiller.mark_up(["m"])
+
+    async def run() -> tuple[object, float]:
+        proxy.client = httpx.AsyncClient()
+        try:
+            timing = RequestTiming("1", COMPLETIONS, stream=False)
+            t0 = time.monotonic()
+            waiting = asyncio.ensure_future(proxy._prefill(COMPLETIONS, {"prompt": "x", "max_tokens": 4}, timing))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            for _ in range(SLOW_PROBES_DOWN):  # its /health times out too, check after check
+                await proxy._check(prefiller)
+            return await asyncio.wait_for(waiting, 5), time.monotonic() - t0
+        finally:
+            await proxy.client.aclose()
+
+    try:
+        answer, took = asyncio.run(run())
+    finally:
+        Frozen.release.set()
+        frozen.shutdown()
+    assert answer == "prefiller out of rotation" and not prefiller.healthy
+    assert took < 60  # the checks' 2 s timeouts, not the 300 s prefill timeout

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -271,17 +272,21 @@ class DiskChunk:
         verify(self.header, into)
 
 
+PROBE_BYTES = 1 << 20  # what a disk tier writes to learn it takes writes: a full disk refuses it
+
+
 class DiskTier:
     """One file per chunk, `<dir>/<key[:1] hex>/<key hex>.chunk`: the wire format's header (key,
     length, xxh3-64 checksum, meta) then the payload. Written to a temporary name, fsync'd and
     renamed, so a crash leaves either the whole chunk or none. The index is rebuilt by scanning at
     start (oldest first for LRU). A file that is truncated, has a flipped byte or the wrong key is
     deleted when read, never served. A directory that cannot be written, or fills up, turns the
-    tier off with a warning; the memory tier goes on alone."""
+    tier off with a warning; the memory tier goes on alone, and every `retry_s` a write is tried
+    again: the tier is back on once the directory takes writes."""
 
     SUFFIX = ".chunk"
 
-    def __init__(self, directory: str | os.PathLike[str], budget_bytes: int):
+    def __init__(self, directory: str | os.PathLike[str], budget_bytes: int, retry_s: float = 10.0):
         if budget_bytes <= 0:
             raise ValueError(f"disk tier budget must be > 0 bytes, got {budget_bytes}")
         self.dir = Path(directory)
@@ -290,20 +295,44 @@ class DiskTier:
         self._lock = threading.Lock()
         self._stats = TierStats()
         self.disabled: str | None = None
+        self.retry_s = retry_s
+        self._retry_at = 0.0
+        if self._writable():
+            self._scan()
+
+    def _writable(self) -> bool:
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # created owner-only: KV is the prompts
             probe = self.dir / f".probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"x")
-            probe.unlink()
+            try:
+                probe.write_bytes(b"x" * PROBE_BYTES)
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink()
         except OSError as e:
             self._disable(f"cannot write to {self.dir}: {e.strerror or e}")
-            return
-        self._scan()
+            return False
+        return True
 
     def _disable(self, reason: str) -> None:
         if self.disabled is None:
-            log.warning("disk cache tier off, memory only from now on: %s", reason)
+            log.warning("disk cache tier off, memory only until a write succeeds (tried every %g s): %s",
+                        self.retry_s, reason)  # fmt: skip
         self.disabled = reason
+        self._retry_at = time.monotonic() + self.retry_s
+
+    def usable(self) -> bool:
+        """Whether the tier takes writes; while it is off, a write is tried every `retry_s`."""
+        if self.disabled is None:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        self._retry_at = time.monotonic() + self.retry_s
+        if not self._writable():
+            return False
+        log.warning("disk cache tier back on: %s takes writes again", self.dir)
+        self.disabled = None
+        return True
 
     def _path(self, key: bytes) -> Path:
         return self.path_in(self.dir, key)
@@ -373,7 +402,7 @@ class DiskTier:
         return Chunk(payload, dict(chunk.header.meta), chunk.header.checksum)
 
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
-        if self.disabled:
+        if not self.usable():
             return False
         payload = memoryview(data).cast("B")
         head = encode_header(
@@ -479,7 +508,7 @@ class TieredStore:
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
         """Store a copy; with a disk behind, a burst is paced by the disk (each put waits up to
         `write_wait_s` for room that costs no chunk its disk copy)."""
-        if self.disk is not None and not self.disk.disabled:
+        if self.disk is not None and self.disk.usable():
             nbytes = memoryview(data).nbytes
             with self._written:
                 self._written.wait_for(lambda: self.memory.has_room(nbytes), self.write_wait_s)
@@ -490,7 +519,7 @@ class TieredStore:
 
     def stored(self, key: bytes) -> None:
         """`key` was committed to memory: write it to disk behind."""
-        if self.disk is not None and not self.disk.disabled:
+        if self.disk is not None and self.disk.usable():
             self.memory.mark_unsaved(key, True)
             self._writes.put(key)
 

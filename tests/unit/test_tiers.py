@@ -142,31 +142,38 @@ def test_an_unwritable_directory_means_memory_only_with_a_warning(tmp_path, capl
 
 
 FULL_DISK = """
-import resource, signal, sys
+import resource, signal, sys, time
 from storage.tiers import DiskTier, MemoryTier, TieredStore
 from tests.unit.test_tiers import CHUNK, key, payload
-store = TieredStore(MemoryTier(10 * CHUNK), DiskTier(sys.argv[1], 100 * CHUNK))
+store = TieredStore(MemoryTier(10 * CHUNK), DiskTier(sys.argv[1], 100 * CHUNK, retry_s=0.2))
 store.put(key(0), payload(0))
 store.flush()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # from here on, a write past 1000 bytes fails
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # from here on, a write past 1000 bytes fails
 store.put(key(1), payload(1))
 store.flush()
 assert store.disk.disabled, "disk tier still on"
 store.put(key(2), payload(2))
 assert [store.get(key(i)).data == payload(i) for i in range(3)] == [True] * 3
 assert not list(__import__("pathlib").Path(sys.argv[1]).glob("*/*.tmp")), "temporary file left"
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # room again
+time.sleep(0.3)
+store.put(key(3), payload(3))
+store.flush()
+assert not store.disk.disabled and key(3) in store.disk, "disk tier not back on"
 print("ok")
 """
 
 
-def test_a_disk_that_fails_writes_means_memory_only_with_a_warning(tmp_path):
+def test_a_disk_that_fails_writes_means_memory_only_until_it_takes_writes_again(tmp_path):
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run(
         [sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=60
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
-    assert "disk cache tier off, memory only from now on" in r.stderr and "too large" in r.stderr
+    assert "disk cache tier off, memory only until a write succeeds" in r.stderr and "too large" in r.stderr
+    assert "disk cache tier back on" in r.stderr
 
 
 def test_tiered_store_writes_behind_and_promotes_disk_hits(tmp_path):

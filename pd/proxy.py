@@ -304,7 +304,14 @@ class Proxy:
             answered = post.done()
             if not answered:
                 post.cancel()
-        return post.result() if answered else None
+        if not answered:
+            return None
+        try:
+            return post.result()
+        except httpx.HTTPError:
+            raise
+        except Exception as e:  # httpcore on a connection its peer tore down as it was made
+            raise httpx.TransportError(f"{type(e).__name__}: {e}") from e
 
     def _failed(self, b: Backend, e: Exception) -> None:
         """A request to b failed. Refused: b is gone, out of rotation now. Anything else (a reset, a
@@ -485,6 +492,9 @@ class Proxy:
                 d.outstanding -= 1
                 if upstream is not None:
                     await upstream.aclose()
+                if isinstance(e, Exception) and not isinstance(e, httpx.HTTPError):
+                    # httpcore on a connection its peer tore down as it was made: not made
+                    e = httpx.ConnectError(f"{type(e).__name__}: {e}")
                 if isinstance(e, RETRIABLE):
                     self._failed(d, e)
                     self.metrics.retries.inc()

@@ -176,3 +176,36 @@ def test_a_prefill_waiting_on_a_prefiller_that_leaves_the_rotation_stops_waiting
         frozen.shutdown()
     assert answer == "prefiller out of rotation" and not prefiller.healthy
     assert took < 60  # the checks' 2 s timeouts, not the 300 s prefill timeout
+
+
+def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
+    """httpcore can raise a plain AttributeError for a socket its dying peer closed while it
+    connected: the prefill goes to a decoder, the decode to the other decoder."""
+    dying, alive = "http://127.0.0.1:1", "http://127.0.0.1:2"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.port == 1:
+            raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+        answer = json.dumps({"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}}).encode()
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=httpx.ByteStream(answer))
+
+    proxy = Proxy(ProxySettings(prefill=[dying], decode=[dying, alive]))
+    for b in proxy.router.backends:
+        b.mark_up(["m"])
+
+    async def run() -> tuple[object, list[int]]:
+        proxy.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        try:
+            timing = RequestTiming("1", COMPLETIONS, stream=False)
+            reason = await proxy._prefill(COMPLETIONS, {"prompt": "x", "max_tokens": 4}, timing)
+            statuses = []
+            for i in range(2):
+                timing = RequestTiming(str(i), COMPLETIONS, stream=False)
+                r = await proxy._decode(COMPLETIONS, {"prompt": "x"}, time.monotonic(), timing)
+                statuses.append(r.status_code)
+            return reason, statuses
+        finally:
+            await proxy.client.aclose()
+
+    reason, statuses = asyncio.run(run())
+    assert reason == "prefiller unreachable" and statuses == [200, 200]

@@ -413,9 +413,10 @@ class _SchedulerSide:
         if not keys:
             return None
         if num_computed_tokens >= min(len(keys) * size, limit):
-            # The GPU cache holds all the tier could give: no lookup, and nothing put again (the
-            # request that computed those chunks stored them).
-            return _Incoming(keys, len(keys) * size, 0)
+            # The GPU cache holds all the tier could give: no lookup, and the chunks it holds whole
+            # are not put again (the request that computed them stored them).
+            whole = keys[: num_computed_tokens // size]
+            return _Incoming(whole, len(whole) * size, 0)
         from_disk = 0
         if self.local is not None:
             in_memory, anywhere = self._where(keys)

@@ -1,0 +1,289 @@
+"""Faults under load: 200 streamed requests at once through the 1P2D deployment with its cache tier,
+a mix of prompts that share a prefix and prompts that share nothing, and one fault while they run:
+a decoder killed, the prefiller killed mid hand-off, the prefiller frozen (it takes requests and
+answers none), the cache server killed, the cache's disk refusing writes. Each time: no request
+hangs, every answer compared with plain vLLM's is the same, every request that fails says why, the
+deployment heals on its own and nothing leaks (KV cache usage back to idle, no lease held, the
+threads and file descriptors of the processes that lived through it flat). Each test prints its
+figures: sent, completed, failed with an error, hung, wrong, and the fallbacks taken."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from launch.supervisor import group_members
+from tests.integration.client import complete, metrics, prompt
+from tests.integration.conftest import Cluster, Instance
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+REQUESTS = 200
+OUTPUT = 8
+HUNG_S = 240.0  # a request still unanswered after this is hung
+SHARED = [prompt(700, seed=6000 + i) for i in range(4)]  # prefixes of 2+ chunks many requests share
+SAMPLED = range(0, REQUESTS, 5)  # answers compared with plain vLLM's
+FALLBACKS = "pdrun:proxy_decode_only_total"
+LOAD_FAILURES = "pdrun:load_failures_total"
+
+
+def storm_prompts(seed: int) -> list[list[int]]:
+    out = []
+    for i in range(REQUESTS):
+        if i % 2:
+            out.append(prompt(300 + (i * 37) % 600, seed=seed + i))  # shares nothing
+        else:
+            out.append(SHARED[(i // 2) % len(SHARED)] + prompt(10 + i % 50, seed=seed + i))
+    return out
+
+
+@dataclass
+class Outcome:
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finished: bool = False
+    error: str = ""
+    hung: bool = False
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, ids: list[int]) -> Outcome:
+    body = {"model": "tiny", "prompt": ids, "max_tokens": OUTPUT, "temperature": 0, "stream": True}
+    body["return_token_ids"] = True
+    out = Outcome()
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            out.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
+            return out
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                out.error = str(event["error"].get("message") or event["error"])
+                return out
+            for choice in event.get("choices") or []:
+                out.tokens += choice.get("token_ids") or []
+                out.text.append(choice.get("text") or "")
+                out.finished |= choice.get("finish_reason") is not None
+    if not out.finished and not out.error:
+        out.error = "the stream ended without a finish reason or an error"
+    return out
+
+
+async def storm_async(url: str, prompts: list[list[int]]) -> list[Outcome]:
+    limits = httpx.Limits(max_connections=REQUESTS + 10)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(HUNG_S, connect=30)) as client:
+
+        async def bounded(ids: list[int]) -> Outcome:
+            try:
+                return await asyncio.wait_for(stream_one(client, url, ids), HUNG_S)
+            except TimeoutError:
+                return Outcome(hung=True)
+            except httpx.HTTPError as e:
+                return Outcome(error=f"{type(e).__name__}: {e}")
+
+        return await asyncio.gather(*(bounded(p) for p in prompts))
+
+
+def footprint(pids: set[int]) -> tuple[int, int]:
+    """(threads, open file descriptors) of these processes together."""
+    threads = fds = 0
+    for pid in pids:
+        try:
+            threads += len(os.listdir(f"/proc/{pid}/task"))
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return threads, fds
+
+
+def groups(cluster: Cluster, names: list[str]) -> set[int]:
+    return {pid for n in names for pid in group_members(Instance(cluster.deployment, n).pid)}
+
+
+ALL = ["prefill-0", "decode-0", "decode-1"]
+
+
+@pytest.fixture(scope="module")
+def warmed(cluster: Cluster) -> Cluster:
+    """One storm with no fault first: the pools of threads and connections grow to the load, so that
+    what a fault test sees grow after is what its fault left behind."""
+    outcomes = asyncio.run(storm_async(cluster.proxy_url, storm_prompts(9_000)))
+    assert all(o.finished and not o.error for o in outcomes), [o.error for o in outcomes if o.error][:3]
+    return cluster
+
+
+def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], None], survivors: list[str]) -> None:
+    """The storm with `fault` injected once requests are in flight; then the checks above."""
+    d = cluster.deployment
+    proxy_pids = {d.state()["children"]["proxy"]["pid"]}
+    lived = proxy_pids | groups(cluster, survivors)
+    threads0, fds0 = footprint(lived)
+    before = metrics(cluster.proxy_url)
+    before_loads = sum(metrics(i.url).get(LOAD_FAILURES, 0) for i in cluster.decoders)
+    prompts = storm_prompts(seed)
+
+    injected = threading.Event()
+
+    def inject() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and in_flight(cluster) < 30:
+            time.sleep(0.05)
+        fault()
+        injected.set()
+
+    injector = threading.Thread(target=inject)
+    injector.start()
+    t0 = time.monotonic()
+    outcomes = asyncio.run(storm_async(cluster.proxy_url, prompts))
+    took = time.monotonic() - t0
+    injector.join()
+    assert injected.is_set()
+
+    # Heals on its own: every instance back in rotation, and answering as plain vLLM does.
+    d.wait_ready(ALL, timeout=600)
+    for i in range(3):
+        p = prompt(200, seed=seed + 900 + i)
+        assert answer_of(complete(cluster.proxy_url, p, max_tokens=OUTPUT)) == plain(cluster, p)
+
+    hung = sum(o.hung for o in outcomes)
+    failed = [o.error for o in outcomes if o.error]
+    completed = sum(o.finished and not o.error for o in outcomes)
+    wrong = [i for i in SAMPLED if outcomes[i].finished and answer(outcomes[i]) != plain(cluster, prompts[i])]
+    after = metrics(cluster.proxy_url)
+    fallbacks = {
+        k.split("reason=")[1].rstrip("]"): int(v - before.get(k, 0))
+        for k, v in after.items()
+        if k.startswith(FALLBACKS + "[") and v > before.get(k, 0)
+    }
+    load_failures = sum(metrics(i.url).get(LOAD_FAILURES, 0) for i in cluster.decoders) - before_loads
+    print(
+        f"\n{name}: sent {REQUESTS}, completed {completed}, failed with an error {len(failed)}, hung {hung}, "
+        f"wrong {len(wrong)} of {len(SAMPLED)} compared, decode-only {fallbacks}, hand-offs recomputed "
+        f"{int(load_failures)}, {took:.0f} s"
+    )
+    for message in sorted(set(failed)):
+        print(f"  failed: {message}")
+    assert hung == 0
+    assert not wrong, "answers that differ from plain vLLM's: " + "; ".join(
+        f"request {i}: {answer(outcomes[i])} against {plain(cluster, prompts[i])}" for i in wrong
+    )
+    unclear = [e for e in failed if len(e) < 10 or "Internal Server Error" in e]
+    assert not unclear, f"failures that do not say why: {unclear}"
+    assert completed + len(failed) == REQUESTS
+
+    # Nothing leaks: no KV held, no chunk pinned, no thread or descriptor per request.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(kv_in_use(i.url) for i in [cluster.prefiller, *cluster.decoders]):
+        time.sleep(0.5)
+    assert not any(kv_in_use(i.url) for i in [cluster.prefiller, *cluster.decoders])
+    assert metrics(d.cache_metrics_url).get("pdrun:cache_leases", 0) == 0
+    # Connections to a process that died close as their pools notice (on use, or kept-alive ones
+    # expiring): flat means back within a few of where it was, not growing with the requests.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not flat(threads0, fds0, footprint(lived)):
+        time.sleep(1)
+    threads1, fds1 = footprint(lived)
+    print(f"threads {threads0} -> {threads1}, file descriptors {fds0} -> {fds1}")
+    assert flat(threads0, fds0, (threads1, fds1)), (threads0, threads1, fds0, fds1)
+
+
+def flat(threads0: int, fds0: int, now: tuple[int, int]) -> bool:
+    return now[0] <= threads0 + 8 and now[1] <= fds0 + 16
+
+
+def in_flight(cluster: Cluster) -> float:
+    """Requests the proxy has in flight on its backends."""
+    m = metrics(cluster.proxy_url)
+    return sum(v for k, v in m.items() if k.startswith("pdrun:proxy_outstanding["))
+
+
+def answer_of(response: dict) -> tuple[list[int], str]:
+    return response["choices"][0]["token_ids"], response["choices"][0]["text"]
+
+
+def answer(o: Outcome) -> tuple[list[int], str]:
+    return o.tokens, "".join(o.text)
+
+
+def kv_in_use(url: str) -> float:
+    return metrics(url).get("vllm:kv_cache_usage_perc", 0.0)
+
+
+def plain(cluster: Cluster, p: list[int]) -> tuple[list[int], str]:
+    return answer_of(complete(cluster.plain.url, p, max_tokens=OUTPUT))
+
+
+def test_a_decoder_killed_under_200_streams(warmed):
+    cluster = warmed
+    victim = cluster.decoders[1]
+    starts = victim.starts
+    run_with_fault(cluster, "decoder killed", 10_000, victim.kill, survivors=["prefill-0", "decode-0"])
+    assert victim.starts > starts
+
+
+def test_the_prefiller_killed_mid_hand_off_under_200_streams(warmed):
+    cluster = warmed
+    victim = cluster.prefiller
+    starts = victim.starts
+    run_with_fault(cluster, "prefiller killed", 11_000, victim.kill, survivors=["decode-0", "decode-1"])
+    assert victim.starts > starts
+
+
+def test_the_prefiller_frozen_under_200_streams(warmed):
+    """SIGSTOP: it keeps its connections and answers nothing, hand-offs included; the proxy takes it
+    out of rotation on its health checks, and decoders give up on its hand-offs after io_timeout_s."""
+    cluster = warmed
+    victim = cluster.prefiller
+    pgid = victim.pid
+
+    def freeze() -> None:
+        os.killpg(pgid, signal.SIGSTOP)
+        threading.Timer(25.0, lambda: os.killpg(pgid, signal.SIGCONT)).start()
+
+    run_with_fault(cluster, "prefiller frozen 25 s", 12_000, freeze, survivors=["decode-0", "decode-1"])
+
+
+def test_the_cache_server_killed_under_200_streams(warmed):
+    cluster = warmed
+    cache = Instance(cluster.deployment, "cache")
+    starts = cache.starts
+    run_with_fault(cluster, "cache server killed", 13_000, cache.kill, survivors=ALL)
+    assert cache.starts > starts
+
+
+def test_the_cache_disk_refusing_writes_under_200_streams(warmed):
+    """The cache server's files may grow no bigger than 1000 bytes (as a full disk, writes fail);
+    the disk tier goes off, memory serves on, and once writes succeed again the tier is back."""
+    cluster = warmed
+    cache = Instance(cluster.deployment, "cache")
+    pid = cache.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    log = Path(cache.log_path)
+
+    def fill() -> None:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1000, hard))
+
+    try:
+        run_with_fault(cluster, "cache disk refusing writes", 14_000, fill, survivors=ALL)
+        assert "disk cache tier off" in log.read_text(errors="replace")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+    deadline = time.monotonic() + 60  # a write is tried every 10 s: new chunks bring the tier back
+    i = 0
+    while time.monotonic() < deadline and "disk cache tier back on" not in log.read_text(errors="replace"):
+        complete(cluster.proxy_url, prompt(600, seed=14_900 + i), max_tokens=1)
+        i += 1
+        time.sleep(1)
+    assert "disk cache tier back on" in log.read_text(errors="replace")

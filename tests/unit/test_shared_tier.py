@@ -73,7 +73,7 @@ def test_a_load_puts_back_what_a_store_copied_out_and_pins_until_it_ends(tier):
 
 
 def test_a_load_takes_the_leading_chunks_the_arena_holds(tier):
-    server, t, cache, _ = tier
+    _, t, cache, _ = tier
     stored_chunks(t, cache, n=3)
     ld = loader(cache)
     load = t.start_load(keys(), ld)
@@ -97,7 +97,9 @@ def test_a_load_whose_pins_ran_out_is_not_trusted(tier):
 def test_a_chunk_of_another_layout_is_refused_and_unpins_what_it_took(tier):
     server, t, cache, _ = tier
     stored_chunks(t, cache)
-    other = ChunkLoader(cache, LoadJob("", [], [plan.ChunkLoad(keys(1)[0], PER + 1, 0, DST[:PER], CHUNK)], 0, CHUNK, DST))
+    other = ChunkLoader(
+        cache, LoadJob("", [], [plan.ChunkLoad(keys(1)[0], PER + 1, 0, DST[:PER], CHUNK)], 0, CHUNK, DST)
+    )
     with pytest.raises(Exception, match="does not match"):
         t.start_load(keys(1), other)
     assert server.local.leases() == 0

@@ -169,10 +169,8 @@ class System:
         vLLM's `vllm:cache_config_info`; None where no instance says."""
         best = None
         for url in self.instance_urls:
-            try:
-                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-                    text = r.read().decode()
-            except OSError:
+            text = metrics_text(url)
+            if text is None:
                 continue
             for line in text.splitlines():
                 if line.startswith("vllm:cache_config_info{"):
@@ -337,10 +335,8 @@ class PdrunSystem(System):
     def counters(self) -> dict[str, float]:
         out = dict.fromkeys(COUNTERS.values(), 0.0)  # a counter never raised is not exported
         for url in self.instance_urls:
-            try:
-                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-                    text = r.read().decode()
-            except OSError:
+            text = metrics_text(url)
+            if text is None:
                 return {}  # an instance that cannot say: no figures rather than a wrong 0
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
@@ -353,6 +349,15 @@ class PdrunSystem(System):
         if self.proc is not None:
             _stop_group(self.proc, signal.SIGINT, grace=90)  # Ctrl-C: the supervisor stops its children
             self.proc = None
+
+
+def metrics_text(url: str) -> str | None:
+    """The instance's /metrics page; None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            return r.read().decode()
+    except OSError:
+        return None
 
 
 def last_error(log: Path, default: str = "exited during start-up") -> str:

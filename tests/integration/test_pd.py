@@ -110,16 +110,18 @@ def test_malformed_hand_off_params_mean_a_local_prefill(cluster):
 
 
 class Corrupting(Service):
-    """A fake prefiller endpoint that relays the real one's chunks, damaged in a chosen way."""
+    """A fake prefiller endpoint that relays the real one's chunks, damaged in a chosen way (or
+    whole, after `pause_s`: late)."""
 
-    def __init__(self, real: str, how: str, auth_token: str):
-        self.real, self.how, self.auth_token = real, how, auth_token
+    def __init__(self, real: str, how: str, auth_token: str, pause_s: float = 0.0):
+        self.real, self.how, self.auth_token, self.pause_s = real, how, auth_token, pause_s
 
     def handle(self, request, payload):
         if request.op == "release":
             return {}
         if self.how == "silent":
             time.sleep(60)
+        time.sleep(self.pause_s)
         with transfer.connect(self.real, auth_token=self.auth_token) as conn:
             for frame in conn.stream(request.op, meta=request.meta):
                 data = bytearray(frame.payload)
@@ -250,22 +252,6 @@ def test_prefiller_killed_between_prefill_and_pull(cluster):
     )
 
 
-class Late(Service):
-    """A prefiller endpoint that relays the real one's chunks only after a pause."""
-
-    def __init__(self, real: str, auth_token: str, pause_s: float):
-        self.real, self.auth_token, self.pause_s = real, auth_token, pause_s
-
-    def handle(self, request, payload):
-        if request.op == "release":
-            return {}
-        time.sleep(self.pause_s)
-        with transfer.connect(self.real, auth_token=self.auth_token) as conn:
-            for frame in conn.stream(request.op, meta=request.meta):
-                yield Frame(frame.header, bytes(frame.payload))
-        return {}
-
-
 USAGE = "vllm:kv_cache_usage_perc"
 
 
@@ -275,7 +261,7 @@ def test_a_request_aborted_mid_hand_off_keeps_its_blocks_until_the_late_bytes_ha
     tokens = prompt(2000, seed=95)
     first = prefill(cluster.prefiller.url, tokens)
     real = first.params["pdrun"]["endpoints"][0]
-    late = transfer.listen("tcp://127.0.0.1:0", Late(real, cluster.deployment.auth_token, pause_s=2.5))
+    late = transfer.listen("tcp://127.0.0.1:0", Corrupting(real, "late", cluster.deployment.auth_token, pause_s=2.5))
     first.params["pdrun"]["endpoints"] = [late.address]
     body = {"model": "tiny", "prompt": [*tokens, first.token], "max_tokens": 8, "temperature": 0, "stream": True,
             "kv_transfer_params": first.params}  # fmt: skip

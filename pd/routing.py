@@ -74,18 +74,24 @@ class Backend:
         }
 
 
-def prompt_tokens(body: dict[str, Any]) -> int:
-    """A request's prompt tokens: counted for token ids, estimated for text and chats."""
+def prompt_size(body: dict[str, Any]) -> tuple[int, bool]:
+    """(token ids, True) for a prompt of token ids; (characters, False) for text and chats, which
+    have at most as many tokens; (0, False) for anything else (batched prompts)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return len(prompt)
+        return len(prompt), True
     if isinstance(prompt, str):
-        return len(prompt) // CHARS_PER_TOKEN + 1
+        return len(prompt), False
     messages = body.get("messages")
     if isinstance(messages, list):
-        chars = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
-        return chars // CHARS_PER_TOKEN + 1
-    return 1
+        return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)), False
+    return 0, False
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """A request's prompt tokens: counted for token ids, estimated for text and chats."""
+    n, exact = prompt_size(body)
+    return n if exact else n // CHARS_PER_TOKEN + 1
 
 
 def affinity_key(body: dict[str, Any]) -> bytes:

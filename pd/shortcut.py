@@ -22,6 +22,7 @@ import httpx
 from pd.continuation import CHAT
 from pd.keys import chained_keys, salted
 from pd.plan import computed_here
+from pd.routing import prompt_size
 from storage.client import CacheClient
 
 log = logging.getLogger("pd.proxy")
@@ -91,16 +92,8 @@ def _token_ids(body: dict[str, Any]) -> list[int] | None:
 
 
 def _may_fill_a_chunk(body: dict[str, Any], chunk_size: int) -> bool:
-    """Cheap bound: text shorter than a chunk (in characters) has fewer tokens than a chunk."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        return len(prompt) >= chunk_size if _token_ids(body) else False  # batched prompts go decode-only anyway
-    if isinstance(prompt, str):
-        return len(prompt) >= chunk_size
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) >= chunk_size
-    return False
+    """Cheap bound: a prompt of fewer token ids, or characters, than a chunk fills none."""
+    return prompt_size(body)[0] >= chunk_size
 
 
 async def _tokenize(client: httpx.AsyncClient, decoder: str, path: str, body: dict[str, Any]) -> list[int] | None:

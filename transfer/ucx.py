@@ -264,6 +264,7 @@ class _Channel:
         self._head = bytearray(SMALL_MESSAGE)
         self._sends: deque[_Pending] = deque()
         self._posted: list[_Pending] = []  # receives not yet known complete: settled on failure
+        self._closing = threading.Lock()  # a request is never posted on an endpoint being closed
         self.closed = False
         threading.Thread(target=self._watch, name="pdrun-ucx-lifeline", daemon=True).start()
 
@@ -288,11 +289,15 @@ class _Channel:
         return pending
 
     def _posting(self, post: Callable[..., Any], arr: Any, tag: Any) -> Any:
-        """A request posted; on an endpoint closed meanwhile (the peer left) ucxx raises its own error."""
-        try:
-            return post(arr, tag)
-        except Exception as e:
-            raise PeerClosed(f"{self.peer}: {type(e).__name__}: {e}") from None
+        """A request posted; on an endpoint closed meanwhile (the peer left) ucxx raises its own error.
+        Posting on an endpoint that `close()` has let go of would crash UCX's progress thread."""
+        with self._closing:
+            if self.closed:
+                raise PeerClosed(f"{self.peer}: the connection was closed")
+            try:
+                return post(arr, tag)
+            except Exception as e:
+                raise PeerClosed(f"{self.peer}: {type(e).__name__}: {e}") from None
 
     def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> None:
         """Until `done()`, the channel closes or nothing completes for `timeout` (io_timeout) seconds."""
@@ -457,9 +462,10 @@ class _Channel:
         self._sends.clear()
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        with self._closing:
+            if self.closed:
+                return
+            self.closed = True
         self._doorbell.release()
         with contextlib.suppress(OSError):
             self.lifeline.shutdown(socket.SHUT_RDWR)

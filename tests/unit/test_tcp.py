@@ -179,6 +179,20 @@ def test_an_abandoned_stream_breaks_the_connection_and_the_pool_drops_it(echo):
     pool.close()
 
 
+def test_streams_abandoned_while_the_listener_still_sends_never_crash_it(echo):
+    """The client leaves while the listener is mid-reply: the listener's channel closes from its
+    watcher thread as its serving thread posts the next send; posting on the closed endpoint would
+    crash UCX's progress thread (the whole process), one abandon in a few dozen."""
+    for _ in range(150):
+        conn = transfer.connect(echo.address)
+        stream = conn.stream("many", meta={"sizes": [1000] * 20})
+        next(stream)
+        stream.close()
+        conn.close()
+    with transfer.connect(echo.address) as conn:
+        assert conn.call("sleep", meta={"s": 0}).meta == {}
+
+
 def test_connect_refused_is_a_clear_error():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -60,6 +60,26 @@ IN_TIER = "prompt in the cache tier"  # the decode-only reason of the tier short
 SHORTCUT_LOOKUP_TIMEOUT_S = 0.5  # a cache slower than this is a miss: the request takes the prefill hop
 
 
+class TornDownIsConnectError(httpx.AsyncBaseTransport):
+    """A transport whose failures to make a connection are all httpx's ConnectError: httpcore can
+    raise a plain exception (AttributeError from a socket already closed) on a connection its dying
+    peer tore down as it was made, which would otherwise reach the client as a 500."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport):
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._inner.handle_async_request(request)
+        except httpx.HTTPError:
+            raise
+        except Exception as e:
+            raise httpx.ConnectError(f"{type(e).__name__}: {e}", request=request) from e
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class ProxySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -239,9 +259,10 @@ class Proxy:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         s = self.settings
+        limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=s.connect_timeout_s, read=s.read_timeout_s, write=60, pool=None),
-            limits=httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections),
+            transport=TornDownIsConnectError(httpx.AsyncHTTPTransport(limits=limits)),
         )
         checker = asyncio.create_task(self._check_health_forever())
         try:
@@ -304,14 +325,7 @@ class Proxy:
             answered = post.done()
             if not answered:
                 post.cancel()
-        if not answered:
-            return None
-        try:
-            return post.result()
-        except httpx.HTTPError:
-            raise
-        except Exception as e:  # httpcore on a connection its peer tore down as it was made
-            raise httpx.TransportError(f"{type(e).__name__}: {e}") from e
+        return post.result() if answered else None
 
     def _failed(self, b: Backend, e: Exception) -> None:
         """A request to b failed. Refused: b is gone, out of rotation now. Anything else (a reset, a
@@ -492,9 +506,6 @@ class Proxy:
                 d.outstanding -= 1
                 if upstream is not None:
                     await upstream.aclose()
-                if isinstance(e, Exception) and not isinstance(e, httpx.HTTPError):
-                    # httpcore on a connection its peer tore down as it was made: not made
-                    e = httpx.ConnectError(f"{type(e).__name__}: {e}")
                 if isinstance(e, RETRIABLE):
                     self._failed(d, e)
                     self.metrics.retries.inc()

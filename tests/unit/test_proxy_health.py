@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from pd.proxy import COMPLETIONS, SLOW_PROBES_DOWN, Proxy, ProxySettings
+from pd.proxy import COMPLETIONS, SLOW_PROBES_DOWN, Proxy, ProxySettings, TornDownIsConnectError
 from pd.timing import RequestTiming
 
 
@@ -180,7 +180,8 @@ def test_a_prefill_waiting_on_a_prefiller_that_leaves_the_rotation_stops_waiting
 
 def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
     """httpcore can raise a plain AttributeError for a socket its dying peer closed while it
-    connected: the prefill goes to a decoder, the decode to the other decoder."""
+    connected: the prefill goes to a decoder, the decode to the other decoder, and a health check
+    takes the backend out of rotation (the checks go on)."""
     dying, alive = "http://127.0.0.1:1", "http://127.0.0.1:2"
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -194,7 +195,7 @@ def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
         b.mark_up(["m"])
 
     async def run() -> tuple[object, list[int]]:
-        proxy.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        proxy.client = httpx.AsyncClient(transport=TornDownIsConnectError(httpx.MockTransport(handler)))
         try:
             timing = RequestTiming("1", COMPLETIONS, stream=False)
             reason = await proxy._prefill(COMPLETIONS, {"prompt": "x", "max_tokens": 4}, timing)
@@ -203,9 +204,14 @@ def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
                 timing = RequestTiming(str(i), COMPLETIONS, stream=False)
                 r = await proxy._decode(COMPLETIONS, {"prompt": "x"}, time.monotonic(), timing)
                 statuses.append(r.status_code)
+            for b in proxy.router.backends:
+                b.mark_up(["m"])
+            await proxy.check_health()
             return reason, statuses
         finally:
             await proxy.client.aclose()
 
     reason, statuses = asyncio.run(run())
     assert reason == "prefiller unreachable" and statuses == [200, 200]
+    down = {b.url: "AttributeError" in b.last_error for b in proxy.router.backends if not b.healthy}
+    assert down == {dying: True}

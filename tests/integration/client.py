@@ -7,6 +7,7 @@ import random
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -150,3 +151,9 @@ def wait_for_deltas(
         if deltas == expected or time.monotonic() > deadline:
             return deltas
         time.sleep(0.2)
+
+
+def threads_and_fds(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a live process."""
+    threads = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Threads:"))
+    return int(threads.split()[1]), len(list(Path(f"/proc/{pid}/fd").iterdir()))

@@ -10,6 +10,7 @@ figures: sent, completed, failed with an error, hung, wrong, and the fallbacks t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -24,7 +25,7 @@ import httpx
 import pytest
 
 from launch.supervisor import group_members
-from tests.integration.client import complete, metrics, prompt
+from tests.integration.client import complete, metrics, prompt, threads_and_fds
 from tests.integration.conftest import Cluster, Instance
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -100,11 +101,9 @@ def footprint(pids: set[int]) -> tuple[int, int]:
     """(threads, open file descriptors) of these processes together."""
     threads = fds = 0
     for pid in pids:
-        try:
-            threads += len(os.listdir(f"/proc/{pid}/task"))
-            fds += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            pass
+        with contextlib.suppress(OSError, StopIteration):  # one that ended meanwhile counts nothing
+            t, f = threads_and_fds(pid)
+            threads, fds = threads + t, fds + f
     return threads, fds
 
 

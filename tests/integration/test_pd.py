@@ -27,6 +27,7 @@ from tests.integration.client import (
     metrics,
     prefill,
     prompt,
+    threads_and_fds,
     token_ids,
     wait_for_deltas,
 )
@@ -294,11 +295,6 @@ def engine_of(api_pid: int) -> int:
             if int(stat[1]) == api_pid:
                 return int(entry.name)
     raise AssertionError(f"no child process of {api_pid}")
-
-
-def threads_and_fds(pid: int) -> tuple[int, int]:
-    threads = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Threads:"))
-    return int(threads.split()[1]), len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
 def test_failed_hand_offs_leave_no_thread_or_connection_behind(cluster):

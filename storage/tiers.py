@@ -321,8 +321,9 @@ class DiskTier:
         self.disabled = reason
         self._retry_at = time.monotonic() + self.retry_s
 
-    def usable(self) -> bool:
-        """Whether the tier takes writes; while it is off, a write is tried every `retry_s`."""
+    def retry(self) -> bool:
+        """While the tier is off, a probe write every `retry_s` (from one thread: the store's
+        writer); True once the directory takes writes again."""
         if self.disabled is None:
             return True
         if time.monotonic() < self._retry_at:
@@ -402,7 +403,7 @@ class DiskTier:
         return Chunk(payload, dict(chunk.header.meta), chunk.header.checksum)
 
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
-        if not self.usable():
+        if self.disabled is not None:
             return False
         payload = memoryview(data).cast("B")
         head = encode_header(
@@ -508,7 +509,7 @@ class TieredStore:
     def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool:
         """Store a copy; with a disk behind, a burst is paced by the disk (each put waits up to
         `write_wait_s` for room that costs no chunk its disk copy)."""
-        if self.disk is not None and self.disk.usable():
+        if self.disk is not None and self.disk.disabled is None:
             nbytes = memoryview(data).nbytes
             with self._written:
                 self._written.wait_for(lambda: self.memory.has_room(nbytes), self.write_wait_s)
@@ -519,13 +520,20 @@ class TieredStore:
 
     def stored(self, key: bytes) -> None:
         """`key` was committed to memory: write it to disk behind."""
-        if self.disk is not None and self.disk.usable():
+        if self.disk is not None and self.disk.disabled is None:
             self.memory.mark_unsaved(key, True)
             self._writes.put(key)
 
     def _write_behind(self) -> None:
         assert self.disk is not None
-        while (key := self._writes.get()) is not None:
+        while True:
+            try:
+                key = self._writes.get(timeout=self.disk.retry_s)
+            except queue.Empty:  # idle: the moment to learn whether a disk that was off takes writes
+                self.disk.retry()
+                continue
+            if key is None:
+                break
             try:
                 if key in self.disk:
                     self.memory.mark_unsaved(key, False)

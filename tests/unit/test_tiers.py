@@ -158,7 +158,9 @@ store.put(key(2), payload(2))
 assert [store.get(key(i)).data == payload(i) for i in range(3)] == [True] * 3
 assert not list(__import__("pathlib").Path(sys.argv[1]).glob("*/*.tmp")), "temporary file left"
 resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # room again
-time.sleep(0.3)
+deadline = time.monotonic() + 10
+while store.disk.disabled and time.monotonic() < deadline:  # the idle writer probes every retry_s
+    time.sleep(0.05)
 store.put(key(3), payload(3))
 store.flush()
 assert not store.disk.disabled and key(3) in store.disk, "disk tier not back on"

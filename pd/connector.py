@@ -53,6 +53,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 import transfer
 from pd import plan
+from pd.chunkmeta import ChunkMeta
 from pd.codec import PagedKV
 from pd.compat import SYNC_LOAD_RECOVERY, check_vllm_version, recovers_failed_sync_loads
 from pd.config import ConnectorConfig, load_config
@@ -591,7 +592,6 @@ class _SchedulerSide:
             num_tokens=handed,
             keys=[k.hex() for k in st.keys[:staged]],
             fingerprint=self.fingerprint_hex,
-            layout=self.fingerprint.layout,
             chunk_size=self.cfg.chunk_size,
         )
         self._meta.handed.append(rid)
@@ -800,7 +800,7 @@ class _WorkerSide:
         else:
             chunk = self.paged.host_buffer(self.paged.nbytes(len(s.block_ids)))
             ready = self.paged.gather(s.block_ids, chunk)
-        meta = {"layout": self.paged.describe(), "blocks": len(s.block_ids)}
+        meta = ChunkMeta(self.paged.describe(), len(s.block_ids)).encode()
         if not self.writer.submit(rank_key(s.key, self.rank), chunk, meta, ready):
             self.stats.add(cache_store_dropped=1)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import transfer
+from pd.chunkmeta import LayerMeta, received
 from pd.codec import LayerPart, PagedKV, Ready
 from pd.loader import LoadJob
 from pd.plan import ChunkSave
@@ -140,20 +141,19 @@ class LayerwiseLoad:
     def sink(self, header: transfer.Header) -> Any:
         chunks = self.job.chunks
         layer, i = divmod(self.asked, len(chunks))
-        blocks = header.meta.get("blocks")
-        n = len(blocks) if isinstance(blocks, list) else 0
+        meta = received(header.meta, LayerMeta)
+        n = len(meta.blocks)
         want = [c.src_blocks for c in chunks[i : i + n]]
-        got = (header.key, header.meta.get("layer"), header.meta.get("layout"), blocks)
         if (
             self.asked >= self.parts
             or not n
-            or got != (chunks[i].key, layer, self.layout, want)
+            or (header.key, meta.layer, meta.layout, meta.blocks) != (chunks[i].key, layer, self.layout, want)
             or header.nbytes != sum(self._sizes[i : i + n])
         ):
             raise ProtocolError(
-                f"got layer {got[1]} of chunk {header.key.hex()} ({got[2]}, blocks {blocks}, {header.nbytes} "
-                f"bytes), expected layer {layer} of chunk {chunks[i].key.hex() if self.asked < self.parts else '-'} "
-                f"({self.layout})"
+                f"got layer {meta.layer} of chunk {header.key.hex()} ({meta.layout}, blocks {meta.blocks}, "
+                f"{header.nbytes} bytes), expected layer {layer} of chunk "
+                f"{chunks[i].key.hex() if self.asked < self.parts else '-'} ({self.layout})"
             )
         reading = self._reading.pop(layer % self._slots, None)
         if reading is not None:  # the layer that had this slot is still being placed
@@ -164,7 +164,7 @@ class LayerwiseLoad:
 
     def place(self, header: transfer.Header) -> None:
         """The oldest frame asked for has arrived: once a layer is whole, place it."""
-        self.arrived += len(header.meta["blocks"])
+        self.arrived += len(header.meta["blocks"])  # checked by `sink`
         self.nbytes += header.nbytes
         chunks = self.job.chunks
         if self.arrived % len(chunks):

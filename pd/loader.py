@@ -17,6 +17,7 @@ import torch
 
 import transfer
 from pd import plan
+from pd.chunkmeta import ChunkMeta, received
 from pd.codec import PagedKV, Ready
 from transfer import ConnectionPool, ProtocolError
 
@@ -98,12 +99,13 @@ class ChunkLoader:
         self.asked = self.next
         self._source(on_device, window)
 
-    def check(self, c: plan.ChunkLoad, meta: dict[str, Any], nbytes: int) -> None:
+    def check(self, c: plan.ChunkLoad, meta: Any, nbytes: int) -> None:
         """A chunk that arrived for `c` (its `meta` and size) fits this cache; ProtocolError if not."""
-        if meta.get("layout") != self.layout or meta.get("blocks") != c.src_blocks:
+        got = received(meta, ChunkMeta)
+        if got.layout != self.layout or got.blocks != c.src_blocks:
             raise ProtocolError(
-                f"chunk layout {meta.get('layout')} x{meta.get('blocks')} blocks does not "
-                f"match this instance's {self.layout} x{c.src_blocks}"
+                f"chunk layout {got.layout} x{got.blocks} blocks does not match "
+                f"this instance's {self.layout} x{c.src_blocks}"
             )
         if nbytes != self.paged.nbytes(c.src_blocks):
             raise ProtocolError(f"chunk of {nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")

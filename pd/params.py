@@ -3,7 +3,7 @@
     to the prefiller:  {"do_remote_decode": true}
     from it:           {"do_remote_prefill": true, "do_remote_decode": false,
                         "pdrun": {"endpoints": [...], "transfer": ..., "num_tokens": ...,
-                                  "keys": [...], "fingerprint": ..., "layout": ..., "chunk_size": ...}}
+                                  "keys": [...], "fingerprint": ..., "chunk_size": ...}}
     to the decoder:    what the prefiller returned, unchanged.
 
 Both sides also report timing under "pdrun_timing", which the proxy records: the prefiller
@@ -35,7 +35,6 @@ class HandOff(BaseModel):
     num_tokens: int = Field(ge=0)  # the prompt's tokens whose KV is staged (all of them)
     keys: list[HexKey] = Field(max_length=1 << 16)
     fingerprint: str = Field(pattern=r"^[0-9a-f]{32}$")
-    layout: str = Field(max_length=256)
     chunk_size: int = Field(gt=0)
 
     def key_bytes(self) -> list[bytes]:

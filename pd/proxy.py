@@ -307,7 +307,8 @@ class Proxy:
     def _down(self, b: Backend, reason: str) -> None:
         """Take b out of rotation; the prefills waiting on it stop waiting (`_prefill_from`)."""
         b.mark_down(reason)
-        self._went_down.pop(b.url, asyncio.Event()).set()
+        if (went_down := self._went_down.pop(b.url, None)) is not None:
+            went_down.set()
 
     async def _prefill_from(self, p: Backend, path: str, pbody: dict[str, Any]) -> httpx.Response | None:
         """p's answer to the prefill, or None if p left the rotation first (a prefiller that stopped

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pd.chunkmeta import ChunkMeta, LayerMeta
 from pd.codec import Ready
 from storage.server import keys_from
 from transfer import Frame, Header, Service
@@ -238,7 +239,7 @@ class StagingService(Service):
                 entry = self.pool.get(key)
                 if entry is None:
                     raise KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
-                meta = {"layout": self.layout, "blocks": entry.blocks}
+                meta = ChunkMeta(self.layout, entry.blocks).encode()
                 yield Frame(Header(op="chunk", key=key, meta=meta), entry.payload())
                 self._on_served(entry.buffer.numel())
             return {"count": len(keys)}
@@ -273,7 +274,7 @@ class StagingService(Service):
         for layer in range(self.layers):
             for run in runs:
                 parts = [entries[i].layer(layer, self.layers) for i in run]
-                meta = {"layout": self.layout, "blocks": [entries[i].blocks for i in run], "layer": layer}
+                meta = LayerMeta(self.layout, [entries[i].blocks for i in run], layer).encode()
                 data = parts[0] if len(parts) == 1 else torch.cat(parts)
                 if data.is_cuda and len(parts) > 1:  # UCX reads it once handed over: the join must be done
                     torch.cuda.current_stream(data.device).synchronize()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pd.chunkmeta import ChunkMeta
 from pd.codec import PagedKV, Ready
 from pd.loader import ChunkLoader
 from storage.local import HELD, NO_ROOM, LocalClient, LocalError
@@ -79,9 +80,9 @@ class SharedTier:
         behind; the copies are queued now, on the engine's thread, before vLLM reuses the blocks."""
         if not chunks:
             return
-        meta = {"layout": self.paged.describe()}
+        layout = self.paged.describe()
         sizes = [self.paged.nbytes(len(ids)) for _, ids in chunks]
-        metas = [{**meta, "blocks": len(ids)} for _, ids in chunks]
+        metas = [ChunkMeta(layout, len(ids)).encode() for _, ids in chunks]
         t0 = time.perf_counter()
         try:
             lease, slots = self.client.reserve([k for k, _ in chunks], sizes, metas)

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from storage.arena import PAGE, Arena
 from transfer.errors import TransferError
@@ -56,13 +56,6 @@ def leading(keys: Sequence[bytes], present: Callable[[bytes], bool]) -> int:
     while n < len(keys) and present(keys[n]):
         n += 1
     return n
-
-
-class ChunkStore(Protocol):
-    def lookup(self, keys: Sequence[bytes]) -> int: ...
-    def get(self, key: bytes) -> Chunk | None: ...
-    def put(self, key: bytes, data: Any, meta: dict[str, Any] | None = None, digest: int | None = None) -> bool: ...
-    def stats(self) -> dict[str, dict[str, int]]: ...
 
 
 @dataclass

@@ -13,6 +13,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pd.chunkmeta import ChunkMeta, LayerMeta, received
 from pd.continuation import CHAT, COMPLETIONS, inexact_reason, prefill_body
 from pd.proxy import BadRequest, decode_only_reason, parse_body
 from pd.routing import affinity_key, prompt_tokens
@@ -47,6 +48,24 @@ def test_a_header_of_any_bytes_is_decoded_or_refused_as_a_protocol_error(raw):
     if len(raw) >= PREFIX.size:
         with contextlib.suppress(ProtocolError):
             decode_prefix(raw[: PREFIX.size])
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.dictionaries(st.sampled_from(["layout", "blocks", "layer", "surprise"]), msgpack_values, max_size=4),
+        msgpack_values,
+    ),
+    st.sampled_from([ChunkMeta, LayerMeta]),
+)
+def test_chunk_metadata_of_any_shape_is_read_typed_or_refused_as_a_protocol_error(meta, kind):
+    try:
+        got = received(meta, kind)
+    except ProtocolError as e:
+        assert "invalid chunk metadata" in str(e)
+        return
+    assert isinstance(got.layout, str) and set(meta) == set(kind.__struct_fields__)
+    assert got.encode() == meta  # what a sender encodes is what a receiver reads
 
 
 def frames() -> st.SearchStrategy[bytes]:

@@ -9,7 +9,6 @@ GOOD = dict(
     num_tokens=300,
     keys=["ab" * 16, "cd" * 16],
     fingerprint="ef" * 16,
-    layout="L4",
     chunk_size=256,
 )
 

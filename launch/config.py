@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pd.config import ConnectorConfig
 from pd.routing import Policy
 
+KV_PORTS_PER_INSTANCE = 8  # TP rank r of an instance listens on its kv port + r
+
 
 class ConfigError(ValueError):
     """A bad deployment setting, named."""
@@ -33,7 +35,9 @@ class LaunchConfig(BaseModel):
     dtype: str = "auto"
     max_model_len: int | None = Field(None, ge=16)
     instance_port: int = Field(8100, ge=1, le=65535, description="first vLLM HTTP port; +1 per instance")
-    kv_port: int = Field(15100, ge=1, le=65535, description="first KV transfer port; +8 per instance")
+    kv_port: int = Field(
+        15100, ge=1, le=65535, description=f"first KV transfer port; +{KV_PORTS_PER_INSTANCE} per instance"
+    )
     cache_cpu_gb: float = Field(
         4.0, ge=0, description="memory of the shared KV cache tier, GiB (0: no cache tier unless connector.cache)"
     )
@@ -74,7 +78,7 @@ class LaunchConfig(BaseModel):
     def _ports_apart(self) -> LaunchConfig:
         n = self.prefill + self.decode
         http = range(self.instance_port, self.instance_port + n)
-        kv = range(self.kv_port, self.kv_port + 8 * n)
+        kv = range(self.kv_port, self.kv_port + KV_PORTS_PER_INSTANCE * n)
         if self.port in http or self.port in kv:
             raise ValueError(f"port {self.port} collides with the instances' ports ({_span(http)}, kv {_span(kv)})")
         if set(http) & set(kv):

@@ -15,12 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from launch import tiny_model
-from launch.config import ConfigError, LaunchConfig
+from launch.config import KV_PORTS_PER_INSTANCE, ConfigError, LaunchConfig
 from launch.supervisor import ChildSpec
 from launch.vllm_server import ServerSpec
 from transfer import AUTH_TOKEN_ENV
 
-KV_PORTS_PER_INSTANCE = 8  # TP rank r of an instance listens on its kv port + r
 # vLLM options that make it parse chat answers (reasoning, tool calls): the proxy is told.
 CHAT_PARSERS = ("--reasoning-parser", "--tool-call-parser", "--enable-auto-tool-choice")
 ROOT = str(Path(__file__).resolve().parent.parent)

@@ -26,6 +26,16 @@ from typing import TextIO
 BACKOFF_S = (1, 2, 4, 8, 16, 30, 60)
 STABLE_AFTER_S = 60.0  # healthy this long after a restart: the next crash starts the backoff over
 PROGRESS_EVERY_S = 10.0
+HEALTH_PROBE_TIMEOUT_S = 2.0  # a server this slow to answer its health check is not healthy now
+
+
+def answers_health(url: str) -> bool:
+    """Whether GET `url` answers 200 within HEALTH_PROBE_TIMEOUT_S."""
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_PROBE_TIMEOUT_S) as r:
+            return r.status == 200
+    except OSError:  # urllib's URLError and HTTPError included
+        return False
 
 
 @dataclass
@@ -80,11 +90,7 @@ class Child:
         return None if self.proc is None else self.proc.poll()
 
     def probe(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.spec.health_url, timeout=1.0) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_health(self.spec.health_url)
 
     def signal(self, sig: int) -> None:
         if self.proc is not None:

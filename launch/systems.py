@@ -35,7 +35,8 @@ from typing import Literal
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from launch.supervisor import wait_group_gone
+from launch.config import KV_PORTS_PER_INSTANCE
+from launch.supervisor import answers_health, wait_group_gone
 from launch.vllm_server import ServerSpec, VllmServer
 
 PD_SHAPE = re.compile(r"^pdrun-(\d+)p(\d+)d(-tier)?$")
@@ -139,11 +140,7 @@ def free_ports(n: int) -> int:
 
 
 def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    return answers_health(f"{url}/health")
 
 
 class System:
@@ -273,7 +270,7 @@ class PdrunSystem(System):
     def _config(self) -> dict[str, object]:
         s = self.settings
         n = self.prefill + self.decode
-        base = free_ports(9 * n + 2)
+        base = free_ports((1 + KV_PORTS_PER_INSTANCE) * n + 2)  # http, kv, then the cache's two
         config: dict[str, object] = {
             "model": s.model,
             "served_model_name": s.served_name,
@@ -282,7 +279,7 @@ class PdrunSystem(System):
             "port": free_port(),
             "instance_port": base,
             "kv_port": base + n,
-            "cache_port": base + 9 * n,
+            "cache_port": base + (1 + KV_PORTS_PER_INSTANCE) * n,
             "transport": s.transport,
             "device": s.device,
             "cache_cpu_gb": s.cache_cpu_gb if self.tier else 0,

@@ -14,13 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from launch.supervisor import wait_group_gone
+from launch.supervisor import answers_health, wait_group_gone
 
 Role = Literal["plain", "kv_producer", "kv_consumer", "kv_both"]
 CONNECTOR_MODULE = "pd.connector"
@@ -127,11 +125,7 @@ class VllmServer:
         return self.proc is not None and self.proc.poll() is None
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_health(f"{self.url}/health")
 
     def wait_healthy(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout

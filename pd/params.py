@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 TIMING = "pdrun_timing"
 
+MAX_HANDOFF_KEYS = 1 << 16  # the chunks of one hand-off
 HexKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 
@@ -33,7 +34,7 @@ class HandOff(BaseModel):
     endpoints: list[str] = Field(min_length=1, max_length=64)  # one per tensor-parallel rank
     transfer: str = Field(min_length=1, max_length=256)
     num_tokens: int = Field(ge=0)  # the prompt's tokens whose KV is staged (all of them)
-    keys: list[HexKey] = Field(max_length=1 << 16)
+    keys: list[HexKey] = Field(max_length=MAX_HANDOFF_KEYS)
     fingerprint: str = Field(pattern=r"^[0-9a-f]{32}$")
     chunk_size: int = Field(gt=0)
 

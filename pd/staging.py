@@ -25,12 +25,11 @@ import torch
 
 from pd.chunkmeta import ChunkMeta, LayerMeta
 from pd.codec import Ready
+from pd.params import MAX_HANDOFF_KEYS
 from storage.server import keys_from
 from transfer import Frame, Header, Service
 
 log = logging.getLogger(__name__)
-
-MAX_KEYS_PER_REQUEST = 1 << 16
 
 
 @dataclass
@@ -231,10 +230,10 @@ class StagingService(Service):
 
     def handle(self, request: Header, payload: Any) -> Iterator[Frame]:
         if request.op == "get" and request.meta.get("by_layer"):
-            keys = keys_from(request.meta, MAX_KEYS_PER_REQUEST)
+            keys = keys_from(request.meta, MAX_HANDOFF_KEYS)
             return (yield from self._by_layer(keys, bool(request.meta.get("whole_layers"))))
         if request.op == "get":
-            keys = keys_from(request.meta, MAX_KEYS_PER_REQUEST)
+            keys = keys_from(request.meta, MAX_HANDOFF_KEYS)
             for key in keys:
                 entry = self.pool.get(key)
                 if entry is None:

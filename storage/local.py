@@ -45,7 +45,7 @@ from transfer.errors import TransferError
 log = logging.getLogger("storage")
 HELD, NO_ROOM = -1, -2
 OPS = ("where", "read", "reserve", "commit", "release", "forget", "stats")
-MAX_KEYS = 4096
+MAX_KEYS = 4096  # a 1M-token prompt at 256 tokens per chunk
 MAX_MESSAGE_BYTES = 4 << 20
 
 _encode = msgspec.msgpack.encode

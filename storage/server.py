@@ -18,12 +18,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import transfer
-from storage.local import LocalService
+from storage.local import MAX_KEYS, LocalService
 from storage.tiers import TieredStore
 from transfer import Frame, Header, Service
 
 log = logging.getLogger("storage")
-MAX_KEYS = 4096  # a 1M-token prompt at 256 tokens per chunk
 MAX_CHUNK_BYTES = 1 << 30
 
 

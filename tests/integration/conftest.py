@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from launch import tiny_model
+from launch.config import KV_PORTS_PER_INSTANCE
 from launch.supervisor import group_members
 from launch.systems import free_port, free_ports
 from launch.vllm_server import ServerSpec, VllmServer
@@ -187,7 +188,8 @@ def start_deployment(
 ) -> Deployment:
     n = prefill + decode
     port = free_port()
-    base = free_ports(9 * n + 2)
+    span = (1 + KV_PORTS_PER_INSTANCE) * n  # http, kv; the cache's two ports follow
+    base = free_ports(span + 2)
     config = {
         "model": str(model_dir),
         "served_model_name": "tiny",
@@ -196,7 +198,7 @@ def start_deployment(
         "port": port,
         "instance_port": base,
         "kv_port": base + n,
-        "cache_port": base + 9 * n,
+        "cache_port": base + span,
         "cache_dir": str(cache_dir) if cache_dir is not None else None,
         "dtype": "float32",
         "max_model_len": 4096,
@@ -214,7 +216,7 @@ def start_deployment(
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # our Ctrl-C does not reach it; the test sends its own
         )
-    return Deployment(proc, run_dir, f"http://127.0.0.1:{port}", base + 9 * n, cache_dir)
+    return Deployment(proc, run_dir, f"http://127.0.0.1:{port}", base + span, cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -262,6 +262,30 @@ def test_the_cache_server_killed_under_200_streams(warmed):
     assert cache.starts > starts
 
 
+def test_every_chunk_file_damaged_under_200_streams(warmed):
+    """The cache server killed (its memory tier gone) and a byte flipped in every chunk file on its
+    disk: the restarted server finds each chunk it reads from disk damaged and drops it, never
+    serves it; the requests that wanted those chunks compute them."""
+    cluster = warmed
+    cache = Instance(cluster.deployment, "cache")
+    files = sorted(cluster.deployment.cache_dir.glob("*/*.chunk"))
+    assert files, "the storms so far left no chunk on disk"
+
+    def damage() -> None:
+        cache.kill()
+        for path in files:
+            with contextlib.suppress(FileNotFoundError), open(path, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)[0]
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([last ^ 0xFF]))
+
+    run_with_fault(cluster, "every chunk file damaged", 15_000, damage, survivors=["prefill-0", "decode-0", "decode-1"])
+    dropped = metrics(cluster.deployment.cache_metrics_url).get("pdrun:cache_dropped_corrupt_total[tier=disk]", 0)
+    print(f"damaged chunk files dropped by the cache server: {int(dropped)} of {len(files)}")
+    assert dropped > 0
+
+
 def test_the_cache_disk_refusing_writes_under_200_streams(warmed):
     """The cache server's files may grow no bigger than 1000 bytes (as a full disk, writes fail);
     the disk tier goes off, memory serves on, and once writes succeed again the tier is back."""

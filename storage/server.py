@@ -146,6 +146,15 @@ class StoreCollector:
             for tier, values in stats.items():
                 family.add_metric([tier], values.get(name, 0))
             yield family
+        writable = GaugeMetricFamily(
+            "pdrun:cache_writable",
+            "1 while the tier takes writes, 0 while it is off (a full or failing disk)",
+            labels=["tier"],
+        )
+        for tier, values in stats.items():
+            if "writable" in values:
+                writable.add_metric([tier], values["writable"])
+        yield writable
         ratio = GaugeMetricFamily("pdrun:cache_hit_ratio", "hits over hits plus misses of chunk gets", labels=["tier"])
         for tier, values in stats.items():
             asked = values.get("hits", 0) + values.get("misses", 0)

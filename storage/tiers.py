@@ -459,7 +459,7 @@ class DiskTier:
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
-            return {"disk": dict(vars(self._stats))}
+            return {"disk": dict(vars(self._stats), writable=int(self.disabled is None))}
 
 
 class TieredStore:

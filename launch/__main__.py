@@ -1,3 +1,3 @@
-from launch.cli import main
+from pdrun.launch.cli import main
 
 main()

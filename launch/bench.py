@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from launch import systems as sysmod
-from launch import workloads as wl
+from pdrun.launch import systems as sysmod
+from pdrun.launch import workloads as wl
 
 START_S = {"cpu": 90.0, "cuda": 150.0}  # start-up of a wave, for the estimate
 PREFILL_TOK_S = {"cpu": 4000.0, "cuda": 30000.0}  # for the estimate only
@@ -413,7 +413,7 @@ def write(
     gpus = gpu_summary(info.get("gpus") or []) or f"{info['cpus']} CPUs"
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": shlex.join(["pdrun", *sys.argv[1:]]),  # `pdrun bench ...` or `python -m launch bench ...`
+        "command": shlex.join(["pdrun", *sys.argv[1:]]),  # `pdrun bench ...` or `python -m pdrun.launch bench ...`
         "machine": gpus,
         "versions": f"vLLM {info.get('vllm')}, torch {info.get('torch')}, Python {info['python']}",
         "rounds": p.rounds,

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from launch import tiny_model
-from launch.config import ConfigError
+from pdrun.launch import tiny_model
+from pdrun.launch.config import ConfigError
 
 app = typer.Typer(
     name="pdrun",
@@ -128,9 +128,9 @@ def launch(
 
     * `pdrun launch -c deploy.yaml --dry-run`
     """
-    from launch import config as launch_config
-    from launch import deploy
-    from launch.supervisor import Supervisor
+    from pdrun.launch import config as launch_config
+    from pdrun.launch import deploy
+    from pdrun.launch.supervisor import Supervisor
 
     overrides: dict[str, Any] = dict(
         model=model,
@@ -233,8 +233,8 @@ def proxy(
     """
     from pydantic import ValidationError
 
-    from pd.logs import setup_logging
-    from pd.proxy import ProxySettings, serve
+    from pdrun.pd.logs import setup_logging
+    from pdrun.pd.proxy import ProxySettings, serve
 
     try:
         settings = ProxySettings(
@@ -345,10 +345,10 @@ def bench(
 
     * `pdrun bench --model /models/llama-8b --systems pdrun-1p1d,plain-dp --workloads slo`
     """
-    from launch import bench as b
-    from launch import deploy
-    from launch import systems as sysmod
-    from launch import workloads as wl
+    from pdrun.launch import bench as b
+    from pdrun.launch import deploy
+    from pdrun.launch import systems as sysmod
+    from pdrun.launch import workloads as wl
 
     names = [n.strip() for n in systems.split(",") if n.strip()]
     chosen = [w.strip() for w in workloads.split(",") if w.strip()]
@@ -432,10 +432,10 @@ def cache_server(
     import signal
     import threading
 
-    from pd.logs import setup_logging
-    from storage.arena import PAGE, Arena
-    from storage.server import CacheServer, serve_metrics
-    from storage.tiers import DiskTier, MemoryTier, TieredStore
+    from pdrun.pd.logs import setup_logging
+    from pdrun.storage.arena import PAGE, Arena
+    from pdrun.storage.server import CacheServer, serve_metrics
+    from pdrun.storage.tiers import DiskTier, MemoryTier, TieredStore
 
     setup_logging()
     if cpu_gb <= 0 or disk_gb <= 0:
@@ -520,8 +520,8 @@ def profile_transfer(
     from rich.progress import Progress
     from rich.table import Table
 
-    from launch import profile_transfer as pt
-    from transfer import TransferError
+    from pdrun.launch import profile_transfer as pt
+    from pdrun.transfer import TransferError
 
     sizes_tokens = _ints("--chunk-tokens", chunk_tokens)
     memories = _names("--memory", memory, pt.MEMORY_KINDS)
@@ -587,8 +587,8 @@ def profile_peer(
 
     Example: pdrun profile peer --listen tcp://0.0.0.0:15200
     """
-    from launch import profile_transfer as pt
-    from transfer import TransferError
+    from pdrun.launch import profile_transfer as pt
+    from pdrun.transfer import TransferError
 
     try:
         pt.run_peer(listen, memory, max_bytes, lambda address: print(pt.PEER_READY + address, flush=True))
@@ -622,7 +622,7 @@ def profile_requests(
     from rich.progress import Progress
     from rich.table import Table
 
-    from launch import profile_requests as pr
+    from pdrun.launch import profile_requests as pr
 
     lengths = _ints("--prompt-tokens", prompt_tokens)
     console = Console(stderr=True)

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pd.config import ConnectorConfig
-from pd.routing import Policy
+from pdrun.pd.config import ConnectorConfig
+from pdrun.pd.routing import Policy
 
 KV_PORTS_PER_INSTANCE = 8  # TP rank r of an instance listens on its kv port + r
 

@@ -14,11 +14,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from launch import tiny_model
-from launch.config import KV_PORTS_PER_INSTANCE, ConfigError, LaunchConfig
-from launch.supervisor import ChildSpec
-from launch.vllm_server import ServerSpec
-from transfer import AUTH_TOKEN_ENV
+from pdrun.launch import tiny_model
+from pdrun.launch.config import KV_PORTS_PER_INSTANCE, ConfigError, LaunchConfig
+from pdrun.launch.supervisor import ChildSpec
+from pdrun.launch.vllm_server import ServerSpec
+from pdrun.transfer import AUTH_TOKEN_ENV
 
 # vLLM options that make it parse chat answers (reasoning, tool calls): the proxy is told.
 CHAT_PARSERS = ("--reasoning-parser", "--tool-call-parser", "--enable-auto-tool-choice")
@@ -110,7 +110,7 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
 
 
 def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "launch", "proxy", "--host", cfg.host, "--port", str(cfg.port)]
+    cmd = [sys.executable, "-m", "pdrun.launch", "proxy", "--host", cfg.host, "--port", str(cfg.port)]
     cmd += ["--policy", cfg.policy]
     if any(a.split("=")[0] in CHAT_PARSERS for a in cfg.vllm_args):
         cmd.append("--chat-parsing")
@@ -124,7 +124,7 @@ def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[
 
 
 def cache_command(cfg: LaunchConfig) -> list[str]:
-    cmd = [sys.executable, "-m", "launch", "cache-server", "--listen", f"tcp://127.0.0.1:{cfg.cache_port}"]
+    cmd = [sys.executable, "-m", "pdrun.launch", "cache-server", "--listen", f"tcp://127.0.0.1:{cfg.cache_port}"]
     cmd += ["--cpu-gb", f"{cfg.cache_cpu_gb:g}", "--metrics-port", str(cfg.cache_port + 1)]
     if cfg.cache_dir is not None:
         cmd += ["--dir", str(cfg.cache_dir), "--disk-gb", f"{cfg.cache_disk_gb:g}"]

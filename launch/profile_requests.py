@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from pd.proxy import REQUEST_ID
-from pd.timing import PHASES
+from pdrun.pd.proxy import REQUEST_ID
+from pdrun.pd.timing import PHASES
 
 TOKEN_IDS = range(100, 4000)  # inside any real vocabulary, clear of the special tokens
 PERCENTILES = (50, 90, 99)

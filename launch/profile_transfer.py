@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-import transfer
-from transfer import Frame, Header, Service
+from pdrun import transfer
+from pdrun.transfer import Frame, Header, Service
 
 MEMORY_KINDS = ("host", "cuda")
 PEER_READY = "pdrun profile peer listening on "
@@ -143,7 +143,7 @@ class LoopbackPeer:
     """`pdrun profile peer` in a child process on 127.0.0.1, for one transport and memory kind."""
 
     def __init__(self, scheme: str, memory: str, max_bytes: int):
-        cmd = [sys.executable, "-m", "launch", "profile", "peer", "--listen", f"{scheme}://127.0.0.1:0"]
+        cmd = [sys.executable, "-m", "pdrun.launch", "profile", "peer", "--listen", f"{scheme}://127.0.0.1:0"]
         cmd += ["--memory", memory, "--max-bytes", str(max_bytes)]
         self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.errors, text=True)

@@ -35,9 +35,9 @@ from typing import Literal
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from launch.config import KV_PORTS_PER_INSTANCE
-from launch.supervisor import answers_health, wait_group_gone
-from launch.vllm_server import ServerSpec, VllmServer
+from pdrun.launch.config import KV_PORTS_PER_INSTANCE
+from pdrun.launch.supervisor import answers_health, wait_group_gone
+from pdrun.launch.vllm_server import ServerSpec, VllmServer
 
 PD_SHAPE = re.compile(r"^pdrun-(\d+)p(\d+)d(-tier)?$")
 SINGLE = {
@@ -227,7 +227,16 @@ class VllmSystem(System):
         self.url = self.instance_urls[0]
         if self.name == "plain-dp":
             self.proxy_port = free_port()
-            argv = [sys.executable, "-m", "launch", "proxy", "--policy", "round_robin", "--port", str(self.proxy_port)]
+            argv = [
+                sys.executable,
+                "-m",
+                "pdrun.launch",
+                "proxy",
+                "--policy",
+                "round_robin",
+                "--port",
+                str(self.proxy_port),
+            ]
             argv += ["--decode", ",".join(self.instance_urls)]
             with open(self.run_dir / f"{self.name}-proxy.log", "ab") as log:
                 self.proxy = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -303,7 +312,7 @@ class PdrunSystem(System):
         path.write_text(yaml.safe_dump(self.config))
         with open(self.run_dir / f"{self.name}-launch.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "launch", "launch", "--config", str(path)],
+                [sys.executable, "-m", "pdrun.launch", "launch", "--config", str(path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

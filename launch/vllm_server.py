@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from launch.supervisor import answers_health, wait_group_gone
+from pdrun.launch.supervisor import answers_health, wait_group_gone
 
 Role = Literal["plain", "kv_producer", "kv_consumer", "kv_both"]
-CONNECTOR_MODULE = "pd.connector"
+CONNECTOR_MODULE = "pdrun.pd.connector"
 
 
 def kv_transfer_config(role: Role, kv_port: int, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -87,9 +87,6 @@ class ServerSpec:
             # OpenMP threads that spin after each step take the cores from the other instances
             # sharing them: 1P1D's time per output token on 2 cores went 110 -> 30 ms with passive.
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        # vLLM's subprocesses must import the connector from this checkout too.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env.update(self.env)
         return env
 

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from transfer import ProtocolError
+from pdrun.transfer import ProtocolError
 
 
 class ChunkMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

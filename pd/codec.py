@@ -35,7 +35,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from pd import kernels
+from pdrun.pd import kernels
 
 
 class Ready(Protocol):

@@ -1,7 +1,7 @@
 """PDConnector: vLLM's side of pdrun's prefill/decode hand-off.
 
 Loaded by vLLM from
-    {"kv_connector": "PDConnector", "kv_connector_module_path": "pd.connector",
+    {"kv_connector": "PDConnector", "kv_connector_module_path": "pdrun.pd.connector",
      "kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_connector_extra_config": {...}}
 
 Producer (prefiller), for requests sent with kv_transfer_params {"do_remote_decode": true}:
@@ -51,25 +51,25 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-import transfer
-from pd import plan
-from pd.chunkmeta import ChunkMeta
-from pd.codec import PagedKV
-from pd.compat import SYNC_LOAD_RECOVERY, check_vllm_version, recovers_failed_sync_loads
-from pd.config import ConnectorConfig, load_config
-from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
-from pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
-from pd.loader import ChunkLoader, LoadJob, pull
-from pd.logs import setup_logging
-from pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
-from pd.rates import Rates
-from pd.staging import Staged, StagingPool, StagingService
-from pd.stats import PDPromMetrics, PDStats, StatsCounter
-from pd.tier import SharedTier, TierLoad
-from pd.write_behind import WriteBehind
-from storage.client import CacheClient
-from storage.local import LocalClient, LocalError
-from transfer import ConnectionPool, ProtocolError
+from pdrun import transfer
+from pdrun.pd import plan
+from pdrun.pd.chunkmeta import ChunkMeta
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.compat import SYNC_LOAD_RECOVERY, check_vllm_version, recovers_failed_sync_loads
+from pdrun.pd.config import ConnectorConfig, load_config
+from pdrun.pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
+from pdrun.pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
+from pdrun.pd.loader import ChunkLoader, LoadJob, pull
+from pdrun.pd.logs import setup_logging
+from pdrun.pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
+from pdrun.pd.rates import Rates
+from pdrun.pd.staging import Staged, StagingPool, StagingService
+from pdrun.pd.stats import PDPromMetrics, PDStats, StatsCounter
+from pdrun.pd.tier import SharedTier, TierLoad
+from pdrun.pd.write_behind import WriteBehind
+from pdrun.storage.client import CacheClient
+from pdrun.storage.local import LocalClient, LocalError
+from pdrun.transfer import ConnectionPool, ProtocolError
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

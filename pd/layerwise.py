@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-import transfer
-from pd.chunkmeta import LayerMeta, received
-from pd.codec import LayerPart, PagedKV, Ready
-from pd.loader import LoadJob
-from pd.plan import ChunkSave
-from transfer import ConnectionPool, ProtocolError
+from pdrun import transfer
+from pdrun.pd.chunkmeta import LayerMeta, received
+from pdrun.pd.codec import LayerPart, PagedKV, Ready
+from pdrun.pd.loader import LoadJob
+from pdrun.pd.plan import ChunkSave
+from pdrun.transfer import ConnectionPool, ProtocolError
 
 
 class LayerwiseSave:

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-import transfer
-from pd import plan
-from pd.chunkmeta import ChunkMeta, received
-from pd.codec import PagedKV, Ready
-from transfer import ConnectionPool, ProtocolError
+from pdrun import transfer
+from pdrun.pd import plan
+from pdrun.pd.chunkmeta import ChunkMeta, received
+from pdrun.pd.codec import PagedKV, Ready
+from pdrun.transfer import ConnectionPool, ProtocolError
 
 COPY_IN_SLOTS = 4  # chunks from host memory crossing the bus or waiting to be scattered, per load
 

@@ -10,17 +10,23 @@ import logging
 import os
 import sys
 
-PACKAGES = ("pd", "transfer", "storage", "launch")
+
+class _Formatter(logging.Formatter):
+    """`[pdrun pd.connector pid=...]`: the logger's name without the package's own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.short = record.name.removeprefix("pdrun.")
+        return super().format(record)
 
 
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("PDRUN_LOG_LEVEL", "INFO")).upper()
-    fmt = logging.Formatter("%(levelname)s %(asctime)s [pdrun %(name)s pid=%(process)d] %(message)s", "%m-%d %H:%M:%S")
-    for name in PACKAGES:
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-            logger.propagate = False
-        logger.setLevel(level)
+    logger = logging.getLogger("pdrun")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            _Formatter("%(levelname)s %(asctime)s [pdrun %(short)s pid=%(process)d] %(message)s", "%m-%d %H:%M:%S")
+        )
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)

@@ -39,15 +39,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-import transfer
-from pd.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
-from pd.params import TIMING
-from pd.routing import Backend, Policy, Router, prompt_tokens
-from pd.shortcut import TierShortcut
-from pd.timing import PHASES, RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
-from storage.client import CacheClient
+from pdrun import transfer
+from pdrun.pd.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
+from pdrun.pd.params import TIMING
+from pdrun.pd.routing import Backend, Policy, Router, prompt_tokens
+from pdrun.pd.shortcut import TierShortcut
+from pdrun.pd.timing import PHASES, RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
+from pdrun.storage.client import CacheClient
 
-log = logging.getLogger("pd.proxy")
+log = logging.getLogger("pdrun.pd.proxy")
 
 # Retried on another decoder: the request never reached one (a connection refused, or not made in
 # time under a burst), or the decoder died before answering.

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import xxhash
 
-log = logging.getLogger("pd.proxy")
+log = logging.getLogger("pdrun.pd.proxy")
 
 Policy = Literal["round_robin", "least_outstanding", "prefix_aware"]
 POLICIES: tuple[str, ...] = ("round_robin", "least_outstanding", "prefix_aware")

@@ -19,13 +19,13 @@ from typing import Any
 
 import httpx
 
-from pd.continuation import CHAT
-from pd.keys import chained_keys, salted
-from pd.plan import computed_here
-from pd.routing import prompt_size
-from storage.client import CacheClient
+from pdrun.pd.continuation import CHAT
+from pdrun.pd.keys import chained_keys, salted
+from pdrun.pd.plan import computed_here
+from pdrun.pd.routing import prompt_size
+from pdrun.storage.client import CacheClient
 
-log = logging.getLogger("pd.proxy")
+log = logging.getLogger("pdrun.pd.proxy")
 
 TOKENIZE_TIMEOUT_S = 2.0
 # What `/tokenize` needs of a chat to build the prompt the decoder will (the rest cannot change it).

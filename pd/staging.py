@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from pd.chunkmeta import ChunkMeta, LayerMeta
-from pd.codec import Ready
-from pd.params import MAX_HANDOFF_KEYS
-from storage.server import keys_from
-from transfer import Frame, Header, Service
+from pdrun.pd.chunkmeta import ChunkMeta, LayerMeta
+from pdrun.pd.codec import Ready
+from pdrun.pd.params import MAX_HANDOFF_KEYS
+from pdrun.storage.server import keys_from
+from pdrun.transfer import Frame, Header, Service
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pd.chunkmeta import ChunkMeta
-from pd.codec import PagedKV, Ready
-from pd.loader import ChunkLoader
-from storage.local import HELD, NO_ROOM, LocalClient, LocalError
+from pdrun.pd.chunkmeta import ChunkMeta
+from pdrun.pd.codec import PagedKV, Ready
+from pdrun.pd.loader import ChunkLoader
+from pdrun.storage.local import HELD, NO_ROOM, LocalClient, LocalError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from pd.codec import Ready
-from storage.client import CacheClient
+from pdrun.pd.codec import Ready
+from pdrun.storage.client import CacheClient
 
 log = logging.getLogger(__name__)
 

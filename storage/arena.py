@@ -22,7 +22,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-log = logging.getLogger("storage")
+log = logging.getLogger("pdrun.storage")
 PAGE = 4096  # slots start on a page: DMA and O_DIRECT-friendly
 TOKEN_BYTES = 16
 

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import transfer
-from transfer import ConnectionPool, TransferError
-from transfer.wire import Header
+from pdrun import transfer
+from pdrun.transfer import ConnectionPool, TransferError
+from pdrun.transfer.wire import Header
 
-log = logging.getLogger("storage")
+log = logging.getLogger("pdrun.storage")
 
 
 class CacheClient:

@@ -38,11 +38,11 @@ from typing import Any
 import msgspec
 import zmq
 
-from storage.arena import Arena, pid_alive
-from storage.tiers import DiskChunk, DiskTier, Entry, TieredStore
-from transfer.errors import TransferError
+from pdrun.storage.arena import Arena, pid_alive
+from pdrun.storage.tiers import DiskChunk, DiskTier, Entry, TieredStore
+from pdrun.transfer.errors import TransferError
 
-log = logging.getLogger("storage")
+log = logging.getLogger("pdrun.storage")
 HELD, NO_ROOM = -1, -2
 OPS = ("where", "read", "reserve", "commit", "release", "forget", "stats")
 MAX_KEYS = 4096  # a 1M-token prompt at 256 tokens per chunk

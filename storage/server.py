@@ -17,12 +17,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import transfer
-from storage.local import MAX_KEYS, LocalService
-from storage.tiers import TieredStore
-from transfer import Frame, Header, Service
+from pdrun import transfer
+from pdrun.storage.local import MAX_KEYS, LocalService
+from pdrun.storage.tiers import TieredStore
+from pdrun.transfer import Frame, Header, Service
 
-log = logging.getLogger("storage")
+log = logging.getLogger("pdrun.storage")
 MAX_CHUNK_BYTES = 1 << 30
 
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.arena import PAGE, Arena
-from transfer.errors import TransferError
-from transfer.wire import PREFIX, Header, checksum, decode_header, decode_prefix, encode_header, verify
+from pdrun.storage.arena import PAGE, Arena
+from pdrun.transfer.errors import TransferError
+from pdrun.transfer.wire import PREFIX, Header, checksum, decode_header, decode_prefix, encode_header, verify
 
-log = logging.getLogger("storage")
+log = logging.getLogger("pdrun.storage")
 Buffer = Any  # a writable bytes-like object: bytearray, or a pinned torch tensor's memory
 
 

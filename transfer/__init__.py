@@ -13,8 +13,8 @@ This package knows nothing of KV caches, storage or vLLM.
 
 from __future__ import annotations
 
-from transfer.base import Connection, Frame, Listener, Reply, Service, Transport
-from transfer.errors import (
+from pdrun.transfer.base import Connection, Frame, Listener, Reply, Service, Transport
+from pdrun.transfer.errors import (
     ChecksumError,
     PeerClosed,
     ProtocolError,
@@ -23,10 +23,10 @@ from transfer.errors import (
     TransferTimeout,
     Unauthorized,
 )
-from transfer.framed import AUTH_TOKEN_ENV
-from transfer.pool import ConnectionPool
-from transfer.tcp import TcpOptions, TcpTransport
-from transfer.wire import Header
+from pdrun.transfer.framed import AUTH_TOKEN_ENV
+from pdrun.transfer.pool import ConnectionPool
+from pdrun.transfer.tcp import TcpOptions, TcpTransport
+from pdrun.transfer.wire import Header
 
 __all__ = [
     "AUTH_TOKEN_ENV",
@@ -62,7 +62,7 @@ def transport_for(address: str, **options: object) -> Transport:
     if scheme == "tcp":
         return TcpTransport(TcpOptions(**options))  # type: ignore[arg-type]
     if scheme == "ucx":
-        from transfer.ucx import UcxOptions, UcxTransport
+        from pdrun.transfer.ucx import UcxOptions, UcxTransport
 
         ucx_options = {k: v for k, v in options.items() if k in UcxOptions.__dataclass_fields__}
         return UcxTransport(UcxOptions(**ucx_options))  # type: ignore[arg-type]

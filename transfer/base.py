@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from transfer.wire import Header, Sink
+from pdrun.transfer.wire import Header, Sink
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Connection(ABC):
 
 
 def raise_unexpected(frame: Frame) -> None:
-    from transfer.errors import ProtocolError
+    from pdrun.transfer.errors import ProtocolError
 
     raise ProtocolError(f"unexpected data frame {frame.header.op!r} in a reply that should carry none")
 

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from transfer.base import Connection, Frame, Reply, Service
-from transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError, Unauthorized
-from transfer.wire import Header, Sink
+from pdrun.transfer.base import Connection, Frame, Reply, Service
+from pdrun.transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError, Unauthorized
+from pdrun.transfer.wire import Header, Sink
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from transfer.base import Connection
+from pdrun.transfer.base import Connection
 
 
 class ConnectionPool:

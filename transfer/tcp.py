@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from transfer import framed
-from transfer.base import Listener, Service, Transport
-from transfer.errors import PeerClosed, Rejected, TransferTimeout
-from transfer.framed import FramedConnection, auth_token_from_env
-from transfer.wire import (
+from pdrun.transfer import framed
+from pdrun.transfer.base import Listener, Service, Transport
+from pdrun.transfer.errors import PeerClosed, Rejected, TransferTimeout
+from pdrun.transfer.framed import FramedConnection, auth_token_from_env
+from pdrun.transfer.wire import (
     DEFAULT_MAX_PAYLOAD,
     PREFIX,
     Header,

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import msgspec
 import xxhash
 
-from transfer.errors import ChecksumError, ProtocolError
+from pdrun.transfer.errors import ChecksumError, ProtocolError
 
 MAGIC = b"PDRN"
 VERSION = 1

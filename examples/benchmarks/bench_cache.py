@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import LLAMA_8B_BYTES_PER_TOKEN, memcpy_gbps, write_json
 
-from storage.client import CacheClient
-from storage.tiers import DiskTier, MemoryTier
+from pdrun.storage.client import CacheClient
+from pdrun.storage.tiers import DiskTier, MemoryTier
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,12 +99,11 @@ class ServerProcess:
 
     def __init__(self, cpu_gb: float, directory: Path | None):
         self.port, self.metrics_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "launch", "cache-server", "--listen", f"tcp://127.0.0.1:{self.port}"]
+        cmd = [sys.executable, "-m", "pdrun.launch", "cache-server", "--listen", f"tcp://127.0.0.1:{self.port}"]
         cmd += ["--cpu-gb", str(cpu_gb), "--metrics-port", str(self.metrics_port)]
         if directory is not None:
             cmd += ["--dir", str(directory), "--disk-gb", "1000"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -44,13 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import memcpy_gbps, write_json
 
-import transfer
-from pd import plan
-from pd.codec import PagedKV
-from pd.layerwise import LayerwiseLoad, pull_layers
-from pd.loader import ChunkLoader, LoadJob
-from pd.loader import pull as load
-from pd.staging import StagingPool, StagingService
+from pdrun import transfer
+from pdrun.pd import plan
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.layerwise import LayerwiseLoad, pull_layers
+from pdrun.pd.loader import ChunkLoader, LoadJob
+from pdrun.pd.loader import pull as load
+from pdrun.pd.staging import StagingPool, StagingService
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-8B, vLLM's 16-token blocks
 # path: (transport, where the prefiller stages chunks, where the decoder receives them), as the connector

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import LLAMA_8B_BYTES_PER_TOKEN, memcpy_gbps, write_json
 
-import transfer
-from pd.staging import StagingPool, StagingService
+from pdrun import transfer
+from pdrun.pd.staging import StagingPool, StagingService
 
 
 def key(i: int) -> bytes:

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from pd import plan
-from pd.codec import PagedKV
-from pd.loader import ChunkLoader, LoadJob
-from pd.tier import SharedTier
-from storage.client import CacheClient
-from storage.local import LocalClient
-from storage.server import CacheServer
-from storage.tiers import MemoryTier, TieredStore
+from pdrun.pd import plan
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.loader import ChunkLoader, LoadJob
+from pdrun.pd.tier import SharedTier
+from pdrun.storage.client import CacheClient
+from pdrun.storage.local import LocalClient
+from pdrun.storage.server import CacheServer
+from pdrun.storage.tiers import MemoryTier, TieredStore
 
 BLOCK, CHUNK = 16, 256
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from launch.workloads import Target, prompt, quantile, send
+from pdrun.launch.workloads import Target, prompt, quantile, send
 
 
 async def measure(

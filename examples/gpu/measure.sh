@@ -2,7 +2,8 @@
 # pdrun's GPU measurements (docs/benchmarks.md), one step at a time, each short enough to run alone.
 # Needs a CUDA host with pdrun, vLLM and ucxx importable (pip install -e '.[gpu,ucx,test]'; on a
 # host without internet, see the README and examples/gpu/stage_ucx.sh; wheels installed with
-# pip --target DIR are found with SITE=DIR). Results go to OUT.
+# pip --target DIR are found with SITE=DIR, and this checkout then through source_path.sh).
+# Results go to OUT.
 #   bash examples/gpu/measure.sh transfer OUT   # bench_handoff_gpu (chunks_in_flight 1, 4, 8; 1024-token
 #                                               # chunks) + pdrun profile transfer
 #   bash examples/gpu/measure.sh pd-ucx OUT     # 1P1D == one vLLM, 8B shape, over ucx (pytest -m gpu)
@@ -18,7 +19,7 @@
 # config.json and tokenizer (no weights needed: dummy weights are used).
 set -uo pipefail
 STEP=${1:?step}; OUT=${2:?out dir}; mkdir -p "$OUT"
-export PYTHONPATH=${SITE:+$SITE:}$PWD UCX_WARN_UNUSED_ENV_VARS=n
+export PYTHONPATH=${SITE:+$SITE:$(bash examples/gpu/source_path.sh):}$PWD UCX_WARN_UNUSED_ENV_VARS=n
 case "$STEP" in pd-*|ttft|layers-ttft)
   MODEL8B=${MODEL8B:?set MODEL8B to a directory with a Llama-3.1-8B config.json and tokenizer} ;; esac
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
@@ -31,7 +32,7 @@ case "$STEP" in
     done
     python3 examples/benchmarks/bench_handoff_gpu.py --paths ucx-gpu --chunk-tokens 1024 \
       --json "$OUT/handoff_chunk1024.json" 2>&1 | tee -a "$OUT/handoff.txt"
-    python3 -m launch profile transfer --transport tcp,ucx --memory host,cuda --json "$OUT/profile_transfer_gpu.json" \
+    python3 -m pdrun.launch profile transfer --transport tcp,ucx --memory host,cuda --json "$OUT/profile_transfer_gpu.json" \
       --plot "$OUT/profile_transfer_gpu.png" 2>&1 | tail -25 | tee "$OUT/profile_transfer.txt" ;;
   pd-ucx|pd-tcp)  # PDRUN_GPU_STAGING=host: staged in host memory; PDRUN_GPU_LAYERWISE=1: copied out layer by layer
     PDRUN_GPU_TRANSPORT=${STEP#pd-} PDRUN_GPU_MODEL=$MODEL8B PDRUN_TEST_LOGS=$OUT/logs-$STEP \

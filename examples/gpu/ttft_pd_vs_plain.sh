@@ -17,7 +17,7 @@ mkdir -p "$OUT_DIR"; OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LW=$([ "$LAYERWISE" = 1 ] && echo true || echo false)
 PDARGS=(); [ "$LAYERWISE" = 1 ] && PDARGS=(--no-async-scheduling)  # a decoder's loads in its forward pass need it
 printf 'connector:\n  layerwise: %s\n' "$LW" > "$OUT_DIR/launch.yaml"
-if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m launch model tiny); DEV=cpu; GPUS=(); VARGS=(); export VLLM_CPU_KVCACHE_SPACE=2
+if [ "$MODEL" = tiny ]; then MODEL=$(python3 -m pdrun.launch model tiny); DEV=cpu; GPUS=(); VARGS=(); export VLLM_CPU_KVCACHE_SPACE=2
 else DEV=cuda; VARGS=(--load-format dummy --enforce-eager)
   NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
   if [ "${GPUS:-}" = 0 ] || [ "$NGPU" -lt 2 ]; then SHARED=1; VARGS+=(--gpu-memory-utilization 0.4)
@@ -33,9 +33,9 @@ if [ "$DEV" = cuda ]; then export CUDA_VISIBLE_DEVICES=0; fi
 python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name m --port 8190 \
   --max-model-len "$MAXLEN" "${VARGS[@]}" > "$OUT_DIR/plain-vllm.log" 2>&1 &
 PIDS+=($!); wait_up localhost:8190/health
-python3 -m launch proxy --decode http://127.0.0.1:8190 --port 8191 > "$OUT_DIR/plain-proxy.log" 2>&1 &
+python3 -m pdrun.launch proxy --decode http://127.0.0.1:8190 --port 8191 > "$OUT_DIR/plain-proxy.log" 2>&1 &
 PIDS+=($!); wait_up localhost:8191/health
-python3 -m launch profile requests --url http://127.0.0.1:8191 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
+python3 -m pdrun.launch profile requests --url http://127.0.0.1:8191 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
   --json "$OUT_DIR/plain.json"
 cleanup; PIDS=(); unset CUDA_VISIBLE_DEVICES
 
@@ -43,24 +43,24 @@ cleanup; PIDS=(); unset CUDA_VISIBLE_DEVICES
 if [ "${SHARED:-0}" = 1 ]; then  # one GPU: each instance sizes its KV cache after the other is up
   export CUDA_VISIBLE_DEVICES=0
   for role in kv_producer:8193:8300 kv_consumer:8194:8310; do IFS=: read -r R PORT KV <<< "$role"
-    KTC=$(python3 -c "import json,sys; from launch.vllm_server import kv_transfer_config as k
+    KTC=$(python3 -c "import json,sys; from pdrun.launch.vllm_server import kv_transfer_config as k
 print(json.dumps(k(sys.argv[1], int(sys.argv[2]), {'transport': sys.argv[3], 'layerwise': sys.argv[4] == 'true'})))" \
       "$R" "$KV" "$TRANSPORT" "$LW")
     python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name m --port "$PORT" \
       --max-model-len "$MAXLEN" --kv-transfer-config "$KTC" "${VARGS[@]}" "${PDARGS[@]}" > "$OUT_DIR/pd-$R.log" 2>&1 &
     PIDS+=($!); wait_up "localhost:$PORT/health"; done
-  python3 -m launch proxy --prefill http://127.0.0.1:8193 --decode http://127.0.0.1:8194 --port 8192 \
+  python3 -m pdrun.launch proxy --prefill http://127.0.0.1:8193 --decode http://127.0.0.1:8194 --port 8192 \
     > "$OUT_DIR/pd-proxy.log" 2>&1 &
 else
-  python3 -m launch launch --model "$MODEL" --served-model-name m --prefill 1 --decode 1 --device "$DEV" \
+  python3 -m pdrun.launch launch --model "$MODEL" --served-model-name m --prefill 1 --decode 1 --device "$DEV" \
     "${GPUS[@]}" --transport "$TRANSPORT" --port 8192 --max-model-len "$MAXLEN" --cache-cpu-gb 0 \
     --run-dir "$OUT_DIR/run" --config "$OUT_DIR/launch.yaml" -- "${VARGS[@]}" "${PDARGS[@]}" > "$OUT_DIR/pd-launch.log" 2>&1 &
 fi
 PIDS+=($!); wait_up localhost:8192/health
-python3 -m launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
+python3 -m pdrun.launch profile requests --url http://127.0.0.1:8192 -n "$N" --prompt-tokens "$TOKENS" --max-tokens 8 \
   --json "$OUT_DIR/pd.json"
 # Non-streamed answers carry the decoder's own hand-off time (load_s): where the rest goes.
-python3 -m launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tokens "$TOKENS" --max-tokens 8 \
+python3 -m pdrun.launch profile requests --url http://127.0.0.1:8192 -n 3 --prompt-tokens "$TOKENS" --max-tokens 8 \
   --no-stream --json "$OUT_DIR/pd_nostream.json"
 
 python3 - "$OUT_DIR" "$LAYERWISE" <<'PY'

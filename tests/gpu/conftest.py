@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.vllm_server import ServerSpec, VllmServer
+from pdrun.launch.vllm_server import ServerSpec, VllmServer
 from tests.integration.conftest import free_port, model_dir  # noqa: F401  (fixture re-export)
 
 

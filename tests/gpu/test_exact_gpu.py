@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def proxy_url(gpu_cluster) -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "launch", "proxy", "--prefill", gpu_cluster.prefiller.url,
+    argv = [sys.executable, "-m", "pdrun.launch", "proxy", "--prefill", gpu_cluster.prefiller.url,
             "--decode", gpu_cluster.decoder.url, "--port", str(port)]  # fmt: skip
     with open(gpu_cluster.log_dir / "proxy.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -12,13 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import transfer
-from pd import plan
-from pd.codec import PagedKV
-from pd.layerwise import LayerwiseSave
-from pd.loader import ChunkLoader, LoadJob, pull
-from pd.plan import ChunkSave
-from pd.staging import StagingPool, StagingService
+from pdrun import transfer
+from pdrun.pd import plan
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.layerwise import LayerwiseSave
+from pdrun.pd.loader import ChunkLoader, LoadJob, pull
+from pdrun.pd.plan import ChunkSave
+from pdrun.pd.staging import StagingPool, StagingService
 
 pytestmark = pytest.mark.gpu
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pd.compat import recovers_failed_sync_loads
+from pdrun.pd.compat import recovers_failed_sync_loads
 from tests.gpu.conftest import LAYERWISE, STAGING, TRANSPORT
 from tests.integration.client import (
     EXTERNAL,

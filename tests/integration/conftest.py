@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import tiny_model
-from launch.config import KV_PORTS_PER_INSTANCE
-from launch.supervisor import group_members
-from launch.systems import free_port, free_ports
-from launch.vllm_server import ServerSpec, VllmServer
+from pdrun.launch import tiny_model
+from pdrun.launch.config import KV_PORTS_PER_INSTANCE
+from pdrun.launch.supervisor import group_members
+from pdrun.launch.systems import free_port, free_ports
+from pdrun.launch.vllm_server import ServerSpec, VllmServer
 
 pytestmark = pytest.mark.integration
 DECODER_IO_TIMEOUT_S = 4.0
@@ -210,7 +210,7 @@ def start_deployment(
     (run_dir / "deploy.yaml").write_text(yaml.safe_dump(config))
     with open(run_dir / "launcher.out", "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "launch", "launch", "--config", str(run_dir / "deploy.yaml")],
+            [sys.executable, "-m", "pdrun.launch", "launch", "--config", str(run_dir / "deploy.yaml")],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

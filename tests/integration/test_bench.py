@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def test_bench_reuse_and_noreuse_plain_against_the_cache_tier(cluster, model_dir, tmp_path):
     cluster.deployment.stop()  # done with: room for the bench's systems
     out = tmp_path / "bench"
-    argv = [sys.executable, "-m", "launch", "bench", "--model", str(model_dir), "--systems", "plain,pdrun-tier",
+    argv = [sys.executable, "-m", "pdrun.launch", "bench", "--model", str(model_dir), "--systems", "plain,pdrun-tier",
             "--workloads", "reuse,noreuse", "--rounds", "2", "--reuse-tokens", "1024", "--lengths", "256,1024",
             "--concurrency", "2,4", "--gpu-blocks", "40", "--max-model-len", "4096", "--cache-cpu-gb", "0.5",
             "--out", str(out)]  # fmt: skip

@@ -17,9 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-import transfer
-from launch.vllm_server import ServerSpec, VllmServer
-from pd.proxy import IN_TIER
+from pdrun import transfer
+from pdrun.launch.vllm_server import ServerSpec, VllmServer
+from pdrun.pd.proxy import IN_TIER
+from pdrun.transfer import AUTH_TOKEN_ENV, Service
 from tests.integration.client import (
     EXTERNAL,
     LOAD_FAILURES,
@@ -36,7 +37,6 @@ from tests.integration.client import (
     wait_for_deltas,
 )
 from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Deployment, free_port, free_ports, start_deployment
-from transfer import AUTH_TOKEN_ENV, Service
 
 pytestmark = pytest.mark.integration
 
@@ -317,7 +317,7 @@ def test_a_relaunch_on_the_same_cache_dir_loads_from_disk_and_drops_damaged_chun
 
 
 def start_cache_server(port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "launch", "cache-server", "--listen", f"tcp://127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "pdrun.launch", "cache-server", "--listen", f"tcp://127.0.0.1:{port}"]
     proc = subprocess.Popen(
         [*cmd, "--cpu-gb", "0.05", "--metrics-port", str(port + 1)], stdout=log.open("ab"), stderr=subprocess.STDOUT
     )

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from launch.vllm_server import ServerSpec, VllmServer
-from pd.proxy import IN_TIER, ProxySettings
+from pdrun.launch.vllm_server import ServerSpec, VllmServer
+from pdrun.pd.proxy import IN_TIER, ProxySettings
 from tests.integration.client import (
     EXTERNAL,
     LOAD_FAILURES,

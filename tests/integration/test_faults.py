@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from launch.supervisor import group_members
+from pdrun.launch.supervisor import group_members
 from tests.integration.client import complete, metrics, prompt, threads_and_fds
 from tests.integration.conftest import Cluster, Instance
 

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-import transfer
+from pdrun import transfer
 from tests.integration.client import LOADED, metrics, prefill, prompt, text_prompt
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,9 @@ import httpx
 import msgspec
 import pytest
 
-import transfer
+from pdrun import transfer
+from pdrun.transfer import Frame, Header, Service
+from pdrun.transfer.wire import encode_header
 from tests.integration.client import (
     EXTERNAL,
     LOAD_FAILURES,
@@ -32,8 +34,6 @@ from tests.integration.client import (
     wait_for_deltas,
 )
 from tests.integration.conftest import DECODER_IO_TIMEOUT_S
-from transfer import Frame, Header, Service
-from transfer.wire import encode_header
 
 pytestmark = pytest.mark.integration
 LENGTHS = [1, 255, 256, 257, 1000, 3000]

@@ -140,7 +140,18 @@ def test_metrics_count_known_traffic_exactly(cluster):
 def run_profile(cluster, tmp_path, *args: str) -> tuple[dict, str]:
     out = tmp_path / f"requests{len(list(tmp_path.iterdir()))}.json"
     r = subprocess.run(
-        [sys.executable, "-m", "launch", "profile", "requests", "--url", cluster.proxy_url, *args, "--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "pdrun.launch",
+            "profile",
+            "requests",
+            "--url",
+            cluster.proxy_url,
+            *args,
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -189,7 +200,7 @@ def test_profile_requests_shows_where_the_time_went(cluster, tmp_path, stream):
 def test_profile_requests_names_a_url_that_is_no_proxy():
     url = f"http://127.0.0.1:{free_port()}"
     r = subprocess.run(
-        [sys.executable, "-m", "launch", "profile", "requests", "--url", url, "-n", "1"],
+        [sys.executable, "-m", "pdrun.launch", "profile", "requests", "--url", url, "-n", "1"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import transfer
-from launch.vllm_server import ServerSpec, VllmServer
+from pdrun import transfer
+from pdrun.launch.vllm_server import ServerSpec, VllmServer
 from tests.integration.client import (
     LOAD_FAILURES,
     LOADED,

@@ -8,13 +8,13 @@ import socket
 
 import pytest
 
-import transfer
-from storage.client import CacheClient
-from storage.server import CacheServer
-from storage.tiers import MemoryTier, TieredStore
+from pdrun import transfer
+from pdrun.storage.client import CacheClient
+from pdrun.storage.server import CacheServer
+from pdrun.storage.tiers import MemoryTier, TieredStore
+from pdrun.transfer import Frame, Header, Service
+from pdrun.transfer.wire import encode_header
 from tests.unit.test_tiers import CHUNK, key, payload
-from transfer import Frame, Header, Service
-from transfer.wire import encode_header
 
 TOKEN = "s3cret-token"
 

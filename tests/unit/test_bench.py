@@ -8,10 +8,10 @@ import random
 import pytest
 from typer.testing import CliRunner
 
-from launch import bench as b
-from launch import workloads as wl
-from launch.cli import app
-from launch.systems import SystemFailure, gpus_needed, persists
+from pdrun.launch import bench as b
+from pdrun.launch import workloads as wl
+from pdrun.launch.cli import app
+from pdrun.launch.systems import SystemFailure, gpus_needed, persists
 
 
 def test_systems_are_packed_side_by_side_on_the_gpus_plain_first():

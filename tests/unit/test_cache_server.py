@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage.client import CacheClient
-from storage.server import CacheServer, serve_metrics
-from storage.tiers import DiskTier, MemoryTier, TieredStore
+from pdrun.storage.client import CacheClient
+from pdrun.storage.server import CacheServer, serve_metrics
+from pdrun.storage.tiers import DiskTier, MemoryTier, TieredStore
 from tests.unit.test_tiers import CHUNK, key, payload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_a_dead_cache_is_a_miss_not_an_error(caplog):
 
 
 def test_bad_requests_get_clear_errors_and_the_server_goes_on(server):
-    import transfer
+    from pdrun import transfer
 
     with transfer.connect(server.address) as conn, pytest.raises(transfer.RemoteError, match="unknown op 'drop'"):
         conn.call("drop")
@@ -128,7 +128,8 @@ def test_metrics_count_exactly(server):
 
 def test_the_cache_server_command_keeps_chunks_across_a_restart(tmp_path):
     port = free_port()
-    cmd = [sys.executable, "-m", "launch", "cache-server", "--listen", f"tcp://127.0.0.1:{port}", "--cpu-gb", "0.01",
+    cmd = [sys.executable, "-m", "pdrun.launch", "cache-server", "--listen", f"tcp://127.0.0.1:{port}",
+           "--cpu-gb", "0.01",
            "--dir", str(tmp_path / "cache"), "--disk-gb", "0.1"]  # fmt: skip
 
     def start() -> tuple[subprocess.Popen[str], str]:
@@ -193,7 +194,7 @@ def test_after_a_failure_the_cache_is_skipped_for_retry_after_s_then_used_again(
 
 
 def test_a_cache_that_hangs_costs_one_timeout_not_one_per_call():
-    import transfer
+    from pdrun import transfer
 
     silent = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) and never answers
     address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
@@ -234,7 +235,7 @@ def test_fetch_streams_each_chunk_to_the_caller_and_stops_at_the_first_missing(s
 
 
 def test_the_digest_recorded_at_put_is_the_one_served_never_recomputed(server):
-    from transfer.wire import checksum
+    from pdrun.transfer.wire import checksum
 
     client = CacheClient(server.address)
     server.store.put(key(1), payload(1), {}, checksum(payload(1)))

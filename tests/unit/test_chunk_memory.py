@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd.codec import PagedKV
-from pd.config import ConnectorConfig
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.config import ConnectorConfig
 
 
 def cpu_paged() -> PagedKV:

@@ -10,7 +10,7 @@
 import pytest
 import torch
 
-from pd.codec import LayoutError, PagedKV
+from pdrun.pd.codec import LayoutError, PagedKV
 
 ops = pytest.importorskip("vllm._custom_ops")
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402

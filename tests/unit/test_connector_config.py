@@ -2,9 +2,9 @@
 
 import pytest
 
-import transfer
-from pd.config import load_config
-from transfer import ucx
+from pdrun import transfer
+from pdrun.pd.config import load_config
+from pdrun.transfer import ucx
 
 
 def test_defaults_by_transport():

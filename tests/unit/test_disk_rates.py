@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from pd.rates import Rates
+from pdrun.pd.rates import Rates
 
 
 def test_nothing_measured_means_no_verdict():

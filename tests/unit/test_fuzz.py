@@ -13,17 +13,17 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pd.chunkmeta import ChunkMeta, LayerMeta, received
-from pd.continuation import CHAT, COMPLETIONS, inexact_reason, prefill_body
-from pd.proxy import BadRequest, decode_only_reason, parse_body
-from pd.routing import affinity_key, prompt_tokens
-from pd.shortcut import _may_fill_a_chunk
-from storage.client import CacheClient
-from storage.server import CacheServer
-from storage.tiers import MemoryTier, TieredStore
+from pdrun.pd.chunkmeta import ChunkMeta, LayerMeta, received
+from pdrun.pd.continuation import CHAT, COMPLETIONS, inexact_reason, prefill_body
+from pdrun.pd.proxy import BadRequest, decode_only_reason, parse_body
+from pdrun.pd.routing import affinity_key, prompt_tokens
+from pdrun.pd.shortcut import _may_fill_a_chunk
+from pdrun.storage.client import CacheClient
+from pdrun.storage.server import CacheServer
+from pdrun.storage.tiers import MemoryTier, TieredStore
+from pdrun.transfer import ProtocolError
+from pdrun.transfer.wire import MAGIC, PREFIX, VERSION, Header, decode_header, decode_prefix, encode_header
 from tests.unit.test_tiers import CHUNK, key, payload
-from transfer import ProtocolError
-from transfer.wire import MAGIC, PREFIX, VERSION, Header, decode_header, decode_prefix, encode_header
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -30,7 +30,7 @@ def caches(layers: int, blocks: int, interior: tuple[int, ...], interleaved: boo
 
 
 def paged(kind: str, interleaved: bool, ratio: int, interior: str = "logical"):
-    from pd.codec import PagedKV
+    from pdrun.pd.codec import PagedKV
 
     os.environ["PDRUN_BLOCK_COPY"] = kind
     kv = caches(3, 12 * ratio, (2, 4, 6), interleaved)
@@ -77,8 +77,8 @@ def check_all() -> None:
 
 def check_layerwise() -> None:
     """A step's chunks copied out one layer per launch (the kernel's layer range) equal a whole gather."""
-    from pd.layerwise import LayerwiseSave
-    from pd.plan import ChunkSave
+    from pdrun.pd.layerwise import LayerwiseSave
+    from pdrun.pd.plan import ChunkSave
 
     for interleaved in (False, True):
         kv = paged("auto", interleaved, 2)
@@ -96,7 +96,7 @@ def check_layerwise() -> None:
 def check_scatter_layer() -> None:
     """Layer by layer, parts of several chunks (one layer of each: the first taken in part) placed
     in one launch per layer equal torch's copies and a whole-chunk scatter."""
-    from pd.codec import LayerPart
+    from pdrun.pd.codec import LayerPart
 
     for interleaved in (False, True):
         for ratio in (1, 2):
@@ -128,9 +128,9 @@ def check_scatter_layer() -> None:
 def check_batched_loader() -> None:
     """A loader with chunks beside the cache places the chunks that arrived together in one launch,
     each read from its slot of the ring: the first chunk in part, the last one short, slots reused."""
-    import transfer
-    from pd import plan
-    from pd.loader import ChunkLoader, LoadJob
+    from pdrun import transfer
+    from pdrun.pd import plan
+    from pdrun.pd.loader import ChunkLoader, LoadJob
 
     for ratio in (1, 2):
         src, dst = paged("auto", False, ratio), paged("auto", False, ratio)
@@ -175,7 +175,7 @@ def check_batched_loader() -> None:
 def check_vllm_layouts() -> None:
     """vLLM's FlashAttention stride orders, written per token and read back after a hand-off
     (tests/unit/test_codec.py does the same with torch's copies)."""
-    from pd.codec import PagedKV
+    from pdrun.pd.codec import PagedKV
     from tests.unit.test_codec import KVCacheLayout, flash_layout_caches, flash_read, flash_write
 
     os.environ["PDRUN_BLOCK_COPY"] = "auto"

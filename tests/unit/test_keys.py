@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
+from pdrun.pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
 
 FP = Fingerprint(model="m", dtype="float32", layout="cpu:bs128", chunk_size=4)
 
@@ -21,7 +21,7 @@ def test_keys_match_the_golden_values():
 
 def test_same_keys_in_another_process_with_another_hash_seed():
     code = (
-        "from pd.keys import Fingerprint, chunk_keys;"
+        "from pdrun.pd.keys import Fingerprint, chunk_keys;"
         "fp = Fingerprint(model='m', dtype='float32', layout='cpu:bs128', chunk_size=4);"
         "print(','.join(k.hex() for k in chunk_keys(fp, list(range(10)))))"
     )

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from launch import deploy
-from launch.cli import app
-from launch.config import ConfigError, load
+from pdrun.launch import deploy
+from pdrun.launch.cli import app
+from pdrun.launch.config import ConfigError, load
 
 runner = CliRunner()
 

@@ -11,13 +11,13 @@ import threading
 import pytest
 import torch
 
-import transfer
-from pd import plan
-from pd.codec import PagedKV
-from pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
-from pd.loader import LoadJob
-from pd.plan import ChunkSave
-from pd.staging import StagingPool, StagingService
+from pdrun import transfer
+from pdrun.pd import plan
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
+from pdrun.pd.loader import LoadJob
+from pdrun.pd.plan import ChunkSave
+from pdrun.pd.staging import StagingPool, StagingService
 
 LAYERS, BLOCKS = 5, 12
 

@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import transfer
-from pd import plan
-from pd.codec import PagedKV
-from pd.loader import ChunkLoader, LoadJob, pull
-from pd.staging import StagingPool, StagingService
+from pdrun import transfer
+from pdrun.pd import plan
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.loader import ChunkLoader, LoadJob, pull
+from pdrun.pd.staging import StagingPool, StagingService
 
 BLOCKS, BLOCK, CHUNK = 32, 4, 8  # 2 blocks per chunk: 16 chunks
 GAP = 11  # the chunk staged under a transfer of its own

@@ -13,10 +13,10 @@ import pytest
 import xxhash
 import zmq
 
-from storage.client import CacheClient
-from storage.local import HELD, NO_ROOM, LocalClient, LocalError
-from storage.server import CacheServer
-from storage.tiers import DiskTier, MemoryTier, TieredStore
+from pdrun.storage.client import CacheClient
+from pdrun.storage.local import HELD, NO_ROOM, LocalClient, LocalError
+from pdrun.storage.server import CacheServer
+from pdrun.storage.tiers import DiskTier, MemoryTier, TieredStore
 
 CHUNK = 64 * 1024
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,8 +53,8 @@ def store(client: LocalClient, keys: list[int]) -> None:
 def test_an_instance_reads_in_place_what_another_process_stored(server):
     code = f"""
 import sys
-from storage.client import CacheClient
-from storage.local import LocalClient
+from pdrun.storage.client import CacheClient
+from pdrun.storage.local import LocalClient
 from tests.unit.test_local_tier import store
 client = LocalClient.discover(CacheClient({server.address!r}).local())
 store(client, [0, 1, 2])
@@ -87,8 +87,8 @@ def test_a_chunk_held_already_is_not_written_again_and_a_full_arena_says_no_room
 
 HOLDER = """
 import os, sys, time
-from storage.client import CacheClient
-from storage.local import LocalClient
+from pdrun.storage.client import CacheClient
+from pdrun.storage.local import LocalClient
 from tests.unit.test_local_tier import key, store
 client = LocalClient.discover(CacheClient(sys.argv[1]).local())
 store(client, [0])

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from pd.params import HandOff, handoff_of, handoff_params, wants_handoff
+from pdrun.pd.params import HandOff, handoff_of, handoff_params, wants_handoff
 
 GOOD = dict(
     endpoints=["tcp://127.0.0.1:1"],

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from pd import plan
-from pd.codec import PagedKV
-from pd.keys import Fingerprint, chunk_keys
+from pdrun.pd import plan
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.keys import Fingerprint, chunk_keys
 
 
 def fake_cache(num_blocks, block_size):

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import transfer
-from launch import profile_transfer as pt
-from launch.cli import app
-from launch.tiny_model import SHAPE
+from pdrun import transfer
+from pdrun.launch import profile_transfer as pt
+from pdrun.launch.cli import app
+from pdrun.launch.tiny_model import SHAPE
 
-PDRUN = [sys.executable, "-m", "launch"]
+PDRUN = [sys.executable, "-m", "pdrun.launch"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -14,8 +14,8 @@ import time
 
 import httpx
 
-from pd.proxy import COMPLETIONS, SLOW_PROBES_DOWN, Proxy, ProxySettings, TornDownIsConnectError
-from pd.timing import RequestTiming
+from pdrun.pd.proxy import COMPLETIONS, SLOW_PROBES_DOWN, Proxy, ProxySettings, TornDownIsConnectError
+from pdrun.pd.timing import RequestTiming
 
 
 class Backend(http.server.BaseHTTPRequestHandler):

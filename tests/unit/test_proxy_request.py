@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pd.proxy import CHAT, COMPLETIONS, BadRequest, decode_only_reason, parse_body
+from pdrun.pd.proxy import CHAT, COMPLETIONS, BadRequest, decode_only_reason, parse_body
 
 
 def parse(body, path=COMPLETIONS):

@@ -8,11 +8,11 @@ import asyncio
 import httpx
 import pytest
 
-from pd.keys import Fingerprint, chained_keys, chunk_keys
-from pd.shortcut import TierShortcut
-from storage.client import CacheClient
-from storage.server import CacheServer
-from storage.tiers import MemoryTier, TieredStore
+from pdrun.pd.keys import Fingerprint, chained_keys, chunk_keys
+from pdrun.pd.shortcut import TierShortcut
+from pdrun.storage.client import CacheClient
+from pdrun.storage.server import CacheServer
+from pdrun.storage.tiers import MemoryTier, TieredStore
 from tests.unit.test_tiers import CHUNK, payload
 
 FP = Fingerprint("m", "bfloat16", "cuda:[2,B,N,H,D]:bs16", chunk_size=256)

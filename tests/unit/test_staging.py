@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
-import transfer
-from pd.staging import StagingPool, StagingService
+from pdrun import transfer
+from pdrun.pd.staging import StagingPool, StagingService
 from tests.unit.conftest import LateCopy
 
 

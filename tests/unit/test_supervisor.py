@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.supervisor import ChildSpec, Supervisor, group_members
+from pdrun.launch.supervisor import ChildSpec, Supervisor, group_members
 
 # A child that answers /health, starts a grandchild in its own process group (as vLLM starts its
 # engine) and, if asked to, ignores SIGTERM.

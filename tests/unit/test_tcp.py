@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 import pytest
 
-import transfer
-from transfer import Frame, Header, Service
-from transfer.wire import MAGIC, VERSION, checksum, decode_header, decode_prefix, encode_header
+from pdrun import transfer
+from pdrun.transfer import Frame, Header, Service
+from pdrun.transfer.wire import MAGIC, VERSION, checksum, decode_header, decode_prefix, encode_header
 
 
 class Echo(Service):

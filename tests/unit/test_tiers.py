@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from storage.tiers import DiskTier, MemoryTier, TieredStore
+from pdrun.storage.tiers import DiskTier, MemoryTier, TieredStore
 
 CHUNK = 4096
 
@@ -143,7 +143,7 @@ def test_an_unwritable_directory_means_memory_only_with_a_warning(tmp_path, capl
 
 FULL_DISK = """
 import resource, signal, sys, time
-from storage.tiers import DiskTier, MemoryTier, TieredStore
+from pdrun.storage.tiers import DiskTier, MemoryTier, TieredStore
 from tests.unit.test_tiers import CHUNK, key, payload
 store = TieredStore(MemoryTier(10 * CHUNK), DiskTier(sys.argv[1], 100 * CHUNK, retry_s=0.2))
 store.put(key(0), payload(0))

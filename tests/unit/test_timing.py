@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pd.params import TIMING
-from pd.proxy import _prefill_timing, _take_decoder_timing
-from pd.timing import RequestTiming, StreamClock, TimingLog
+from pdrun.pd.params import TIMING
+from pdrun.pd.proxy import _prefill_timing, _take_decoder_timing
+from pdrun.pd.timing import RequestTiming, StreamClock, TimingLog
 
 
 def event(data: dict | str) -> bytes:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from launch import tiny_model
+from pdrun.launch import tiny_model
 
 
 def test_build_is_deterministic_and_complete(tmp_path):
@@ -42,7 +42,7 @@ def test_existing_build_is_reused_and_foreign_directories_refused(tmp_path):
 
 def test_cli_builds_and_names_bad_directories(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "model", "tiny", str(tmp_path / "m")],
+        [sys.executable, "-m", "pdrun.launch.cli", "model", "tiny", str(tmp_path / "m")],
         capture_output=True,
         text=True,
         check=True,
@@ -51,6 +51,6 @@ def test_cli_builds_and_names_bad_directories(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("")
     bad = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "model", "tiny", str(tmp_path / "x")], capture_output=True, text=True
+        [sys.executable, "-m", "pdrun.launch.cli", "model", "tiny", str(tmp_path / "x")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "not a pdrun tiny model" in bad.stderr

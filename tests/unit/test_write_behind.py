@@ -9,11 +9,11 @@ import time
 
 import torch
 
-import transfer
-from pd.write_behind import WriteBehind
-from storage.client import CacheClient
-from storage.server import CacheServer
-from storage.tiers import MemoryTier, TieredStore
+from pdrun import transfer
+from pdrun.pd.write_behind import WriteBehind
+from pdrun.storage.client import CacheClient
+from pdrun.storage.server import CacheServer
+from pdrun.storage.tiers import MemoryTier, TieredStore
 from tests.unit.conftest import LateCopy
 
 CHUNK = 64 * 1024

@@ -234,7 +234,7 @@ def proxy(
     from pydantic import ValidationError
 
     from pdrun.pd.logs import setup_logging
-    from pdrun.pd.proxy import ProxySettings, serve
+    from pdrun.pd.proxy.app import ProxySettings, serve
 
     try:
         settings = ProxySettings(

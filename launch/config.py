@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdrun.pd.config import ConnectorConfig
-from pdrun.pd.routing import Policy
+from pdrun.pd.proxy.routing import Policy
 
 KV_PORTS_PER_INSTANCE = 8  # TP rank r of an instance listens on its kv port + r
 

@@ -1,7 +1,7 @@
 """`pdrun profile requests`: completions through a running pdrun proxy, and where each one's time went.
 
 Prompts are random token ids (a fixed seed), so each has exactly the asked length and shares no
-prefix with another. The phases come from the proxy (`GET /pdrun/requests/{id}`, pd/timing.py);
+prefix with another. The phases come from the proxy (`GET /pdrun/requests/{id}`, pd/proxy/timing.py);
 the client's own wall time is kept beside them.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from pdrun.pd.proxy import REQUEST_ID
-from pdrun.pd.timing import PHASES
+from pdrun.pd.proxy.app import REQUEST_ID
+from pdrun.pd.proxy.timing import PHASES
 
 TOKEN_IDS = range(100, 4000)  # inside any real vocabulary, clear of the special tokens
 PERCENTILES = (50, 90, 99)

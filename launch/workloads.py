@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from pdrun.pd.timing import event_data
+from pdrun.pd.proxy.timing import event_data
 
 TOKEN_IDS = range(100, 4000)  # inside any real vocabulary, clear of the special tokens
 WORKLOADS = ("reuse", "multiturn", "noreuse", "slo")

@@ -6,7 +6,7 @@ Loaded by vLLM from
 
 Producer (prefiller), for requests sent with kv_transfer_params {"do_remote_decode": true}:
   the scheduler side names each chunk of the prompt (every prompt token: a decoder continues
-  after the first output token, pd/continuation.py) and, in the step its tokens are computed,
+  after the first output token, pd/proxy/continuation.py) and, in the step its tokens are computed,
   asks the worker to copy the chunk's blocks into the staging pool, served by the worker's
   transfer endpoint. The blocks are free again as soon as the request finishes;
   `request_finished` returns the hand-off when the request stopped for length (one token, as

@@ -19,7 +19,7 @@ import pytest
 
 from pdrun import transfer
 from pdrun.launch.vllm_server import ServerSpec, VllmServer
-from pdrun.pd.proxy import IN_TIER
+from pdrun.pd.proxy.app import IN_TIER
 from pdrun.transfer import AUTH_TOKEN_ENV, Service
 from tests.integration.client import (
     EXTERNAL,

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from pdrun.launch.vllm_server import ServerSpec, VllmServer
-from pdrun.pd.proxy import IN_TIER, ProxySettings
+from pdrun.pd.proxy.app import IN_TIER, ProxySettings
 from tests.integration.client import (
     EXTERNAL,
     LOAD_FAILURES,

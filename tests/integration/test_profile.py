@@ -169,7 +169,7 @@ def test_profile_requests_shows_where_the_time_went(cluster, tmp_path, stream):
     assert [r["asked_prompt_tokens"] for r in records] == [40, 40, 600, 600]
     for r in records:
         # The first token is the prefiller's where the decoder can go on exactly after it
-        # (pd/continuation.py; not after a random token whose text is empty or partial).
+        # (pd/proxy/continuation.py; not after a random token whose text is empty or partial).
         continued = r["mode"] == "pd"
         assert continued or r["mode"].startswith("pd, first token from the decoder: "), r["mode"]
         assert r["status"] == 200 and r["stream"] is stream

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pdrun.pd.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
+from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 
 PROMPT = [1, 2, 3]
 

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdrun.pd.chunkmeta import ChunkMeta, LayerMeta, received
-from pdrun.pd.continuation import CHAT, COMPLETIONS, inexact_reason, prefill_body
-from pdrun.pd.proxy import BadRequest, decode_only_reason, parse_body
-from pdrun.pd.routing import affinity_key, prompt_tokens
-from pdrun.pd.shortcut import _may_fill_a_chunk
+from pdrun.pd.proxy.body import BadRequest, decode_only_reason, parse_body
+from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, inexact_reason, prefill_body
+from pdrun.pd.proxy.routing import affinity_key, prompt_tokens
+from pdrun.pd.proxy.shortcut import _may_fill_a_chunk
 from pdrun.storage.client import CacheClient
 from pdrun.storage.server import CacheServer
 from pdrun.storage.tiers import MemoryTier, TieredStore

@@ -14,8 +14,10 @@ import time
 
 import httpx
 
-from pdrun.pd.proxy import COMPLETIONS, SLOW_PROBES_DOWN, Proxy, ProxySettings, TornDownIsConnectError
-from pdrun.pd.timing import RequestTiming
+from pdrun.pd.proxy.app import Proxy, ProxySettings
+from pdrun.pd.proxy.continuation import COMPLETIONS
+from pdrun.pd.proxy.health import SLOW_PROBES_DOWN, TornDownIsConnectError
+from pdrun.pd.proxy.timing import RequestTiming
 
 
 class Backend(http.server.BaseHTTPRequestHandler):
@@ -65,16 +67,16 @@ def test_a_slow_health_answer_is_busy_not_gone_and_a_refusal_is_gone():
     async def run() -> list[bool]:
         proxy.client = httpx.AsyncClient()
         try:
-            await proxy.check_health()
+            await proxy.health.check_all()
             assert busy.healthy and busy.models == {"m"}
             assert not gone.healthy and "ConnectError" in gone.last_error
             Backend.delay = 2.5  # over the probe's 2 s timeout
             seen = []
             for _ in range(SLOW_PROBES_DOWN):
-                await proxy.check_health()
+                await proxy.health.check_all()
                 seen.append(busy.healthy)
             Backend.delay = 0.0
-            await proxy.check_health()
+            await proxy.health.check_all()
             seen.append(busy.healthy)
             return seen
         finally:
@@ -164,7 +166,7 @@ def test_a_prefill_waiting_on_a_prefiller_that_leaves_the_rotation_stops_waiting
             await asyncio.sleep(0.2)
             assert not waiting.done()
             for _ in range(SLOW_PROBES_DOWN):  # its /health times out too, check after check
-                await proxy._check(prefiller)
+                await proxy.health.check(prefiller)
             return await asyncio.wait_for(waiting, 5), time.monotonic() - t0
         finally:
             await proxy.client.aclose()
@@ -206,7 +208,7 @@ def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
                 statuses.append(r.status_code)
             for b in proxy.router.backends:
                 b.mark_up(["m"])
-            await proxy.check_health()
+            await proxy.health.check_all()
             return reason, statuses
         finally:
             await proxy.client.aclose()
@@ -239,7 +241,7 @@ def test_a_health_check_on_a_connection_the_backend_just_closed_is_tried_again_n
     async def run() -> None:
         proxy.client = httpx.AsyncClient()
         try:
-            await proxy._check(backend)
+            await proxy.health.check(backend)
         finally:
             await proxy.client.aclose()
 

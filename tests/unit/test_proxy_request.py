@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pdrun.pd.proxy import CHAT, COMPLETIONS, BadRequest, decode_only_reason, parse_body
+from pdrun.pd.proxy.body import BadRequest, decode_only_reason, parse_body
+from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS
 
 
 def parse(body, path=COMPLETIONS):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdrun.pd.routing import Router, affinity_key, prompt_tokens
+from pdrun.pd.proxy.routing import Router, affinity_key, prompt_tokens
 
 P = [f"http://p{i}:8000" for i in range(4)]
 D = ["http://d0:8000", "http://d1:8000"]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from pdrun.pd.keys import Fingerprint, chained_keys, chunk_keys
-from pdrun.pd.shortcut import TierShortcut
+from pdrun.pd.proxy.shortcut import TierShortcut
 from pdrun.storage.client import CacheClient
 from pdrun.storage.server import CacheServer
 from pdrun.storage.tiers import MemoryTier, TieredStore

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pdrun.pd.params import TIMING
-from pdrun.pd.proxy import _prefill_timing, _take_decoder_timing
-from pdrun.pd.timing import RequestTiming, StreamClock, TimingLog
+from pdrun.pd.proxy.app import _prefill_timing, _take_decoder_timing
+from pdrun.pd.proxy.timing import RequestTiming, StreamClock, TimingLog
 
 
 def event(data: dict | str) -> bytes:

@@ -1,20 +1,20 @@
 """The one OpenAI endpoint in front of prefillers and decoders.
 
-Each completion or chat completion runs in two phases (pd/continuation.py): the request goes to a
+Each completion or chat completion runs in two phases (pd/proxy/continuation.py): the request goes to a
 prefiller for its first token, with `kv_transfer_params={"do_remote_decode": true}`; then a
 decoder, given the prompt's token ids with that token appended and the `kv_transfer_params` the
 prefiller returned, loads the prompt's KV and generates the rest. The client reads one answer,
 streamed or not, as one vLLM would give it; a streamed one gets the first token as soon as the
 prefill answers. A request the hand-off cannot serve (no prefiller in rotation, a prefiller
 failing, prompt logprobs, n > 1, batched prompts) is sent to a decoder alone, which prefills it
-itself; so is one whose prompt the cache tier holds but a short tail (pd/shortcut.py), which the
+itself; so is one whose prompt the cache tier holds but a short tail (pd/proxy/shortcut.py), which the
 decoder loads from the tier. A decoder that cannot be reached before it has answered anything is
 replaced by another.
 A client that goes away cancels the upstream requests. vLLM's own errors pass through with their
 status.
 
 Every routed request's answer carries an `x-pdrun-request-id` header; `GET /pdrun/requests/{id}` tells where that
-request's time went (pd/timing.py), and /metrics has the same phases as histograms.
+request's time went (pd/proxy/timing.py), and /metrics has the same phases as histograms.
 """
 
 from __future__ import annotations
@@ -35,16 +35,19 @@ import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from pdrun import transfer
-from pdrun.pd.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 from pdrun.pd.params import TIMING
-from pdrun.pd.routing import Backend, Policy, Router, prompt_tokens
-from pdrun.pd.shortcut import TierShortcut
-from pdrun.pd.timing import PHASES, RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
+from pdrun.pd.proxy.body import BadRequest, decode_only_reason, error_response, parse_body
+from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
+from pdrun.pd.proxy.health import Health, TornDownIsConnectError
+from pdrun.pd.proxy.metrics import ProxyMetrics
+from pdrun.pd.proxy.routing import Backend, Policy, Router, prompt_tokens
+from pdrun.pd.proxy.shortcut import TierShortcut
+from pdrun.pd.proxy.timing import RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
 from pdrun.storage.client import CacheClient
 
 log = logging.getLogger("pdrun.pd.proxy")
@@ -52,32 +55,9 @@ log = logging.getLogger("pdrun.pd.proxy")
 # Retried on another decoder: the request never reached one (a connection refused, or not made in
 # time under a burst), or the decoder died before answering.
 RETRIABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-SLOW_PROBES_DOWN = 5  # health checks in a row that time out before a backend leaves the rotation
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 REQUEST_ID = "x-pdrun-request-id"
 IN_TIER = "prompt in the cache tier"  # the decode-only reason of the tier shortcut
 SHORTCUT_LOOKUP_TIMEOUT_S = 0.5  # a cache slower than this is a miss: the request takes the prefill hop
-
-
-class TornDownIsConnectError(httpx.AsyncBaseTransport):
-    """A transport whose failures to make a connection are all httpx's ConnectError: httpcore can
-    raise a plain exception (AttributeError from a socket already closed) on a connection its dying
-    peer tore down as it was made, which would otherwise reach the client as a 500."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport):
-        self._inner = inner
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await self._inner.handle_async_request(request)
-        except httpx.HTTPError:
-            raise
-        except Exception as e:
-            raise httpx.ConnectError(f"{type(e).__name__}: {e}", request=request) from e
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 class ProxySettings(BaseModel):
@@ -99,7 +79,8 @@ class ProxySettings(BaseModel):
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence from a decoder")
     max_connections: int = Field(2048, ge=1, description="upstream connections, all backends together")
     cache: str | None = Field(
-        None, description="the deployment's cache server (tcp://HOST:PORT), for the tier shortcut (pd/shortcut.py)"
+        None,
+        description="the deployment's cache server (tcp://HOST:PORT): prompts it holds skip the prefill hop",
     )
     tier_shortcut_tokens: int = Field(
         512,
@@ -109,151 +90,23 @@ class ProxySettings(BaseModel):
     )
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.status = status
-
-
-class _Common(BaseModel):
-    """The fields the proxy acts on; everything else passes to vLLM untouched."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=0)
-    n: int = Field(1, ge=1)
-    best_of: int | None = Field(None, ge=1)
-    kv_transfer_params: None = Field(None, description="set by the proxy, never by the client")
-
-
-class CompletionFields(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-
-
-class ChatFields(_Common):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
-
-
-# Pydantic names the first member of a union that failed; say what the field takes instead.
-UNION_HINTS = {"prompt": "must be a string, a list of token ids, a list of strings or a list of token id lists"}
-
-
-def parse_body(raw: bytes, path: str) -> dict[str, Any]:
-    """The request as a dict, or BadRequest naming what is wrong."""
-    try:
-        body = msgspec.json.decode(raw)  # a long prompt's ids parse in a third of json's time
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
-    schema = ChatFields if path == CHAT else CompletionFields
-    try:
-        schema.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = str(err["loc"][0]) if err["loc"] else None
-        if param == "kv_transfer_params":
-            raise BadRequest("kv_transfer_params is set by the proxy; leave it out", param) from None
-        msg = UNION_HINTS.get(param or "", err["msg"]) if len(err["loc"]) > 1 else err["msg"]
-        raise BadRequest(f"invalid field {param!r}: {msg}", param) from None
-    return body
-
-
-def decode_only_reason(body: dict[str, Any]) -> str | None:
-    """Why this request cannot be handed off (the decoder must compute the whole prompt), if so."""
-    if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
-        return "prompt logprobs"
-    if body.get("n", 1) > 1 or (body.get("best_of") or 1) > 1:
-        return "n > 1"
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
-        return "batched prompts"
-    if body.get("max_tokens") == 0 or body.get("max_completion_tokens") == 0:
-        return "max_tokens = 0"
-    return None
-
-
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 404: "NotFoundError", 499: "ClientClosed", 503: "ServiceUnavailableError"}
-    err = {"message": message, "type": kind.get(status, "APIError"), "param": param, "code": status}
-    return JSONResponse({"error": err}, status_code=status)
-
-
-class ProxyMetrics:
-    def __init__(self, router: Router):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "pdrun:proxy_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
-        )
-        self.handoffs = Counter("pdrun:proxy_handoffs", "Requests served prefill -> decode", registry=r)
-        self.continued = Counter(
-            "pdrun:proxy_continued", "Answers a decoder continued after the prefiller's first token", registry=r
-        )
-        self.prefill_only = Counter(
-            "pdrun:proxy_prefill_only", "Answers the prefiller gave whole (a stop, or max_tokens 1)", registry=r
-        )
-        self.decoder_first_tokens = Counter(
-            "pdrun:proxy_decoder_first_tokens",
-            "Hand-offs whose first token the decoder sampled itself, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.fallbacks = Counter(
-            "pdrun:proxy_decode_only", "Requests a decoder prefilled itself, by reason", ["reason"], registry=r
-        )
-        self.retries = Counter("pdrun:proxy_decode_retries", "Requests moved to another decoder", registry=r)
-        self.handoff_tokens = Counter(
-            "pdrun:proxy_handoff_tokens", "Prompt tokens whose KV prefillers staged for decoders", registry=r
-        )
-        self.phases = Histogram(
-            "pdrun:proxy_phase_seconds", "Time per phase of a request (pd/timing.py)", ["phase"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.ttft = Histogram(
-            "pdrun:proxy_ttft_seconds", "Request to first token, streamed answers", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.tpot = Histogram(
-            "pdrun:proxy_tpot_seconds", "Time per output token after the first, streamed answers",
-            buckets=TPOT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.e2e = Histogram(
-            "pdrun:proxy_request_seconds", "Request to last byte of the answer", buckets=LATENCY_BUCKETS, registry=r
-        )
-
-        healthy = Gauge("pdrun:proxy_backend_healthy", "1 while a backend is in rotation", ["role", "url"], registry=r)
-        outstanding = Gauge("pdrun:proxy_outstanding", "Requests in flight per backend", ["role", "url"], registry=r)
-        for b in router.backends:
-            healthy.labels(b.role, b.url).set_function(lambda b=b: float(b.healthy))
-            outstanding.labels(b.role, b.url).set_function(lambda b=b: float(b.outstanding))
-
-    def observe(self, t: RequestTiming) -> None:
-        for phase in PHASES:
-            v = getattr(t, phase)
-            if v is not None and phase != "total":  # total: pdrun:proxy_request_seconds
-                self.phases.labels(phase).observe(v)
-        if t.ttft is not None:
-            self.ttft.observe(t.ttft)
-        if t.tpot is not None:
-            self.tpot.observe(t.tpot)
-        if t.total is not None:
-            self.e2e.observe(t.total)
-
-
 class Proxy:
     def __init__(self, settings: ProxySettings):
         self.settings = settings
         self.router = Router(settings.prefill, settings.decode, settings.policy)
         self.metrics = ProxyMetrics(self.router)
         self.timings = TimingLog()
-        self.client: httpx.AsyncClient | None = None
         self.shortcut = _shortcut(settings)
-        self._checks: set[asyncio.Task[None]] = set()  # health checks a failed request asked for
-        self._went_down: dict[str, asyncio.Event] = {}  # backend url -> set when it leaves the rotation
+        self.health = Health(self.router.backends)
+
+    @property
+    def client(self) -> httpx.AsyncClient | None:
+        """The pooled client every upstream request and health check goes through."""
+        return self.health.client
+
+    @client.setter
+    def client(self, client: httpx.AsyncClient | None) -> None:
+        self.health.client = client
 
     # ---- lifecycle ----
     @asynccontextmanager
@@ -264,9 +117,9 @@ class Proxy:
             timeout=httpx.Timeout(connect=s.connect_timeout_s, read=s.read_timeout_s, write=60, pool=None),
             transport=TornDownIsConnectError(httpx.AsyncHTTPTransport(limits=limits)),
         )
-        checker = asyncio.create_task(self._check_health_forever())
+        checker = asyncio.create_task(self.health.run(self.settings.health_interval_s))
         try:
-            await self.check_health()
+            await self.health.check_all()
             yield
         finally:
             checker.cancel()
@@ -276,54 +129,11 @@ class Proxy:
             if self.shortcut is not None:
                 self.shortcut.close()
 
-    async def _check_health_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval_s)
-            await self.check_health()
-
-    async def check_health(self) -> None:
-        await asyncio.gather(*(self._check(b) for b in self.router.backends))
-
-    async def _check(self, b: Backend) -> None:
-        assert self.client is not None
-        try:
-            r = await self._get_health(b)
-            b.slow_probes = 0
-            if r.status_code != 200:
-                self._down(b, f"/health answered {r.status_code}")
-                return
-            if not b.healthy or not b.models:
-                models = (await self.client.get(f"{b.url}/v1/models", timeout=5.0)).json()
-                b.mark_up(m["id"] for m in models.get("data", []))
-        except httpx.TimeoutException:
-            # A backend under a burst answers late: busy, not gone. Only one silent for several
-            # checks in a row leaves the rotation.
-            b.slow_probes += 1
-            if b.slow_probes >= SLOW_PROBES_DOWN:
-                self._down(b, f"/health unanswered {b.slow_probes} times in a row")
-        except (httpx.HTTPError, ValueError, KeyError) as e:
-            self._down(b, f"/health: {type(e).__name__}: {e}".rstrip(": "))
-
-    async def _get_health(self, b: Backend) -> httpx.Response:
-        """GET /health; a pooled connection the server had just closed is tried again on a new one
-        (a backend that is gone fails that too)."""
-        assert self.client is not None
-        try:
-            return await self.client.get(f"{b.url}/health", timeout=2.0)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-            return await self.client.get(f"{b.url}/health", timeout=2.0)
-
-    def _down(self, b: Backend, reason: str) -> None:
-        """Take b out of rotation; the prefills waiting on it stop waiting (`_prefill_from`)."""
-        b.mark_down(reason)
-        if (went_down := self._went_down.pop(b.url, None)) is not None:
-            went_down.set()
-
     async def _prefill_from(self, p: Backend, path: str, pbody: dict[str, Any]) -> httpx.Response | None:
         """p's answer to the prefill, or None if p left the rotation first (a prefiller that stopped
         answering costs its requests the health checks that find it out, not prefill_timeout_s)."""
         assert self.client is not None
-        down = self._went_down.setdefault(p.url, asyncio.Event())
+        down = self.health.went_down(p)
         post = asyncio.ensure_future(
             self.client.post(f"{p.url}{path}", **_json(pbody), timeout=self.settings.prefill_timeout_s)
         )
@@ -336,17 +146,6 @@ class Proxy:
             if not answered:
                 post.cancel()
         return post.result() if answered else None
-
-    def _failed(self, b: Backend, e: Exception) -> None:
-        """A request to b failed. Refused: b is gone, out of rotation now. Anything else (a reset, a
-        pooled connection the server had just closed) may be that one connection, not the backend:
-        a health check, at once, decides."""
-        if isinstance(e, httpx.ConnectError):
-            self._down(b, f"{type(e).__name__}: {e}")
-        else:
-            task = asyncio.create_task(self._check(b))
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
 
     # ---- requests ----
     async def handle(self, request: Request, path: str) -> Response:
@@ -466,7 +265,7 @@ class Proxy:
             except httpx.TimeoutException:
                 return "prefiller timed out"
             except httpx.HTTPError as e:
-                self._failed(p, e)
+                self.health.failed(p, e)
                 reason = "prefiller unreachable"
                 continue
             finally:
@@ -517,7 +316,7 @@ class Proxy:
                 if upstream is not None:
                     await upstream.aclose()
                 if isinstance(e, RETRIABLE):
-                    self._failed(d, e)
+                    self.health.failed(d, e)
                     self.metrics.retries.inc()
                     continue
                 if isinstance(e, httpx.ReadTimeout):
@@ -549,7 +348,7 @@ class Proxy:
                 media_type=upstream.headers.get("content-type", "text/event-stream"),
             )
         except RETRIABLE as e:
-            self._failed(d, e)
+            self.health.failed(d, e)
             return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
         finally:
             if not handed_on:
@@ -595,7 +394,7 @@ class Proxy:
                 timing.first_token = decoder_clock.first - sent
             timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
         except RETRIABLE as e:
-            self._failed(d, e)
+            self.health.failed(d, e)
             yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
         finally:
             d.outstanding -= 1
@@ -636,7 +435,7 @@ class Proxy:
                 timing.first_token, timing.ttft = clock.first - sent, clock.first - t0
             timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
         except RETRIABLE as e:
-            self._failed(d, e)
+            self.health.failed(d, e)
             yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
 
     async def _release(self, d: Backend, upstream: httpx.Response, timing: RequestTiming, t0: float) -> None:

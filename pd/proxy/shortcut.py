@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 
-from pdrun.pd.continuation import CHAT
 from pdrun.pd.keys import chained_keys, salted
 from pdrun.pd.plan import computed_here
-from pdrun.pd.routing import prompt_size
+from pdrun.pd.proxy.continuation import CHAT
+from pdrun.pd.proxy.routing import prompt_size
 from pdrun.storage.client import CacheClient
 
 log = logging.getLogger("pdrun.pd.proxy")

@@ -1,0 +1,86 @@
+"""A client's request as the proxy reads it: parsed and checked at the door (a 400 naming the bad
+field), and whether a hand-off can serve it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdrun.pd.proxy.continuation import CHAT
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+class _Common(BaseModel):
+    """The fields the proxy acts on; everything else passes to vLLM untouched."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=0)
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    kv_transfer_params: None = Field(None, description="set by the proxy, never by the client")
+
+
+class CompletionFields(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ChatFields(_Common):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+
+# Pydantic names the first member of a union that failed; say what the field takes instead.
+UNION_HINTS = {"prompt": "must be a string, a list of token ids, a list of strings or a list of token id lists"}
+
+
+def parse_body(raw: bytes, path: str) -> dict[str, Any]:
+    """The request as a dict, or BadRequest naming what is wrong."""
+    try:
+        body = msgspec.json.decode(raw)  # a long prompt's ids parse in a third of json's time
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
+    schema = ChatFields if path == CHAT else CompletionFields
+    try:
+        schema.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = str(err["loc"][0]) if err["loc"] else None
+        if param == "kv_transfer_params":
+            raise BadRequest("kv_transfer_params is set by the proxy; leave it out", param) from None
+        msg = UNION_HINTS.get(param or "", err["msg"]) if len(err["loc"]) > 1 else err["msg"]
+        raise BadRequest(f"invalid field {param!r}: {msg}", param) from None
+    return body
+
+
+def decode_only_reason(body: dict[str, Any]) -> str | None:
+    """Why this request cannot be handed off (the decoder must compute the whole prompt), if so."""
+    if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
+        return "prompt logprobs"
+    if body.get("n", 1) > 1 or (body.get("best_of") or 1) > 1:
+        return "n > 1"
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+        return "batched prompts"
+    if body.get("max_tokens") == 0 or body.get("max_completion_tokens") == 0:
+        return "max_tokens = 0"
+    return None
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = {400: "BadRequestError", 404: "NotFoundError", 499: "ClientClosed", 503: "ServiceUnavailableError"}
+    err = {"message": message, "type": kind.get(status, "APIError"), "param": param, "code": status}
+    return JSONResponse({"error": err}, status_code=status)

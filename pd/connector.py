@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from pydantic import ValidationError
@@ -71,25 +71,42 @@ from pdrun.storage.client import CacheClient
 from pdrun.storage.local import LocalClient, LocalError
 from pdrun.transfer import ConnectionPool, ProtocolError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # vLLM 0.32's names; hints only
     from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 setup_logging()
 log = logging.getLogger(__name__)
 
 
+class Release(NamedTuple):
+    """A hand-off the decoder will not read (its prompt was found elsewhere): its prefiller frees it."""
+
+    endpoints: list[str]
+    transfer: str
+
+
+class Lookup(NamedTuple):
+    """One cache tier lookup by the scheduler, counted by the worker: prompt tokens asked, held."""
+
+    asked: int
+    held: int
+
+
 @dataclass
 class PDMetadata(KVConnectorMetadata):
     saves: list[plan.ChunkSave] = field(default_factory=list)
     loads: dict[str, LoadJob] = field(default_factory=dict)  # request id -> job
-    releases: list[tuple[list[str], str]] = field(default_factory=list)  # hand-offs to release unread
+    releases: list[Release] = field(default_factory=list)  # hand-offs to release unread
     drops: list[str] = field(default_factory=list)  # producer: transfers no decoder will pull
     handed: list[str] = field(default_factory=list)  # producer: transfers handed to a decoder, to be pulled
-    lookups: list[tuple[int, int]] = field(default_factory=list)  # cache tier: (asked, held) tokens
+    lookups: list[Lookup] = field(default_factory=list)
 
 
 def _cache_client(cfg: ConnectorConfig) -> CacheClient | None:
@@ -196,7 +213,7 @@ class PDConnector(KVConnectorBase_V1):
         assert self._sched is not None
         return self._sched.build_connector_meta(scheduler_output)
 
-    def update_connector_output(self, connector_output: Any) -> None:
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Scheduler, with each step's output from the workers: loads that finished (for the
         hand-off timing) and the disk read rate (for `cache_disk_load: auto`)."""
         assert self._sched is not None
@@ -225,7 +242,7 @@ class PDConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Worker, before each forward pass: start this step's loads (on loader threads; layer-wise
         hand-offs on a thread each, waited for layer by layer) and release what decoders no longer need."""
         assert self._worker is not None
@@ -237,7 +254,9 @@ class PDConnector(KVConnectorBase_V1):
         if self._worker is not None:  # else loads finish before their request is scheduled
             self._worker.wait_for_layer(layer_name)
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
         """Worker, inside the forward pass, after `layer_name`'s attention wrote its KV: with
         `layerwise` on a prefiller, copy that layer of the step's finished chunks out now."""
         if self._worker is not None and self._worker.layerwise_save:  # else copied out whole in wait_for_save
@@ -425,7 +444,7 @@ class _SchedulerSide:
             held = in_memory + from_disk
         else:
             held = self.cache.lookup(keys)
-        self._meta.lookups.append((len(keys) * size, held * size))
+        self._meta.lookups.append(Lookup(asked=len(keys) * size, held=held * size))
         return _Incoming(keys[:held], held * size, min(held * size, limit), from_disk=from_disk)
 
     def _where(self, keys: list[bytes]) -> tuple[int, int]:
@@ -480,7 +499,7 @@ class _SchedulerSide:
             self._handoff_times[rid] = [now - request.arrival_time, now, None if self._in_step(state) else now]
         if num_external_tokens <= 0:
             if h is not None and h.num_tokens:
-                self._meta.releases.append((h.endpoints, h.transfer))
+                self._meta.releases.append(Release(h.endpoints, h.transfer))
             return
         if h is None:
             self._cache_loaded.add(rid)
@@ -696,8 +715,8 @@ class _WorkerSide:
     # -- saves: staging (producer) and writing behind to the cache tier --
     def save(self, meta: PDMetadata) -> None:
         if self.rank == 0:
-            for asked, held in meta.lookups:
-                self.stats.add(cache_lookup_tokens=asked, cache_hit_tokens=held)
+            for lookup in meta.lookups:
+                self.stats.add(cache_lookup_tokens=lookup.asked, cache_hit_tokens=lookup.held)
         if self.paged is None:
             return
         if self.pool is not None:
@@ -828,8 +847,8 @@ class _WorkerSide:
                 self._start_from_arena(rid, job)
             else:
                 self._loader.submit(self._load, rid, job)
-        for endpoints, transfer_id in meta.releases:
-            self._loader.submit(self._release, endpoints, transfer_id)
+        for release in meta.releases:
+            self._loader.submit(self._release, release.endpoints, release.transfer)
 
     def _peer(self, endpoints: list[str]) -> str:
         if self.rank >= len(endpoints):

@@ -15,5 +15,5 @@ if [ $# -gt 0 ]; then
   python -m pytest "$@"
 else
   python -m pytest
-  python -m pytest -m faults tests/integration/test_faults.py
+  python -m pytest -m faults -rP tests/integration/test_faults.py  # -rP: each fault's figures
 fi

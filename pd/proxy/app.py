@@ -447,7 +447,8 @@ class Proxy:
         data = [{"id": m, "object": "model", "owned_by": "pdrun"} for m in sorted(self.router.models())]
         return JSONResponse({"object": "list", "data": data})
 
-    def health(self) -> Response:
+    def health_state(self) -> Response:
+        """GET /health: 200 while a decoder is in rotation (else 503), with every backend's state."""
         ok = any(b.healthy for b in self.router.decoders)
         state = {
             "healthy": ok,
@@ -587,7 +588,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return proxy.health()
+        return proxy.health_state()
 
     @app.get("/pdrun/requests/{request_id}")
     async def request_timing(request_id: str, wait_s: float = 10.0) -> Response:

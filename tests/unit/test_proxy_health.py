@@ -250,3 +250,17 @@ def test_a_health_check_on_a_connection_the_backend_just_closed_is_tried_again_n
     finally:
         server.close()
     assert backend.healthy, backend.last_error
+
+
+def test_the_proxy_health_endpoint_answers_503_until_a_decoder_is_in_rotation_then_200():
+    from fastapi.testclient import TestClient
+
+    from pdrun.pd.proxy.app import create_app
+
+    settings = ProxySettings(prefill=["http://127.0.0.1:1"], decode=["http://127.0.0.1:2"])
+    app = create_app(settings)
+    client = TestClient(app)  # no lifespan: no health checks run, the backends stay as set here
+    r = client.get("/health")
+    assert r.status_code == 503 and [b["url"] for b in r.json()["decode"]] == ["http://127.0.0.1:2"]
+    app.state.proxy.router.decoders[0].mark_up(["m"])
+    assert client.get("/health").status_code == 200

@@ -36,10 +36,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -53,23 +51,23 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from pdrun import transfer
 from pdrun.pd import plan
-from pdrun.pd.chunkmeta import ChunkMeta
 from pdrun.pd.codec import PagedKV
 from pdrun.pd.compat import SYNC_LOAD_RECOVERY, check_vllm_version, recovers_failed_sync_loads
 from pdrun.pd.config import ConnectorConfig, load_config
-from pdrun.pd.keys import Fingerprint, chunk_keys, matching_prefix, rank_key
-from pdrun.pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
-from pdrun.pd.loader import ChunkLoader, LoadJob, pull
+from pdrun.pd.keys import Fingerprint, chunk_keys, matching_prefix
+from pdrun.pd.loader import LoadJob
+from pdrun.pd.loads import Loads
 from pdrun.pd.logs import setup_logging
 from pdrun.pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
 from pdrun.pd.rates import Rates
-from pdrun.pd.staging import Staged, StagingPool, StagingService
+from pdrun.pd.saves import Saves
+from pdrun.pd.staging import StagingPool, StagingService
 from pdrun.pd.stats import PDPromMetrics, PDStats, StatsCounter
-from pdrun.pd.tier import SharedTier, TierLoad
+from pdrun.pd.tier import SharedTier, TierLink
 from pdrun.pd.write_behind import WriteBehind
 from pdrun.storage.client import CacheClient
 from pdrun.storage.local import LocalClient, LocalError
-from pdrun.transfer import ConnectionPool, ProtocolError
+from pdrun.transfer import ConnectionPool
 
 if TYPE_CHECKING:  # vLLM 0.32's names; hints only
     from vllm.config import VllmConfig
@@ -627,6 +625,9 @@ class _SchedulerSide:
 
 
 class _WorkerSide:
+    """The worker's half: the paged KV cache's layout, the staging endpoint (a prefiller), the way to
+    the cache tier; what each step saves (pd/saves.py) and loads (pd/loads.py)."""
+
     def __init__(self, vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config: KVCacheConfig):
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -640,51 +641,38 @@ class _WorkerSide:
         self.endpoint = _endpoints(vllm_config, cfg)[self.rank]
         self.stats = StatsCounter()
         self.paged: PagedKV | None = None
-        self.on_device = False  # chunks in GPU memory (set with the KV caches)
         self.pool: StagingPool | None = None
         self.listener: transfer.Listener | None = None
         self._conns = ConnectionPool(lambda addr: transfer.connect(addr, **cfg.transfer_options()))
         self.cache = _cache_client(cfg)
         self.local = _local_client(self.cache, cfg)
-        self.tier: SharedTier | None = None  # the local tier, once the KV caches are known
-        self._tier_lock = threading.Lock()
-        self._tier_retry_at = 0.0
+        self.tiers = TierLink(None, lambda: _local_client(self.cache, self.cfg), cfg.cache_retry_s)
         self.writer: WriteBehind | None = None
         if cfg.cache is not None and self.local is None:
             self.writer = WriteBehind(_cache_client(cfg), int(cfg.cache_write_queue_mb * (1 << 20)), self._stored)  # type: ignore[arg-type]
-        self._loader = ThreadPoolExecutor(cfg.load_threads, thread_name_prefix="pdrun-load")
-        lanes = cfg.lanes()  # a load thread pulls its first lane itself, the others run here
-        self._lanes = (
-            ThreadPoolExecutor(cfg.load_threads * (lanes - 1), thread_name_prefix="pdrun-lane") if lanes > 1 else None
-        )
-        self._lock = threading.Lock()
-        self._finished_loads: set[str] = set()
         self.layerwise_save = cfg.layerwise and self.is_producer
-        self._layerwise: tuple[PDMetadata, LayerwiseSave] | None = None  # the step being copied out layer by layer
-        self._layerwise_seen = False
-        # loads from the arena this thread queued, polled each step
-        self._from_arena: dict[str, tuple[LoadJob, ChunkLoader, TierLoad, SharedTier]] = {}
-        self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad, threading.Thread]] = {}  # this step's layer-wise loads
-        self._in_step_failed: set[int] = set()  # blocks of this step's layer-wise loads that never started
-        self._in_step_seen = False
-        self._load_errors: set[int] = set()
-        self._reported_errors: set[int] = set()
+        self.saves: Saves | None = None  # once the KV caches are known
+        self.loads: Loads | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
         self.paged.warm_up()
-        self.on_device = self.cfg.chunks_on_device(self.paged.device, producer=self.is_producer)
+        on_device = self.cfg.chunks_on_device(self.paged.device, producer=self.is_producer)
         if self.local is not None:
-            self.tier = SharedTier(self.local, self.paged, self._stored_shared)
+            self.tiers.current = SharedTier(self.local, self.paged, self._stored_shared)
         if self.is_producer:
-            allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
-            size = self.cfg.staging_bytes(self.paged.nbytes(self.num_blocks), self._free_bytes())
+            allocate = self.paged.device_buffer if on_device else self.paged.host_buffer
+            size = self.cfg.staging_bytes(self.paged.nbytes(self.num_blocks), self._free_bytes(on_device))
             self.pool = StagingPool(size, self.cfg.staging_ttl_s, allocate, self.cfg.staging_wait_s)
             service = StagingService(
                 self.pool, self.paged.describe(), lambda n: self.stats.add(served_bytes=n), len(self.paged.layers)
             )
             bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
             self.listener = transfer.listen(bind, service, **self.cfg.transfer_options())
+        self.saves = Saves(self.paged, self.rank, self.stats, self.pool, self.tiers, self.writer)
+        self.loads = Loads(
+            self.cfg, self.paged, self.rank, self.block_size, on_device, self.stats, self._conns, self.cache, self.tiers
+        )
         log.info(
             "PDConnector worker rank %d: KV layout %s on %s, %d bytes per block, %s block copies, "
             "chunks in %s memory%s%s",
@@ -693,135 +681,26 @@ class _WorkerSide:
             self.paged.device,
             self.paged.bytes_per_block,
             self.paged.block_copy,
-            "device" if self.on_device else "host",
+            "device" if on_device else "host",
             f", serving hand-offs on {self.listener.address} from a staging pool of {self.pool.budget / (1 << 30):.1f} "
             "GiB"
             if self.listener and self.pool
             else "",
-            (f", cache tier {self.cfg.cache}" + (" through shared memory" if self.tier else "")) if self.cache else "",
+            (f", cache tier {self.cfg.cache}" + (" through shared memory" if self.tiers.current else ""))
+            if self.cache
+            else "",
         )
 
-    def _free_bytes(self) -> int:
+    def _free_bytes(self, on_device: bool) -> int:
         """Memory free now where staged chunks wait: the GPU's, else the host's (MemAvailable)."""
         assert self.paged is not None
-        if self.on_device:
+        if on_device:
             return int(torch.cuda.mem_get_info(self.paged.device)[0])
         with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-    # -- saves: staging (producer) and writing behind to the cache tier --
-    def save(self, meta: PDMetadata) -> None:
-        if self.rank == 0:
-            for lookup in meta.lookups:
-                self.stats.add(cache_lookup_tokens=lookup.asked, cache_hit_tokens=lookup.held)
-        if self.paged is None:
-            return
-        if self.pool is not None:
-            for transfer_id in meta.drops:
-                self.pool.release(transfer_id)
-            for transfer_id in meta.handed:
-                self.pool.handed(transfer_id)
-        evicted = self.pool.evicted_referenced if self.pool is not None else 0
-        waited = self.pool.waited_s if self.pool is not None else 0.0
-        copied = self._finish_layerwise(meta)
-        to_tier: list[tuple[bytes, list[int]]] = []
-        for s in meta.saves:
-            try:
-                if copied is not None and s.stage:  # copied out layer by layer: committed above
-                    staged = self.pool.get(s.key) if self.pool is not None else None
-                else:
-                    staged = self._stage(s) if s.stage else None
-                if s.cache and self.tier is not None:
-                    to_tier.append((rank_key(s.key, self.rank), s.block_ids))
-                elif s.cache:
-                    self._cache(s, staged)
-            except Exception:  # never the engine's problem: a decoder prefills it, the tier misses it
-                log.exception("request %s: could not copy out chunk %d", s.transfer, s.index)
-        tier = self._shared_tier()
-        if tier is not None:
-            tier.store(to_tier)
-        elif to_tier:
-            self.stats.add(cache_store_dropped=len(to_tier))
-        if self.pool is not None and self.pool.evicted_referenced != evicted:
-            self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)
-        if self.pool is not None and self.pool.waited_s != waited:
-            self.stats.add(staging_wait_seconds=self.pool.waited_s - waited)
-
-    def save_layer(self, meta: PDMetadata, layer_name: str) -> None:
-        """`layerwise`: one layer of the step's chunks is computed; copy it out of the cache now."""
-        if self.paged is None or self.pool is None or not meta.saves:
-            return
-        try:
-            if self._layerwise is None or self._layerwise[0] is not meta:  # the step's first layer
-                chunks = []
-                for s in meta.saves:
-                    if s.stage and not self.pool.reference(s.transfer, s.key):
-                        buf = self.pool.allocate(self.paged.nbytes(len(s.block_ids)))
-                        if buf is not None:
-                            chunks.append((s, buf))
-                self._layerwise = (meta, LayerwiseSave(self.paged, chunks))
-            index = self.paged.layer_of.get(layer_name)
-            if index is not None:
-                self._layerwise[1].layer(index)
-        except Exception:  # the step's chunks are then copied out whole in wait_for_save
-            log.exception("copying out layer %s of the step's chunks failed", layer_name)
-            self._layerwise = None
-
-    def _finish_layerwise(self, meta: PDMetadata) -> LayerwiseSave | None:
-        """The chunks this step copied out layer by layer, now served (their missing layers copied
-        first); None where the step did not (layerwise off, or no hook ran)."""
-        pending, self._layerwise = self._layerwise, None
-        if pending is None or pending[0] is not meta or self.pool is None:
-            return None
-        copied = pending[1]
-        try:
-            ready = copied.finish()
-        except Exception:
-            log.exception("copying out the step's chunks failed; their decoders will prefill them")
-            return copied
-        for s, buf in copied.chunks:
-            self.pool.commit(s.transfer, s.key, len(s.block_ids), buf, ready)
-            self.stats.add(staged_chunks=1, staged_bytes=buf.numel())
-        if copied.chunks and not self._layerwise_seen:
-            self._layerwise_seen = True
-            log.info(
-                "PDConnector worker rank %d: chunks copied out layer by layer (%d of %d layers as vLLM computed "
-                "them, in the first such step)",
-                self.rank,
-                copied.hooked,
-                len(copied.copied),
-            )
-        return copied
-
-    def _stage(self, s: plan.ChunkSave) -> Staged | None:
-        """Put the chunk in the staging pool; its entry, or None if it does not fit."""
-        if self.pool is None or self.paged is None:
-            return None
-        paged = self.paged
-        nbytes = paged.nbytes(len(s.block_ids))
-        if not self.pool.stage(
-            s.transfer, s.key, len(s.block_ids), nbytes, lambda buf, ids=s.block_ids: paged.gather(ids, buf)
-        ):
-            return None
-        self.stats.add(staged_chunks=1, staged_bytes=nbytes)
-        return self.pool.get(s.key)
-
-    def _cache(self, s: plan.ChunkSave, staged: Staged | None) -> None:
-        """Queue the chunk for the cache tier; a staged host buffer is shared (never written again),
-        a chunk staged in GPU memory gets a host copy of its own."""
-        if self.writer is None or self.paged is None:
-            return
-        if staged is not None and not staged.buffer.is_cuda:
-            chunk, ready = staged.buffer, staged.ready
-        else:
-            chunk = self.paged.host_buffer(self.paged.nbytes(len(s.block_ids)))
-            ready = self.paged.gather(s.block_ids, chunk)
-        meta = ChunkMeta(self.paged.describe(), len(s.block_ids)).encode()
-        if not self.writer.submit(rank_key(s.key, self.rank), chunk, meta, ready):
-            self.stats.add(cache_store_dropped=1)
 
     def _stored_shared(self, stored: int, nbytes: int, held: int, dropped: int, seconds: float) -> None:
         self.stats.add(
@@ -838,287 +717,43 @@ class _WorkerSide:
         else:
             self.stats.add(cache_store_dropped=1, cache_store_seconds=seconds)
 
-    # -- loads: from a prefiller, the rest from the cache tier --
+    # -- each step, delegated --
+    def save(self, meta: PDMetadata) -> None:
+        if self.rank == 0:
+            for lookup in meta.lookups:
+                self.stats.add(cache_lookup_tokens=lookup.asked, cache_hit_tokens=lookup.held)
+        if self.saves is not None:
+            self.saves.save(meta)
+
+    def save_layer(self, meta: PDMetadata, layer_name: str) -> None:
+        if self.saves is not None:
+            self.saves.save_layer(meta, layer_name)
+
     def start_load_kv(self, meta: PDMetadata) -> None:
-        for rid, job in meta.loads.items():
-            if job.layerwise:
-                self._start_in_step(rid, job)
-            elif not job.endpoints and not job.from_disk and self.tier is not None:
-                self._start_from_arena(rid, job)
-            else:
-                self._loader.submit(self._load, rid, job)
-        for release in meta.releases:
-            self._loader.submit(self._release, release.endpoints, release.transfer)
-
-    def _peer(self, endpoints: list[str]) -> str:
-        if self.rank >= len(endpoints):
-            raise ProtocolError(f"the prefiller has {len(endpoints)} TP ranks; this decoder rank is {self.rank}")
-        return endpoints[self.rank]
-
-    def _load(self, rid: str, job: LoadJob) -> None:
-        """Runs on a loader thread; whatever happens, the request is reported finished, with the
-        blocks not loaded as errors for vLLM to recompute."""
-        done = job.start
-        try:
-            done = self._pull(rid, job)
-        except Exception:
-            log.exception("request %s: KV load failed unexpectedly; prefilling it locally", rid)
-            self.stats.add(load_failures=1)
-        with self._lock:
-            self._load_errors |= plan.blocks_from(done, job.end, job.block_ids, self.block_size)
-            self._finished_loads.add(rid)
-        if job.endpoints:
-            self._release(job.endpoints, job.transfer)
-
-    def _pull(self, rid: str, job: LoadJob) -> int:
-        """Load the job's chunks from the prefiller, then what is still missing from the cache tier;
-        returns the end of the tokens now in place."""
-        assert self.paged is not None
-        t0 = time.perf_counter()
-        loader = ChunkLoader(self.paged, job, on_device=self.on_device, window=self.cfg.window())
-        peer_error: Exception | None = None
-        if job.endpoints:
-            try:
-                self._load_from_peer(job, loader)
-            except Exception as e:
-                peer_error = e
-        peer_tokens, peer_bytes = loader.done - job.start, loader.nbytes
-        t1 = time.perf_counter()
-        if loader.done < job.end and self.cache is not None:
-            self._load_from_cache(job, loader)
-        cache_tokens, cache_bytes = loader.done - job.start - peer_tokens, loader.nbytes - peer_bytes
-        t2 = time.perf_counter()
-        self.stats.add(
-            loaded_tokens=peer_tokens,
-            loaded_bytes=peer_bytes,
-            load_seconds=t1 - t0,
-            cache_loaded_tokens=cache_tokens,
-            cache_loaded_bytes=cache_bytes,
-            cache_load_seconds=t2 - t1 if cache_tokens or not job.endpoints else 0.0,
-        )
-        if loader.done < job.end:
-            what = f"hand-off from {job.endpoints[0]}" if job.endpoints else f"load from the cache {self.cfg.cache}"
-            reason = f"{type(peer_error).__name__}: {peer_error}" if peer_error else (loader.error or "chunks missing")
-            log.warning(
-                "request %s: KV %s failed after %d of %d tokens (%s)%s; prefilling the remaining %d tokens locally",
-                rid,
-                what,
-                loader.done - job.start,
-                job.end - job.start,
-                reason,
-                f", {cache_tokens} of them from the cache tier" if job.endpoints and cache_tokens else "",
-                job.end - loader.done,
-            )
-            self.stats.add(load_failures=1)
-        elif peer_error is not None:
-            log.info("request %s: the %d tokens its prefiller lacked came from the cache tier", rid, cache_tokens)
-        elif job.endpoints:
-            self.stats.add(loads=1)
-        return loader.done
-
-    def _load_from_peer(self, job: LoadJob, loader: ChunkLoader) -> None:
-        pull(self._conns, self._peer(job.endpoints), loader, self.cfg.lanes(), self._lanes)
-
-    def _load_from_cache(self, job: LoadJob, loader: ChunkLoader) -> None:
-        assert self.cache is not None
-        rest = loader.remaining()
-        keys = [rank_key(c.key, self.rank) for c in rest]
-        loader.switch_source(on_device=False)  # the cache tier: host bytes
-        try:
-            if self.tier is not None:
-                tier = self._shared_tier()
-                if tier is None:
-                    raise LocalError("the cache tier failed lately; skipped")
-                from_disk, seconds = tier.load(keys, loader, from_disk=True)
-                if from_disk:
-                    self.stats.add(
-                        cache_disk_loaded_tokens=from_disk * self.cfg.chunk_size, cache_disk_load_seconds=seconds
-                    )
-            else:
-                self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
-        except Exception as e:  # a chunk that does not fit this cache: the rest is computed
-            loader.error = f"{type(e).__name__}: {e}"
-        finally:
-            loader.settle()
-
-    # -- loads from this host's arena, queued by the engine's thread and polled each step --
-    def _start_from_arena(self, rid: str, job: LoadJob) -> None:
-        assert self.paged is not None
-        loader = ChunkLoader(self.paged, job)
-        tier = self._shared_tier()
-        try:
-            if tier is None:
-                raise LocalError("the cache tier failed lately; skipped")
-            load = tier.start_load([rank_key(c.key, self.rank) for c in job.chunks], loader)
-        except Exception as e:  # nothing queued or pinned: the request computes it all
-            self._arena_load_done(rid, job, job.start, 0, 0.0, f"{type(e).__name__}: {e}")
-            return
-        self._from_arena[rid] = (job, loader, load, tier)
-
-    def _poll_from_arena(self) -> None:
-        """End the arena loads whose copies are done: unpin their chunks and report the request."""
-        for rid, (job, loader, load, tier) in list(self._from_arena.items()):
-            if not load.done():
-                continue
-            del self._from_arena[rid]
-            held = tier.finish(load)
-            seconds = time.perf_counter() - load.started
-            if held:
-                self._arena_load_done(rid, job, loader.done, loader.nbytes, seconds, loader.error or "chunks missing")
-            else:
-                why = "the cache server unpinned chunks before they were copied"
-                self._arena_load_done(rid, job, job.start, 0, seconds, why)
-
-    def _arena_load_done(self, rid: str, job: LoadJob, done: int, nbytes: int, seconds: float, why: str) -> None:
-        self.stats.add(cache_loaded_tokens=done - job.start, cache_loaded_bytes=nbytes, cache_load_seconds=seconds)
-        if done < job.end:
-            log.warning(
-                "request %s: KV load from the cache %s failed after %d of %d tokens (%s); prefilling the "
-                "remaining %d tokens locally",
-                rid,
-                self.cfg.cache,
-                done - job.start,
-                job.end - job.start,
-                why,
-                job.end - done,
-            )
-            self.stats.add(load_failures=1)
-        with self._lock:
-            self._load_errors |= plan.blocks_from(done, job.end, job.block_ids, self.block_size)
-            self._finished_loads.add(rid)
-
-    def _shared_tier(self) -> SharedTier | None:
-        """The shared-memory tier, or None while it is skipped after a failure (cache_retry_s);
-        then the server is asked again where its tier is: a restarted server has another arena,
-        and the old one is let go once no copy uses it."""
-        with self._tier_lock:
-            tier = self.tier
-            if tier is None or not tier.failed:
-                return tier
-            if time.monotonic() < self._tier_retry_at:
-                return None
-            self._tier_retry_at = time.monotonic() + self.cfg.cache_retry_s
-            fresh = _local_client(self.cache, self.cfg)
-            if fresh is None:
-                return None
-            if fresh.info.token == tier.client.info.token:  # the same server: it failed a call, not died
-                fresh.close()
-                tier.failed = False
-                return tier
-            assert self.paged is not None
-            self.tier = SharedTier(fresh, self.paged, self._stored_shared)
-            threading.Thread(target=tier.retire, name="pdrun-tier-retire", daemon=True).start()
-            log.info("cache tier restarted: now through its new arena %s", fresh.info.arena)
-            return self.tier
-
-    def _release(self, endpoints: list[str], transfer_id: str) -> None:
-        try:
-            with self._conns.connection(self._peer(endpoints)) as conn:
-                conn.call("release", meta={"transfer": transfer_id})
-        except Exception as e:  # the prefiller's TTL frees it anyway
-            log.debug("release of %s failed: %s", transfer_id, e)
-
-    # -- layer-wise loads, inside the step's forward pass (pd/layerwise.py) --
-    def _start_in_step(self, rid: str, job: LoadJob) -> None:
-        """Start pulling the hand-off layer by layer, on a thread of its own: the forward pass
-        waits for each of this step's loads, none may queue behind another."""
-        assert self.paged is not None
-        try:
-            load = LayerwiseLoad(self.paged, job, on_device=self.on_device, window=self.cfg.window())
-        except Exception as e:  # no memory for its ring: the request is prefilled locally
-            log.warning("request %s: could not start a layer-wise load (%s: %s)", rid, type(e).__name__, e)
-            self.stats.add(load_failures=1)
-            self._in_step_failed |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
-            return
-        thread = threading.Thread(target=self._pull_in_step, args=(rid, job, load), name="pdrun-layers", daemon=True)
-        self._in_step[rid] = (job, load, thread)
-        thread.start()
-
-    def _pull_in_step(self, rid: str, job: LoadJob, load: LayerwiseLoad) -> None:
-        t0 = time.perf_counter()
-        try:
-            pull_layers(self._conns, self._peer(job.endpoints), load)  # stops the load whatever happens
-        except Exception as e:  # the forward pass goes on; the step's end reports the blocks
-            log.debug("request %s: layer-wise load failed", rid, exc_info=True)
-            load.stop(f"{type(e).__name__}: {e}")  # a failure before the pull (no such TP rank)
-        self.stats.add(load_seconds=time.perf_counter() - t0)
-        self._release(job.endpoints, job.transfer)
+        if self.loads is not None:
+            self.loads.start(meta)
 
     def wait_for_layer(self, layer_name: str) -> None:
-        """vLLM is about to compute `layer_name`: wait until this step's layer-wise loads placed it."""
-        index = self.paged.layer_of.get(layer_name) if self.paged is not None else None
-        if index is None:
-            return
-        for _, load, _ in self._in_step.values():
-            load.wait(index)
-
-    def _finish_in_step(self) -> set[int]:
-        """The step is done: wait for its layer-wise loads to end, and return the blocks of those
-        that did not arrive whole, or whose layers the forward pass did not wait for all (vLLM then
-        recomputes the request's blocks and drops what the step computed for it)."""
-        errors, self._in_step_failed = self._in_step_failed, set()
-        for rid, (job, load, thread) in self._in_step.items():
-            thread.join()
-            skipped = [i for i, waited in enumerate(load.awaited) if not waited]
-            if load.complete and not skipped:
-                self.stats.add(loads=1, loaded_tokens=job.end - job.start, loaded_bytes=load.nbytes)
-                continue
-            reason = load.error or f"vLLM did not wait for layers {skipped} (no layer hooks?)"
-            log.warning(
-                "request %s: layer-wise hand-off from %s failed (%s); prefilling its %d tokens locally",
-                rid,
-                job.endpoints[0],
-                reason,
-                job.end - job.start,
-            )
-            self.stats.add(load_failures=1)
-            errors |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
-        if self._in_step and not self._in_step_seen:
-            self._in_step_seen = True
-            _, load, _ = next(iter(self._in_step.values()))
-            log.info(
-                "PDConnector worker rank %d: hand-offs loaded layer by layer (%d of %d layers waited for by "
-                "vLLM's hooks, in the first such step)",
-                self.rank,
-                sum(load.awaited),
-                len(load.awaited),
-            )
-        self._in_step.clear()
-        return errors
+        if self.loads is not None:
+            self.loads.wait_for_layer(layer_name)
 
     def take_finished_loads(self) -> set[str] | None:
-        self._poll_from_arena()
-        with self._lock:
-            done, self._finished_loads = self._finished_loads, set()
-            # Errors go out in the same step as their request's completion.
-            self._reported_errors |= self._load_errors
-            self._load_errors = set()
-        return done or None
+        return self.loads.take_finished_loads() if self.loads is not None else None
 
     def take_load_errors(self) -> set[int]:
-        errors = self._finish_in_step()  # called once a step, after its forward pass
-        with self._lock:
-            errors |= self._reported_errors
-            self._reported_errors = set()
-        return errors
+        return self.loads.take_load_errors() if self.loads is not None else set()
 
     def shutdown(self) -> None:
-        for _, _, load, tier in self._from_arena.values():
-            if load.ready is not None:
-                load.ready.synchronize()
-            tier.finish(load)
-        self._from_arena.clear()
-        self._loader.shutdown(wait=False, cancel_futures=True)
-        if self._lanes is not None:
-            self._lanes.shutdown(wait=False, cancel_futures=True)
+        if self.loads is not None:
+            self.loads.shutdown()
         if self.listener is not None:
             self.listener.close()
         self._conns.close()
         if self.writer is not None:
             self.writer.flush(timeout=5)
             self.writer.close()
-        if self.tier is not None:
-            self.tier.close()
+        if self.tiers.current is not None:
+            self.tiers.current.close()
         elif self.local is not None:
             self.local.close()
         if self.cache is not None:

@@ -50,7 +50,7 @@ class SharedTier:
     def __init__(self, client: LocalClient, paged: PagedKV, on_stored: OnStored):
         self.client = client
         self.paged = paged
-        self._on_stored = on_stored
+        self.on_stored = on_stored
         self.memory = torch.frombuffer(client.arena.buffer(), dtype=torch.uint8)
         self.registered = False
         if paged.device.type == "cuda":
@@ -89,7 +89,7 @@ class SharedTier:
         except LocalError as e:
             log.warning("cache tier store skipped: %s", e)
             self.failed = True
-            self._on_stored(0, 0, 0, len(chunks), 0.0)
+            self.on_stored(0, 0, 0, len(chunks), 0.0)
             return
         keys: list[bytes] = []
         copied = 0  # bytes
@@ -108,7 +108,7 @@ class SharedTier:
         if lease:
             self._commits.put((lease, keys, copied, ready, held, dropped, t0))  # the last copy queued ends them all
         else:
-            self._on_stored(0, 0, held, dropped, 0.0)
+            self.on_stored(0, 0, held, dropped, 0.0)
 
     def _commit_loop(self) -> None:
         while (item := self._commits.get()) is not None:
@@ -121,7 +121,7 @@ class SharedTier:
                 log.warning("committing %d chunks to the cache tier failed: %s", len(keys), e)
                 self.failed = True
                 dropped, keys, copied = dropped + len(keys), [], 0
-            self._on_stored(len(keys), copied, held, dropped, time.perf_counter() - t0)
+            self.on_stored(len(keys), copied, held, dropped, time.perf_counter() - t0)
             self._commits.task_done()
         self._commits.task_done()
 
@@ -238,3 +238,37 @@ class SharedTier:
             torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
         del self.memory
         self.client.close()
+
+
+class TierLink:
+    """A worker's way to the tier through its host's shared memory: the `current` SharedTier, or
+    None from `get` while it is skipped after a failure (`retry_s`); then the server is asked again
+    where its tier is (`reconnect`): a restarted server has another arena, and the old one is let
+    go once no copy uses it."""
+
+    def __init__(self, current: SharedTier | None, reconnect: Callable[[], LocalClient | None], retry_s: float):
+        self.current = current
+        self._reconnect = reconnect
+        self._retry_s = retry_s
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+
+    def get(self) -> SharedTier | None:
+        with self._lock:
+            tier = self.current
+            if tier is None or not tier.failed:
+                return tier
+            if time.monotonic() < self._retry_at:
+                return None
+            self._retry_at = time.monotonic() + self._retry_s
+            fresh = self._reconnect()
+            if fresh is None:
+                return None
+            if fresh.info.token == tier.client.info.token:  # the same server: it failed a call, not died
+                fresh.close()
+                tier.failed = False
+                return tier
+            self.current = SharedTier(fresh, tier.paged, tier.on_stored)
+            threading.Thread(target=tier.retire, name="pdrun-tier-retire", daemon=True).start()
+            log.info("cache tier restarted: now through its new arena %s", fresh.info.arena)
+            return self.current

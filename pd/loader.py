@@ -241,7 +241,8 @@ class ChunkLoader:
         return shares
 
     def absorb(self, shares: list[ChunkLoader]) -> None:
-        """Progress of the shares `split` gave, in order: placed up to the first gap."""
+        """Progress of the shares `split` gave, in order: placed up to the first gap. The shares
+        scattered (and settled) their chunks from their own buffers: none is queued here again."""
         for share in shares:
             self.nbytes += share.nbytes
         for share in shares:
@@ -249,6 +250,7 @@ class ChunkLoader:
             self.done = share.done
             if share.next < len(share.chunks):
                 break
+        self.asked = self._queued = self.next
 
 
 def pull_share(conns: ConnectionPool, address: str, loader: ChunkLoader) -> None:

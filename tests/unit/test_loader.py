@@ -101,3 +101,25 @@ def test_a_lane_that_fails_keeps_what_came_before_its_gap(prefiller):
     assert loader.next == 11 and loader.done == 11 * CHUNK  # chunks 0-10 in place, in order
     assert loader.remaining()[0].key == key(11)  # what the cache tier is asked for next
     assert same_blocks(src, dst, list(range(22)), list(range(22)))
+
+
+def test_what_the_lanes_placed_survives_the_switch_to_the_cache_tier(prefiller):
+    """The loader goes on from the cache tier after a lane failed: the chunks the lanes placed are
+    not scattered again from its own (never filled) buffers."""
+    src, pool, _, address = prefiller
+    pool.release("gap")
+    assert pool.stage("other", key(99), 1, pool.budget - pool.nbytes + 1, lambda buf: None)
+    dst = paged()
+    loader = ChunkLoader(dst, job(address, list(range(BLOCKS))))
+    conns = transfer.ConnectionPool(transfer.connect)
+    with ThreadPoolExecutor(4) as executor, pytest.raises(transfer.RemoteError):
+        pull(conns, address, loader, 2, executor)
+    conns.close()
+    loader.switch_source(on_device=False)
+    for c in loader.remaining():  # the tier's copy of the rest, from host memory
+        chunk = torch.empty(src.nbytes(c.src_blocks), dtype=torch.uint8)
+        src.gather(c.block_ids, chunk)
+        loader.place_from(chunk)
+    loader.settle()
+    assert loader.done == BLOCKS * BLOCK
+    assert same_blocks(src, dst, list(range(BLOCKS)), list(range(BLOCKS)))

@@ -517,6 +517,18 @@ class _SchedulerSide:
             state.from_disk,
         )
 
+    def _release_unloaded(self, request: Request) -> None:
+        """A decoder request that ends before its hand-off was loaded (aborted while it waited):
+        its prefiller is told now that the chunks are free, not at their TTL."""
+        if not self.is_consumer:
+            return
+        try:
+            h = handoff_of(request.kv_transfer_params)  # None once a load was planned
+        except ValidationError:
+            return
+        if h is not None and h.num_tokens:
+            self._meta.releases.append(Release(h.endpoints, h.transfer))
+
     # -- saves: staging for a decoder (producer), writing behind to the cache tier (any role) --
     def _track_saves(self, request: Request, incoming: _Incoming | None) -> None:
         stage = self.is_producer and wants_handoff(request.kv_transfer_params)
@@ -589,6 +601,7 @@ class _SchedulerSide:
             # A decoder tells how long the request waited and its hand-off took (vLLM returns this
             # in non-streamed answers; the proxy records it and answers the client without it).
             if times is None:
+                self._release_unloaded(request)
                 return False, None
             queued, start, end = times
             timing = {"queued_s": round(queued or 0.0, 6)}

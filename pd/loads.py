@@ -17,6 +17,7 @@ from pdrun.pd.config import ConnectorConfig
 from pdrun.pd.keys import rank_key
 from pdrun.pd.layerwise import LayerwiseLoad, pull_layers
 from pdrun.pd.loader import ChunkLoader, LoadJob, pull
+from pdrun.pd.releases import Releaser
 from pdrun.pd.stats import StatsCounter
 from pdrun.pd.tier import SharedTier, TierLink, TierLoad
 from pdrun.storage.client import CacheClient
@@ -56,6 +57,7 @@ class Loads:
         self._lanes = (
             ThreadPoolExecutor(cfg.load_threads * (lanes - 1), thread_name_prefix="pdrun-lane") if lanes > 1 else None
         )
+        self.releases = Releaser(self._send_release)
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
         # loads from the arena this thread queued, polled each step
@@ -76,7 +78,7 @@ class Loads:
             else:
                 self._loader.submit(self._load, rid, job)
         for release in meta.releases:
-            self._loader.submit(self._release, release.endpoints, release.transfer)
+            self._release(release.endpoints, release.transfer)
 
     def _peer(self, endpoints: list[str]) -> str:
         if self.rank >= len(endpoints):
@@ -216,11 +218,15 @@ class Loads:
             self._finished_loads.add(rid)
 
     def _release(self, endpoints: list[str], transfer_id: str) -> None:
+        """This rank's chunks of the hand-off are no longer needed: its prefiller is told (in the background)."""
         try:
-            with self._conns.connection(self._peer(endpoints)) as conn:
-                conn.call("release", meta={"transfer": transfer_id})
-        except Exception as e:  # the prefiller's TTL frees it anyway
-            log.debug("release of %s failed: %s", transfer_id, e)
+            self.releases.release(self._peer(endpoints), transfer_id)
+        except ProtocolError as e:  # no such rank there: nothing of ours to release
+            log.debug("release of %s: %s", transfer_id, e)
+
+    def _send_release(self, address: str, transfer_id: str) -> None:
+        with self._conns.connection(address) as conn:
+            conn.call("release", meta={"transfer": transfer_id})
 
     # -- layer-wise loads, inside the step's forward pass (pd/layerwise.py) --
     def _start_in_step(self, rid: str, job: LoadJob) -> None:
@@ -313,5 +319,6 @@ class Loads:
             tier.finish(load)
         self._from_arena.clear()
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self.releases.close()
         if self._lanes is not None:
             self._lanes.shutdown(wait=False, cancel_futures=True)

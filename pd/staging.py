@@ -88,6 +88,12 @@ class StagingPool:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def held(self) -> int:
+        """Hand-offs staged and not yet released (nor expired)."""
+        with self._lock:
+            self._expire(time.monotonic())
+            return len(self._transfers)
+
     def stage(
         self, transfer: str, key: bytes, blocks: int, nbytes: int, fill: Callable[[torch.Tensor], Ready | None]
     ) -> bool:
@@ -211,7 +217,8 @@ class StagingService(Service):
     the first one not staged; with "by_layer" (a decoder loading layer by layer), layer 0 of every
     chunk asked, then layer 1, ..., after checking that every chunk is staged: a frame per layer
     of a chunk, or with "whole_layers" per layer of all of them;
-    "release" drops a transfer's references; "ping" names the layout."""
+    "release" drops a transfer's references; "ping" names the layout, the chunks staged and the
+    hand-offs held (not yet released)."""
 
     def __init__(
         self,
@@ -249,7 +256,7 @@ class StagingService(Service):
             self.pool.release(transfer)
             return {}
         if request.op == "ping":
-            return {"layout": self.layout, "staged": len(self.pool)}
+            return {"layout": self.layout, "staged": len(self.pool), "held": self.pool.held()}
         raise ValueError(f"unknown op {request.op!r} (this endpoint serves get, release, ping)")
 
     def _by_layer(self, keys: list[bytes], whole_layers: bool) -> Iterator[Frame]:

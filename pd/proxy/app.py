@@ -43,6 +43,7 @@ from pdrun import transfer
 from pdrun.pd.params import TIMING
 from pdrun.pd.proxy.body import BadRequest, decode_only_reason, error_response, parse_body
 from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
+from pdrun.pd.proxy.handoffs import GiveBack
 from pdrun.pd.proxy.health import Health, TornDownIsConnectError
 from pdrun.pd.proxy.metrics import ProxyMetrics
 from pdrun.pd.proxy.routing import Backend, Policy, Router, prompt_tokens
@@ -98,6 +99,7 @@ class Proxy:
         self.timings = TimingLog()
         self.shortcut = _shortcut(settings)
         self.health = Health(self.router.backends)
+        self.give_back = GiveBack()
 
     @property
     def client(self) -> httpx.AsyncClient | None:
@@ -125,6 +127,7 @@ class Proxy:
             checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checker
+            await self.give_back.drain()
             await self.client.aclose()
             if self.shortcut is not None:
                 self.shortcut.close()
@@ -329,76 +332,91 @@ class Proxy:
         return error_response(503, "no decoder in rotation")
 
     async def _decode(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
-        opened = await self._open_decoder(path, body)
-        if isinstance(opened, Response):
-            return opened
-        d, upstream, first, chunks, sent = opened.d, opened.upstream, opened.first, opened.chunks, opened.sent
-        handed_on = False
+        """A decoder's answer; the request's hand-off, if any, is given back unless a decoder took it."""
+        params = body.get("kv_transfer_params")
+        taken = False
         try:
-            if upstream.status_code != 200 or not body.get("stream"):
-                rest = b"".join([first] + [c async for c in chunks])
-                timing.decode = time.monotonic() - sent  # no first-token time: one answer
-                if upstream.status_code == 200:
-                    rest = _take_decoder_timing(timing, rest)
-                return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))
-            handed_on = True
-            return RelayResponse(
-                self._relay(d, first, chunks, t0, sent, timing),
-                on_close=partial(self._release, d, upstream, timing, t0),
-                media_type=upstream.headers.get("content-type", "text/event-stream"),
-            )
-        except RETRIABLE as e:
-            self.health.failed(d, e)
-            return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
+            opened = await self._open_decoder(path, body)
+            if isinstance(opened, Response):
+                return opened
+            d, upstream, first, chunks, sent = opened.d, opened.upstream, opened.first, opened.chunks, opened.sent
+            handed_on = False
+            try:
+                if upstream.status_code != 200 or not body.get("stream"):
+                    rest = b"".join([first] + [c async for c in chunks])
+                    timing.decode = time.monotonic() - sent  # no first-token time: one answer
+                    if upstream.status_code == 200:
+                        taken = True
+                        rest = _take_decoder_timing(timing, rest)
+                    return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))
+                handed_on = taken = True  # the relay gives it back if the stream breaks
+                return RelayResponse(
+                    self._relay(d, first, chunks, t0, sent, timing, params),
+                    on_close=partial(self._release, d, upstream, timing, t0),
+                    media_type=upstream.headers.get("content-type", "text/event-stream"),
+                )
+            except RETRIABLE as e:
+                self.health.failed(d, e)
+                return error_response(502, f"decoder {d.url} failed mid-answer: {e}")
+            finally:
+                if not handed_on:
+                    d.outstanding -= 1
+                    await upstream.aclose()
         finally:
-            if not handed_on:
-                d.outstanding -= 1
-                await upstream.aclose()
+            if not taken:
+                self.give_back(params)
 
     async def _continue(
         self, first: Continuation, params: dict[str, Any], t0: float, timing: RequestTiming
     ) -> AsyncIterator[bytes]:
-        """The client's stream: the prefiller's token at once, then the decoder's continuation."""
+        """The client's stream: the prefiller's token at once, then the decoder's continuation. Unless
+        a decoder streams it to its end, the hand-off is given back (it may never be pulled)."""
         clock, decoder_clock, events = StreamClock(), StreamClock(), SSEEvents()
         head = first.head()
         clock.feed(head, time.monotonic())
-        yield head
-        opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params))
-        if isinstance(opened, Response):
-            log.warning("no decoder took the rest of a streamed answer: %s", bytes(opened.body)[:200])
-            yield _error_event(opened.status_code, bytes(opened.body))
-            return
-        d, sent = opened.d, opened.sent
+        finished = False
         try:
-            if opened.upstream.status_code != 200:
-                answer = opened.first + b"".join([c async for c in opened.chunks])
-                log.warning("decoder %s refused the rest of a streamed answer: %s", d.url, answer[:200])
-                yield _error_event(opened.upstream.status_code, answer)
+            yield head
+            opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params))
+            if isinstance(opened, Response):
+                log.warning("no decoder took the rest of a streamed answer: %s", bytes(opened.body)[:200])
+                yield _error_event(opened.status_code, bytes(opened.body))
                 return
-            async for chunk in _chain(opened.first, opened.chunks):
-                now, out = time.monotonic(), []
-                for event in events.feed(chunk):
-                    data = event_data(event)
-                    if data is not None:  # else [DONE], comments: as they are
-                        decoder_clock.see(data, now)
-                        data = first.rewrite(data)
-                        clock.see(data, now)
-                        event = b"data: " + json.dumps(data).encode()
-                    out.append(event + b"\n\n")
-                yield b"".join(out)
-            yield events.rest()
-            end = time.monotonic()
-            timing.decode, timing.total = end - sent, end - t0
-            timing.ttft = clock.first - t0 if clock.first is not None else None
-            if decoder_clock.first is not None:
-                timing.first_token = decoder_clock.first - sent
-            timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
-        except RETRIABLE as e:
-            self.health.failed(d, e)
-            yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
+            d, sent = opened.d, opened.sent
+            try:
+                if opened.upstream.status_code != 200:
+                    answer = opened.first + b"".join([c async for c in opened.chunks])
+                    log.warning("decoder %s refused the rest of a streamed answer: %s", d.url, answer[:200])
+                    yield _error_event(opened.upstream.status_code, answer)
+                    return
+                async for chunk in _chain(opened.first, opened.chunks):
+                    now, out = time.monotonic(), []
+                    for event in events.feed(chunk):
+                        data = event_data(event)
+                        if data is not None:  # else [DONE], comments: as they are
+                            decoder_clock.see(data, now)
+                            data = first.rewrite(data)
+                            clock.see(data, now)
+                            event = b"data: " + json.dumps(data).encode()
+                        out.append(event + b"\n\n")
+                    yield b"".join(out)
+                yield events.rest()
+                finished = True
+                end = time.monotonic()
+                timing.decode, timing.total = end - sent, end - t0
+                timing.ttft = clock.first - t0 if clock.first is not None else None
+                if decoder_clock.first is not None:
+                    timing.first_token = decoder_clock.first - sent
+                timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
+            except RETRIABLE as e:
+                self.health.failed(d, e)
+                yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
+            finally:
+                d.outstanding -= 1
+                await opened.upstream.aclose()
         finally:
-            d.outstanding -= 1
-            await opened.upstream.aclose()
+            if not finished:
+                self.give_back(params)
 
     async def _continue_whole(
         self, first: Continuation, params: dict[str, Any], t0: float, timing: RequestTiming
@@ -419,10 +437,19 @@ class Proxy:
         self._finish(timing, t0)
 
     async def _relay(
-        self, d: Backend, first: bytes, chunks: AsyncIterator[bytes], t0: float, sent: float, timing: RequestTiming
+        self,
+        d: Backend,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+        t0: float,
+        sent: float,
+        timing: RequestTiming,
+        params: dict[str, Any] | None,
     ) -> AsyncIterator[bytes]:
-        """The decoder's events; a decoder dying mid-stream ends it with an error event the client sees."""
+        """The decoder's events; a decoder dying mid-stream ends it with an error event the client sees
+        (and its hand-off, if any, is given back, as when the client leaves first)."""
         clock = StreamClock()
+        finished = False
         try:
             clock.feed(first, time.monotonic())
             yield first
@@ -434,9 +461,13 @@ class Proxy:
             if clock.first is not None:
                 timing.first_token, timing.ttft = clock.first - sent, clock.first - t0
             timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
+            finished = True
         except RETRIABLE as e:
             self.health.failed(d, e)
             yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
+        finally:
+            if not finished:
+                self.give_back(params)
 
     async def _release(self, d: Backend, upstream: httpx.Response, timing: RequestTiming, t0: float) -> None:
         d.outstanding -= 1

@@ -117,7 +117,7 @@ def test_service_streams_chunks_in_order_and_stops_at_the_first_missing(served):
             for f in conn.stream("get", meta={"keys": [key(1).hex(), key(9).hex()]}):
                 got.append(f.header.key)
         assert got == [key(1)]  # what came before the missing chunk is usable
-        assert conn.call("ping").meta == {"layout": "L1", "staged": 2}
+        assert conn.call("ping").meta == {"layout": "L1", "staged": 2, "held": 1}
         conn.call("release", meta={"transfer": "r"})
     assert pool.get(key(1)).transfers == set()
     assert served_bytes == [32, 64, 64]

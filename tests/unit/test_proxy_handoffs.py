@@ -1,0 +1,150 @@
+"""Hand-offs the proxy gives up on go back to their prefiller at once: a real staging pool served
+over a real connection, a real proxy, decoders that refuse, answer or die mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import logging
+import threading
+import time
+
+import httpx
+import pytest
+
+from pdrun import transfer
+from pdrun.pd.params import HandOff, handoff_params
+from pdrun.pd.proxy.app import Proxy, ProxySettings
+from pdrun.pd.proxy.continuation import COMPLETIONS, Continuation
+from pdrun.pd.proxy.handoffs import release
+from pdrun.pd.proxy.timing import RequestTiming
+from pdrun.pd.staging import StagingPool, StagingService
+from tests.unit.test_continuation import completion_answer
+from tests.unit.test_proxy_health import refused_url
+
+KEY = bytes(range(16))
+
+
+@pytest.fixture
+def prefiller():
+    """A staging pool holding one hand-off, "t1", served where a decoder would pull it."""
+    pool = StagingPool(budget_bytes=1 << 20, ttl_s=600)
+    pool.stage("t1", KEY, 1, 64, lambda buf: None)
+    with transfer.listen("tcp://127.0.0.1:0", StagingService(pool, "L1")) as listener:
+        handoff = HandOff(
+            endpoints=[listener.address], transfer="t1", num_tokens=3, keys=[KEY.hex()], fingerprint="0" * 32,
+            chunk_size=256,
+        )  # fmt: skip
+        yield pool, handoff_params(handoff)
+
+
+class Decoder(http.server.BaseHTTPRequestHandler):
+    """Streams two events and the end (chunked, as vLLM does), or (`die`) one event and then
+    closes the connection mid-stream, as a decoder whose process is killed."""
+
+    protocol_version = "HTTP/1.1"
+    die = False
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        event = b'data: {"choices": [{"index": 0, "text": "c", "token_ids": [9], "finish_reason": null}]}\n\n'
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.chunk(event)
+        if type(self).die:
+            self.close_connection = True
+            return
+        self.chunk(event + b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def decoder():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Decoder)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    Decoder.die = False
+    server.shutdown()
+
+
+def stream_through(proxy: Proxy, params: dict) -> bytes:
+    """The client's whole stream of a continued completion, then the releases under way."""
+    first = Continuation(COMPLETIONS, {"prompt": [1, 2, 3], "stream": True}, completion_answer())
+
+    async def run() -> bytes:
+        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        try:
+            timing = RequestTiming("r", COMPLETIONS, stream=True)
+            out = b"".join([chunk async for chunk in proxy._continue(first, params, time.monotonic(), timing)])
+            await proxy.give_back.drain()
+            return out
+        finally:
+            await proxy.client.aclose()
+
+    return asyncio.run(run())
+
+
+def proxy_to(*decoders: str) -> Proxy:
+    proxy = Proxy(ProxySettings(decode=list(decoders)))
+    for b in proxy.router.decoders:
+        b.mark_up(["m"])
+    return proxy
+
+
+def test_a_hand_off_no_decoder_takes_is_released_at_once(prefiller):
+    pool, params = prefiller
+    out = stream_through(proxy_to(refused_url()), params)
+    assert b"no decoder in rotation" in out
+    assert pool.held() == 0
+
+
+def test_a_hand_off_whose_decoder_dies_mid_stream_is_released(prefiller, decoder):
+    pool, params = prefiller
+    Decoder.die = True
+    out = stream_through(proxy_to(decoder), params)
+    assert b"decoder failed mid-stream" in out
+    assert pool.held() == 0
+
+
+def test_a_hand_off_a_decoder_streamed_to_its_end_is_left_to_that_decoder(prefiller, decoder):
+    pool, params = prefiller
+    out = stream_through(proxy_to(decoder), params)
+    assert out.endswith(b"data: [DONE]\n\n") and b"failed" not in out
+    assert pool.held() == 1  # the decoder releases what it pulled
+
+
+def test_a_non_streamed_decode_that_fails_releases_its_hand_off(prefiller):
+    pool, params = prefiller
+    proxy = proxy_to(refused_url())
+
+    async def run() -> int:
+        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        try:
+            timing = RequestTiming("r", COMPLETIONS, stream=False)
+            body = {"prompt": [1, 2, 3, 42], "kv_transfer_params": params}
+            r = await proxy._decode(COMPLETIONS, body, time.monotonic(), timing)
+            await proxy.give_back.drain()
+            return r.status_code
+        finally:
+            await proxy.client.aclose()
+
+    assert asyncio.run(run()) == 503
+    assert pool.held() == 0
+
+
+def test_a_release_the_prefiller_refuses_is_left_to_its_ttl(prefiller, caplog):
+    _, params = prefiller
+    dead = refused_url().replace("http", "tcp")
+    with caplog.at_level(logging.INFO, logger="pdrun"):
+        assert not release([dead], params["pdrun"]["transfer"], timeout_s=1.0)
+    assert "its TTL frees it" in caplog.text

@@ -320,6 +320,12 @@ def bench(
         str, typer.Option(help="slo: prompt lengths drawn from MIN,MAX (a decode-heavy mix: 1024,4096).")
     ] = "4096,16384",
     slo_output: Annotated[str, typer.Option(help="slo: answer lengths drawn from MIN,MAX.")] = "256,512",
+    slo_ttft: Annotated[
+        float, typer.Option(min=0.001, help="slo: the TTFT objective, seconds (a request meeting both is good).")
+    ] = 2.0,
+    slo_tpot_ms: Annotated[
+        float, typer.Option(min=0.1, help="slo: the TPOT objective, ms (tighter: where prefills stall decoding).")
+    ] = 20.0,
     offload_gb: Annotated[float, typer.Option(help="offload, lmcache: CPU memory for KV, GiB.")] = 40.0,
     cache_cpu_gb: Annotated[float, typer.Option(help="pdrun's cache tier memory, GiB (and a disk tier).")] = 40.0,
     transport: Annotated[str, typer.Option(help="pdrun's KV transport: tcp or ucx.")] = "tcp",
@@ -365,7 +371,8 @@ def bench(
                                 concurrency=tuple(_numbers(concurrency, "--concurrency")),
                                 prompts_per_user=prompts_per_user),
         slo=wl.SloSizes(rates=tuple(_numbers(rates, "--rates", float)), duration_s=slo_seconds,
-                        prompt=_range(slo_prompt, "--slo-prompt"), output=_range(slo_output, "--slo-output")),
+                        prompt=_range(slo_prompt, "--slo-prompt"), output=_range(slo_output, "--slo-output"),
+                        ttft_s=slo_ttft, tpot_s=slo_tpot_ms / 1000),
     )  # fmt: skip
     if max_model_len is None and model is None:
         max_model_len = 4096  # the tiny model's, as pdrun launch serves it

@@ -106,6 +106,8 @@ def test_the_cli_prints_the_plan_and_names_bad_input():
     assert r.exit_code == 2 and "--lengths takes comma-separated numbers" in r.output
     r = runner.invoke(app, ["bench", "--dry-run", "--slo-prompt", "4096,1024"])
     assert r.exit_code == 2 and "--slo-prompt takes MIN,MAX with 0 < MIN <= MAX, not '4096,1024'" in r.output
+    r = runner.invoke(app, ["bench", "--dry-run", "--slo-tpot-ms", "0"])
+    assert r.exit_code == 2 and "--slo-tpot-ms" in r.output
     json.dumps(b.Sizes().fit(4096).reuse.__dict__)  # the sizes go into the JSON as they are
 
 

@@ -1,0 +1,140 @@
+"""The connector's scheduler side as vLLM's scheduler drives it (a real vLLM config, real requests
+and blocks, no engine): what a decoder loads for a hand-off, and what it releases when the request
+ends before its load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdrun.launch import tiny_model
+from pdrun.pd.keys import chunk_keys
+from pdrun.pd.params import HandOff, handoff_params
+
+CHUNK, BLOCK = 64, 16
+PREFILLER = "tcp://127.0.0.1:1"
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory: pytest.TempPathFactory):
+    """The scheduler side of a decoder's PDConnector."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from pdrun.pd.connector import PDConnector
+
+    model = tiny_model.build(Path(tmp_path_factory.mktemp("model")) / "tiny")
+    ktc = KVTransferConfig(
+        kv_connector="PDConnector",
+        kv_role="kv_consumer",
+        kv_connector_module_path="pdrun.pd.connector",
+        kv_connector_extra_config={"chunk_size": CHUNK, "transport": "tcp"},
+        kv_load_failure_policy="recompute",
+    )
+    config = EngineArgs(
+        model=str(model), dtype="float32", max_model_len=1024, block_size=BLOCK, kv_transfer_config=ktc
+    ).create_engine_config()
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    layers = KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)
+    return PDConnector(
+        config, KVConnectorRole.SCHEDULER, KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[layers])
+    )
+
+
+def request(decoder, rid: str, prompt: list[int], prefilled: list[int] | None = None, **handoff_fields):
+    """A decoder request carrying the hand-off of `prefilled` (default: the prompt but its last token)."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    prefilled = prompt[:-1] if prefilled is None else prefilled
+    keys = chunk_keys(decoder._sched.fingerprint, prefilled)
+    fields = {
+        "endpoints": [PREFILLER],
+        "transfer": f"t-{rid}",
+        "num_tokens": len(prefilled),
+        "keys": [k.hex() for k in keys],
+        "fingerprint": decoder._sched.fingerprint_hex,
+        "chunk_size": CHUNK,
+        **handoff_fields,
+    }
+    params = handoff_params(HandOff(**fields))
+    sampling = SamplingParams(max_tokens=4, temperature=0.0, extra_args={"kv_transfer_params": params})
+    return Request(rid, prompt, sampling, None)
+
+
+def blocks(n: int, first: int = 0):
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    return KVCacheBlocks(([KVCacheBlock(first + i) for i in range(n)],))
+
+
+def step_meta(decoder):
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    return decoder.build_connector_meta(SchedulerOutput.make_empty())
+
+
+def test_a_hand_off_is_loaded_into_the_blocks_allocated_for_it(decoder):
+    prompt = list(range(1, 201))  # 199 tokens handed off: 3 full chunks and a partial one
+    r = request(decoder, "load", prompt)
+    count, load_async = decoder.get_num_new_matched_tokens(r, 0)
+    assert (count, load_async) == (199, True)
+    decoder.update_state_after_alloc(r, blocks(13, first=20), count)
+    job = step_meta(decoder).loads["load"]
+    assert (job.start, job.end, job.endpoints, job.transfer) == (0, 199, [PREFILLER], "t-load")
+    assert job.block_ids == list(range(20, 33)) and len(job.chunks) == 4
+    # Loaded: the worker releases it after pulling, the scheduler does not again.
+    assert decoder.request_finished(r, job.block_ids)[0] is False
+    assert step_meta(decoder).releases == []
+
+
+def test_a_request_that_ends_before_its_load_releases_its_hand_off(decoder):
+    r = request(decoder, "aborted", list(range(1, 301)))
+    decoder.get_num_new_matched_tokens(r, 0)  # looked at, never allocated: aborted while it waited
+    decoder.request_finished(r, [])
+    meta = step_meta(decoder)
+    assert [(x.endpoints, x.transfer) for x in meta.releases] == [([PREFILLER], "t-aborted")]
+    assert meta.loads == {}
+
+
+def test_a_request_aborted_before_the_scheduler_saw_it_releases_its_hand_off(decoder):
+    r = request(decoder, "never-seen", list(range(1, 101)))
+    decoder.request_finished(r, [])
+    assert [x.transfer for x in step_meta(decoder).releases] == ["t-never-seen"]
+
+
+def test_a_prompt_that_differs_loads_only_the_chunks_that_agree(decoder):
+    prompt = list(range(1, 301))
+    prefilled = [*prompt[:130], 9999, *prompt[131:299]]  # differs in the third chunk
+    r = request(decoder, "differs", prompt, prefilled)
+    count, _ = decoder.get_num_new_matched_tokens(r, 0)
+    assert count == 2 * CHUNK
+    decoder.update_state_after_alloc(r, blocks(19), count)
+    job = step_meta(decoder).loads["differs"]
+    assert (job.start, job.end, len(job.chunks)) == (0, 2 * CHUNK, 2)
+
+
+def test_a_hand_off_for_another_model_is_not_loaded_but_released(decoder):
+    r = request(decoder, "other-model", list(range(1, 101)), fingerprint="f" * 32)
+    assert decoder.get_num_new_matched_tokens(r, 0) == (0, False)
+    decoder.update_state_after_alloc(r, blocks(0), 0)
+    meta = step_meta(decoder)
+    assert meta.loads == {} and [x.transfer for x in meta.releases] == ["t-other-model"]
+
+
+def test_a_request_preempted_after_its_load_computes_when_rescheduled(decoder):
+    r = request(decoder, "preempted", list(range(1, 201)))
+    count, _ = decoder.get_num_new_matched_tokens(r, 0)
+    decoder.update_state_after_alloc(r, blocks(13), count)
+    assert "preempted" in step_meta(decoder).loads
+    # Preempted, its blocks freed; the hand-off was released once pulled: vLLM computes what its
+    # prefix cache no longer holds.
+    assert decoder.get_num_new_matched_tokens(r, 0) == (0, False)
+    decoder.update_state_after_alloc(r, blocks(13, first=30), 0)
+    meta = step_meta(decoder)
+    assert meta.loads == {} and meta.releases == []

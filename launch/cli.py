@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from pdrun.launch import tiny_model
-from pdrun.launch.config import ConfigError
+from pdrun.launch.config import KV_PORTS_PER_INSTANCE, ConfigError, LaunchConfig
 
 app = typer.Typer(
     name="pdrun",
@@ -49,6 +49,11 @@ def model_tiny(
     typer.echo(str(path))
 
 
+def _default(field: str) -> Any:
+    """`pdrun launch`'s default for a setting, as its help states it."""
+    return LaunchConfig.model_fields[field].default
+
+
 def _split_urls(values: list[str] | None) -> list[str]:
     """Repeated options and comma-separated lists alike."""
     return [u.strip() for v in values or [] for u in v.split(",") if u.strip()]
@@ -60,10 +65,12 @@ def launch(
     model: Annotated[
         str | None, typer.Option(help="Model path or name; default: the embedded tiny model (built if absent).")
     ] = None,
-    prefill: Annotated[int | None, typer.Option(help="Prefill instances (default 1).")] = None,
-    decode: Annotated[int | None, typer.Option(help="Decode instances (default 1).")] = None,
-    host: Annotated[str | None, typer.Option(help="Where the proxy listens (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="The proxy's port: the one OpenAI endpoint (default 8000).")] = None,
+    prefill: Annotated[int | None, typer.Option(help=f"Prefill instances (default {_default('prefill')}).")] = None,
+    decode: Annotated[int | None, typer.Option(help=f"Decode instances (default {_default('decode')}).")] = None,
+    host: Annotated[str | None, typer.Option(help=f"Where the proxy listens (default {_default('host')}).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help=f"The proxy's port: the one OpenAI endpoint (default {_default('port')}).")
+    ] = None,
     policy: Annotated[
         str | None, typer.Option(help="Routing: prefix_aware (default), least_outstanding, round_robin.")
     ] = None,
@@ -75,21 +82,31 @@ def launch(
     gpus: Annotated[str | None, typer.Option(help="GPU ids, one per instance, e.g. 0,1,2 (default: all).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name clients ask for.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len for every instance.")] = None,
-    instance_port: Annotated[int | None, typer.Option(help="First vLLM port, +1 per instance (default 8100).")] = None,
+    instance_port: Annotated[
+        int | None, typer.Option(help=f"First vLLM port, +1 per instance (default {_default('instance_port')}).")
+    ] = None,
     kv_port: Annotated[
-        int | None, typer.Option(help="First KV transfer port, +8 per instance (default 15100).")
+        int | None,
+        typer.Option(
+            help=f"First KV transfer port, +{KV_PORTS_PER_INSTANCE} per instance (default {_default('kv_port')})."
+        ),
     ] = None,
     cache_cpu_gb: Annotated[
         float | None,
-        typer.Option(help="Memory of the shared KV cache tier, GiB (default 4; 0: no cache tier)."),
+        typer.Option(
+            help=f"Memory of the shared KV cache tier, GiB (default {_default('cache_cpu_gb'):g}; 0: no cache tier)."
+        ),
     ] = None,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Disk tier of the cache; chunks survive restarts (default: memory only).", file_okay=False),
     ] = None,
-    cache_disk_gb: Annotated[float | None, typer.Option(help="Disk tier budget, GiB (default 50).")] = None,
+    cache_disk_gb: Annotated[
+        float | None, typer.Option(help=f"Disk tier budget, GiB (default {_default('cache_disk_gb'):g}).")
+    ] = None,
     cache_port: Annotated[
-        int | None, typer.Option(help="The cache server's port, its /metrics on the next (default 15090).")
+        int | None,
+        typer.Option(help=f"The cache server's port, its /metrics on the next (default {_default('cache_port')})."),
     ] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="Logs and state.json (default ~/.cache/pdrun/runs/<time>).")

@@ -143,7 +143,7 @@ def test_the_proxy_is_told_when_vllm_parses_chat_answers():
 
 def test_the_cli_answers_without_importing_torch_or_vllm():
     """`pdrun --help` and the config commands must not pay for torch and vLLM (seconds to import)."""
-    code = "import sys, launch.cli; print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))"
+    code = "import sys, pdrun.launch.cli; print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))"
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr or r.stdout
@@ -162,3 +162,12 @@ def test_a_package_that_breaks_vllm_for_cpu_is_named_with_the_command_that_fixes
     )
     r = CliRunner().invoke(app, ["launch", "--device", "cpu", "--run-dir", str(tmp_path / "run")])
     assert r.exit_code != 0 and "pip uninstall -y torchaudio" in r.output
+
+
+def test_launch_help_states_the_defaults_the_config_has():
+    help_text = " ".join(CliRunner().invoke(app, ["launch", "--help"], terminal_width=200).output.split())
+    cfg = load(None, {})
+    for option, value in [("Prefill instances", cfg.prefill), ("Decode instances", cfg.decode),
+                          ("First vLLM port", cfg.instance_port), ("First KV transfer port", cfg.kv_port),
+                          ("The cache server's port", cfg.cache_port)]:  # fmt: skip
+        assert f"(default {value})" in help_text.split(option, 1)[1][:120], option

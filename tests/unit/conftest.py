@@ -1,9 +1,13 @@
-"""UCX in the tests: loopback only, so nothing listens beyond 127.0.0.1."""
+"""UCX in the tests: loopback only, so nothing listens beyond 127.0.0.1. pdrun's log records
+reach pytest's capture (caplog) whichever test imported the connector, which gives the "pdrun"
+logger a handler of its own, first."""
 
+import logging
 import os
 import threading
 import time
 
+import pytest
 import torch
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
@@ -20,3 +24,8 @@ class LateCopy:
 
     def synchronize(self) -> None:
         self.thread.join()
+
+
+@pytest.fixture(autouse=True)
+def pdrun_logs_to_caplog(monkeypatch):
+    monkeypatch.setattr(logging.getLogger("pdrun"), "propagate", True)

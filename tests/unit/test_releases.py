@@ -70,7 +70,6 @@ def test_releases_a_prefiller_did_not_take_go_again_once_it_answers(releaser, mo
 def test_a_release_is_given_up_after_a_while(releaser, monkeypatch, caplog):
     monkeypatch.setattr(releases, "RETRY_S", 0.05)
     monkeypatch.setattr(releases, "GIVE_UP_S", 0.3)
-    monkeypatch.setattr(logging.getLogger("pdrun"), "propagate", True)  # to caplog
     with caplog.at_level(logging.INFO, logger="pdrun"):
         releaser.release(free_address(), "t1")  # a prefiller gone for good
         assert wait_until(lambda: "the prefiller's TTL frees it" in caplog.text)

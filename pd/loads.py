@@ -129,22 +129,28 @@ class Loads:
         if loader.done < job.end:
             what = f"hand-off from {job.endpoints[0]}" if job.endpoints else f"load from the cache {self.cfg.cache}"
             reason = f"{type(peer_error).__name__}: {peer_error}" if peer_error else (loader.error or "chunks missing")
-            log.warning(
-                "request %s: KV %s failed after %d of %d tokens (%s)%s; prefilling the remaining %d tokens locally",
-                rid,
-                what,
-                loader.done - job.start,
-                job.end - job.start,
-                reason,
-                f", {cache_tokens} of them from the cache tier" if job.endpoints and cache_tokens else "",
-                job.end - loader.done,
-            )
-            self.stats.add(load_failures=1)
+            if job.endpoints and cache_tokens:
+                reason += f"; {cache_tokens} tokens came from the cache tier"
+            self._failed(rid, what, job, loader.done, reason)
         elif peer_error is not None:
             log.info("request %s: the %d tokens its prefiller lacked came from the cache tier", rid, cache_tokens)
         elif job.endpoints:
             self.stats.add(loads=1)
         return loader.done
+
+    def _failed(self, rid: str, what: str, job: LoadJob, done: int, why: str) -> None:
+        """Every kind of load that placed less than it was asked says so the same way, and counts
+        once: the tokens from `done` on are computed by this instance."""
+        log.warning(
+            "request %s: KV %s failed after %d of %d tokens (%s); prefilling the remaining %d tokens locally",
+            rid,
+            what,
+            done - job.start,
+            job.end - job.start,
+            why,
+            job.end - done,
+        )
+        self.stats.add(load_failures=1)
 
     def _load_from_peer(self, job: LoadJob, loader: ChunkLoader) -> None:
         pull(self._conns, self._peer(job.endpoints), loader, self.cfg.lanes(), self._lanes)
@@ -202,17 +208,7 @@ class Loads:
     def _arena_load_done(self, rid: str, job: LoadJob, done: int, nbytes: int, seconds: float, why: str) -> None:
         self.stats.add(cache_loaded_tokens=done - job.start, cache_loaded_bytes=nbytes, cache_load_seconds=seconds)
         if done < job.end:
-            log.warning(
-                "request %s: KV load from the cache %s failed after %d of %d tokens (%s); prefilling the "
-                "remaining %d tokens locally",
-                rid,
-                self.cfg.cache,
-                done - job.start,
-                job.end - job.start,
-                why,
-                job.end - done,
-            )
-            self.stats.add(load_failures=1)
+            self._failed(rid, f"load from the cache {self.cfg.cache}", job, done, why)
         with self._lock:
             self._load_errors |= plan.blocks_from(done, job.end, job.block_ids, self.block_size)
             self._finished_loads.add(rid)
@@ -236,8 +232,8 @@ class Loads:
         try:
             load = LayerwiseLoad(self.paged, job, on_device=self.on_device, window=self.cfg.window())
         except Exception as e:  # no memory for its ring: the request is prefilled locally
-            log.warning("request %s: could not start a layer-wise load (%s: %s)", rid, type(e).__name__, e)
-            self.stats.add(load_failures=1)
+            why = f"{type(e).__name__}: {e}"
+            self._failed(rid, f"layer-wise hand-off from {job.endpoints[0]}", job, job.start, why)
             self._in_step_failed |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
             return
         thread = threading.Thread(target=self._pull_in_step, args=(rid, job, load), name="pdrun-layers", daemon=True)
@@ -274,14 +270,8 @@ class Loads:
                 self.stats.add(loads=1, loaded_tokens=job.end - job.start, loaded_bytes=load.nbytes)
                 continue
             reason = load.error or f"vLLM did not wait for layers {skipped} (no layer hooks?)"
-            log.warning(
-                "request %s: layer-wise hand-off from %s failed (%s); prefilling its %d tokens locally",
-                rid,
-                job.endpoints[0],
-                reason,
-                job.end - job.start,
-            )
-            self.stats.add(load_failures=1)
+            # Layers the forward pass already used cannot be patched: the whole hand-off is computed.
+            self._failed(rid, f"layer-wise hand-off from {job.endpoints[0]}", job, job.start, reason)
             errors |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
         if self._in_step and not self._in_step_seen:
             self._in_step_seen = True

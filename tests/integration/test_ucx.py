@@ -155,7 +155,7 @@ def test_a_layer_wise_hand_off_cut_off_half_way_is_recomputed(cluster, ucx_serve
     expected = {LOAD_FAILURES: 1, LOADED: 0}
     assert wait_for_deltas(consumer.url, before, expected) == expected
     lines = [ln for ln in consumer.log_path.read_text().splitlines() if f"hand-off from {fake.address}" in ln]
-    assert lines and "cut off half way" in lines[-1] and "prefilling its 1408 tokens locally" in lines[-1]
+    assert lines and "cut off half way" in lines[-1] and "prefilling the remaining 1408 tokens locally" in lines[-1]
     # And it goes on loading hand-offs layer by layer.
     ok = prompt(700, seed=531)
     again = prefill(ucx_servers["prefiller"].url, ok)

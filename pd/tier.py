@@ -75,11 +75,12 @@ class SharedTier:
         return self.memory[offset : offset + nbytes]
 
     # -- stores --
-    def store(self, chunks: Sequence[tuple[bytes, Sequence[int]]]) -> None:
+    def store(self, chunks: Sequence[tuple[bytes, Sequence[int]]]) -> bool:
         """Copy chunks (key, block ids) out of the KV cache into slots of the arena, committed
-        behind; the copies are queued now, on the engine's thread, before vLLM reuses the blocks."""
+        behind; the copies are queued now, on the engine's thread, before vLLM reuses the blocks.
+        False, with nothing copied, if the server did not answer (`failed`: it may have restarted)."""
         if not chunks:
-            return
+            return True
         layout = self.paged.describe()
         sizes = [self.paged.nbytes(len(ids)) for _, ids in chunks]
         metas = [ChunkMeta(layout, len(ids)).encode() for _, ids in chunks]
@@ -87,10 +88,9 @@ class SharedTier:
         try:
             lease, slots = self.client.reserve([k for k, _ in chunks], sizes, metas)
         except LocalError as e:
-            log.warning("cache tier store skipped: %s", e)
+            log.warning("cache tier store not taken: %s", e)
             self.failed = True
-            self.on_stored(0, 0, 0, len(chunks), 0.0)
-            return
+            return False
         keys: list[bytes] = []
         copied = 0  # bytes
         ready = None
@@ -109,6 +109,7 @@ class SharedTier:
             self._commits.put((lease, keys, copied, ready, held, dropped, t0))  # the last copy queued ends them all
         else:
             self.on_stored(0, 0, held, dropped, 0.0)
+        return True
 
     def _commit_loop(self) -> None:
         while (item := self._commits.get()) is not None:

@@ -356,9 +356,11 @@ def test_an_instance_goes_on_through_a_cache_server_restart_and_uses_the_new_one
         cache.send_signal(signal.SIGKILL)
         cache.wait(timeout=30)
         cache = start_cache_server(port, log)
-        # The first request after finds the old arena's server gone: computed, and the tier skipped
-        # for cache_retry_s; then the instance asks where the new tier is and stores into it.
+        # The first request after finds the old arena's server gone: computed, and the tier's
+        # lookups skipped for cache_retry_s; what it computed goes to the new server (a store the
+        # old one did not take goes again through the new arena), and later requests load from it.
         assert token_ids(complete(server.url, a)) == plain(cluster, a)
+        assert wait_for_deltas(f"http://127.0.0.1:{port + 1}", {}, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
         deadline, loaded = time.monotonic() + 60, 0.0
         while time.monotonic() < deadline and not loaded:
             before = metrics(server.url)

@@ -8,13 +8,15 @@ import contextlib
 import hmac
 import logging
 import os
+import socket
 import threading
+import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from pdrun.transfer.base import Connection, Frame, Reply, Service
+from pdrun.transfer.base import Connection, Frame, Listener, Reply, Service
 from pdrun.transfer.errors import PeerClosed, ProtocolError, Rejected, RemoteError, TransferError, Unauthorized
 from pdrun.transfer.wire import Header, Sink
 
@@ -184,3 +186,74 @@ def _reply(channel: Channel, service: Service, name: str, header: Header, payloa
         return
     meta = result.meta if isinstance(result, Reply) else dict(result or {})
     channel.write(Header(op="ok", meta=meta))
+
+
+Conn = TypeVar("Conn")  # what a backend serves one peer through: a socket, a UCX channel
+
+
+class SocketListener(Listener, Generic[Conn]):
+    """A listener on a TCP socket (the connection itself over tcp, its handshake over ucx), with
+    what the backends share: the accept loop, the connections open, serving each until it ends,
+    closing. A backend says what a new socket becomes (`accepted`, on the accept thread), how a
+    connection is let go once served (`release`) and how one is interrupted at `close`."""
+
+    def __init__(self, scheme: str, host: str, port: int, service: Service, options: Any):
+        self._sock = socket.create_server((host, port), backlog=256)
+        self.address = f"{scheme}://{host}:{self._sock.getsockname()[1]}"
+        self._service = service
+        self._options = options
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[Conn] = set()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"pdrun-{scheme}-accept", daemon=True)
+        self._thread.start()
+
+    def accepted(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def release(self, conn: Conn) -> None:
+        raise NotImplementedError
+
+    def interrupt(self, conn: Conn) -> None:
+        self.release(conn)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                time.sleep(0.01)
+                continue
+            self.accepted(sock)
+
+    def _admit(self, conn: Conn, limit: int | None = None) -> bool:
+        """Count `conn` as open, unless the listener is closed or has `limit` open already."""
+        with self._lock:
+            if self._closed.is_set() or (limit is not None and len(self._open) >= limit):
+                return False
+            self._open.add(conn)
+            return True
+
+    def _serve(self, conn: Conn, channel: Channel) -> None:
+        try:
+            o = self._options
+            serve(channel, self._service, self.address, o.idle_timeout, self._closed, o.auth_token)
+        finally:
+            with self._lock:
+                self._open.discard(conn)
+            self.release(conn)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._open)
+        for conn in conns:
+            self.interrupt(conn)
+        self._thread.join(timeout=2)

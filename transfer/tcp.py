@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from pdrun.transfer import framed
-from pdrun.transfer.base import Listener, Service, Transport
+from pdrun.transfer.base import Service, Transport
 from pdrun.transfer.errors import PeerClosed, Rejected, TransferTimeout
 from pdrun.transfer.framed import FramedConnection, auth_token_from_env
 from pdrun.transfer.wire import (
@@ -189,59 +189,27 @@ class TcpConnection(FramedConnection):
             self.channel.sock.close()
 
 
-class TcpListener(Listener):
+class TcpListener(framed.SocketListener[socket.socket]):
     def __init__(self, address: str, service: Service, options: TcpOptions):
         host, port = parse_address(address)
-        self._sock = socket.create_server((host, port), backlog=256, reuse_port=False)
-        self.address = f"tcp://{host}:{self._sock.getsockname()[1]}"
-        self._service = service
-        self._options = options
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._thread = threading.Thread(target=self._accept_loop, name=f"pdrun-tcp-accept-{port}", daemon=True)
-        self._thread.start()
+        super().__init__("tcp", host, port, service, options)
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                if self._closed.is_set():
-                    return
-                time.sleep(0.01)
-                continue
-            with self._lock:
-                if len(self._conns) >= self._options.max_connections:
-                    log.warning("%s: refusing a connection, %d already open", self.address, len(self._conns))
-                    conn.close()
-                    continue
-                self._conns.add(conn)
-            _tune(conn, self._options)
-            threading.Thread(target=self._serve, args=(conn,), name="pdrun-tcp-conn", daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            o = self._options
-            framed.serve(_FrameIO(conn, o), self._service, self.address, o.idle_timeout, self._closed, o.auth_token)
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
-
-    def close(self) -> None:
-        if self._closed.is_set():
+    def accepted(self, sock: socket.socket) -> None:
+        if not self._admit(sock, self._options.max_connections):
+            log.warning("%s: refusing a connection, %d already open", self.address, len(self._open))
+            sock.close()
             return
-        self._closed.set()
+        _tune(sock, self._options)
+        io = _FrameIO(sock, self._options)
+        threading.Thread(target=self._serve, args=(sock, io), name="pdrun-tcp-conn", daemon=True).start()
+
+    def release(self, conn: socket.socket) -> None:
+        conn.close()
+
+    def interrupt(self, conn: socket.socket) -> None:
+        # Its serving thread, woken, lets it go.
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=2)
+            conn.shutdown(socket.SHUT_RDWR)
 
 
 class TcpTransport(Transport):

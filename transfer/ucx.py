@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from pdrun.transfer import framed
-from pdrun.transfer.base import Listener, Service, Transport
+from pdrun.transfer.base import Service, Transport
 from pdrun.transfer.errors import PeerClosed, ProtocolError, Rejected, TransferError, TransferTimeout
 from pdrun.transfer.framed import FramedConnection, auth_token_from_env
 from pdrun.transfer.wire import (
@@ -527,30 +527,16 @@ class UcxConnection(FramedConnection):
         self.channel.close()
 
 
-class UcxListener(Listener):
+class UcxListener(framed.SocketListener["_Channel"]):
+    """Its socket takes the peers' handshakes (their UCX worker addresses); frames go over UCX."""
+
     def __init__(self, address: str, service: Service, options: UcxOptions):
         host, port = parse_address(address)
         self._worker = _Worker.get()
-        self._service = service
-        self._options = options
-        self._sock = socket.create_server((host, port), backlog=256)
-        self.address = f"ucx://{host}:{self._sock.getsockname()[1]}"
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._channels: set[_Channel] = set()
-        self._thread = threading.Thread(target=self._accept_loop, name="pdrun-ucx-accept", daemon=True)
-        self._thread.start()
+        super().__init__("ucx", host, port, service, options)
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                if self._closed.is_set():
-                    return
-                time.sleep(0.01)
-                continue
-            threading.Thread(target=self._connect_and_serve, args=(conn,), name="pdrun-ucx-conn", daemon=True).start()
+    def accepted(self, sock: socket.socket) -> None:
+        threading.Thread(target=self._connect_and_serve, args=(sock,), name="pdrun-ucx-conn", daemon=True).start()
 
     def _connect_and_serve(self, conn: socket.socket) -> None:
         try:
@@ -563,34 +549,13 @@ class UcxListener(Listener):
             conn.close()
             return
         ch = _Channel(ep, self._options, self.address, send_tag=tag + 1, recv_tag=tag, lifeline=conn, rings=False)
-        with self._lock:
-            if self._closed.is_set():
-                ch.close()
-                return
-            self._channels.add(ch)
-        self._serve(ch)
-
-    def _serve(self, ch: _Channel) -> None:
-        try:
-            o = self._options
-            framed.serve(ch, self._service, self.address, o.idle_timeout, self._closed, o.auth_token)
-        finally:
-            with self._lock:
-                self._channels.discard(ch)
+        if not self._admit(ch):
             ch.close()
-
-    def close(self) -> None:
-        if self._closed.is_set():
             return
-        self._closed.set()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-        with self._lock:
-            channels = list(self._channels)
-        for ch in channels:
-            ch.close()
-        self._thread.join(timeout=2)
+        self._serve(ch, ch)
+
+    def release(self, conn: _Channel) -> None:
+        conn.close()
 
 
 class UcxTransport(Transport):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on CPU: installs pdrun with vLLM for CPU and the test tools, lints, runs
-# unit and integration tests (the integration tests start real vLLM servers: about 15 minutes).
-# Extra arguments go to pytest instead, e.g. `bash tests/run.sh tests/unit -q`, or
-# `bash tests/run.sh -m faults -rP tests/integration/test_faults.py` for the faults under load.
+# unit and integration tests (the integration tests start real vLLM servers: about 15 minutes),
+# then the faults under load on a deployment of their own (about 9 minutes; -rP prints each
+# fault's figures). Extra arguments go to pytest instead, e.g. `bash tests/run.sh tests/unit -q`,
+# or `bash tests/run.sh -m faults -rP tests/integration/test_faults.py` for the faults alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[cpu,test]"
@@ -11,4 +12,9 @@ python -m pip install -q -e ".[cpu,test]"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec
 ruff check .
 ruff format --check .
-python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  python -m pytest "$@"
+else
+  python -m pytest
+  python -m pytest -m faults -rP tests/integration/test_faults.py
+fi

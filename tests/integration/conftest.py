@@ -9,6 +9,7 @@ at the end fails the session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pdrun import transfer
 from pdrun.launch import tiny_model
 from pdrun.launch.config import KV_PORTS_PER_INSTANCE
 from pdrun.launch.supervisor import group_members
@@ -92,7 +94,8 @@ class Deployment:
     run_dir: Path
     proxy_url: str
     cache_port: int
-    cache_dir: Path
+    cache_dir: Path | None
+    kv_port: int  # the first instance's (prefill-0's) first transfer port
 
     @property
     def cache_address(self) -> str:
@@ -106,6 +109,12 @@ class Deployment:
     @property
     def cache_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.cache_port + 1}"
+
+    def staging_held(self) -> int:
+        """Hand-offs prefill-0's staging pool holds for decoders that have yet to release them."""
+        address = f"tcp://127.0.0.1:{self.kv_port}"
+        with transfer.connect(address, auth_token=self.auth_token, connect_timeout=2, io_timeout=5) as conn:
+            return conn.call("ping").meta["held"]
 
     def state(self) -> dict:
         return json.loads((self.run_dir / "state.json").read_text())
@@ -216,12 +225,13 @@ def start_deployment(
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # our Ctrl-C does not reach it; the test sends its own
         )
-    return Deployment(proc, run_dir, f"http://127.0.0.1:{port}", base + span, cache_dir)
+    return Deployment(proc, run_dir, f"http://127.0.0.1:{port}", base + span, cache_dir, base + n)
 
 
-@pytest.fixture(scope="session")
-def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    log_dir = Path(os.environ.get("PDRUN_TEST_LOGS") or tmp_path_factory.mktemp("logs"))
+@contextlib.contextmanager
+def running_cluster(model_dir: Path, log_dir: Path, **settings: object) -> Iterator[Cluster]:
+    """A plain vLLM and the 1P2D deployment (`settings` as in start_deployment), stopped after;
+    whatever of them is left then fails the test."""
     plain = VllmServer(
         ServerSpec(model=str(model_dir), port=free_port(), dtype="float32", max_model_len=4096), log_dir / "plain.log"
     )
@@ -229,7 +239,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         t0 = time.monotonic()
         plain.start()
-        deployment = start_deployment(model_dir, log_dir / "run", log_dir / "cache")
+        deployment = start_deployment(model_dir, log_dir / "run", log_dir / "cache", **settings)
         names = ["prefill-0"] + [f"decode-{i}" for i in range(DECODERS)]
         deployment.wait_ready(names, timeout=900)
         plain.wait_healthy(timeout=600)
@@ -244,7 +254,22 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             left |= deployment.processes()
         for pid in left:
             os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes outlived the test session: {sorted(left)}"
+        assert not left, f"processes outlived the test: {sorted(left)}"
+
+
+def log_dir_for(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Where a cluster's logs go: PDRUN_TEST_LOGS/NAME if set, else a temporary directory."""
+    root = os.environ.get("PDRUN_TEST_LOGS")
+    if root:
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        return Path(root) / name
+    return tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="session")
+def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(model_dir, log_dir_for(tmp_path_factory, "logs")) as c:
+        yield c
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

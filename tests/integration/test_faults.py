@@ -6,7 +6,8 @@ hangs, every answer compared with plain vLLM's is the same or parts from it only
 (plain vLLM's own two best tokens within NEAR_TIE_NATS: the tiny model's random weights make them
 common, and a decoder that computes a request's first token itself, as fallbacks do, may take the
 other: README, Exact answers), every request that fails says why, the
-deployment heals on its own and nothing leaks (KV cache usage back to idle, no lease held, the
+deployment heals on its own and nothing leaks (KV cache usage back to idle, no lease held, no
+hand-off staged for a request that is gone, the
 threads and file descriptors of the processes that lived through it flat). Each test prints its
 figures: sent, completed, failed with an error, hung, wrong, and the fallbacks taken."""
 
@@ -20,7 +21,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import pytest
 
 from pdrun.launch.supervisor import group_members
 from tests.integration.client import complete, metrics, prompt, threads_and_fds
-from tests.integration.conftest import Cluster, Instance
+from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Cluster, Instance, log_dir_for, running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -120,6 +121,16 @@ ALL = ["prefill-0", "decode-0", "decode-1"]
 
 
 @pytest.fixture(scope="module")
+def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A deployment of their own (the faults leave it restarted many times over), whose instances
+    read every chunk the cache tier has on disk (by default they read what beats computing, which
+    on a CPU may be none): a damaged file is read, not skipped."""
+    connector = {"io_timeout_s": DECODER_IO_TIMEOUT_S, "connect_timeout_s": 2.0, "cache_disk_load": "always"}
+    with running_cluster(model_dir, log_dir_for(tmp_path_factory, "faults"), connector=connector) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def warmed(cluster: Cluster) -> Cluster:
     """One storm with no fault first: the pools of threads and connections grow to the load, so that
     what a fault test sees grow after is what its fault left behind."""
@@ -128,7 +139,7 @@ def warmed(cluster: Cluster) -> Cluster:
     return cluster
 
 
-def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], None], survivors: list[str]) -> None:
+def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], object], survivors: list[str]) -> None:
     """The storm with `fault` injected once requests are in flight; then the checks above."""
     d = cluster.deployment
     proxy_pids = {d.state()["children"]["proxy"]["pid"]}
@@ -198,6 +209,14 @@ def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], N
         time.sleep(0.5)
     assert not any(kv_in_use(i.url) for i in [cluster.prefiller, *cluster.decoders])
     assert metrics(d.cache_metrics_url).get("pdrun:cache_leases", 0) == 0
+    # No hand-off staged for a request that is gone: what decoders did not release (a decoder
+    # killed, a prefiller frozen as they released) the proxy and their retries did.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and d.staging_held():
+        time.sleep(0.5)
+    held = d.staging_held()
+    print(f"hand-offs held by the prefiller's staging pool: {held}")
+    assert held == 0
 
     # Connections to a process that died close as their pools notice (on use, or kept-alive ones
     # expiring), and thread pools grow at most to their bounds under a load unlike the warm-up's:
@@ -316,10 +335,10 @@ def test_every_chunk_file_damaged_under_200_streams(warmed):
     serves it; the requests that wanted those chunks compute them."""
     cluster = warmed
     cache = Instance(cluster.deployment, "cache")
-    files = sorted(cluster.deployment.cache_dir.glob("*/*.chunk"))
-    assert files, "the storms so far left no chunk on disk"
 
-    def damage() -> None:
+    def damage_all() -> int:
+        """Kill the cache server and damage every chunk file it has on disk; how many."""
+        files = sorted(cluster.deployment.cache_dir.glob("*/*.chunk"))
         cache.kill()
         for path in files:
             with contextlib.suppress(FileNotFoundError), open(path, "r+b") as f:
@@ -327,21 +346,45 @@ def test_every_chunk_file_damaged_under_200_streams(warmed):
                 last = f.read(1)[0]
                 f.seek(-1, os.SEEK_END)
                 f.write(bytes([last ^ 0xFF]))
+        return len(files)
 
-    run_with_fault(cluster, "every chunk file damaged", 15_000, damage, survivors=["prefill-0", "decode-0", "decode-1"])
+    assert sorted(cluster.deployment.cache_dir.glob("*/*.chunk")), "the storms so far left no chunk on disk"
+    run_with_fault(
+        cluster, "every chunk file damaged", 15_000, damage_all, survivors=["prefill-0", "decode-0", "decode-1"]
+    )
 
-    # The instances take the restarted server's tier back within cache_retry_s: prompts on the
-    # shared prefixes, whose chunks are on disk only now, read damaged files, drop them and compute.
+    # Read back for sure: prompts only decode-0 has computed, on the tier's disk; every file
+    # damaged while idle and the server restarted (its memory tier empty); decode-1, which never
+    # saw them (no prefix cache to skip the tier), is asked: the server reads each file, finds it
+    # damaged and drops it; decode-1 computes.
+    def tier_metrics() -> dict[str, float] | None:
+        try:
+            return metrics(cluster.deployment.cache_metrics_url)
+        except OSError:  # not back yet
+            return None
+
     def dropped() -> float:
-        return metrics(cluster.deployment.cache_metrics_url).get("pdrun:cache_dropped_corrupt_total[tier=disk]", 0)
+        return (tier_metrics() or {}).get("pdrun:cache_dropped_corrupt_total[tier=disk]", 0)
 
-    deadline, seed = time.monotonic() + 60, 15_900
-    while not dropped() and time.monotonic() < deadline:
-        for shared in SHARED:
-            p = shared + prompt(30, seed=seed)
-            assert answer_of(complete(cluster.proxy_url, p, max_tokens=OUTPUT)) == plain(cluster, p)
-            seed += 1
-    print(f"damaged chunk files dropped by the cache server: {int(dropped())} of {len(files)}")
+    d0, d1 = (i.url for i in cluster.decoders)
+    on_disk = set(cluster.deployment.cache_dir.glob("*/*.chunk"))
+    unseen = [prompt(3 * 256 + 20, seed=15_950 + i) for i in range(8)]
+    for p in unseen:
+        assert answer_of(complete(d0, p, max_tokens=OUTPUT)) == plain(cluster, p)
+    deadline = time.monotonic() + 60
+    while len(set(cluster.deployment.cache_dir.glob("*/*.chunk")) - on_disk) < 3 * len(unseen):
+        assert time.monotonic() < deadline, "decode-0's chunks never reached the tier's disk"
+        time.sleep(0.5)
+    damaged = damage_all()
+    deadline = time.monotonic() + 60
+    while tier_metrics() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in unseen:
+        time.sleep(2)  # within cache_retry_s the instances find the restarted server
+        assert answer_of(complete(d1, p, max_tokens=OUTPUT)) == plain(cluster, p)
+        if dropped():
+            break
+    print(f"damaged chunk files dropped by the cache server: {int(dropped())} of {damaged}")
     assert dropped() > 0
 
 

@@ -41,10 +41,11 @@ class Sizes:
     multiturn: wl.MultiturnSizes = field(default_factory=wl.MultiturnSizes)
     noreuse: wl.NoreuseSizes = field(default_factory=wl.NoreuseSizes)
     slo: wl.SloSizes = field(default_factory=wl.SloSizes)
+    decode: wl.DecodeSizes = field(default_factory=wl.DecodeSizes)
 
     def fit(self, max_len: int) -> Sizes:
         """The same workloads with every prompt and answer inside a context of `max_len` tokens."""
-        r, m, n, s = self.reuse, self.multiturn, self.noreuse, self.slo
+        r, m, n, s, d = self.reuse, self.multiturn, self.noreuse, self.slo, self.decode
         longest_out = s.output[1]
         lo, hi = s.prompt
         return Sizes(
@@ -52,6 +53,7 @@ class Sizes:
             multiturn=replace(m, max_history=min(m.max_history, max_len)),
             noreuse=replace(n, lengths=tuple(sorted({min(x, max_len - n.output) for x in n.lengths}))),
             slo=replace(s, prompt=(min(lo, (max_len - longest_out) // 4), min(hi, max_len - longest_out))),
+            decode=replace(d, length=min(d.length, max_len - d.output)),
         )
 
 
@@ -146,6 +148,9 @@ def estimate(p: Plan, sizes: Sizes) -> float:
                           for L in n.lengths for c in n.concurrency)  # fmt: skip
     if "slo" in p.workloads:
         per_system += len(s.rates) * (s.duration_s + sum(s.output) / 2 / dec * 20)
+    if "decode" in p.workloads:
+        d = sizes.decode
+        per_system += sum(d.length * c / pre + d.output / dec * 8 for c in d.concurrency)
     systems = sum(len(w) for w in p.waves)
     persisting = sum(1 for w in p.waves for n, _ in w if sysmod.persists(n))
     restarts = persisting * START_S[p.device] if "reuse" in p.workloads else 0.0
@@ -266,6 +271,8 @@ def _one(
         return asyncio.run(wl.multiturn(target, sizes.multiturn, seed)), None
     if workload == "noreuse":
         return asyncio.run(wl.noreuse(target, sizes.noreuse, seed)), None
+    if workload == "decode":
+        return asyncio.run(wl.decode(target, sizes.decode, seed)), None
     return asyncio.run(wl.slo(target, sizes.slo, len(s.gpus), seed)), None
 
 

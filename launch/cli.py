@@ -295,7 +295,7 @@ def bench(
         ),
     ] = "plain,pdrun-tier",
     workloads: Annotated[
-        str, typer.Option(help="reuse, multiturn, noreuse, slo (launch/workloads.py says what each sends).")
+        str, typer.Option(help="reuse, multiturn, noreuse, slo, decode (launch/workloads.py says what each sends).")
     ] = "reuse,noreuse",
     model: Annotated[
         str | None,
@@ -343,6 +343,10 @@ def bench(
     slo_tpot_ms: Annotated[
         float, typer.Option(min=0.1, help="slo: the TPOT objective, ms (tighter: where prefills stall decoding).")
     ] = 20.0,
+    decode_length: Annotated[
+        int, typer.Option(min=1, help="decode: prompt tokens the system holds before the decode is measured.")
+    ] = 4096,
+    decode_concurrency: Annotated[str, typer.Option(help="decode: requests decoding at once.")] = "8,16,32",
     offload_gb: Annotated[float, typer.Option(help="offload, lmcache: CPU memory for KV, GiB.")] = 40.0,
     cache_cpu_gb: Annotated[float, typer.Option(help="pdrun's cache tier memory, GiB (and a disk tier).")] = 40.0,
     transport: Annotated[str, typer.Option(help="pdrun's KV transport: tcp or ucx.")] = "tcp",
@@ -367,6 +371,9 @@ def bench(
       --workloads reuse,multiturn,noreuse --gpu-blocks 4096`
 
     * `pdrun bench --model /models/llama-8b --systems pdrun-1p1d,plain-dp --workloads slo`
+
+    * `pdrun bench --model /models/llama-8b --systems plain,pdrun-1p1d --workloads decode` (a decoder's
+      TPOT against one plain vLLM decoding the same batch)
     """
     from pdrun.launch import bench as b
     from pdrun.launch import deploy
@@ -390,6 +397,8 @@ def bench(
         slo=wl.SloSizes(rates=tuple(_numbers(rates, "--rates", float)), duration_s=slo_seconds,
                         prompt=_range(slo_prompt, "--slo-prompt"), output=_range(slo_output, "--slo-output"),
                         ttft_s=slo_ttft, tpot_s=slo_tpot_ms / 1000),
+        decode=wl.DecodeSizes(length=decode_length,
+                              concurrency=tuple(_numbers(decode_concurrency, "--decode-concurrency"))),
     )  # fmt: skip
     if max_model_len is None and model is None:
         max_model_len = 4096  # the tiny model's, as pdrun launch serves it

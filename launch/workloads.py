@@ -14,6 +14,9 @@ after the first, (latency - TTFT) / (output tokens - 1); latency, the time to th
                TTFT, TPOT
     slo        long prompts and answers arriving at rising request rates (Poisson): goodput, the
                requests per second meeting TTFT <= 2 s and TPOT <= 20 ms (DistServe's measure)
+    decode     decoding alone: prompts whose KV the system already holds (each sent once before,
+               for one token), sent again at several concurrencies for long answers: TPOT and
+               output throughput of the decode batch, with no prefill beside it
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import httpx
 from pdrun.pd.proxy.timing import event_data
 
 TOKEN_IDS = range(100, 4000)  # inside any real vocabulary, clear of the special tokens
-WORKLOADS = ("reuse", "multiturn", "noreuse", "slo")
+WORKLOADS = ("reuse", "multiturn", "noreuse", "slo", "decode")
 
 
 class WorkloadError(Exception):
@@ -279,6 +282,38 @@ async def slo(target: Target, sizes: SloSizes, gpus: int, seed: int) -> dict[str
                     f"goodput_rps_per_gpu_{tag}": good / elapsed / gpus,
                     f"ttft_p99_s_{tag}": quantile([o.ttft for o in outcomes if o.ttft is not None], 0.99),
                     f"tpot_p99_ms_{tag}": _ms(quantile([o.tpot for o in outcomes if o.tpot is not None], 0.99)),
+                }
+            )
+    return figures
+
+
+# ---- decode ----
+
+
+@dataclass
+class DecodeSizes:
+    length: int = 4096  # prompt tokens, held by the system before the decode is measured
+    concurrency: tuple[int, ...] = (8, 16, 32)
+    output: int = 256
+
+
+async def decode(target: Target, sizes: DecodeSizes, seed: int) -> dict[str, float]:
+    """At each concurrency, that many prompts sent once for one token (their KV then held: vLLM's
+    prefix cache, a decoder's too), then again together for `output` tokens: the decode batch's TPOT
+    and throughput, nothing prefilled beside it."""
+    rng = random.Random(seed)
+    figures: dict[str, float] = {}
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(sizes.concurrency))) as client:
+        for c in sizes.concurrency:
+            prompts = [prompt(rng, sizes.length) for _ in range(c)]
+            await _closed_loop(client, target, prompts, 1, c)
+            outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c)
+            tpots = [o.tpot for o in outcomes if o.tpot is not None]
+            figures |= _some(
+                **{
+                    f"tpot_p50_ms_c{c}": _ms(quantile(tpots, 0.5)),
+                    f"tpot_p99_ms_c{c}": _ms(quantile(tpots, 0.99)),
+                    f"output_tok_s_c{c}": sum(len(o.output_ids) for o in outcomes) / elapsed,
                 }
             )
     return figures

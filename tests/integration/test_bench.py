@@ -14,12 +14,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.after_deployment
-def test_bench_reuse_and_noreuse_plain_against_the_cache_tier(cluster, model_dir, tmp_path):
+def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, model_dir, tmp_path):
     cluster.deployment.stop()  # done with: room for the bench's systems
     out = tmp_path / "bench"
     argv = [sys.executable, "-m", "pdrun.launch", "bench", "--model", str(model_dir), "--systems", "plain,pdrun-tier",
-            "--workloads", "reuse,noreuse", "--rounds", "2", "--reuse-tokens", "1024", "--lengths", "256,1024",
-            "--concurrency", "2,4", "--gpu-blocks", "40", "--max-model-len", "4096", "--cache-cpu-gb", "0.5",
+            "--workloads", "reuse,noreuse,decode", "--rounds", "2", "--reuse-tokens", "1024",
+            "--lengths", "256,1024", "--concurrency", "2,4", "--decode-length", "300", "--decode-concurrency", "2",
+            "--gpu-blocks", "40", "--max-model-len", "4096", "--cache-cpu-gb", "0.5",
             "--out", str(out)]  # fmt: skip
     r = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -38,6 +39,9 @@ def test_bench_reuse_and_noreuse_plain_against_the_cache_tier(cluster, model_dir
             assert reuse[name]["n"] == 2 and 0 < reuse[name]["min"] <= reuse[name]["median"] <= reuse[name]["max"] < 30
         for tag in ("256_c2", "256_c4", "1024_c2", "1024_c4"):
             assert noreuse[f"output_tok_s_{tag}"]["median"] > 0 and noreuse[f"tpot_p50_ms_{tag}"]["median"] > 0
+        decode = s[system]["decode"]
+        assert decode["output_tok_s_c2"]["n"] == 2 and decode["output_tok_s_c2"]["median"] > 0
+        assert 0 < decode["tpot_p50_ms_c2"]["median"] <= decode["tpot_p99_ms_c2"]["median"]
     plain = s["plain"]["reuse"]
     assert plain["ttft_cold_s"]["x_plain"] == 1.0 and "x_plain" in s["pdrun-tier"]["reuse"]["ttft_cold_s"]
     # What went wrong, from pdrun's own counters: nothing here; plain vLLM has no such counters.
@@ -49,5 +53,5 @@ def test_bench_reuse_and_noreuse_plain_against_the_cache_tier(cluster, model_dir
     assert s["pdrun-tier"]["reuse"]["ttft_restart_s"]["n"] == 1 and "ttft_restart_s" not in plain
 
     md = (out / "results.md").read_text()
-    assert "## reuse" in md and "## noreuse" in md and "| ttft_cold_s |" in md
+    assert "## reuse" in md and "## noreuse" in md and "## decode" in md and "| ttft_cold_s |" in md
     assert (out / "results.png").stat().st_size > 10_000

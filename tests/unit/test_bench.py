@@ -68,6 +68,7 @@ def test_sizes_fit_the_models_context():
     assert max(s.noreuse.lengths) + s.noreuse.output <= 4096 and 1024 in s.noreuse.lengths
     assert s.slo.prompt[1] + s.slo.output[1] <= 4096 and s.slo.prompt[0] <= s.slo.prompt[1]
     assert s.multiturn.max_history == 4096
+    assert s.decode.length + s.decode.output <= 4096
     assert b.Sizes().fit(1 << 20) == b.Sizes()
 
 
@@ -108,6 +109,8 @@ def test_the_cli_prints_the_plan_and_names_bad_input():
     assert r.exit_code == 2 and "--slo-prompt takes MIN,MAX with 0 < MIN <= MAX, not '4096,1024'" in r.output
     r = runner.invoke(app, ["bench", "--dry-run", "--slo-tpot-ms", "0"])
     assert r.exit_code == 2 and "--slo-tpot-ms" in r.output
+    r = runner.invoke(app, ["bench", "--dry-run", "--workloads", "decode", "--decode-concurrency", "8,x"])
+    assert r.exit_code == 2 and "--decode-concurrency takes comma-separated numbers" in r.output
     json.dumps(b.Sizes().fit(4096).reuse.__dict__)  # the sizes go into the JSON as they are
 
 

@@ -196,6 +196,9 @@ class Proxy:
         return response
 
     async def _serve(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
+        if not self.router.prefillers:  # decoders alone, by design: nothing falls back
+            timing.mode = "decode"
+            return await self._decode(path, body, t0, timing)
         reason = decode_only_reason(body)
         if reason is None and await self._in_tier(path, body):
             reason = IN_TIER

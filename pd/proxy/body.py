@@ -36,6 +36,13 @@ class CompletionFields(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
 
 
+class _FewFields(_Common):
+    """CompletionFields but for a prompt of token ids, checked apart (a 16k-token list validated
+    by pydantic costs the proxy 0.2 ms; msgspec checks it in a tenth of that)."""
+
+    prompt: None = None
+
+
 class ChatFields(_Common):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
@@ -53,9 +60,12 @@ def parse_body(raw: bytes, path: str) -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
-    schema = ChatFields if path == CHAT else CompletionFields
+    schema: type[_Common] = ChatFields if path == CHAT else CompletionFields
+    checked = body
+    if schema is CompletionFields and _token_ids(body.get("prompt")):
+        schema, checked = _FewFields, {**body, "prompt": None}
     try:
-        schema.model_validate(body)
+        schema.model_validate(checked)
     except ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None
@@ -64,6 +74,17 @@ def parse_body(raw: bytes, path: str) -> dict[str, Any]:
         msg = UNION_HINTS.get(param or "", err["msg"]) if len(err["loc"]) > 1 else err["msg"]
         raise BadRequest(f"invalid field {param!r}: {msg}", param) from None
     return body
+
+
+def _token_ids(prompt: Any) -> bool:
+    """Whether `prompt` is a list of token ids (ints, not bools)."""
+    if not isinstance(prompt, list) or not prompt or type(prompt[0]) is not int:
+        return False
+    try:
+        msgspec.convert(prompt, list[int], strict=True)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 def decode_only_reason(body: dict[str, Any]) -> str | None:

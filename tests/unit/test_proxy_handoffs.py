@@ -1,5 +1,6 @@
 """Hand-offs the proxy gives up on go back to their prefiller at once: a real staging pool served
-over a real connection, a real proxy, decoders that refuse, answer or die mid-stream."""
+over a real connection, a real proxy, decoders that refuse, answer or die mid-stream. And a proxy
+with decoders alone serves them without counting a fallback."""
 
 from __future__ import annotations
 
@@ -148,3 +149,21 @@ def test_a_release_the_prefiller_refuses_is_left_to_its_ttl(prefiller, caplog):
     with caplog.at_level(logging.INFO, logger="pdrun"):
         assert not release([dead], params["pdrun"]["transfer"], timeout_s=1.0)
     assert "its TTL frees it" in caplog.text
+
+
+def test_decoders_alone_serve_every_request_without_a_fallback(decoder):
+    proxy = proxy_to(decoder)  # no prefiller configured: decode-only by design, not a fallback
+
+    async def run() -> tuple[int, str]:
+        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        try:
+            timing = RequestTiming("r", COMPLETIONS, stream=True)
+            r = await proxy._serve(COMPLETIONS, {"prompt": [1, 2, 3], "stream": True}, time.monotonic(), timing)
+            async for _ in r.body_iterator:
+                pass
+            return r.status_code, timing.mode
+        finally:
+            await proxy.client.aclose()
+
+    assert asyncio.run(run()) == (200, "decode")
+    assert not [s for m in proxy.metrics.fallbacks.collect() for s in m.samples if s.value]

@@ -24,6 +24,8 @@ def parse(body, path=COMPLETIONS):
         (b'{"prompt": "x", "max_tokens": -1}', COMPLETIONS, "'max_tokens'", "max_tokens"),
         (b'{"prompt": "x", "n": 0}', COMPLETIONS, "'n'", "n"),
         (b'{"prompt": {"a": 1}}', COMPLETIONS, "'prompt'", "prompt"),
+        (b'{"prompt": [1, "x"]}', COMPLETIONS, "'prompt'", "prompt"),
+        (b'{"prompt": [1, 2], "max_tokens": "many"}', COMPLETIONS, "'max_tokens'", "max_tokens"),
         (b'{"prompt": "x", "stream": "maybe"}', COMPLETIONS, "'stream'", "stream"),
         (b'{"prompt": "x", "kv_transfer_params": {"do_remote_prefill": true}}', COMPLETIONS, "set by the proxy",
          "kv_transfer_params"),

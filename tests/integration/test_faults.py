@@ -126,7 +126,10 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     read every chunk the cache tier has on disk (by default they read what beats computing, which
     on a CPU may be none): a damaged file is read, not skipped."""
     connector = {"io_timeout_s": DECODER_IO_TIMEOUT_S, "connect_timeout_s": 2.0, "cache_disk_load": "always"}
-    with running_cluster(model_dir, log_dir_for(tmp_path_factory, "faults"), connector=connector) as c:
+    # A 1 GiB arena holds every storm's chunks; each restart of the cache server makes a new one,
+    # and instances keep the old one mapped until they next reach the tier.
+    log_dir = log_dir_for(tmp_path_factory, "faults")
+    with running_cluster(model_dir, log_dir, connector=connector, cache_cpu_gb=1.0) as c:
         yield c
 
 

@@ -15,9 +15,7 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +24,12 @@ from pathlib import Path
 
 import httpx
 
-from pdrun.launch.workloads import Target, prompt, quantile, send
+from pdrun.launch.systems import free_port
+from pdrun.launch.workloads import Target, quantile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_warm import measure
+from common import write_json
 
 STUB = """
 import json, sys
@@ -61,12 +64,6 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_up(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,20 +74,6 @@ def wait_up(url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"{url} did not come up")
-
-
-async def measure(targets: dict[str, Target], tokens: int, rounds: int, output: int) -> dict[str, list[float]]:
-    ids = prompt(random.Random(tokens), tokens)
-    ttfts: dict[str, list[float]] = {name: [] for name in targets}
-    async with httpx.AsyncClient(timeout=60) as client:
-        for target in targets.values():
-            await send(client, target, ids, output)  # connections made
-        for _ in range(rounds):
-            for name, target in targets.items():
-                o = await send(client, target, ids, output)
-                if o.ttft is not None:
-                    ttfts[name].append(o.ttft)
-    return ttfts
 
 
 def main() -> None:
@@ -118,7 +101,7 @@ def main() -> None:
         targets = {"backend": Target(stub_url, "stub"), "proxy": Target(proxy_url, "stub")}
         print(f"{'tokens':>7} {'backend ms':>11} {'proxy ms':>9} {'added ms':>9}  (median TTFT of {args.rounds})")
         for n in (int(x) for x in args.tokens.split(",")):
-            ttfts = asyncio.run(measure(targets, n, args.rounds, args.output))
+            ttfts = asyncio.run(measure(targets, n, args.rounds, args.output, fresh=False))
             b, p = (quantile(ttfts[k], 0.5) for k in ("backend", "proxy"))
             assert b is not None and p is not None
             figures[str(n)] = {"backend_ms": b * 1e3, "proxy_ms": p * 1e3, "added_ms": (p - b) * 1e3}
@@ -133,9 +116,6 @@ def main() -> None:
 
         pstats.Stats(str(tmp / "proxy.prof")).sort_stats("tottime").print_stats(25)
     if args.json:
-        sys.path.insert(0, os.path.dirname(__file__))
-        from common import write_json
-
         write_json(args.json, {"benchmark": "proxy_tax", "rounds": args.rounds, "figures": figures})
     print(json.dumps(figures))
 

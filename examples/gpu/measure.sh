@@ -12,6 +12,8 @@
 #   bash examples/gpu/measure.sh layers OUT     # the layer-by-layer hand-off (`layerwise`): the bench,
 #                                               # whole chunks then by layer
 #   bash examples/gpu/measure.sh layers-ttft OUT  # TTFT as `ttft`, default then both servers layerwise
+#   bash examples/gpu/measure.sh decode OUT     # a 1P1D decoder's TPOT against one plain vLLM decoding the
+#                                               # same batch (pdrun bench decode, two GPUs, CUDA graphs)
 #   bash examples/gpu/measure.sh diagnose OUT   # where the GPU hand-off's time goes: the decoder under
 #                                               # cProfile, wire only (no scatter), bigger chunks, torch
 #                                               # copies; host-staged paths and the UCX protocols they take
@@ -20,7 +22,7 @@
 set -uo pipefail
 STEP=${1:?step}; OUT=${2:?out dir}; mkdir -p "$OUT"
 export PYTHONPATH=${SITE:+$SITE:$(bash examples/gpu/source_path.sh):}$PWD UCX_WARN_UNUSED_ENV_VARS=n
-case "$STEP" in pd-*|ttft|layers-ttft)
+case "$STEP" in pd-*|ttft|layers-ttft|decode)
   MODEL8B=${MODEL8B:?set MODEL8B to a directory with a Llama-3.1-8B config.json and tokenizer} ;; esac
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
 case "$STEP" in
@@ -60,5 +62,9 @@ case "$STEP" in
     "${B[@]}" --paths ucx-host,ucx-host-host --json "$OUT/diag_host.json" 2>&1 | tail -4 | tee -a "$OUT/diagnose.txt"
     UCX_PROTO_INFO=y "${B[@]}" --rounds 1 --tokens 2048 --paths ucx-host,ucx-host-host --json "$OUT/diag_proto.json" 2>&1 \
       | grep -iE "rndv|zcopy|copy|ppln|\| *[0-9]" | sort | uniq -c | sort -rn | head -40 | tee "$OUT/diag_proto.txt" ;;
+  decode)
+    python3 -m pdrun.launch bench --model "$MODEL8B" --systems plain,pdrun-1p1d --workloads decode --gpus 0,1 \
+      --per-gpu 2 --gpu-blocks 16384 --max-model-len 20480 --decode-length 4096 --decode-concurrency 8,16,32 \
+      --rounds 3 --transport ucx --out "$OUT/decode" 2>&1 | tail -30 | tee "$OUT/decode.txt" ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac

@@ -56,6 +56,7 @@ log = logging.getLogger("pdrun.pd.proxy")
 # Retried on another decoder: the request never reached one (a connection refused, or not made in
 # time under a burst), or the decoder died before answering.
 RETRIABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+CONNECTION_LOST = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # an open connection failed
 REQUEST_ID = "x-pdrun-request-id"
 IN_TIER = "prompt in the cache tier"  # the decode-only reason of the tier shortcut
 SHORTCUT_LOOKUP_TIMEOUT_S = 0.5  # a cache slower than this is a miss: the request takes the prefill hop
@@ -306,8 +307,8 @@ class Proxy:
         replaced by another), or the error to answer with. The caller closes what it gets."""
         assert self.client is not None
         tried: list[Backend] = []
+        asked_again: set[str] = set()
         while (d := self.router.pick_decoder(exclude=tried)) is not None:
-            tried.append(d)
             sent = time.monotonic()
             d.outstanding += 1
             upstream: httpx.Response | None = None
@@ -322,8 +323,14 @@ class Proxy:
                 if upstream is not None:
                     await upstream.aclose()
                 if isinstance(e, RETRIABLE):
-                    self.health.failed(d, e)
                     self.metrics.retries.inc()
+                    if isinstance(e, CONNECTION_LOST) and d.url not in asked_again:
+                        # Most likely a kept-alive connection the decoder had just closed: it stays
+                        # a candidate, on a new connection (one that is gone refuses that).
+                        asked_again.add(d.url)
+                        continue
+                    tried.append(d)
+                    self.health.failed(d, e)
                     continue
                 if isinstance(e, httpx.ReadTimeout):
                     return error_response(504, f"decoder {d.url} sent nothing for {self.settings.read_timeout_s}s")

@@ -264,3 +264,41 @@ def test_the_proxy_health_endpoint_answers_503_until_a_decoder_is_in_rotation_th
     assert r.status_code == 503 and [b["url"] for b in r.json()["decode"]] == ["http://127.0.0.1:2"]
     app.state.proxy.router.decoders[0].mark_up(["m"])
     assert client.get("/health").status_code == 200
+
+
+class ClosesFirst(Backend):
+    """A decoder that closes the first connection a request comes on without answering (as when
+    a kept-alive connection times out at the server just as the proxy reuses it), then answers."""
+
+    protocol_version = "HTTP/1.1"
+    closed: list[int] = []
+
+    def do_POST(self):
+        if not type(self).closed:
+            type(self).closed.append(1)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.close_connection = True
+            return
+        super().do_POST()
+
+
+def test_a_decoder_that_closed_the_connection_is_asked_again_on_a_new_one():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ClosesFirst)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = Proxy(ProxySettings(decode=[f"http://127.0.0.1:{server.server_address[1]}"]))
+    proxy.router.decoders[0].mark_up(["m"])
+
+    async def run() -> int:
+        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        try:
+            timing = RequestTiming("r", COMPLETIONS, stream=False)
+            return (await proxy._decode(COMPLETIONS, {"prompt": "x"}, time.monotonic(), timing)).status_code
+        finally:
+            await proxy.client.aclose()
+
+    try:
+        assert asyncio.run(run()) == 200  # the only decoder, asked again: not "no decoder in rotation"
+    finally:
+        server.shutdown()
+    assert ClosesFirst.closed == [1]

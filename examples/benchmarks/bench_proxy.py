@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
+from pdrun.launch.supervisor import answers_health
 from pdrun.launch.systems import free_port
 from pdrun.launch.workloads import Target, quantile
 
@@ -66,14 +65,10 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 
 def wait_up(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    while not answers_health(f"{url}/health"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not come up")
         time.sleep(0.2)
-    raise SystemExit(f"{url} did not come up")
 
 
 def main() -> None:
@@ -101,7 +96,7 @@ def main() -> None:
         targets = {"backend": Target(stub_url, "stub"), "proxy": Target(proxy_url, "stub")}
         print(f"{'tokens':>7} {'backend ms':>11} {'proxy ms':>9} {'added ms':>9}  (median TTFT of {args.rounds})")
         for n in (int(x) for x in args.tokens.split(",")):
-            ttfts = asyncio.run(measure(targets, n, args.rounds, args.output, fresh=False))
+            ttfts, _ = asyncio.run(measure(targets, n, args.rounds, args.output))
             b, p = (quantile(ttfts[k], 0.5) for k in ("backend", "proxy"))
             assert b is not None and p is not None
             figures[str(n)] = {"backend_ms": b * 1e3, "proxy_ms": p * 1e3, "added_ms": (p - b) * 1e3}

@@ -115,21 +115,34 @@ def unavailable(name: str) -> str | None:
     return None
 
 
+# Ports handed out by this process: a port is free until the system it went to binds it, and the
+# systems of one wave are all configured before any starts.
+_handed: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before by this process."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed:
+            _handed.add(port)
+            return port
 
 
 def free_ports(n: int) -> int:
-    """The first of n consecutive ports free now."""
+    """The first of n consecutive ports free now, none handed out before by this process."""
     for base in range(21000 + os.getpid() % 89 * 100, 60000, 173):
+        if not _handed.isdisjoint(range(base, base + n)):
+            continue
         socks = []
         try:
             for p in range(base, base + n):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", p))
+            _handed.update(range(base, base + n))
             return base
         except OSError:
             continue

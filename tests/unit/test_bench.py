@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pdrun.launch import bench as b
 from pdrun.launch import workloads as wl
 from pdrun.launch.cli import app
-from pdrun.launch.systems import SystemFailure, gpus_needed, persists
+from pdrun.launch.systems import Settings, SystemFailure, free_port, gpus_needed, make, persists
 
 
 def test_systems_are_packed_side_by_side_on_the_gpus_plain_first():
@@ -137,3 +137,18 @@ def test_no_workload_or_round_draws_another_ones_prompts():
     assert len(set(seeds)) == len(seeds)
     first = {w: wl.prompt(random.Random(b.seed(0, w)), 8) for w in wl.WORKLOADS}
     assert len({tuple(p) for p in first.values()}) == len(wl.WORKLOADS)
+
+
+def test_systems_configured_together_get_ports_of_their_own(tmp_path):
+    """A wave's systems are all configured before any binds its ports: two pdrun deployments in
+    one wave must not be handed the same range (their instances failed 'address already in use')."""
+    settings = Settings(model="m", device="cpu")
+    first, second = (make(name, [0], settings, tmp_path) for name in ("pdrun-1p1d", "pdrun-tier"))
+    ports = []
+    for system in (first, second):
+        config = system._config()
+        n = 2 if system is first else 1
+        ports.append({config["port"], *range(config["instance_port"], config["cache_port"] + 2)})
+        assert config["kv_port"] == config["instance_port"] + n
+    assert not ports[0] & ports[1]
+    assert free_port() not in ports[0] | ports[1]

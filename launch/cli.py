@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -120,6 +121,17 @@ def launch(
             "command line (default: a new one per launch, kept in RUN_DIR/auth-token).",
         ),
     ] = None,
+    prefill_args: Annotated[
+        str | None,
+        typer.Option(
+            help="Extra vLLM arguments for the prefillers only, one quoted string, after those given after `--` "
+            '(e.g. "--max-num-batched-tokens 16384").',
+        ),
+    ] = None,
+    decode_args: Annotated[
+        str | None,
+        typer.Option(help='Extra vLLM arguments for the decoders only (e.g. "--max-num-seqs 512").'),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML file with any of these settings (the options win).")
     ] = None,
@@ -131,7 +143,9 @@ def launch(
 
     Every instance looks up each prompt's leading chunks in the cache tier and loads them instead of
     recomputing them, and writes the chunks it computes behind to it; with `--cache-dir` they
-    survive restarts. Arguments after `--` go to every vLLM instance. Each child's log is kept in the run directory
+    survive restarts. Arguments after `--` go to every vLLM instance; `--prefill-args` and `--decode-args`
+    to one role (vLLM sizes its batch limits from the GPU; a role's own, e.g. a larger prefill token
+    budget, go there). Each child's log is kept in the run directory
     and echoed with its name; a crashed instance is restarted with backoff (and is out of rotation
     meanwhile); Ctrl-C or SIGTERM stops the proxy, then the instances, and leaves no process behind.
 
@@ -177,6 +191,12 @@ def launch(
             _fail(f"--gpus takes comma-separated GPU ids like 0,1,2, not {gpus!r}")
     if ctx.args:
         overrides["vllm_args"] = list(ctx.args)
+    for field, given in (("prefill_vllm_args", prefill_args), ("decode_vllm_args", decode_args)):
+        if given is not None:
+            try:
+                overrides[field] = shlex.split(given)
+            except ValueError as e:
+                _fail(f"--{field.split('_')[0]}-args {given!r}: {e}")
     if quiet:
         overrides["echo_logs"] = False
     if no_restart:

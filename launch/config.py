@@ -46,6 +46,12 @@ class LaunchConfig(BaseModel):
     cache_port: int = Field(15090, ge=1, le=65534, description="the cache server's port; its /metrics on +1")
     connector: dict[str, Any] = Field(default_factory=dict, description="extra PDConnector settings")
     vllm_args: list[str] = Field(default_factory=list, description="extra arguments for every vLLM")
+    prefill_vllm_args: list[str] = Field(
+        default_factory=list, description="extra arguments for the prefillers only, after vllm_args"
+    )
+    decode_vllm_args: list[str] = Field(
+        default_factory=list, description="extra arguments for the decoders only, after vllm_args"
+    )
     run_dir: Path | None = Field(None, description="logs and state (default: ~/.cache/pdrun/runs/<time>)")
     auth_token: str | None = Field(
         None,

@@ -102,7 +102,7 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
             dtype=cfg.dtype,
             max_model_len=max_len,
             connector=connector,
-            extra_args=list(cfg.vllm_args),
+            extra_args=[*cfg.vllm_args, *(cfg.prefill_vllm_args if kind == "prefill" else cfg.decode_vllm_args)],
             env=env,
         )
         out.append((f"{kind}-{i}", spec))
@@ -112,7 +112,7 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
 def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "pdrun.launch", "proxy", "--host", cfg.host, "--port", str(cfg.port)]
     cmd += ["--policy", cfg.policy]
-    if any(a.split("=")[0] in CHAT_PARSERS for a in cfg.vllm_args):
+    if any(a.split("=")[0] in CHAT_PARSERS for a in [*cfg.vllm_args, *cfg.prefill_vllm_args, *cfg.decode_vllm_args]):
         cmd.append("--chat-parsing")
     if cfg.cache_address is not None and prefill_urls:
         cmd += ["--cache", cfg.cache_address]  # the tier shortcut

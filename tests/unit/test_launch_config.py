@@ -88,6 +88,28 @@ def test_dry_run_prints_every_command_with_roles_ports_and_vllm_args():
     ]
 
 
+def test_each_role_gets_its_own_vllm_args_after_everyones():
+    r = runner.invoke(
+        app,
+        ["launch", "--prefill", "1", "--decode", "2", "--device", "cpu", "--dry-run", "--prefill-args",
+         "--max-num-batched-tokens 16384", "--decode-args", "--max-num-seqs 64 --reasoning-parser=deepseek_r1", "--",
+         "--seed", "3"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    blocks = dict(b.split("\n", 1) for b in r.output.strip().split("# ")[1:])
+    tails = {name: shlex.split(blocks[name])[-5:] for name in ("prefill-0", "decode-0", "decode-1")}
+    assert tails["prefill-0"][-4:] == ["--seed", "3", "--max-num-batched-tokens", "16384"]
+    assert tails["decode-0"] == tails["decode-1"] == [
+        "--seed", "3", "--max-num-seqs", "64", "--reasoning-parser=deepseek_r1"
+    ]  # fmt: skip
+    assert "--chat-parsing" in shlex.split(blocks["proxy"])  # a parser on one role still shapes the answers
+    from_file = load(None, {"prefill_vllm_args": ["--enable-chunked-prefill"], "decode": 1})
+    [(_, prefiller), (_, decoder)] = deploy.instance_specs(from_file)
+    assert prefiller.extra_args == ["--enable-chunked-prefill"] and decoder.extra_args == []
+    bad = runner.invoke(app, ["launch", "--dry-run", "--decode-args", "--max-num-seqs '64"])
+    assert bad.exit_code == 2 and "--decode-args" in bad.output and "No closing quotation" in bad.output
+
+
 def test_one_gpu_per_instance(tmp_path):
     cfg = load(None, {"prefill": 1, "decode": 2, "device": "cuda", "gpus": [3, 5, 7]})
     specs = deploy.child_specs(cfg)

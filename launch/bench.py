@@ -272,7 +272,7 @@ def _one(
     if workload == "noreuse":
         return asyncio.run(wl.noreuse(target, sizes.noreuse, seed)), None
     if workload == "decode":
-        return asyncio.run(wl.decode(target, sizes.decode, seed)), None
+        return asyncio.run(wl.decode(target, sizes.decode, seed, s.instance_urls)), None
     return asyncio.run(wl.slo(target, sizes.slo, len(s.gpus), seed)), None
 
 

@@ -16,7 +16,10 @@ after the first, (latency - TTFT) / (output tokens - 1); latency, the time to th
                requests per second meeting TTFT <= 2 s and TPOT <= 20 ms (DistServe's measure)
     decode     decoding alone: prompts whose KV the system already holds (each sent once before,
                for one token), sent again at several concurrencies for long answers: TPOT and
-               output throughput of the decode batch, with no prefill beside it
+               output throughput of the decode batch, with no prefill beside it, and the
+               instances' own inter-token latency (vLLM's, from their metrics: the decoder's
+               steps alone, where the client's TPOT also holds what comes between the system's
+               first token and its second, a hand-off in PD)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdrun.pd.proxy.timing import event_data
 
@@ -297,26 +301,46 @@ class DecodeSizes:
     output: int = 256
 
 
-async def decode(target: Target, sizes: DecodeSizes, seed: int) -> dict[str, float]:
+async def decode(target: Target, sizes: DecodeSizes, seed: int, instances: Sequence[str] = ()) -> dict[str, float]:
     """At each concurrency, that many prompts sent once for one token (their KV then held: vLLM's
     prefix cache, a decoder's too), then again together for `output` tokens: the decode batch's TPOT
-    and throughput, nothing prefilled beside it."""
+    and throughput, nothing prefilled beside it; with the system's vLLM `instances` (URLs), their
+    mean inter-token latency over that batch too."""
     rng = random.Random(seed)
     figures: dict[str, float] = {}
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(sizes.concurrency))) as client:
         for c in sizes.concurrency:
             prompts = [prompt(rng, sizes.length) for _ in range(c)]
             await _closed_loop(client, target, prompts, 1, c)
+            before = await _inter_token(client, instances)
             outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c)
+            after = await _inter_token(client, instances)
             tpots = [o.tpot for o in outcomes if o.tpot is not None]
             figures |= _some(
                 **{
                     f"tpot_p50_ms_c{c}": _ms(quantile(tpots, 0.5)),
                     f"tpot_p99_ms_c{c}": _ms(quantile(tpots, 0.99)),
                     f"output_tok_s_c{c}": sum(len(o.output_ids) for o in outcomes) / elapsed,
+                    f"itl_ms_c{c}": _ms((after[0] - before[0]) / (after[1] - before[1]))
+                    if instances and after[1] > before[1]
+                    else None,
                 }
             )
     return figures
+
+
+async def _inter_token(client: httpx.AsyncClient, instances: Sequence[str]) -> tuple[float, float]:
+    """vLLM's inter-token latency histogram over the instances: (sum of seconds, count)."""
+    total = count = 0.0
+    for url in instances:
+        text = (await client.get(f"{url}/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "vllm:inter_token_latency_seconds_sum":
+                    total += sample.value
+                elif sample.name == "vllm:inter_token_latency_seconds_count":
+                    count += sample.value
+    return total, count
 
 
 def _ms(seconds: float | None) -> float | None:

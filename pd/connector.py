@@ -37,7 +37,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -63,7 +63,7 @@ from pdrun.pd.rates import Rates
 from pdrun.pd.saves import Saves
 from pdrun.pd.staging import StagingPool, StagingService
 from pdrun.pd.stats import PDPromMetrics, PDStats, StatsCounter
-from pdrun.pd.tier import SharedTier, TierLink
+from pdrun.pd.tier import ArenaWatch, SharedTier, TierLink
 from pdrun.pd.write_behind import WriteBehind
 from pdrun.storage.client import CacheClient
 from pdrun.storage.local import LocalClient, LocalError
@@ -107,6 +107,11 @@ class PDMetadata(KVConnectorMetadata):
     lookups: list[Lookup] = field(default_factory=list)
 
 
+# How often a worker asks its cache server which arena it serves: after a restart, the old
+# arena's memory is let go within this, not at the next request that reaches the tier.
+TIER_WATCH_S = 2.0
+
+
 def _cache_client(cfg: ConnectorConfig) -> CacheClient | None:
     if cfg.cache is None:
         return None
@@ -118,11 +123,22 @@ def _cache_client(cfg: ConnectorConfig) -> CacheClient | None:
     )
 
 
-def _local_client(cache: CacheClient | None, cfg: ConnectorConfig) -> LocalClient | None:
-    """The cache tier through this host's shared memory, when its server runs here."""
+def _local_client(cache: CacheClient | None, cfg: ConnectorConfig, mapped: bool = True) -> LocalClient | None:
+    """The cache tier through this host's shared memory, when its server runs here (`mapped`: its
+    arena kept mapped, for copies; the scheduler only looks chunks up)."""
     if cache is None or not cfg.cache_local:
         return None
-    return LocalClient.discover(cache.local(), cfg.cache_timeout_s)
+    return LocalClient.discover(cache.local(), cfg.cache_timeout_s, mapped)
+
+
+def _token_of(cache: CacheClient | None) -> Callable[[], str | None]:
+    """Asks the cache server which arena it serves now (its token; None when it does not answer)."""
+
+    def token() -> str | None:
+        info = cache.local(quiet=True) if cache is not None else None
+        return info.get("token") if info else None
+
+    return token
 
 
 def _endpoints(vllm_config: VllmConfig, cfg: ConnectorConfig) -> list[str]:
@@ -338,8 +354,14 @@ class _SchedulerSide:
         self.fingerprint_hex = self.fingerprint.seed().hex()
         self.endpoints = _endpoints(vllm_config, cfg)
         self.cache = _cache_client(cfg)
-        self.local = _local_client(self.cache, cfg)
+        self.local = _local_client(self.cache, cfg, mapped=False)
         self._local_retry_at = 0.0
+        self._local_replaced = False  # the server serves another arena: ask it again before a lookup
+        self._watch = (
+            ArenaWatch(_token_of(self.cache), self._local_token, self._local_was_replaced, TIER_WATCH_S)
+            if self.local is not None
+            else None
+        )
         self.rates = Rates(cfg.chunk_size)
         if (self.is_consumer or self.cache is not None) and ktc.kv_load_failure_policy != "recompute":
             # A load that fails must cost a local prefill, never the request.
@@ -445,10 +467,21 @@ class _SchedulerSide:
         self._meta.lookups.append(Lookup(asked=len(keys) * size, held=held * size))
         return _Incoming(keys[:held], held * size, min(held * size, limit), from_disk=from_disk)
 
+    def _local_token(self) -> str | None:
+        return self.local.info.token if self.local is not None else None
+
+    def _local_was_replaced(self) -> None:
+        self._local_replaced = True  # the engine's thread, which owns `local`, moves at its next lookup
+
     def _where(self, keys: list[bytes]) -> tuple[int, int]:
         """The shared-memory tier's answer; after a failure a miss for cache_retry_s, then the
-        server is asked again where its tier is (a restarted server has another arena)."""
+        server is asked again where its tier is (a restarted server has another arena; one the
+        watch found is moved to before the lookup, not after one that waits for the old)."""
         assert self.local is not None
+        if self._local_replaced:
+            self._local_replaced = False
+            if self._reconnect_local():
+                self._local_retry_at = 0.0  # the new server is not skipped for the old one's failure
         if time.monotonic() < self._local_retry_at:
             return 0, 0
         try:
@@ -456,11 +489,19 @@ class _SchedulerSide:
         except LocalError as e:
             log.warning("cache tier lookup failed, skipping the tier for %g s: %s", self.cfg.cache_retry_s, e)
         self._local_retry_at = time.monotonic() + self.cfg.cache_retry_s
-        fresh = _local_client(self.cache, self.cfg)
-        if fresh is not None:
-            self.local.close()
-            self.local = fresh
+        self._reconnect_local()
         return 0, 0
+
+    def _reconnect_local(self) -> bool:
+        """Ask the server where its tier is now; whether that is another arena than before."""
+        fresh = _local_client(self.cache, self.cfg, mapped=False)
+        if fresh is None:
+            return False
+        assert self.local is not None
+        moved = fresh.info.token != self.local.info.token
+        self.local.close()
+        self.local = fresh
+        return moved
 
     def _from_disk(self, on_disk: int) -> int:
         """How many of the `on_disk` chunks that follow those in memory are loaded (cache_disk_load)."""
@@ -631,6 +672,8 @@ class _SchedulerSide:
         return False, {**handoff_params(handoff), TIMING: timing}
 
     def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self.local is not None:
             self.local.close()
         if self.cache is not None:
@@ -673,6 +716,7 @@ class _WorkerSide:
         on_device = self.cfg.chunks_on_device(self.paged.device, producer=self.is_producer)
         if self.local is not None:
             self.tiers.current = SharedTier(self.local, self.paged, self._stored_shared)
+            self.tiers.watch(_token_of(self.cache), TIER_WATCH_S)
         if self.is_producer:
             allocate = self.paged.device_buffer if on_device else self.paged.host_buffer
             size = self.cfg.staging_bytes(self.paged.nbytes(self.num_blocks), self._free_bytes(on_device))
@@ -766,7 +810,7 @@ class _WorkerSide:
             self.writer.flush(timeout=5)
             self.writer.close()
         if self.tiers.current is not None:
-            self.tiers.current.close()
+            self.tiers.close()
         elif self.local is not None:
             self.local.close()
         if self.cache is not None:

@@ -162,10 +162,10 @@ class Loads:
         loader.switch_source(on_device=False)  # the cache tier: host bytes
         try:
             if self.tiers.current is not None:
-                tier = self.tiers.get()
-                if tier is None:
-                    raise LocalError("the cache tier failed lately; skipped")
-                from_disk, seconds = tier.load(keys, loader, from_disk=True)
+                with self.tiers.use() as tier:
+                    if tier is None:
+                        raise LocalError("the cache tier failed lately; skipped")
+                    from_disk, seconds = tier.load(keys, loader, from_disk=True)
                 if from_disk:
                     self.stats.add(
                         cache_disk_loaded_tokens=from_disk * self.cfg.chunk_size, cache_disk_load_seconds=seconds
@@ -181,11 +181,11 @@ class Loads:
     def _start_from_arena(self, rid: str, job: LoadJob) -> None:
         assert self.paged is not None
         loader = ChunkLoader(self.paged, job)
-        tier = self.tiers.get()
         try:
-            if tier is None:
-                raise LocalError("the cache tier failed lately; skipped")
-            load = tier.start_load([rank_key(c.key, self.rank) for c in job.chunks], loader)
+            with self.tiers.use() as tier:
+                if tier is None:
+                    raise LocalError("the cache tier failed lately; skipped")
+                load = tier.start_load([rank_key(c.key, self.rank) for c in job.chunks], loader)
         except Exception as e:  # nothing queued or pinned: the request computes it all
             self._arena_load_done(rid, job, job.start, 0, 0.0, f"{type(e).__name__}: {e}")
             return

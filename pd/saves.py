@@ -66,13 +66,13 @@ class Saves:
                     self._cache(s, staged)
             except Exception:  # never the engine's problem: a decoder prefills it, the tier misses it
                 log.exception("request %s: could not copy out chunk %d", s.transfer, s.index)
-        tier = self.tiers.get()
-        if tier is not None and not tier.store(to_tier):
+        with self.tiers.use() as tier:
+            stored = tier is not None and tier.store(to_tier)
+        if tier is not None and not stored:
             # A server that did not answer may have restarted: once more, through its new arena.
-            tier = self.tiers.get()
-            if tier is not None and not tier.store(to_tier):
-                tier = None
-        if tier is None and to_tier:
+            with self.tiers.use() as tier:
+                stored = tier is not None and tier.store(to_tier)
+        if not stored and to_tier:
             self.stats.add(cache_store_dropped=len(to_tier))
         if self.pool is not None and self.pool.evicted_referenced != evicted:
             self.stats.add(staging_evictions=self.pool.evicted_referenced - evicted)

@@ -13,11 +13,12 @@ pays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ class SharedTier:
                 time.perf_counter() - t0,
             )
         self.failed = False  # the server did not answer: the caller reconnects
-        self._loads = 0  # loads copying out of the arena now
+        self._users = 0  # threads between `enter` and `leave`, and loads copying out of the arena now
         self._idle = threading.Condition()
         self._commits: queue.Queue[tuple[int, list[bytes], int, Ready | None, int, int, float] | None] = queue.Queue()
         self._committer = threading.Thread(target=self._commit_loop, name="pdrun-tier-commit", daemon=True)
@@ -73,6 +74,16 @@ class SharedTier:
 
     def slot(self, offset: int, nbytes: int) -> torch.Tensor:
         return self.memory[offset : offset + nbytes]
+
+    def enter(self) -> None:
+        """A thread about to use the arena: it stays mapped until the matching `leave`."""
+        with self._idle:
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._users -= 1
+            self._idle.notify_all()
 
     # -- stores --
     def store(self, chunks: Sequence[tuple[bytes, Sequence[int]]]) -> bool:
@@ -149,8 +160,7 @@ class SharedTier:
             if lease:
                 self.client.release(lease)
             raise
-        with self._idle:
-            self._loads += 1
+        self.enter()  # until `finish`: the copies read the arena
         return TierLoad(lease, ready, len(slots), t0)
 
     def finish(self, load: TierLoad) -> bool:
@@ -162,25 +172,20 @@ class SharedTier:
             self.failed = True
             return False
         finally:
-            with self._idle:
-                self._loads -= 1
-                self._idle.notify_all()
+            self.leave()
 
     def load(self, keys: Sequence[bytes], loader: ChunkLoader, from_disk: bool) -> tuple[int, float]:
         """Place the chunks of `keys` (the loader's remaining chunks) that the tier holds, in order:
         those in memory, then (`from_disk`) those on disk. Returns the chunks read from disk and
         the seconds that took; the loader's progress says how far it got."""
-        with self._idle:
-            self._loads += 1
+        self.enter()
         try:
             return self._load(keys, loader, from_disk)
         except LocalError:
             self.failed = True
             raise
         finally:
-            with self._idle:
-                self._loads -= 1
-                self._idle.notify_all()
+            self.leave()
 
     def _load(self, keys: Sequence[bytes], loader: ChunkLoader, from_disk: bool) -> tuple[int, float]:
         first, done, nbytes = loader.next, loader.done, loader.nbytes
@@ -226,10 +231,11 @@ class SharedTier:
         return True
 
     def retire(self, timeout_s: float = 60.0) -> None:
-        """Close once no copy uses the arena any more (the server it belongs to was replaced)."""
-        self.flush()
+        """Close once no thread and no copy uses the arena any more (the server it belongs to was
+        replaced): its memory is the old server's, freed once the last instance lets go of it."""
         with self._idle:
-            self._idle.wait_for(lambda: self._loads == 0, timeout_s)
+            self._idle.wait_for(lambda: self._users == 0, timeout_s)
+        self.flush()
         self.close()
 
     def close(self) -> None:
@@ -243,9 +249,10 @@ class SharedTier:
 
 class TierLink:
     """A worker's way to the tier through its host's shared memory: the `current` SharedTier, or
-    None from `get` while it is skipped after a failure (`retry_s`); then the server is asked again
+    None from `use` while it is skipped after a failure (`retry_s`); then the server is asked again
     where its tier is (`reconnect`): a restarted server has another arena, and the old one is let
-    go once no copy uses it."""
+    go once no thread or copy uses it. With `watch`, a restarted server is found without waiting
+    for a failure: an idle instance does not keep the old arena's memory alive beside the new."""
 
     def __init__(self, current: SharedTier | None, reconnect: Callable[[], LocalClient | None], retry_s: float):
         self.current = current
@@ -253,23 +260,99 @@ class TierLink:
         self._retry_s = retry_s
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        self._watch: ArenaWatch | None = None
 
-    def get(self) -> SharedTier | None:
+    @contextlib.contextmanager
+    def use(self) -> Iterator[SharedTier | None]:
+        """The current tier (None while it is skipped), kept mapped until the block ends (a
+        store's copies are queued into it there): a restart found meanwhile retires it only after."""
         with self._lock:
-            tier = self.current
-            if tier is None or not tier.failed:
-                return tier
-            if time.monotonic() < self._retry_at:
-                return None
-            self._retry_at = time.monotonic() + self._retry_s
-            fresh = self._reconnect()
-            if fresh is None:
-                return None
-            if fresh.info.token == tier.client.info.token:  # the same server: it failed a call, not died
-                fresh.close()
-                tier.failed = False
-                return tier
-            self.current = SharedTier(fresh, tier.paged, tier.on_stored)
-            threading.Thread(target=tier.retire, name="pdrun-tier-retire", daemon=True).start()
-            log.info("cache tier restarted: now through its new arena %s", fresh.info.arena)
-            return self.current
+            tier = self._get()
+            if tier is not None:
+                tier.enter()
+        try:
+            yield tier
+        finally:
+            if tier is not None:
+                tier.leave()
+
+    def _get(self) -> SharedTier | None:
+        tier = self.current
+        if tier is None or not tier.failed:
+            return tier
+        if time.monotonic() < self._retry_at:
+            return None
+        self._retry_at = time.monotonic() + self._retry_s
+        fresh = self._reconnect()
+        if fresh is None:
+            return None
+        if fresh.info.token == tier.client.info.token:  # the same server: it failed a call, not died
+            fresh.close()
+            tier.failed = False
+            return tier
+        self._swap(tier, SharedTier(fresh, tier.paged, tier.on_stored))
+        return self.current
+
+    def _swap(self, old: SharedTier, new: SharedTier) -> None:
+        self.current = new
+        threading.Thread(target=old.retire, name="pdrun-tier-retire", daemon=True).start()
+        log.info("cache tier restarted: now through its new arena %s", new.client.info.arena)
+
+    def watch(self, token_now: Callable[[], str | None], interval_s: float) -> None:
+        """Move to a restarted server's arena as soon as `token_now` (the server's, asked every
+        `interval_s`) names another, not at the next use that fails."""
+        self._watch = ArenaWatch(token_now, self._token, self._replaced, interval_s)
+
+    def _token(self) -> str | None:
+        tier = self.current
+        return None if tier is None or tier.failed else tier.client.info.token
+
+    def _replaced(self) -> None:
+        """The watch found another arena: mapped (and registered for DMA, which takes seconds for
+        a large arena) outside the lock, so the engine's stores and loads go on meanwhile."""
+        tier = self.current
+        fresh = self._reconnect() if tier is not None else None
+        if tier is None or fresh is None:
+            return
+        new = SharedTier(fresh, tier.paged, tier.on_stored)
+        with self._lock:
+            if self.current is tier and fresh.info.token != tier.client.info.token:
+                self._swap(tier, new)
+                return
+        new.close()  # another thread moved first, or the server answered for the old arena
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+        if self.current is not None:
+            self.current.close()
+
+
+class ArenaWatch:
+    """Every `interval_s`, asks which arena the cache server serves now (`token_now`: its token,
+    None when it does not answer) and calls `replaced` when it is not `current()`'s (None: nothing
+    to compare, as while the tier is skipped after a failure)."""
+
+    def __init__(
+        self,
+        token_now: Callable[[], str | None],
+        current: Callable[[], str | None],
+        replaced: Callable[[], None],
+        interval_s: float,
+    ):
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    ours = current()
+                    theirs = token_now() if ours is not None else None
+                    if theirs is not None and theirs != ours:
+                        replaced()
+                except Exception:  # never this thread's end: asked again next time
+                    log.debug("cache tier watch failed", exc_info=True)
+
+        threading.Thread(target=loop, name="pdrun-tier-watch", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()

@@ -101,14 +101,14 @@ class CacheClient:
             self._failed("put", e)
             return False
 
-    def local(self) -> dict[str, Any] | None:
+    def local(self, quiet: bool = False) -> dict[str, Any] | None:
         """Where the server offers its tier through this host's memory (storage/local.py); None
-        when it cannot say or offers none."""
+        when it cannot say (logged unless `quiet`) or offers none."""
         try:
             with self.pool.connection(self.address) as conn:
                 return dict(conn.call("local").meta) or None
         except (TransferError, OSError) as e:
-            log.info("cache %s: no shared-memory tier (%s)", self.address, e)
+            log.log(logging.DEBUG if quiet else logging.INFO, "cache %s: no shared-memory tier (%s)", self.address, e)
             return None
 
     def stats(self) -> dict[str, Any]:

@@ -265,12 +265,16 @@ class LocalError(Exception):
 class LocalClient:
     """An instance's side: the arena mapped, requests over a socket per thread (a miss on failure)."""
 
-    def __init__(self, info: LocalInfo, timeout_s: float = 2.0):
+    def __init__(self, info: LocalInfo, timeout_s: float = 2.0, mapped: bool = True):
+        """`mapped`: keep the arena mapped (to copy chunks); else it is mapped only to prove that
+        this host shares the server's memory, and let go (lookups alone keep no memory alive)."""
         self.info = info
         self.arena = Arena.attach(info.arena, info.size)
         if self.arena.token.hex() != info.token:
             self.arena.close()
             raise OSError(f"{info.arena} here is not the cache server's memory (another host)")
+        if not mapped:
+            self.arena.close()
         self.disk = Path(info.disk) if info.disk else None
         self.timeout_ms = int(timeout_s * 1000)
         self.pid = os.getpid()
@@ -280,13 +284,13 @@ class LocalClient:
         self._sockets: list[zmq.Socket[Any]] = []
 
     @classmethod
-    def discover(cls, info: dict[str, Any] | None, timeout_s: float = 2.0) -> LocalClient | None:
+    def discover(cls, info: dict[str, Any] | None, timeout_s: float = 2.0, mapped: bool = True) -> LocalClient | None:
         """The local client for the server that answered `info` (its TCP `local` op), or None when
         that server is on another host or offers no local tier."""
         if not info:
             return None
         try:
-            return cls(msgspec.convert(info, LocalInfo), timeout_s)
+            return cls(msgspec.convert(info, LocalInfo), timeout_s, mapped)
         except (OSError, ValueError, msgspec.ValidationError) as e:
             log.info("cache tier reached over the network, not through this host's memory: %s", e)
             return None

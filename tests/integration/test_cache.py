@@ -7,6 +7,7 @@ Chunks of the tiny model in float32 are 512 KiB (4 layers x K,V x 256 tokens x 2
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from pdrun import transfer
 from pdrun.launch.vllm_server import ServerSpec, VllmServer
 from pdrun.pd.proxy.app import IN_TIER
+from pdrun.storage.arena import PREFIX
 from pdrun.transfer import AUTH_TOKEN_ENV, Service
 from tests.integration.client import (
     EXTERNAL,
@@ -335,9 +337,20 @@ def start_cache_server(port: int, log: Path) -> subprocess.Popen:
     raise AssertionError(f"the cache server did not start: {log.read_text()}")
 
 
+def mapping(name: str) -> list[str]:
+    """The processes that map a file whose name starts with `name`, as "pid: path"."""
+    found = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            for line in maps.read_text().splitlines():
+                if f"/{name}" in line:
+                    found.add(f"{maps.parent.name}: {line.split(maxsplit=5)[-1]}")
+    return sorted(found)
+
+
 def test_an_instance_goes_on_through_a_cache_server_restart_and_uses_the_new_one(cluster, model_dir, tmp_path):
     """The instance maps the server's arena; a restarted server has another, which the instance
-    finds on its own: meanwhile requests are computed, after it they are loaded again."""
+    finds on its own, idle, letting the old one go; after it requests are loaded again."""
     port = free_port()
     log = tmp_path / "cache.log"
     cache = start_cache_server(port, log)
@@ -353,12 +366,19 @@ def test_an_instance_goes_on_through_a_cache_server_restart_and_uses_the_new_one
         assert token_ids(complete(server.url, a)) == plain(cluster, a)
         assert wait_for_deltas(server.url, before, {CACHE_LOADED: 1024}) == {CACHE_LOADED: 1024}
 
+        old_arena = f"{PREFIX}{cache.pid}-"
+        assert mapping(old_arena), "the instance does not map the cache server's arena"
         cache.send_signal(signal.SIGKILL)
         cache.wait(timeout=30)
         cache = start_cache_server(port, log)
-        # The first request after finds the old arena's server gone: computed, and the tier's
-        # lookups skipped for cache_retry_s; what it computed goes to the new server (a store the
-        # old one did not take goes again through the new arena), and later requests load from it.
+        # Idle, the instance moves to the new arena on its own and lets the old one go: its memory
+        # (the tier's whole size) is not held beside the new arena's.
+        deadline = time.monotonic() + 30
+        while mapping(old_arena) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not mapping(old_arena), f"still mapped after the restart: {mapping(old_arena)}"
+        assert "cache tier restarted" in (tmp_path / "instance.log").read_text()
+        # What the next request computes goes to the new server, and later requests load from it.
         assert token_ids(complete(server.url, a)) == plain(cluster, a)
         assert wait_for_deltas(f"http://127.0.0.1:{port + 1}", {}, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
         deadline, loaded = time.monotonic() + 60, 0.0
@@ -367,7 +387,6 @@ def test_an_instance_goes_on_through_a_cache_server_restart_and_uses_the_new_one
             assert token_ids(complete(server.url, b)) == plain(cluster, b)
             loaded = metrics(server.url).get(CACHE_LOADED, 0) - before.get(CACHE_LOADED, 0)
         assert loaded == 1024, "the instance never loaded from the restarted cache server"
-        assert "cache tier restarted" in (tmp_path / "instance.log").read_text()
     finally:
         server.stop()
         cache.send_signal(signal.SIGTERM)

@@ -4,6 +4,8 @@ ends before its load."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,19 @@ CHUNK, BLOCK = 64, 16
 PREFILLER = "tcp://127.0.0.1:1"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def decoder(tmp_path_factory: pytest.TempPathFactory):
-    """The scheduler side of a decoder's PDConnector."""
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model.build(Path(tmp_path_factory.mktemp("model")) / "tiny")
+
+
+def scheduler_side(model: Path, **extra):
+    """The scheduler side of a decoder's PDConnector, with `extra` connector settings."""
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.engine.arg_utils import EngineArgs
@@ -27,12 +39,11 @@ def decoder(tmp_path_factory: pytest.TempPathFactory):
 
     from pdrun.pd.connector import PDConnector
 
-    model = tiny_model.build(Path(tmp_path_factory.mktemp("model")) / "tiny")
     ktc = KVTransferConfig(
         kv_connector="PDConnector",
         kv_role="kv_consumer",
         kv_connector_module_path="pdrun.pd.connector",
-        kv_connector_extra_config={"chunk_size": CHUNK, "transport": "tcp"},
+        kv_connector_extra_config={"chunk_size": CHUNK, "transport": "tcp", **extra},
         kv_load_failure_policy="recompute",
     )
     config = EngineArgs(
@@ -43,6 +54,11 @@ def decoder(tmp_path_factory: pytest.TempPathFactory):
     return PDConnector(
         config, KVConnectorRole.SCHEDULER, KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[layers])
     )
+
+
+@pytest.fixture(scope="module")
+def decoder(model: Path):
+    return scheduler_side(model)
 
 
 def request(decoder, rid: str, prompt: list[int], prefilled: list[int] | None = None, **handoff_fields):
@@ -138,3 +154,41 @@ def test_a_request_preempted_after_its_load_computes_when_rescheduled(decoder):
     decoder.update_state_after_alloc(r, blocks(13, first=30), 0)
     meta = step_meta(decoder)
     assert meta.loads == {} and meta.releases == []
+
+
+def test_a_restarted_cache_server_is_looked_up_at_once_not_after_a_lookup_that_waits_for_the_old(model, caplog):
+    """The scheduler looks chunks up over the server's unix socket; a restarted server listens on
+    another, and a lookup sent to the old one waits out cache_timeout_s on the engine's thread.
+    The watch finds the new server first: the next lookup goes there, and finds what it holds."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    from pdrun.pd.connector import TIER_WATCH_S
+    from pdrun.storage.client import CacheClient
+    from pdrun.storage.server import CacheServer
+    from pdrun.storage.tiers import MemoryTier, TieredStore
+
+    port = free_port()
+    first = CacheServer(f"tcp://127.0.0.1:{port}", TieredStore(MemoryTier(1 << 22)))
+    connector = scheduler_side(model, cache=f"tcp://127.0.0.1:{port}")
+    try:
+        sched = connector._sched
+        assert sched.local is not None, "the tier is not reached through this host's memory"
+        old_token = sched.local.info.token
+        first.close()
+        with CacheServer(f"tcp://127.0.0.1:{port}", TieredStore(MemoryTier(1 << 22))) as second:
+            prompt = list(range(1, 3 * CHUNK + 10))
+            keys = chunk_keys(sched.fingerprint, prompt, full_only=True)
+            client = CacheClient(second.address)
+            assert all(client.put(k, bytes(64), {"n": 1}) for k in keys[:2])
+            deadline = time.monotonic() + 10 * TIER_WATCH_S
+            while not sched._local_replaced and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sched._local_replaced, "the watch never saw the new server"
+            r = Request("after-restart", prompt, SamplingParams(max_tokens=4, temperature=0.0), None)
+            assert connector.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, True)
+            assert sched.local.info.token != old_token
+            assert "cache tier lookup failed" not in caplog.text
+            client.close()
+    finally:
+        connector.shutdown()

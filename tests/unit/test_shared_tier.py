@@ -4,13 +4,15 @@ the load ends, and a load whose pins ran out is not trusted."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from pdrun.pd import plan
 from pdrun.pd.codec import PagedKV
 from pdrun.pd.loader import ChunkLoader, LoadJob
-from pdrun.pd.tier import SharedTier
+from pdrun.pd.tier import SharedTier, TierLink
 from pdrun.storage.client import CacheClient
 from pdrun.storage.local import LocalClient
 from pdrun.storage.server import CacheServer
@@ -103,3 +105,42 @@ def test_a_chunk_of_another_layout_is_refused_and_unpins_what_it_took(tier):
     with pytest.raises(Exception, match="does not match"):
         t.start_load(keys(1), other)
     assert server.local.leases() == 0
+
+
+def until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_watch_moves_to_a_restarted_servers_arena_and_lets_the_old_go_once_unused():
+    """An idle instance must not keep a replaced server's arena mapped (its memory stays allocated
+    while any process maps it): the watch moves to the new arena without waiting for a failure,
+    and the old one is closed only once no thread still uses it (a store queued copies into it)."""
+    cache = paged()
+    with (
+        CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(1 << 20))) as first,
+        CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(1 << 20))) as second,
+    ):
+        old_client = LocalClient.discover(CacheClient(first.address).local())
+        new_info = CacheClient(second.address).local()
+        assert old_client is not None and new_info is not None
+        old = SharedTier(old_client, cache, lambda *_: None)
+        serving = {"token": old_client.info.token}
+        link = TierLink(old, lambda: LocalClient.discover(CacheClient(second.address).local()), retry_s=60)
+        link.watch(lambda: serving["token"], 0.02)
+        try:
+            with link.use() as in_use:
+                assert in_use is old
+                serving["token"] = new_info["token"]  # the server now serves another arena
+                assert until(lambda: link.current is not old), "the watch never moved to the new arena"
+                time.sleep(0.2)
+                assert hasattr(old, "memory"), "closed while a thread still used it"
+            assert until(lambda: not hasattr(old, "memory")), "the old arena was never let go"
+            with link.use() as now:
+                assert now is link.current and now.client.info.token == new_info["token"] and not now.failed
+        finally:
+            link.close()

@@ -16,10 +16,9 @@ after the first, (latency - TTFT) / (output tokens - 1); latency, the time to th
                requests per second meeting TTFT <= 2 s and TPOT <= 20 ms (DistServe's measure)
     decode     decoding alone: prompts whose KV the system already holds (each sent once before,
                for one token), sent again at several concurrencies for long answers: TPOT and
-               output throughput of the decode batch, with no prefill beside it, and the
-               instances' own inter-token latency (vLLM's, from their metrics: the decoder's
-               steps alone, where the client's TPOT also holds what comes between the system's
-               first token and its second, a hand-off in PD)
+               output throughput of the decode batch, with no prefill beside it; the wait from
+               the first output token to the second (in PD the decoder taking over), and the
+               instances' own inter-token latency (vLLM's, from their metrics: the steps alone)
 """
 
 from __future__ import annotations
@@ -53,6 +52,13 @@ class Outcome:
     ttft: float | None
     latency: float
     error: str | None = None
+    second: float | None = None  # to the event that carried the second output token
+
+    @property
+    def second_token_wait(self) -> float | None:
+        """From the first output token to the second: one decode step in one vLLM; in PD, the
+        decoder taking over after the prefiller's first token (the hand-off, its first step)."""
+        return None if self.ttft is None or self.second is None else self.second - self.ttft
 
     @property
     def tpot(self) -> float | None:
@@ -79,7 +85,7 @@ async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_to
     body = {"model": target.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}  # fmt: skip
     t0 = time.perf_counter()
-    ttft, out = None, []
+    ttft, second, out = None, None, []
     async with client.stream("POST", f"{target.url}/v1/completions", json=body, timeout=target.timeout_s) as r:
         if r.status_code != 200:
             raise WorkloadError(f"a {len(ids)}-token request answered {r.status_code}: {(await r.aread())[:300]!r}")
@@ -94,7 +100,9 @@ async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_to
                 if (tokens or choice.get("text")) and ttft is None:
                     ttft = time.perf_counter() - t0
                 out += tokens
-    return Outcome(len(ids), out, ttft, time.perf_counter() - t0)
+                if second is None and len(out) >= 2:
+                    second = time.perf_counter() - t0
+    return Outcome(len(ids), out, ttft, time.perf_counter() - t0, second=second)
 
 
 def quantile(values: Sequence[float], q: float) -> float | None:
@@ -316,10 +324,12 @@ async def decode(target: Target, sizes: DecodeSizes, seed: int, instances: Seque
             outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c)
             after = await _inter_token(client, instances)
             tpots = [o.tpot for o in outcomes if o.tpot is not None]
+            waits = [w for o in outcomes if (w := o.second_token_wait) is not None]
             figures |= _some(
                 **{
                     f"tpot_p50_ms_c{c}": _ms(quantile(tpots, 0.5)),
                     f"tpot_p99_ms_c{c}": _ms(quantile(tpots, 0.99)),
+                    f"second_token_p50_ms_c{c}": _ms(quantile(waits, 0.5)),
                     f"output_tok_s_c{c}": sum(len(o.output_ids) for o in outcomes) / elapsed,
                     f"itl_ms_c{c}": _ms((after[0] - before[0]) / (after[1] - before[1]))
                     if instances and after[1] > before[1]

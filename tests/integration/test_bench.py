@@ -42,8 +42,10 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
         decode = s[system]["decode"]
         assert decode["output_tok_s_c2"]["n"] == 2 and decode["output_tok_s_c2"]["median"] > 0
         assert 0 < decode["tpot_p50_ms_c2"]["median"] <= decode["tpot_p99_ms_c2"]["median"]
-        # the instances' own inter-token latency over the same batch, from their metrics
+        # the instances' own inter-token latency over the same batch, from their metrics; the
+        # wait from the first token to the second (one step of one vLLM)
         assert decode["itl_ms_c2"]["n"] == 2 and decode["itl_ms_c2"]["min"] > 0
+        assert decode["second_token_p50_ms_c2"]["n"] == 2 and decode["second_token_p50_ms_c2"]["min"] >= 0
     plain = s["plain"]["reuse"]
     assert plain["ttft_cold_s"]["x_plain"] == 1.0 and "x_plain" in s["pdrun-tier"]["reuse"]["ttft_cold_s"]
     # What went wrong, from pdrun's own counters: nothing here; plain vLLM has no such counters.

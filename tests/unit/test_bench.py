@@ -92,6 +92,8 @@ def test_request_figures_as_vllm_bench_serve_defines_them():
     o = wl.Outcome(prompt_tokens=10, output_ids=[1, 2, 3, 4, 5], ttft=0.2, latency=0.6)
     assert o.tpot == pytest.approx(0.1)  # (latency - ttft) / (outputs - 1)
     assert wl.Outcome(10, [1], 0.2, 0.2).tpot is None
+    took_over = wl.Outcome(10, [1, 2, 3], ttft=0.2, latency=0.5, second=0.45)  # a decoder after a prefiller
+    assert took_over.second_token_wait == pytest.approx(0.25) and o.second_token_wait is None
     assert wl.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5 and wl.quantile([], 0.9) is None
     assert wl.quantile([1.0, 2.0], 0.99) == pytest.approx(1.99)
 

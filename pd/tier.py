@@ -56,7 +56,8 @@ class SharedTier:
         self.registered = False
         if paged.device.type == "cuda":
             t0 = time.perf_counter()
-            err = torch.cuda.cudart().cudaHostRegister(self.memory.data_ptr(), self.memory.numel(), 0)
+            with torch.cuda.device(paged.device):  # this worker's GPU, whichever thread maps a new arena
+                err = torch.cuda.cudart().cudaHostRegister(self.memory.data_ptr(), self.memory.numel(), 0)
             self.registered = int(err) == 0
             log.info(
                 "cache tier arena %s (%d GiB) %s for DMA in %.1f s",
@@ -242,7 +243,8 @@ class SharedTier:
         self._commits.put(None)
         self._committer.join(timeout=5)
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
+            with torch.cuda.device(self.paged.device):
+                torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
         del self.memory
         self.client.close()
 

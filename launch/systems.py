@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -357,11 +358,8 @@ class PdrunSystem(System):
             text = metrics_text(url)
             if text is None:
                 return {}  # an instance that cannot say: no figures rather than a wrong 0
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name in COUNTERS:
-                        name = COUNTERS[sample.name]
-                        out[name] = out.get(name, 0.0) + sample.value
+            for sample, value in summed(text, COUNTERS).items():
+                out[COUNTERS[sample]] += value
         return out
 
     def stop(self) -> None:
@@ -377,6 +375,16 @@ def metrics_text(url: str) -> str | None:
             return r.read().decode()
     except OSError:
         return None
+
+
+def summed(text: str, names: Iterable[str]) -> dict[str, float]:
+    """Each of the samples `names` on a /metrics page, summed over its labels (0 where absent)."""
+    out = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in out:
+                out[sample.name] += sample.value
+    return out
 
 
 def last_error(log: Path, default: str = "exited during start-up") -> str:

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from pdrun.launch.systems import summed
 from pdrun.pd.proxy.timing import event_data
 
 TOKEN_IDS = range(100, 4000)  # inside any real vocabulary, clear of the special tokens
@@ -339,17 +339,15 @@ async def decode(target: Target, sizes: DecodeSizes, seed: int, instances: Seque
     return figures
 
 
+INTER_TOKEN = ("vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count")
+
+
 async def _inter_token(client: httpx.AsyncClient, instances: Sequence[str]) -> tuple[float, float]:
     """vLLM's inter-token latency histogram over the instances: (sum of seconds, count)."""
     total = count = 0.0
     for url in instances:
-        text = (await client.get(f"{url}/metrics")).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "vllm:inter_token_latency_seconds_sum":
-                    total += sample.value
-                elif sample.name == "vllm:inter_token_latency_seconds_count":
-                    count += sample.value
+        got = summed((await client.get(f"{url}/metrics")).text, INTER_TOKEN)
+        total, count = total + got[INTER_TOKEN[0]], count + got[INTER_TOKEN[1]]
     return total, count
 
 

@@ -28,8 +28,8 @@ import random
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from pdrun.launch.systems import summed
 from pdrun.launch.workloads import Target, prompt, quantile, send
 
 # server-side phase -> the Prometheus sample whose growth over one request measures it
@@ -43,14 +43,7 @@ PHASES = {
 
 async def sums(client: httpx.AsyncClient, url: str) -> dict[str, float]:
     """The phases' samples now, summed over their labels."""
-    text = (await client.get(f"{url}/metrics")).text
-    wanted = set(PHASES.values())
-    found = dict.fromkeys(wanted, 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted:
-                found[sample.name] += sample.value
-    return found
+    return summed((await client.get(f"{url}/metrics")).text, PHASES.values())
 
 
 async def measure(

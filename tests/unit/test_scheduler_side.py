@@ -4,7 +4,6 @@ ends before its load."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -12,17 +11,12 @@ import pytest
 import torch
 
 from pdrun.launch import tiny_model
+from pdrun.launch.systems import free_port
 from pdrun.pd.keys import chunk_keys
 from pdrun.pd.params import HandOff, handoff_params
 
 CHUNK, BLOCK = 64, 16
 PREFILLER = "tcp://127.0.0.1:1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

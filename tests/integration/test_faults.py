@@ -162,7 +162,12 @@ def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], o
 
     def inject() -> None:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and in_flight(cluster) < 30:
+        while time.monotonic() < deadline:
+            try:
+                if in_flight(cluster) >= 30:
+                    break
+            except OSError:  # the proxy, taking in the storm, slow to answer /metrics: asked again
+                pass
             time.sleep(0.05)
         fault()
         injected.set()

@@ -61,6 +61,15 @@ class ConnectorConfig(BaseModel):
         "guard their own bytes (hashing both ends would halve a host-staged hand-off)",
     )
     load_threads: int = Field(2, ge=1, le=64, description="consumer: hand-offs pulled in parallel")
+    switch_interval_us: float = Field(
+        200,
+        gt=0,
+        le=100_000,
+        description="the longest an engine thread busy in Python keeps the GIL from a transfer or copy thread "
+        "waiting for it, in this instance's worker process (Python's sys.setswitchinterval; its own default is "
+        "5000): such a thread waits for the GIL after every short wait of its own, several per chunk, and at "
+        "5 ms a busy engine holds a hand-off to a fraction of the wire's speed",
+    )
     load_lanes: int | None = Field(
         None,
         ge=1,

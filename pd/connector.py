@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -346,6 +347,8 @@ class _Incoming:
 class _SchedulerSide:
     def __init__(self, vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config: KVCacheConfig):
         self.cfg = cfg
+        # The engine's thread shares this process's GIL with the transfer and copy threads started here.
+        sys.setswitchinterval(cfg.switch_interval_us * 1e-6)
         ktc = vllm_config.kv_transfer_config
         self.is_producer = ktc.is_kv_producer
         self.is_consumer = ktc.is_kv_consumer
@@ -688,6 +691,8 @@ class _WorkerSide:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         self.cfg = cfg
+        # The engine's thread shares this process's GIL with the transfer and copy threads started here.
+        sys.setswitchinterval(cfg.switch_interval_us * 1e-6)
         ktc = vllm_config.kv_transfer_config
         self.is_producer = ktc.is_kv_producer
         self.is_consumer = ktc.is_kv_consumer

@@ -24,14 +24,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model.build(Path(tmp_path_factory.mktemp("model")) / "tiny")
 
 
-def scheduler_side(model: Path, **extra):
-    """The scheduler side of a decoder's PDConnector, with `extra` connector settings."""
+def engine_config(model: Path | str, **extra):
+    """A decoder's vLLM config with PDConnector and `extra` connector settings."""
     from vllm.config import KVTransferConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-
-    from pdrun.pd.connector import PDConnector
 
     ktc = KVTransferConfig(
         kv_connector="PDConnector",
@@ -40,9 +36,19 @@ def scheduler_side(model: Path, **extra):
         kv_connector_extra_config={"chunk_size": CHUNK, "transport": "tcp", **extra},
         kv_load_failure_policy="recompute",
     )
-    config = EngineArgs(
+    return EngineArgs(
         model=str(model), dtype="float32", max_model_len=1024, block_size=BLOCK, kv_transfer_config=ktc
     ).create_engine_config()
+
+
+def scheduler_side(model: Path, **extra):
+    """The scheduler side of a decoder's PDConnector, with `extra` connector settings."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from pdrun.pd.connector import PDConnector
+
+    config = engine_config(model, **extra)
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=16, dtype=torch.float32)
     layers = KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)
     return PDConnector(
@@ -186,3 +192,36 @@ def test_a_restarted_cache_server_is_looked_up_at_once_not_after_a_lookup_that_w
             client.close()
     finally:
         connector.shutdown()
+
+
+WORKER_PROCESS = """
+import sys, torch
+from vllm.config import set_current_vllm_config
+from vllm.distributed import init_distributed_environment, initialize_model_parallel
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from pdrun.pd.connector import PDConnector
+from tests.unit.test_scheduler_side import engine_config
+model, port, extra = sys.argv[1], sys.argv[2], eval(sys.argv[3])
+config = engine_config(model, **extra)
+spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=16, dtype=torch.float32)
+groups = [KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)]
+with set_current_vllm_config(config):
+    init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
+    initialize_model_parallel(1, 1)
+    PDConnector(config, KVConnectorRole.WORKER, KVCacheConfig(64, [], groups))
+print(sys.getswitchinterval())
+"""
+
+
+@pytest.mark.parametrize("extra, interval", [({}, 200e-6), ({"switch_interval_us": 1000}, 1e-3)])
+def test_the_worker_process_hands_the_gil_to_transfer_threads_within_the_switch_interval(model, extra, interval):
+    """The worker's transfer and copy threads share the GIL with vLLM's engine thread: the worker side
+    shortens how long a thread busy in Python keeps it from them (Python's default: 5 ms)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", WORKER_PROCESS, str(model), str(free_port()), repr(extra)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) == pytest.approx(interval, abs=2e-6)  # Python keeps whole microseconds

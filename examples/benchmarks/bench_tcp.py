@@ -6,8 +6,15 @@ connections, with and without checksums, over tcp and (--transports tcp,ucx) ucx
 (one copy of the same bytes in this process) is measured in the same run. Prints a table and
 writes JSON.
 
+With --busy, the pulls also run beside a thread busy in Python, as a decoder's run beside vLLM's
+engine thread in its worker process, at each of --switch-us (Python's switch interval: how long the
+busy thread may keep the GIL from a pulling thread that waits for it; pdrun's worker sets 200, Python's
+own default is 5000). The busy thread's pace during the pulls, against its pace alone, is what the
+pulls cost it.
+
     python examples/benchmarks/bench_tcp.py                       # 8B shape: 128 KiB/token, 256-token chunks
     python examples/benchmarks/bench_tcp.py --streams 1,2,4 --transports tcp,ucx --json out.json
+    python examples/benchmarks/bench_tcp.py --transports ucx --streams 1 --busy --switch-us 5000,1000,200,50
 """
 
 from __future__ import annotations
@@ -49,8 +56,43 @@ def serve(scheme: str, chunks: int, nbytes: int, checksums: bool, ready: mp.Queu
     listener.close()
 
 
-def pull(address: str, keys: list[bytes], nbytes: int, checksums: bool, streams: int, rounds: int) -> float:
-    """Seconds to pull every key `rounds` times over `streams` connections."""
+class Busy:
+    """A thread running Python without pause (as an engine thread between its GPU waits): loops done."""
+
+    def __init__(self) -> None:
+        self.loops = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for i in range(1000):
+                total += i
+            self.loops += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def busy_pace(seconds: float = 0.5) -> float:
+    """A busy thread's loops per ms with nothing beside it."""
+    busy = Busy()
+    time.sleep(0.05)
+    start, t0 = busy.loops, time.perf_counter()
+    time.sleep(seconds)
+    pace = (busy.loops - start) / (time.perf_counter() - t0) / 1e3
+    busy.stop()
+    return pace
+
+
+def pull(
+    address: str, keys: list[bytes], nbytes: int, checksums: bool, streams: int, rounds: int, busy: bool = False
+) -> tuple[float, float | None]:
+    """Seconds to pull every key `rounds` times over `streams` connections, and (`busy`) the loops per
+    ms a busy thread beside the pulls got done meanwhile."""
     conns = [transfer.connect(address, checksums=checksums) for _ in range(streams)]
     bufs = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(streams)]
     parts = [keys[i::streams] for i in range(streams)]
@@ -62,16 +104,21 @@ def pull(address: str, keys: list[bytes], nbytes: int, checksums: bool, streams:
                 pass
 
     worker(0)  # warm up: connections, page faults
+    spinner = Busy() if busy else None
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
-    t0 = time.perf_counter()
+    t0, loops = time.perf_counter(), spinner.loops if spinner else 0
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    pace = None
+    if spinner is not None:
+        pace = (spinner.loops - loops) / elapsed / 1e3
+        spinner.stop()
     for c in conns:
         c.close()
-    return elapsed
+    return elapsed, pace
 
 
 def main() -> None:
@@ -82,12 +129,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="times each chunk is pulled per measurement")
     ap.add_argument("--streams", default="1,2,4", help="parallel connections to try")
     ap.add_argument("--transports", default="tcp", help="tcp, ucx or both: tcp,ucx")
+    ap.add_argument("--busy", action="store_true", help="also pull beside a thread busy in Python")
+    ap.add_argument("--switch-us", default="5000", help="Python switch intervals to try, microseconds")
     ap.add_argument("--json", type=Path, default=Path("bench_tcp.json"))
     args = ap.parse_args()
 
     nbytes = args.chunk_tokens * args.bytes_per_token
     keys = [key(i) for i in range(args.chunks)]
     floor = memcpy_gbps(nbytes)
+    alone = busy_pace() if args.busy else None
     rows = []
     ctx = mp.get_context("spawn")
     for scheme, checksums in ((t, c) for t in args.transports.split(",") for c in (True, False)):
@@ -96,14 +146,24 @@ def main() -> None:
         server.start()
         address = ready.get(timeout=120)
         try:
-            for streams in (int(s) for s in args.streams.split(",")):
-                seconds = pull(address, keys, nbytes, checksums, streams, args.rounds)
+            cases = [
+                (int(streams), int(us), busy)
+                for streams in args.streams.split(",")
+                for us in args.switch_us.split(",")
+                for busy in ((False, True) if args.busy else (False,))
+            ]
+            for streams, us, busy in cases:
+                sys.setswitchinterval(us * 1e-6)
+                seconds, pace = pull(address, keys, nbytes, checksums, streams, args.rounds, busy)
                 moved = nbytes * args.chunks * args.rounds
                 rows.append(
                     {
                         "transport": scheme,
                         "checksums": checksums,
                         "streams": streams,
+                        "switch_us": us,
+                        "busy": busy,
+                        "busy_pace": round(pace / alone, 3) if pace is not None and alone else None,
                         "chunk_bytes": nbytes,
                         "bytes": moved,
                         "seconds": round(seconds, 4),
@@ -119,11 +179,15 @@ def main() -> None:
         f"Loopback hand-off, {args.chunk_tokens}-token chunks x {args.bytes_per_token // 1024} KiB/token "
         f"= {nbytes / 2**20:.0f} MiB per chunk; memcpy floor {floor:.2f} GB/s"
     )
-    print(f"{'transport':>9} {'checksums':>9} {'streams':>7} {'GB/s':>7} {'ms/chunk':>9} {'x memcpy':>9}")
+    print(
+        f"{'transport':>9} {'checksums':>9} {'streams':>7} {'switch us':>9} {'busy':>5} {'GB/s':>7} "
+        f"{'ms/chunk':>9} {'x memcpy':>9} {'busy pace':>9}"
+    )
     for r in rows:
+        pace = "" if r["busy_pace"] is None else f"{r['busy_pace']:.2f}"
         print(
-            f"{r['transport']:>9} {r['checksums']!s:>9} {r['streams']:>7} {r['gb_per_s']:>7.2f} "
-            f"{r['ms_per_chunk']:>9.1f} {r['gb_per_s'] / floor:>9.2f}"
+            f"{r['transport']:>9} {r['checksums']!s:>9} {r['streams']:>7} {r['switch_us']:>9} {r['busy']!s:>5} "
+            f"{r['gb_per_s']:>7.2f} {r['ms_per_chunk']:>9.1f} {r['gb_per_s'] / floor:>9.2f} {pace:>9}"
         )
     result = {
         "benchmark": "loopback_handoff",

@@ -226,7 +226,7 @@ def launch(
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     cache = f", cache tier on tcp://127.0.0.1:{cfg.cache_port}" if cfg.starts_cache else ""
     ready = f"ready: {cfg.prefill}P{cfg.decode}D{cache}, OpenAI endpoint http://{shown}:{cfg.port}/v1 (Ctrl-C stops)"
-    raise typer.Exit(supervisor.run(ready_message=ready))
+    raise typer.Exit(supervisor.run(ready_message=ready, warm_up=deploy.warm_up(cfg, supervisor.say)))
 
 
 @app.command()

@@ -11,10 +11,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
-from pdrun.launch import tiny_model
+from pdrun.launch import tiny_model, warmup
 from pdrun.launch.config import KV_PORTS_PER_INSTANCE, ConfigError, LaunchConfig
 from pdrun.launch.supervisor import ChildSpec
 from pdrun.launch.vllm_server import ServerSpec
@@ -131,16 +133,29 @@ def cache_command(cfg: LaunchConfig) -> list[str]:
     return cmd
 
 
+def instance_urls(cfg: LaunchConfig, kind: str) -> dict[str, str]:
+    """Each instance of `kind` ("prefill" or "decode"): its name and base URL."""
+    return {name: f"http://{s.host}:{s.port}" for name, s in instance_specs(cfg) if name.startswith(f"{kind}-")}
+
+
+def warm_up(cfg: LaunchConfig, say: Callable[[str], None]) -> Callable[[], object] | None:
+    """What warms the deployment's hand-off paths once it is healthy (launch/warmup.py); None
+    without both prefillers and decoders."""
+    prefill, decode = instance_urls(cfg, "prefill"), instance_urls(cfg, "decode")
+    if not prefill or not decode:
+        return None
+    served = instance_specs(cfg)[0][1].served_name
+    return partial(warmup.warm_up, prefill, decode, served, say)
+
+
 def child_specs(cfg: LaunchConfig) -> list[ChildSpec]:
     """Every process, with its stop tier: the proxy first, then the instances, the cache last."""
-    instances = instance_specs(cfg)
     specs = [
         ChildSpec(name, s.command(), s.environment(), f"http://{s.host}:{s.port}/health", tier=1)
-        for name, s in instances
+        for name, s in instance_specs(cfg)
     ]
-    urls = {name: f"http://{s.host}:{s.port}" for name, s in instances}
-    prefill = [u for n, u in urls.items() if n.startswith("prefill-")]
-    decode = [u for n, u in urls.items() if n.startswith("decode-")]
+    prefill = list(instance_urls(cfg, "prefill").values())
+    decode = list(instance_urls(cfg, "decode").values())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     probe_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host

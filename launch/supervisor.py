@@ -206,11 +206,13 @@ class Supervisor:
         self.stop_grace_s = stop_grace_s
         self.say = say or (lambda msg: print(f"[pdrun] {msg}", flush=True))
         self.stop_requested = threading.Event()
+        self.ready = False  # started, healthy and warmed up: said once, in state.json
         self._signals = 0
 
     # ---- the whole run ----
-    def run(self, ready_message: str = "") -> int:
-        """Start everything, keep it up until SIGINT/SIGTERM, stop it all. 0 on a requested stop."""
+    def run(self, ready_message: str = "", warm_up: Callable[[], object] | None = None) -> int:
+        """Start everything, keep it up until SIGINT/SIGTERM, stop it all. 0 on a requested stop.
+        `warm_up` runs once everything is healthy, before the deployment is said to be ready."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._install_signal_handlers()
         echo = LogEcho(self.children, sys.stdout) if self.echo_logs else None
@@ -224,7 +226,8 @@ class Supervisor:
             self.say(f"starting {len(self.children)} processes; logs in {self.run_dir / 'logs'}")
             if not self._start_up():
                 code = 1
-            else:
+            elif self._warmed(warm_up):
+                self.ready = True
                 self.say(ready_message or "ready")
                 self._write_state()
                 while not self.stop_requested.wait(0.5):
@@ -238,6 +241,16 @@ class Supervisor:
             self._write_state()
             self.say("stopped")
         return code
+
+    def _warmed(self, warm_up: Callable[[], object] | None) -> bool:
+        """`warm_up` done (in a thread: a stop asked for meanwhile is not kept waiting); False if a
+        stop was asked for first."""
+        if warm_up is not None:
+            worker = threading.Thread(target=warm_up, name="pdrun-warm-up", daemon=True)
+            worker.start()
+            while worker.is_alive() and not self.stop_requested.wait(0.2):
+                pass
+        return not self.stop_requested.is_set()
 
     def _start_up(self) -> bool:
         t0 = time.monotonic()
@@ -336,7 +349,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_signal)
 
     def _write_state(self) -> None:
-        state = {"pid": os.getpid(), "children": {c.name: c.describe() for c in self.children}}
+        state = {"pid": os.getpid(), "ready": self.ready, "children": {c.name: c.describe() for c in self.children}}
         tmp = self.run_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.run_dir / "state.json")

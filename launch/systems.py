@@ -343,9 +343,9 @@ class PdrunSystem(System):
                 why = next((e for log in sorted(logs.glob("*.log")) if (e := last_error(log, ""))), "it exited")
                 raise SystemFailure(f"{self.name}: {why} ({logs})")
             with contextlib.suppress(OSError, ValueError, KeyError):
-                children = json.loads(state.read_text())["children"]
-                instances = [c for n, c in children.items() if n.startswith(("prefill-", "decode-"))]
-                if all(c["state"] == "healthy" for c in children.values()) and healthy(self.url):
+                said = json.loads(state.read_text())
+                instances = [c for n, c in said["children"].items() if n.startswith(("prefill-", "decode-"))]
+                if said["ready"] and healthy(self.url):
                     self.instance_urls = [c["url"] for c in instances]
                     return
             if time.monotonic() > deadline:

@@ -140,15 +140,17 @@ class Deployment:
         return {b["url"] for b in h.get("prefill", []) + h.get("decode", []) if b["healthy"]}
 
     def wait_ready(self, names: list[str], timeout: float, since_starts: dict[str, int] | None = None) -> None:
-        """Until each named instance is healthy (restarted, if since_starts says) and in the proxy's rotation."""
+        """Until the deployment is ready (started and warmed up) and each named instance is healthy
+        (restarted, if since_starts says) and in the proxy's rotation."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pdrun launch exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
             try:
-                children = self.state()["children"]
+                state = self.state()
+                children = state["children"]
                 fresh = all(children[n]["starts"] > (since_starts or {}).get(n, 0) for n in names)
-                up = all(children[n]["state"] == "healthy" for n in names)
+                up = state["ready"] and all(children[n]["state"] == "healthy" for n in names)
                 if fresh and up and {children[n]["url"] for n in names} <= self.in_rotation():
                     return
             except (OSError, ValueError, KeyError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -57,6 +58,18 @@ def chat(client: openai.OpenAI, content: str, stream: bool, max_tokens: int = 16
         if ev.usage:
             usage = ev.usage.model_dump()
     return "".join(text), usage
+
+
+def test_each_hand_off_path_is_warmed_before_the_deployment_says_it_is_ready(cluster):
+    """A decoder's first hand-off from a prefiller (its connection, the staging memory mapped)
+    costs more than any after it: `pdrun launch` pays it for every pair before it is ready."""
+    out = cluster.deployment.output()
+    ready_at = out.index("ready: 1P2D")
+    for d in cluster.decoders:
+        warmed = re.search(rf"hand-off prefill-0 -> {d.name} warmed in [\d.]+s \(its load [\d.]+s\)", out)
+        assert warmed is not None and warmed.start() < ready_at, out[-3000:]
+    assert "not warmed" not in out
+    assert cluster.deployment.state()["ready"] is True
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -3,6 +3,7 @@ a start-up failure reported with the child's log, and an ordered stop that leave
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -132,3 +133,38 @@ def test_logs_are_echoed_with_the_childs_name(tmp_path: Path, capfd: pytest.Capt
     assert result == [0]
     out = capfd.readouterr().out
     assert "alpha | child up on" in out and "beta  | child up on" in out
+
+
+def test_ready_is_said_and_written_only_after_the_warm_up(tmp_path: Path):
+    said: list[str] = []
+    release = threading.Event()
+
+    def warm_up() -> None:
+        said.append("warming")
+        release.wait(30)  # the deployment's first hand-offs, however long they take
+
+    sup = Supervisor([spec("one")], tmp_path, echo_logs=False, say=said.append)
+    t = threading.Thread(target=lambda: sup.run(warm_up=warm_up), daemon=True)
+    t.start()
+    wait_for(lambda: "warming" in said)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["children"]["one"]["state"] == "healthy" and state["ready"] is False
+    assert "ready" not in said
+    release.set()
+    wait_for(lambda: "ready" in said)
+    assert json.loads((tmp_path / "state.json").read_text())["ready"] is True
+    sup.stop_requested.set()
+    t.join(timeout=30)
+
+
+def test_a_stop_asked_for_during_the_warm_up_is_not_kept_waiting(tmp_path: Path):
+    said: list[str] = []
+    sup = Supervisor([spec("one")], tmp_path, echo_logs=False, stop_grace_s=2, say=said.append)
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(sup.run(warm_up=lambda: time.sleep(600))), daemon=True)
+    runner.start()
+    wait_for(lambda: sup.children[0].state == "healthy")
+    sup.stop_requested.set()
+    runner.join(timeout=30)
+    assert result == [0] and "ready" not in said and said[-1] == "stopped"
+    assert not group_members(sup.children[0].groups[0])

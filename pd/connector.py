@@ -150,6 +150,12 @@ def _endpoints(vllm_config: VllmConfig, cfg: ConnectorConfig) -> list[str]:
     return [f"{cfg.transport}://{host}:{base + r}" for r in range(tp)]
 
 
+def _share_gil(cfg: ConnectorConfig) -> None:
+    """The engine's thread shares this process's GIL with the transfer, lookup and copy threads
+    pdrun starts here: one waiting for it gets it within cfg.switch_interval_us."""
+    sys.setswitchinterval(cfg.switch_interval_us * 1e-6)
+
+
 def _fingerprint(vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config: KVCacheConfig) -> Fingerprint:
     spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
     from vllm.platforms import current_platform
@@ -347,8 +353,7 @@ class _Incoming:
 class _SchedulerSide:
     def __init__(self, vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config: KVCacheConfig):
         self.cfg = cfg
-        # The engine's thread shares this process's GIL with the transfer and copy threads started here.
-        sys.setswitchinterval(cfg.switch_interval_us * 1e-6)
+        _share_gil(cfg)
         ktc = vllm_config.kv_transfer_config
         self.is_producer = ktc.is_kv_producer
         self.is_consumer = ktc.is_kv_consumer
@@ -691,8 +696,7 @@ class _WorkerSide:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         self.cfg = cfg
-        # The engine's thread shares this process's GIL with the transfer and copy threads started here.
-        sys.setswitchinterval(cfg.switch_interval_us * 1e-6)
+        _share_gil(cfg)
         ktc = vllm_config.kv_transfer_config
         self.is_producer = ktc.is_kv_producer
         self.is_consumer = ktc.is_kv_consumer

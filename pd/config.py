@@ -65,10 +65,10 @@ class ConnectorConfig(BaseModel):
         200,
         gt=0,
         le=100_000,
-        description="the longest an engine thread busy in Python keeps the GIL from a transfer or copy thread "
-        "waiting for it, in this instance's engine and worker processes (Python's sys.setswitchinterval; its own default is "
-        "5000): such a thread waits for the GIL after every short wait of its own, several per chunk, and at "
-        "5 ms a busy engine holds a hand-off to a fraction of the wire's speed",
+        description="the longest an engine thread busy in Python keeps the GIL from a transfer, lookup or copy "
+        "thread waiting for it, in this instance's engine and worker processes (Python's sys.setswitchinterval; "
+        "its own default is 5000): such a thread waits for the GIL after every short wait of its own, several per "
+        "chunk, and at 5 ms a busy engine holds a hand-off to a fraction of the wire's speed",
     )
     load_lanes: int | None = Field(
         None,

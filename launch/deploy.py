@@ -133,29 +133,30 @@ def cache_command(cfg: LaunchConfig) -> list[str]:
     return cmd
 
 
-def instance_urls(cfg: LaunchConfig, kind: str) -> dict[str, str]:
-    """Each instance of `kind` ("prefill" or "decode"): its name and base URL."""
-    return {name: f"http://{s.host}:{s.port}" for name, s in instance_specs(cfg) if name.startswith(f"{kind}-")}
+def instance_urls(instances: list[tuple[str, ServerSpec]], kind: str) -> dict[str, str]:
+    """Each of `instances` of `kind` ("prefill" or "decode"): its name and base URL."""
+    return {name: f"http://{s.host}:{s.port}" for name, s in instances if name.startswith(f"{kind}-")}
 
 
 def warm_up(cfg: LaunchConfig, say: Callable[[str], None]) -> Callable[[], object] | None:
     """What warms the deployment's hand-off paths once it is healthy (launch/warmup.py); None
     without both prefillers and decoders."""
-    prefill, decode = instance_urls(cfg, "prefill"), instance_urls(cfg, "decode")
+    instances = instance_specs(cfg)
+    prefill, decode = instance_urls(instances, "prefill"), instance_urls(instances, "decode")
     if not prefill or not decode:
         return None
-    served = instance_specs(cfg)[0][1].served_name
-    return partial(warmup.warm_up, prefill, decode, served, say)
+    return partial(warmup.warm_up, prefill, decode, instances[0][1].served_name, say)
 
 
 def child_specs(cfg: LaunchConfig) -> list[ChildSpec]:
     """Every process, with its stop tier: the proxy first, then the instances, the cache last."""
+    instances = instance_specs(cfg)
     specs = [
         ChildSpec(name, s.command(), s.environment(), f"http://{s.host}:{s.port}/health", tier=1)
-        for name, s in instance_specs(cfg)
+        for name, s in instances
     ]
-    prefill = list(instance_urls(cfg, "prefill").values())
-    decode = list(instance_urls(cfg, "decode").values())
+    prefill = list(instance_urls(instances, "prefill").values())
+    decode = list(instance_urls(instances, "decode").values())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     probe_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host

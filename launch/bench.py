@@ -218,8 +218,7 @@ def run(
                             continue
                         if long is not None:
                             longs[s.name] = long
-                        after = s.counters()
-                        figures |= {name: after[name] - before.get(name, 0.0) for name in after}
+                        figures |= moved(before, s.counters())
                         _add(results, s.name, workload, figures)
                         say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
             if "reuse" in p.workloads:
@@ -280,6 +279,16 @@ def _add(results: Results, system: str, workload: str, figures: dict[str, float]
     into = results.setdefault(system, {}).setdefault(workload, {})
     for k, v in figures.items():
         into.setdefault(k, []).append(v)
+
+
+def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What pdrun's counters moved by over a workload, its hand-offs' bytes and seconds as their
+    mean rate (each hand-off timed from its first request to its last block in place)."""
+    out = {name: after[name] - before.get(name, 0.0) for name in after}
+    nbytes, seconds = out.pop("handoff_bytes", 0.0), out.pop("handoff_seconds", 0.0)
+    if nbytes > 0 and seconds > 0:
+        out["handoff_gb_per_s"] = nbytes / seconds / 1e9
+    return out
 
 
 def _brief(figures: dict[str, float]) -> str:

@@ -54,6 +54,8 @@ COUNTERS = {
     "pdrun:load_failures_total": "kv_load_failures",  # hand-offs and tier loads that were recomputed
     "pdrun:staging_evictions_total": "staging_evictions",  # staged chunks evicted before their decoder came
     "pdrun:cache_store_dropped_total": "cache_chunks_dropped",  # chunks the tier could not take
+    "pdrun:loaded_bytes_total": "handoff_bytes",  # pulled from prefillers ...
+    "pdrun:load_seconds_total": "handoff_seconds",  # ... in this long, summed over the hand-offs
 }
 
 
@@ -192,8 +194,8 @@ class System:
         return best
 
     def counters(self) -> dict[str, float]:
-        """pdrun's own counters of what went wrong (`COUNTERS`), summed over its instances; none
-        for systems without pdrun's connector."""
+        """pdrun's own counters (`COUNTERS`: what went wrong, what its hand-offs moved), summed over
+        its instances; none for systems without pdrun's connector."""
         return {}
 
     def restart(self, timeout: float) -> None:

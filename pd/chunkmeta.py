@@ -32,7 +32,17 @@ class LayerMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return msgspec.to_builtins(self)
 
 
-Meta = TypeVar("Meta", ChunkMeta, LayerMeta)
+class RunMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Adjacent chunks of a hand-off sent joined in one frame: the layout and each chunk's blocks in order."""
+
+    layout: str
+    blocks: list[int]
+
+    def encode(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+
+Meta = TypeVar("Meta", ChunkMeta, LayerMeta, RunMeta)
 
 
 def received(meta: Any, kind: type[Meta]) -> Meta:
@@ -41,3 +51,11 @@ def received(meta: Any, kind: type[Meta]) -> Meta:
         return msgspec.convert(meta, kind)
     except msgspec.ValidationError as e:
         raise ProtocolError(f"invalid chunk metadata {meta!r:.200}: {e}") from None
+
+
+def frame_chunks(meta: Any) -> RunMeta:
+    """A frame of whole chunks as it arrived, one (ChunkMeta) or several (RunMeta), as a RunMeta."""
+    if isinstance(meta, dict) and isinstance(meta.get("blocks"), list):
+        return received(meta, RunMeta)
+    one = received(meta, ChunkMeta)
+    return RunMeta(one.layout, [one.blocks])

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdrun.pd.params import MAX_FRAME_CHUNKS
+
 if TYPE_CHECKING:  # the CLI reads this config; torch is imported only where KV moves
     import torch
 
@@ -79,12 +81,20 @@ class ConnectorConfig(BaseModel):
         "1 over ucx",
     )
     chunks_in_flight: int = Field(
-        4,
+        16,
         ge=1,
         le=64,
         description="consumer: chunks of one hand-off being received at once over ucx while earlier ones are "
-        "placed, and with the Triton copies the chunks placed in one launch; each holds a chunk buffer (32 MiB "
-        "for 256 tokens of an 8B model), twice as many with the Triton copies",
+        "placed (at least two frames), and with the Triton copies the chunks placed in one launch; each holds a "
+        "chunk buffer (32 MiB for 256 tokens of an 8B model), and one more frame's worth with the Triton copies",
+    )
+    chunks_per_frame: int = Field(
+        8,
+        ge=1,
+        le=MAX_FRAME_CHUNKS,
+        description="consumer receiving into GPU memory over ucx: adjacent chunks of a hand-off sent as one "
+        "message, where the prefiller's staging is in GPU memory too (joined there, or as they lie when back to "
+        "back): each message costs the threads at both ends a wait for the GIL, which a busy engine draws out",
     )
     cache: str | None = Field(
         None, description="a `pdrun cache-server` (tcp://HOST:PORT) shared by all instances; none: no cache tier"
@@ -141,6 +151,10 @@ class ConnectorConfig(BaseModel):
     def window(self) -> int:
         """Chunks of a lane being received at once: tcp reads one frame at a time, ucx pipelines."""
         return self.chunks_in_flight if self.transport == "ucx" else 1
+
+    def per_frame(self, on_device: bool) -> int:
+        """Chunks a consumer asks for in one frame (see chunks_per_frame), receiving into GPU memory or not."""
+        return self.chunks_per_frame if on_device and self.transport == "ucx" else 1
 
     def transfer_options(self, io_timeout_s: float | None = None) -> dict[str, Any]:
         """Options for `transfer.connect` / `transfer.listen`; unset checksums take the transport's default."""

@@ -9,6 +9,7 @@ checksums and copies, so two lanes move more than one (docs/benchmarks.md).
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from pdrun import transfer
 from pdrun.pd import plan
-from pdrun.pd.chunkmeta import ChunkMeta, received
+from pdrun.pd.chunkmeta import ChunkMeta, frame_chunks, received
 from pdrun.pd.codec import PagedKV, Ready
 from pdrun.transfer import ConnectionPool, ProtocolError
 
@@ -38,20 +39,23 @@ class LoadJob:
 
 class ChunkLoader:
     """Scatters the chunks of a load job into the paged KV cache in plan order, whatever their source:
-    each chunk is received whole and verified into a buffer of its own (in GPU memory when
-    `on_device`, as the ucx transport can fill it there; else in host memory), checked, then
-    scattered. Up to `window` chunks are received at once (ucx) into a ring of buffers, so that
-    receiving goes on while earlier chunks are scattered.
+    each frame (a chunk, or with `per_frame` > 1 up to that many adjacent chunks a prefiller sent joined)
+    is received whole and verified into a buffer of its own (in GPU memory when `on_device`, as the
+    ucx transport can fill it there; else in host memory), checked, then scattered. Frames holding
+    up to `window` chunks (at least two frames) are received at once (ucx) into a ring of buffers,
+    so that receiving goes on while earlier chunks are scattered.
 
     On a GPU the scatters are queued on the loader's own stream and not waited for one by one: a
     buffer is handed out again once the scatter that read it is done, and `settle` waits for the
     last one before anyone is told the blocks are loaded. With the Triton copies and chunks in GPU
-    memory, the chunks that arrived are scattered `window` at a time in one launch (the ring then
-    has room for a batch besides the chunks being received): a launch per chunk costs the loader
-    thread, which also drives the receives, ~0.1 ms, enough to hold a GPU-to-GPU hand-off of 32 MiB
-    chunks to half of what the wire moves."""
+    memory, the chunks that arrived are scattered `window` at a time (a frame at a time when frames
+    join chunks) in one launch (the ring then has room for a batch besides the frames being
+    received): a launch per chunk costs the loader thread, which also drives the receives, ~0.1 ms,
+    enough to hold a GPU-to-GPU hand-off of 32 MiB chunks to half of what the wire moves. Each frame
+    costs the threads moving it a wait for the GIL at either end, which a busy engine thread draws
+    out: frames of several chunks are fewer such waits per byte."""
 
-    def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1):
+    def __init__(self, paged: PagedKV, job: LoadJob, on_device: bool = False, window: int = 1, per_frame: int = 1):
         self.paged = paged
         self.job = job
         self.layout = paged.describe()
@@ -65,6 +69,10 @@ class ChunkLoader:
         self._size = max(paged.nbytes(c.src_blocks) for c in job.chunks)
         self._rings: dict[bool, torch.Tensor] = {}
         self._reading: dict[int, Ready] = {}  # ring slot -> the scatter still reading its buffer
+        self._frames: deque[int] = deque()  # chunks in each frame a buffer was handed out for, not yet arrived
+        self._sunk = 0  # frames a buffer was handed out for, which picks the next ring slot
+        self._slot_end: dict[int, int] = {}  # ring slot -> the end (chunk index) of the frame last put there
+        self._at: dict[int, tuple[int, int]] = {}  # chunk index -> (ring slot, byte offset in the ring)
         self._copy_in_ring: torch.Tensor | None = None  # host chunks copied in beside the cache (place_from)
         self._copy_in_read: dict[int, Ready] = {}  # its slot -> the scatter that read it last
         self._stream: torch.cuda.Stream | None = None
@@ -72,23 +80,28 @@ class ChunkLoader:
             self._stream = torch.cuda.Stream(paged.device)
             # Behind whatever the engine queued so far (the blocks' previous owner, if any).
             self._stream.wait_stream(torch.cuda.current_stream(paged.device))
-        self._source(on_device, window)
+        self._source(on_device, window, per_frame)
 
-    def _source(self, on_device: bool, window: int) -> None:
+    def _source(self, on_device: bool, window: int, per_frame: int = 1) -> None:
         self.on_device = on_device
-        self.window = window
+        self.window_chunks = window
+        self.per_frame = per_frame
+        self.window = window if per_frame == 1 else max(2, -(-window // per_frame))  # frames received at once
         self._batched = on_device and self.paged.block_copy == "triton"  # the ring beside the cache
-        self.batch = window if self._batched else 1
-        self._slots = min(window + self.batch, len(self.chunks) - self.asked) or 1
+        self.batch = (per_frame if per_frame > 1 else window) if self._batched else 1  # chunks placed in one launch
+        left = len(self.chunks) - self.asked
+        self._slots = min(self.window + -(-self.batch // per_frame), left) or 1
+        self._slot_size = min(per_frame, left or 1) * self._size
         self._rings.pop(on_device, None)
+        self._frames.clear()
+        self._slot_end.clear()
 
-    def _buffer(self, index: int) -> torch.Tensor:
+    def _ring(self) -> torch.Tensor:
         ring = self._rings.get(self.on_device)
         if ring is None:
             allocate = self.paged.device_buffer if self.on_device else self.paged.host_buffer
-            ring = self._rings[self.on_device] = allocate(self._slots * self._size)
-        slot = index % self._slots
-        return ring[slot * self._size : (slot + 1) * self._size]
+            ring = self._rings[self.on_device] = allocate(self._slots * self._slot_size)
+        return ring
 
     def remaining(self) -> list[plan.ChunkLoad]:
         return self.chunks[self.next :]
@@ -111,24 +124,44 @@ class ChunkLoader:
             raise ProtocolError(f"chunk of {nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
 
     def sink(self, header: transfer.Header) -> Any:
-        if self.asked >= len(self.chunks):
+        """The buffer a frame that is arriving goes into, once its chunks are checked against the plan."""
+        frame = frame_chunks(header.meta)
+        n = len(frame.blocks)
+        if self.asked + n > len(self.chunks):
             raise ProtocolError("more chunks arrived than asked for")
-        self.check(self.chunks[self.asked], header.meta, header.nbytes)
-        if self.asked - self._slots >= self._queued:  # the buffer's chunk still waits for its batch
+        if not 0 < n <= self.per_frame:
+            raise ProtocolError(f"a frame of {n} chunks arrived; at most {self.per_frame} were asked for in one")
+        ours = self.chunks[self.asked : self.asked + n]
+        if frame.layout != self.layout or frame.blocks != [c.src_blocks for c in ours]:
+            raise ProtocolError(
+                f"chunk layout {frame.layout} x{frame.blocks} blocks does not match "
+                f"this instance's {self.layout} x{[c.src_blocks for c in ours]}"
+            )
+        expected = sum(self.paged.nbytes(c.src_blocks) for c in ours)
+        if header.nbytes != expected:
+            raise ProtocolError(f"a frame of {header.nbytes} bytes, expected {expected}")
+        slot = self._sunk % self._slots
+        if self._slot_end.get(slot, 0) > self._queued:  # the slot's last frame still waits for its batch
             self._flush()
-        reading = self._reading.pop(self.asked % self._slots, None)
+        reading = self._reading.pop(slot, None)
         if reading is not None:
             reading.synchronize()
-        buf = self._buffer(self.asked)[: header.nbytes]
-        self.asked += 1
+        at = slot * self._slot_size
+        buf = self._ring()[at : at + header.nbytes]
+        for i, c in enumerate(ours, self.asked):
+            self._at[i] = (slot, at)
+            at += self.paged.nbytes(c.src_blocks)
+        self._sunk += 1
+        self.asked += n
+        self._slot_end[slot] = self.asked
+        self._frames.append(n)
         return buf if buf.is_cuda else buf.numpy()
 
     def place(self, header: transfer.Header) -> None:
-        """The oldest chunk `sink` was asked for has arrived whole: scatter it (queued, on a GPU), or
-        keep it for the batch it belongs to."""
-        c = self.chunks[self.next]
-        self.next += 1
-        self.done = c.token_end
+        """The oldest frame `sink` was asked for has arrived whole: scatter its chunks (queued, on a
+        GPU), or keep them for the batch they belong to."""
+        self.next += self._frames.popleft()
+        self.done = self.chunks[self.next - 1].token_end
         self.nbytes += header.nbytes
         if self.next - self._queued >= self.batch or self.next == len(self.chunks):
             self._flush()
@@ -146,10 +179,8 @@ class ChunkLoader:
             ring_slot = self.next % COPY_IN_SLOTS
             src = self._copied_in(src, ring_slot)
         reading = self.paged.scatter(c.block_ids, src, c.src_blocks, c.skip_blocks, stream=self._stream)
-        if reading is not None:
-            self._reading[self.next % self._slots] = reading
-            if ring_slot is not None:
-                self._copy_in_read[ring_slot] = reading
+        if reading is not None and ring_slot is not None:
+            self._copy_in_read[ring_slot] = reading
         self.next += 1
         self._queued = self.next
         self.asked = max(self.asked, self.next)
@@ -184,28 +215,30 @@ class ChunkLoader:
         self.settle()
         self.next = self._queued = self.asked = next_chunk
         self.done, self.nbytes = done, nbytes
+        self._frames.clear()
 
     def _flush(self) -> None:
         """Queue the scatters of the chunks that arrived since the last ones queued."""
         first, last = self._queued, self.next
         if first == last:
             return
-        if self._batched:  # one launch: each chunk's blocks, read from its slot of the ring
-            rows, ring = [], self._rings[self.on_device]
+        ring = self._ring()
+        if self._batched:  # one launch: each chunk's blocks, read from its place in the ring
+            rows = []
             for i in range(first, last):
-                c, at = self.chunks[i], (i % self._slots) * self._size
-                rows += self.paged.copy_table(c.block_ids, c.skip_blocks, c.src_blocks, ring, at)
+                c = self.chunks[i]
+                rows += self.paged.copy_table(c.block_ids, c.skip_blocks, c.src_blocks, ring, self._at[i][1])
             reading = self.paged.scatter_table(rows, self._stream)
             if reading is not None:
                 for i in range(first, last):
-                    self._reading[i % self._slots] = reading
+                    self._reading[self._at[i][0]] = reading
         else:
             for i in range(first, last):
-                c = self.chunks[i]
-                src = self._buffer(i)[: self.paged.nbytes(c.src_blocks)]
+                c, (slot, at) = self.chunks[i], self._at[i]
+                src = ring[at : at + self.paged.nbytes(c.src_blocks)]
                 reading = self.paged.scatter(c.block_ids, src, c.src_blocks, c.skip_blocks, stream=self._stream)
                 if reading is not None:
-                    self._reading[i % self._slots] = reading
+                    self._reading[slot] = reading
         self._queued = last
 
     def ready(self) -> Ready | None:
@@ -236,7 +269,7 @@ class ChunkLoader:
             start = self.chunks[first - 1].token_end if first else self.done
             part = self.chunks[first:last]
             job = LoadJob(self.job.transfer, self.job.endpoints, part, start, part[-1].token_end, self.job.block_ids)
-            shares.append(ChunkLoader(self.paged, job, self.on_device, self.window))
+            shares.append(ChunkLoader(self.paged, job, self.on_device, self.window_chunks, self.per_frame))
             first = last
         return shares
 
@@ -257,8 +290,10 @@ def pull_share(conns: ConnectionPool, address: str, loader: ChunkLoader) -> None
     """Stream the loader's chunks from the staging endpoint at `address` and place them in order."""
     try:
         with conns.connection(address) as conn:
-            keys = [c.key.hex() for c in loader.remaining()]
-            for frame in conn.stream("get", meta={"keys": keys}, sink=loader.sink, window=loader.window):
+            meta: dict[str, Any] = {"keys": [c.key.hex() for c in loader.remaining()]}
+            if loader.per_frame > 1:
+                meta["chunks_per_frame"] = loader.per_frame
+            for frame in conn.stream("get", meta=meta, sink=loader.sink, window=loader.window):
                 expected = loader.remaining()[0].key
                 if frame.header.key != expected:
                     raise ProtocolError(f"got chunk {frame.header.key.hex()}, expected {expected.hex()}")

@@ -105,7 +105,7 @@ class Loads:
         returns the end of the tokens now in place."""
         assert self.paged is not None
         t0 = time.perf_counter()
-        loader = ChunkLoader(self.paged, job, on_device=self.on_device, window=self.cfg.window())
+        loader = ChunkLoader(self.paged, job, self.on_device, self.cfg.window(), self.cfg.per_frame(self.on_device))
         peer_error: Exception | None = None
         if job.endpoints:
             try:

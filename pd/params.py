@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 TIMING = "pdrun_timing"
 
 MAX_HANDOFF_KEYS = 1 << 16  # the chunks of one hand-off
+MAX_FRAME_CHUNKS = 16  # adjacent chunks of a hand-off a decoder may ask for joined in one frame
 HexKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 

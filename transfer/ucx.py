@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 SMALL_MESSAGE = 64 << 10  # a frame's prefix and header travel as one message up to this size
 SENDS_IN_FLIGHT = 16  # messages a sender posts before waiting for the oldest
+SEND_BYTES_IN_FLIGHT = 1 << 29  # ... and bytes: a payload may be a copy made to be sent (frames of joined chunks)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class _Pending:
 
     request: Any
     keep: Any
+    nbytes: int = 0  # a send's payload
 
 
 @dataclass
@@ -263,6 +265,7 @@ class _Channel:
         self._doorbell = threading.Semaphore(0)
         self._head = bytearray(SMALL_MESSAGE)
         self._sends: deque[_Pending] = deque()
+        self._send_bytes = 0  # of the sends not yet settled
         self._posted: list[_Pending] = []  # receives not yet known complete: settled on failure
         self._closing = threading.Lock()  # a request is never posted on an endpoint being closed
         self.closed = False
@@ -280,7 +283,8 @@ class _Channel:
     # -- requests and waiting --
     def _post_send(self, buf: Any, keep: Any = None) -> None:
         arr = _array(buf)
-        self._sends.append(_Pending(self._posting(self.ep.tag_send, arr, self._send_tag), (arr, keep)))
+        self._sends.append(_Pending(self._posting(self.ep.tag_send, arr, self._send_tag), (arr, keep), arr.nbytes))
+        self._send_bytes += arr.nbytes
 
     def _post_recv(self, buf: Any) -> _Pending:
         arr = _array(buf)
@@ -327,8 +331,16 @@ class _Channel:
             raise PeerClosed(f"{self.peer}: {type(e).__name__}: {e}") from None
 
     def _reap_sends(self, keep: int) -> None:
-        while self._sends and (len(self._sends) > keep or self._sends[0].request.completed):
-            self._finish(self._sends.popleft())
+        """Settle sends from the oldest on: those done, then until `keep` messages are left, and
+        (the last one apart) no more than SEND_BYTES_IN_FLIGHT bytes."""
+        while self._sends and (
+            len(self._sends) > keep
+            or (len(self._sends) > 1 and self._send_bytes > SEND_BYTES_IN_FLIGHT)
+            or self._sends[0].request.completed
+        ):
+            sent = self._sends.popleft()
+            self._send_bytes -= sent.nbytes
+            self._finish(sent)
 
     # -- frames --
     def write(self, header: Header, payload: Any = None) -> None:
@@ -460,6 +472,7 @@ class _Channel:
             _ORPHANS.extend(left)
         self._posted.clear()
         self._sends.clear()
+        self._send_bytes = 0
 
     def close(self) -> None:
         with self._closing:

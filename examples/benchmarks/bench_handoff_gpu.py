@@ -5,7 +5,8 @@ bf16: 128 KiB per token; 16k tokens = 2 GiB), gathers it chunk by chunk into the
 and serves it. A decoder process (this one; on the next GPU when there are two) pulls every chunk
 with the connector's own loader and scatters it into its paged cache, as PDConnector does. Timed:
 the first request to the last block in place (and synchronized); the bytes are then checked. Over
-ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`); `--lanes`
+ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`), into GPU memory
+`--per-frame` adjacent chunks in one frame (`chunks_per_frame`); `--lanes`
 connections pull shares of the chunks at once (the connector's `load_lanes`). `--by-layer`: the
 decoder loads as a `layerwise` one does (layer 0 of every chunk, then layer 1, ..., a frame each,
 placed a layer at a time) and the time to its first layer in place is reported too: what a
@@ -123,6 +124,7 @@ def pull(
     tokens: int,
     chunk: int,
     window: int,
+    per_frame: int,
     lanes: int,
     wire_only: bool,
     by_layer: bool = False,
@@ -152,7 +154,7 @@ def pull(
                         first_layer = time.perf_counter() - t0
                 pulling.result()
     else:
-        loader = (WireOnly if wire_only else ChunkLoader)(paged, job, on_device=on_device, window=window)
+        loader = (WireOnly if wire_only else ChunkLoader)(paged, job, on_device, window, per_frame)
         with ThreadPoolExecutor(max(1, lanes - 1)) as executor:
             t0 = time.perf_counter()
             with profiler or contextlib.nullcontext():
@@ -202,7 +204,13 @@ def main() -> None:
     ap.add_argument("--paths", default=",".join(PATHS), help=f"some of {', '.join(PATHS)}")
     ap.add_argument("--rounds", type=int, default=3, help="hand-offs per path; the median is reported")
     ap.add_argument(
-        "--window", type=int, default=4, help="chunks received at once over ucx (the connector's chunks_in_flight)"
+        "--window", type=int, default=16, help="chunks received at once over ucx (the connector's chunks_in_flight)"
+    )
+    ap.add_argument(
+        "--per-frame",
+        type=int,
+        default=8,
+        help="chunks asked for in one frame when received into GPU memory over ucx (the connector's chunks_per_frame)",
     )
     ap.add_argument("--lanes", type=int, default=0, help="connections per hand-off (default: 2 over tcp, 1 over ucx)")
     ap.add_argument("--wire-only", action="store_true", help="diagnostic: receive the chunks, scatter none")
@@ -247,6 +255,7 @@ def main() -> None:
             paged.warm_up()  # the Triton copies built, as the connector does at registration
             lanes = 1 if args.by_layer else args.lanes or (2 if scheme == "tcp" else 1)  # the connector's defaults
             window = args.window if scheme == "ucx" else 1
+            per_frame = args.per_frame if scheme == "ucx" and memory == "device" else 1  # as the connector asks
             conns = transfer.ConnectionPool(lambda a: transfer.connect(a, io_timeout=120))
             with contextlib.ExitStack() as stack:  # the lanes' connections, made before any clock starts
                 for _ in range(lanes):
@@ -254,7 +263,7 @@ def main() -> None:
             # The first hand-off over a new connection pays for UCX's CUDA IPC set-up (tens of ms:
             # mapping each staging buffer); a decoder pays it once per prefiller and buffer.
             # Reported apart, not in the median.
-            shape = (args.tokens, args.chunk_tokens, window, lanes, args.wire_only, args.by_layer)
+            shape = (args.tokens, args.chunk_tokens, window, per_frame, lanes, args.wire_only, args.by_layer)
             (first, _), *timed = [pull(conns, address, paged, memory, *shape) for _ in range(args.rounds + 1)]
             seconds = [s for s, _ in timed]
             first_layer = [f for _, f in timed if f is not None]
@@ -310,6 +319,7 @@ def main() -> None:
             "tokens": args.tokens,
             "chunk_tokens": args.chunk_tokens,
             "window": args.window,
+            "per_frame": args.per_frame,
             "ucx_progress": os.environ.get("PDRUN_UCX_PROGRESS", "auto"),
             "ucx_spin_us": os.environ.get("PDRUN_UCX_SPIN_US", "200"),
             "block_copy": os.environ.get("PDRUN_BLOCK_COPY", "auto"),

@@ -3,7 +3,8 @@ loader does: scatters queued on the loader's stream, a ring buffer handed out ag
 scatter reading it is done. Big chunks with scattered block ids make each scatter slow, so a buffer
 reused too early would be overwritten while read, and the blocks would differ. With the Triton
 block copies (one launch per batch of chunks, the default where the layout allows) and with
-torch's; over tcp, ucx GPU to GPU, and ucx from the prefiller's host memory into GPU memory."""
+torch's; over tcp, ucx GPU to GPU (one chunk a frame, or several joined), and ucx from the
+prefiller's host memory into GPU memory."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def key(i: int) -> bytes:
 
 
 @pytest.mark.parametrize("block_copy", ["triton", "torch"])
-@pytest.mark.parametrize("window", [1, 4])
-def test_queued_scatters_never_read_a_reused_buffer(prefiller, window, block_copy, monkeypatch):
+@pytest.mark.parametrize(("window", "per_frame"), [(1, 1), (4, 1), (8, 4), (4, 3)])
+def test_queued_scatters_never_read_a_reused_buffer(prefiller, window, per_frame, block_copy, monkeypatch):
     src, address, on_device = prefiller
     monkeypatch.setenv("PDRUN_BLOCK_COPY", "auto" if block_copy == "triton" else "torch")
     dst = paged(f"cuda:{min(1, torch.cuda.device_count() - 1)}", seed=None)
@@ -69,7 +70,8 @@ def test_queued_scatters_never_read_a_reused_buffer(prefiller, window, block_cop
     tokens = BLOCKS * BLOCK
     keys = [key(i) for i in range(tokens // CHUNK)]
     job = LoadJob("t", [address], plan.plan_load(keys, tokens, 0, tokens, dst_ids, CHUNK, BLOCK), 0, tokens, dst_ids)
-    loader = ChunkLoader(dst, job, on_device=on_device, window=window)
+    # Frames of several chunks where both ends hold them in GPU memory (joined by the prefiller).
+    loader = ChunkLoader(dst, job, on_device, window, per_frame if on_device else 1)
     conns = transfer.ConnectionPool(lambda a: transfer.connect(a, io_timeout=60))
     with ThreadPoolExecutor(2) as lanes:
         pull(conns, address, loader, 1, lanes)

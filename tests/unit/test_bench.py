@@ -88,6 +88,15 @@ def test_figures_summarized_as_medians_with_their_spread_and_a_ratio_to_plain():
     assert "**offload**: did not start: boom" in md and "**lmcache**: not installed" in md
 
 
+def test_pdruns_counters_become_what_a_workload_moved_and_its_hand_off_rate():
+    before = {"kv_load_failures": 1.0, "handoff_bytes": 4e9, "handoff_seconds": 0.02}
+    after = {"kv_load_failures": 1.0, "staging_evictions": 2.0, "handoff_bytes": 10e9, "handoff_seconds": 0.05}
+    got = b.moved(before, after)
+    assert got == {"kv_load_failures": 0.0, "staging_evictions": 2.0, "handoff_gb_per_s": pytest.approx(200.0)}
+    # No hand-off in the workload (a tier alone): no rate, rather than a rate of nothing.
+    assert "handoff_gb_per_s" not in b.moved(after, after) and b.moved({}, {}) == {}
+
+
 def test_request_figures_as_vllm_bench_serve_defines_them():
     o = wl.Outcome(prompt_tokens=10, output_ids=[1, 2, 3, 4, 5], ttft=0.2, latency=0.6)
     assert o.tpot == pytest.approx(0.1)  # (latency - ttft) / (outputs - 1)

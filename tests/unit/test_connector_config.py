@@ -10,7 +10,9 @@ from pdrun.transfer import ucx
 def test_defaults_by_transport():
     tcp, over_ucx = load_config({}), load_config({"transport": "ucx"})
     assert (tcp.lanes(), tcp.window()) == (2, 1)  # TCP reads a frame at a time: lanes for throughput
-    assert (over_ucx.lanes(), over_ucx.window()) == (1, 4)  # UCX pipelines chunks on one connection
+    assert (over_ucx.lanes(), over_ucx.window()) == (1, 16)  # UCX pipelines chunks on one connection
+    # Joined frames only into GPU memory over ucx: into host memory a frame is a chunk.
+    assert (over_ucx.per_frame(True), over_ucx.per_frame(False), tcp.per_frame(True)) == (8, 1, 1)
     assert load_config({"transport": "ucx", "load_lanes": 3, "chunks_in_flight": 8}).lanes() == 3
     with pytest.raises(ValueError, match="chunks_in_flight"):
         load_config({"chunks_in_flight": 0})

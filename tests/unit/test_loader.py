@@ -9,9 +9,10 @@ import torch
 
 from pdrun import transfer
 from pdrun.pd import plan
+from pdrun.pd.chunkmeta import RunMeta
 from pdrun.pd.codec import PagedKV
 from pdrun.pd.loader import ChunkLoader, LoadJob, pull
-from pdrun.pd.staging import StagingPool, StagingService
+from pdrun.pd.staging import StagingPool, StagingService, host_allocator
 
 BLOCKS, BLOCK, CHUNK = 32, 4, 8  # 2 blocks per chunk: 16 chunks
 GAP = 11  # the chunk staged under a transfer of its own
@@ -123,3 +124,98 @@ def test_what_the_lanes_placed_survives_the_switch_to_the_cache_tier(prefiller):
     loader.settle()
     assert loader.done == BLOCKS * BLOCK
     assert same_blocks(src, dst, list(range(BLOCKS)), list(range(BLOCKS)))
+
+
+class Slab:
+    """A staging allocator handing out consecutive pieces of one buffer: chunks staged one after
+    another lie back to back, which the staging service sends joined."""
+
+    def __init__(self, nbytes):
+        self.memory = torch.empty(nbytes, dtype=torch.uint8)
+        self.used = 0
+
+    def __call__(self, nbytes):
+        buf = self.memory[self.used : self.used + nbytes]
+        self.used += nbytes
+        return buf
+
+
+def staged(allocate, skip=()):
+    """A prefiller's pool holding every chunk but those in `skip`, the sizes of the frames it serves,
+    and its service."""
+    src = paged(seed=5)
+    pool = StagingPool(1 << 24, ttl_s=60, allocate=allocate)
+    per = CHUNK // BLOCK
+    for i in range(BLOCKS // per):
+        if i not in skip:
+            ids = list(range(i * per, (i + 1) * per))
+            pool.stage("t", key(i), per, src.nbytes(per), lambda buf, ids=ids: src.gather(ids, buf))
+    frames = []
+    return src, frames, StagingService(pool, src.describe(), on_served=frames.append)
+
+
+@pytest.mark.parametrize(("scheme", "lanes"), [("tcp", 1), ("tcp", 2), ("ucx", 1)])
+def test_chunks_that_lie_back_to_back_travel_joined_in_frames_of_the_size_asked(scheme, lanes):
+    if scheme == "ucx":
+        pytest.importorskip("ucxx")
+    src, frames, service = staged(Slab(1 << 20))
+    dst = paged()
+    dst_ids = list(reversed(range(BLOCKS)))
+    with transfer.listen(f"{scheme}://127.0.0.1:0", service) as listener:
+        loader = ChunkLoader(dst, job(listener.address, dst_ids), window=8, per_frame=3)
+        conns = transfer.ConnectionPool(transfer.connect)
+        with ThreadPoolExecutor(2) as pool:
+            pull(conns, listener.address, loader, lanes, pool)
+        conns.close()
+    chunk = src.nbytes(CHUNK // BLOCK)
+    share = 16 // lanes  # each lane's chunks: frames of 3, the last of what is left (the lanes' interleave)
+    assert sorted(frames) == sorted(lanes * ([3 * chunk] * (share // 3) + [share % 3 * chunk] * (share % 3 > 0)))
+    assert loader.done == BLOCKS * BLOCK and loader.nbytes == src.nbytes(BLOCKS)
+    assert same_blocks(src, dst, list(range(BLOCKS)), dst_ids)
+
+
+def test_chunks_apart_in_host_memory_travel_one_a_frame_whatever_was_asked():
+    src, frames, service = staged(host_allocator)
+    dst = paged()
+    with transfer.listen("tcp://127.0.0.1:0", service) as listener:
+        loader = ChunkLoader(dst, job(listener.address, list(range(BLOCKS))), window=8, per_frame=4)
+        conns = transfer.ConnectionPool(transfer.connect)
+        pull(conns, listener.address, loader, 1, None)
+        conns.close()
+    assert frames == [src.nbytes(CHUNK // BLOCK)] * 16
+    assert same_blocks(src, dst, list(range(BLOCKS)), list(range(BLOCKS)))
+
+
+def test_a_frame_stops_at_a_chunk_not_staged_and_what_came_before_it_is_placed():
+    src, frames, service = staged(Slab(1 << 20), skip={GAP})
+    dst = paged()
+    with transfer.listen("tcp://127.0.0.1:0", service) as listener:
+        loader = ChunkLoader(dst, job(listener.address, list(range(BLOCKS))), window=8, per_frame=4)
+        conns = transfer.ConnectionPool(transfer.connect)
+        with pytest.raises(transfer.RemoteError, match="not staged"):
+            pull(conns, listener.address, loader, 1, None)
+        conns.close()
+    chunk = src.nbytes(CHUNK // BLOCK)
+    assert frames == [4 * chunk, 4 * chunk, 3 * chunk]  # chunks 0-3, 4-7, 8-10
+    assert loader.next == GAP and loader.done == GAP * CHUNK
+    assert same_blocks(src, dst, list(range(2 * GAP)), list(range(2 * GAP)))
+
+
+@pytest.mark.parametrize("bad", [0, 17, "4", True])
+def test_a_frame_size_out_of_range_is_refused_with_its_name(bad):
+    _, _, service = staged(Slab(1 << 20))
+    with (
+        transfer.listen("tcp://127.0.0.1:0", service) as listener,
+        transfer.connect(listener.address) as conn,
+        pytest.raises(transfer.RemoteError, match="chunks_per_frame"),
+    ):
+        list(conn.stream("get", meta={"keys": [key(0).hex()], "chunks_per_frame": bad}))
+
+
+def test_a_frame_of_more_chunks_than_asked_for_is_refused_before_a_byte_lands():
+    src = paged(seed=1)
+    loader = ChunkLoader(paged(), job("tcp://127.0.0.1:1", list(range(BLOCKS))), window=8, per_frame=2)
+    meta = RunMeta(src.describe(), [2, 2, 2]).encode()
+    with pytest.raises(transfer.ProtocolError, match="at most 2"):
+        loader.sink(transfer.Header(op="chunk", key=key(0), meta=meta, nbytes=3 * src.nbytes(2)))
+    assert loader.asked == 0

@@ -6,9 +6,11 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
+import numpy as np
 import pytest
 
 from pdrun import transfer
@@ -122,6 +124,34 @@ def test_a_windowed_reply_is_received_ahead_into_distinct_buffers(scheme, window
     assert sinks == list(range(count))
     assert max(ahead) <= window
     assert max(ahead) >= (min(window, 2) if scheme == "ucx" else 1)  # ucx: frames were received ahead
+
+
+def test_a_ucx_sender_holds_a_bounded_number_of_payload_bytes_its_peer_has_not_taken(monkeypatch):
+    """Payloads made to be sent (a prefiller's joined chunks) are let go of once sent; a sender
+    runs ahead of a slow reader by SEND_BYTES_IN_FLIGHT, not by as many frames as it may post."""
+    pytest.importorskip("ucxx")
+    from pdrun.transfer import ucx
+
+    size, count = 1 << 20, 12
+    monkeypatch.setattr(ucx, "SEND_BYTES_IN_FLIGHT", 2 * size)
+    alive = []  # at each frame made, how many of those made before are still held
+
+    class Fresh(Service):
+        def handle(self, request, payload):
+            made = []
+            for i in range(count):
+                alive.append(sum(r() is not None for r in made))
+                buf = np.full(size, i, dtype=np.uint8)
+                made.append(weakref.ref(buf))
+                yield Frame(Header(op="data", meta={"i": i}), buf)
+                del buf
+            return {}
+
+    with transfer.listen("ucx://127.0.0.1:0", Fresh()) as listener, transfer.connect(listener.address) as conn:
+        for i, frame in enumerate(conn.stream("fresh", window=1)):
+            assert frame.payload == bytes([i]) * size
+            time.sleep(0.02)  # a slow reader: the sender would otherwise post ahead
+    assert max(alive) <= 3  # two in flight, and the one being handed over
 
 
 def test_many_concurrent_streams(echo):

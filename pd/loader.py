@@ -18,7 +18,7 @@ import torch
 
 from pdrun import transfer
 from pdrun.pd import plan
-from pdrun.pd.chunkmeta import ChunkMeta, frame_chunks, received
+from pdrun.pd.chunkmeta import ChunkMeta, RunMeta, frame_chunks, received
 from pdrun.pd.codec import PagedKV, Ready
 from pdrun.transfer import ConnectionPool, ProtocolError
 
@@ -115,13 +115,19 @@ class ChunkLoader:
     def check(self, c: plan.ChunkLoad, meta: Any, nbytes: int) -> None:
         """A chunk that arrived for `c` (its `meta` and size) fits this cache; ProtocolError if not."""
         got = received(meta, ChunkMeta)
-        if got.layout != self.layout or got.blocks != c.src_blocks:
+        self._fits([c], RunMeta(got.layout, [got.blocks]), nbytes)
+
+    def _fits(self, ours: list[plan.ChunkLoad], frame: RunMeta, nbytes: int) -> None:
+        """A frame for the chunks `ours` (its `frame` meta and size) fits this cache; ProtocolError if not."""
+        blocks = [c.src_blocks for c in ours]
+        if frame.layout != self.layout or frame.blocks != blocks:
             raise ProtocolError(
-                f"chunk layout {got.layout} x{got.blocks} blocks does not match "
-                f"this instance's {self.layout} x{c.src_blocks}"
+                f"chunk layout {frame.layout} x{frame.blocks} blocks does not match this instance's {self.layout} "
+                f"x{blocks}"
             )
-        if nbytes != self.paged.nbytes(c.src_blocks):
-            raise ProtocolError(f"chunk of {nbytes} bytes, expected {self.paged.nbytes(c.src_blocks)}")
+        expected = sum(self.paged.nbytes(c.src_blocks) for c in ours)
+        if nbytes != expected:
+            raise ProtocolError(f"a frame of {nbytes} bytes, expected {expected}")
 
     def sink(self, header: transfer.Header) -> Any:
         """The buffer a frame that is arriving goes into, once its chunks are checked against the plan."""
@@ -132,14 +138,7 @@ class ChunkLoader:
         if not 0 < n <= self.per_frame:
             raise ProtocolError(f"a frame of {n} chunks arrived; at most {self.per_frame} were asked for in one")
         ours = self.chunks[self.asked : self.asked + n]
-        if frame.layout != self.layout or frame.blocks != [c.src_blocks for c in ours]:
-            raise ProtocolError(
-                f"chunk layout {frame.layout} x{frame.blocks} blocks does not match "
-                f"this instance's {self.layout} x{[c.src_blocks for c in ours]}"
-            )
-        expected = sum(self.paged.nbytes(c.src_blocks) for c in ours)
-        if header.nbytes != expected:
-            raise ProtocolError(f"a frame of {header.nbytes} bytes, expected {expected}")
+        self._fits(ours, frame, header.nbytes)
         slot = self._sunk % self._slots
         if self._slot_end.get(slot, 0) > self._queued:  # the slot's last frame still waits for its batch
             self._flush()

@@ -322,15 +322,22 @@ class StagingService(Service):
             whole = buffers[0].as_strided((sum(b.numel() for b in buffers),), (1,))
             data = whole if whole.is_cuda else memoryview(whole.numpy())
         else:
-            stream = self._join_streams.get(buffers[0].device)
-            if stream is None:
-                stream = self._join_streams[buffers[0].device] = torch.cuda.Stream(buffers[0].device)
-            with torch.cuda.stream(stream):
-                data = torch.cat(buffers)
-            stream.synchronize()  # UCX reads it once handed over
+            data = self._joined(buffers)
         meta = RunMeta(self.layout, [entry.blocks for _, entry in run]).encode()
         self._on_served(sum(b.numel() for b in buffers))
         return Frame(Header(op="chunk", key=run[0][0], meta=meta), data)
+
+    def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """`parts`, in one GPU's memory, copied into one buffer on a stream of this service's (not
+        behind the engine's work), done before it returns: UCX reads it once handed over."""
+        device = parts[0].device
+        stream = self._join_streams.get(device)
+        if stream is None:
+            stream = self._join_streams[device] = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            data = torch.cat(parts)
+        stream.synchronize()
+        return data
 
     def _by_layer(self, keys: list[bytes], whole_layers: bool) -> Iterator[Frame]:
         """Layer 0 of every chunk, then layer 1, ...: a frame per layer of a chunk (its slice of the
@@ -340,9 +347,8 @@ class StagingService(Service):
         is 2048 frames of a layer of a chunk, or 32 joined)."""
         if not self.layers:
             raise ValueError("this endpoint does not serve chunks by layer")
-        entries = []
-        for key in keys:  # all there, or an error before the first frame: the decoder computes at once
-            entries.append(self._staged(key))
+        # All there, or an error before the first frame: the decoder computes at once.
+        entries = [self._staged(key) for key in keys]
         # Joined on the GPU only: a join in host memory is pageable, which UCX moves into a GPU far
         # more slowly than the pinned staging buffers sent as they lie.
         whole_layers = whole_layers and all(e.buffer.is_cuda for e in entries)
@@ -351,9 +357,7 @@ class StagingService(Service):
             for run in runs:
                 parts = [entries[i].layer(layer, self.layers) for i in run]
                 meta = LayerMeta(self.layout, [entries[i].blocks for i in run], layer).encode()
-                data = parts[0] if len(parts) == 1 else torch.cat(parts)
-                if data.is_cuda and len(parts) > 1:  # UCX reads it once handed over: the join must be done
-                    torch.cuda.current_stream(data.device).synchronize()
+                data = parts[0] if len(parts) == 1 else self._joined(parts)
                 payload = data if data.is_cuda else memoryview(data.numpy())
                 yield Frame(Header(op="chunk", key=keys[run[0]], meta=meta), payload)
                 self._on_served(data.numel())

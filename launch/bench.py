@@ -96,7 +96,8 @@ def plan(
         raise BenchError("--rounds must be at least 1")
     if len(set(names)) != len(names):
         raise BenchError(f"a system is named twice in {','.join(names)}")
-    largest = max((sysmod.gpus_needed(n) for n in names if n != "plain-dp" and n.startswith("pdrun-")), default=2)
+    kinds = {n: sysmod.split(n)[0] for n in names}
+    largest = max((sysmod.gpus_needed(n) for n in names if kinds[n].startswith("pdrun-")), default=2)
     need = {n: sysmod.gpus_needed(n, largest) for n in names}
     skipped = {n: why for n in names if (why := sysmod.unavailable(n)) is not None}
     for n, k in need.items():
@@ -152,8 +153,7 @@ def estimate(p: Plan, sizes: Sizes) -> float:
         d = sizes.decode
         per_system += sum(d.length * c / pre + d.output / dec * 8 for c in d.concurrency)
     systems = sum(len(w) for w in p.waves)
-    persisting = sum(1 for w in p.waves for n, _ in w if sysmod.persists(n))
-    restarts = persisting * START_S[p.device] if "reuse" in p.workloads else 0.0
+    restarts = systems * START_S[p.device] if "reuse" in p.workloads else 0.0
     return len(p.waves) * START_S[p.device] + systems * p.rounds * per_system + restarts
 
 
@@ -222,8 +222,10 @@ def run(
                         _add(results, s.name, workload, figures)
                         say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
             if "reuse" in p.workloads:
-                for s in started:  # only a disk tier keeps a prefix across a full restart
-                    if s.name in failed or s.name not in longs or not s.persists:
+                # Every system restarted and asked for the prompt again: a disk tier reloads it,
+                # the others recompute it, each as the first request of a fresh start.
+                for s in started:
+                    if s.name in failed or s.name not in longs:
                         continue
                     try:
                         s.restart(start_timeout_s)

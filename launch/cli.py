@@ -311,7 +311,9 @@ def bench(
         str,
         typer.Option(
             help="Systems to compare: plain, offload, lmcache, pdrun-tier, pdrun-1p1d, pdrun-1p1d-tier, "
-            "pdrun-XpYd[-tier], plain-dp (one plain vLLM per GPU of the largest PD system, round robin)."
+            "pdrun-XpYd[-tier], plain-dp (one plain vLLM per GPU of the largest PD system, round robin). "
+            "A pdrun system takes connector settings after @, to compare settings side by side: "
+            "pdrun-1p1d,pdrun-1p1d@chunks_per_frame=1@load_threads=1."
         ),
     ] = "plain,pdrun-tier",
     workloads: Annotated[
@@ -394,6 +396,9 @@ def bench(
 
     * `pdrun bench --model /models/llama-8b --systems plain,pdrun-1p1d --workloads decode` (a decoder's
       TPOT against one plain vLLM decoding the same batch)
+
+    * `pdrun bench --model /models/llama-8b --systems pdrun-1p1d,pdrun-1p1d@chunks_per_frame=1 --workloads slo`
+      (the same deployment with one connector setting changed, measured in turn)
     """
     from pdrun.launch import bench as b
     from pdrun.launch import deploy

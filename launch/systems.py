@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdrun.launch.config import KV_PORTS_PER_INSTANCE
 from pdrun.launch.supervisor import answers_health, wait_group_gone
 from pdrun.launch.vllm_server import ServerSpec, VllmServer
+from pdrun.pd.config import load_config
 
 PD_SHAPE = re.compile(r"^pdrun-(\d+)p(\d+)d(-tier)?$")
 SINGLE = {
@@ -93,8 +94,29 @@ class Settings:
         return args
 
 
+def split(name: str) -> tuple[str, dict[str, Any]]:
+    """A system's kind and the PDConnector settings its name adds after `@`, for pdrun's systems
+    (`pdrun-1p1d@chunks_per_frame=1@load_threads=1`: the same deployment with other settings, to
+    compare side by side); SystemFailure naming what is wrong with them."""
+    kind, *pairs = name.split("@")
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemFailure(f"system {name!r}: give connector settings after @ as KEY=VALUE, not {pair!r}")
+        settings[key] = yaml.safe_load(value)
+    if settings and not kind.startswith("pdrun-"):
+        raise SystemFailure(f"system {name!r}: only pdrun's systems take connector settings after @")
+    try:
+        load_config(settings)
+    except ValueError as e:
+        raise SystemFailure(f"system {name!r}: {e}") from None
+    return kind, settings
+
+
 def gpus_needed(name: str, largest_pd: int = 2) -> int:
     """GPUs a system takes (on CPU, the number of vLLM instances)."""
+    name, _ = split(name)
     if name in SINGLE:
         return 1
     if name == "plain-dp":
@@ -108,12 +130,13 @@ def gpus_needed(name: str, largest_pd: int = 2) -> int:
 
 def persists(name: str) -> bool:
     """Whether a full restart keeps what it cached: pdrun's cache tier, which the bench gives a disk."""
+    name, _ = split(name)
     return name == "pdrun-tier" or (name.startswith("pdrun-") and name.endswith("-tier"))
 
 
 def unavailable(name: str) -> str | None:
     """Why a system cannot run here, if it cannot (it is then reported, not run)."""
-    if name == "lmcache" and importlib.util.find_spec("lmcache") is None:
+    if split(name)[0] == "lmcache" and importlib.util.find_spec("lmcache") is None:
         return "the lmcache package is not installed beside this vLLM"
     return None
 
@@ -164,7 +187,6 @@ class System:
 
     def __init__(self, name: str, gpus: list[int], settings: Settings, run_dir: Path):
         self.name, self.gpus, self.settings, self.run_dir = name, gpus, settings, run_dir
-        self.persists = persists(name)
         self.url = ""  # its OpenAI endpoint (the proxy, or the one vLLM)
         self.instance_urls: list[str] = []  # its vLLM instances, for their metrics
 
@@ -287,7 +309,8 @@ class PdrunSystem(System):
         super().__init__(name, gpus, settings, run_dir)
         self.cache_dir = cache_dir
         self.proc: subprocess.Popen[bytes] | None = None
-        m = PD_SHAPE.match(name)
+        kind, self.connector = split(name)
+        m = PD_SHAPE.match(kind)
         self.prefill, self.decode = (int(m.group(1)), int(m.group(2))) if m else (0, 1)
         self.tier = persists(name)
         self.config: dict[str, object] = {}
@@ -312,6 +335,7 @@ class PdrunSystem(System):
             "echo_logs": False,
             "restart": False,
             "vllm_args": s.instance_args(),
+            "connector": self.connector,
         }
         if s.device == "cuda":
             config["gpus"] = list(self.gpus)
@@ -413,7 +437,7 @@ def _stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace:
 
 def make(name: str, gpus: list[int], settings: Settings, run_dir: Path) -> System:
     run_dir.mkdir(parents=True, exist_ok=True)
-    if name in ("plain", "offload", "lmcache", "plain-dp"):
+    if split(name)[0] in ("plain", "offload", "lmcache", "plain-dp"):
         return VllmSystem(name, gpus, settings, run_dir)
     cache_dir = run_dir / f"{name}-cache"  # a disk tier, so that a full restart keeps what it stored
     return PdrunSystem(name, gpus, settings, run_dir, cache_dir)

@@ -7,7 +7,8 @@ bench serve` measures them: TTFT, the time to the first token; TPOT, the time pe
 after the first, (latency - TTFT) / (output tokens - 1); latency, the time to the last token.
 
     reuse      one long prompt cold, warm, after other prompts evicted it from the GPU cache, and
-               (`after_restart`) after a full restart of the system: TTFT of each
+               (`after_restart`) after a full restart of the system, as the first request of its
+               fresh start (a disk tier reloads it, the others recompute it): TTFT of each
     multiturn  conversations over a shared system prompt, each turn's prompt the whole history
                (earlier turns and answers) and a new user message, users at once: TTFT and TPOT
     noreuse    prompts of several lengths, nothing shared, at several concurrencies: throughput,

@@ -53,8 +53,10 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
         figures = s["pdrun-tier"][workload]
         assert figures["kv_load_failures"]["max"] == 0 and figures["cache_chunks_dropped"]["max"] == 0
         assert "kv_load_failures" not in s["plain"][workload]
-    # Only the cache tier (on its disk) keeps the prompt across a full restart: measured once.
-    assert s["pdrun-tier"]["reuse"]["ttft_restart_s"]["n"] == 1 and "ttft_restart_s" not in plain
+    # After a full restart, measured once for each: the tier reloads the prompt from its disk, plain
+    # vLLM recomputes it, each as the first request after its start (the ratio compares the two).
+    assert s["pdrun-tier"]["reuse"]["ttft_restart_s"]["n"] == plain["ttft_restart_s"]["n"] == 1
+    assert "x_plain" in s["pdrun-tier"]["reuse"]["ttft_restart_s"]
 
     md = (out / "results.md").read_text()
     assert "## reuse" in md and "## noreuse" in md and "## decode" in md and "| ttft_cold_s |" in md

@@ -39,6 +39,10 @@ def test_what_cannot_run_is_named_not_dropped():
         (["plain"], ["reuse", "chat"], 1, "unknown workload(s) chat"),
         (["plain"], ["reuse"], 0, "--rounds must be at least 1"),
         (["plain", "plain"], ["reuse"], 1, "named twice"),
+        (["plain@load_threads=1"], ["reuse"], 1, "only pdrun's systems take connector settings"),
+        (["pdrun-1p1d@load_threads"], ["reuse"], 1, "as KEY=VALUE, not 'load_threads'"),
+        (["pdrun-1p1d@chunks_per_frame=99"], ["reuse"], 1, "chunks_per_frame: Input should be less than"),
+        (["pdrun-1p1d@no_such_setting=1"], ["reuse"], 1, "no_such_setting"),
     ],
 )
 def test_a_bad_plan_is_refused_with_the_reason(names, workloads, rounds, says):
@@ -148,6 +152,17 @@ def test_no_workload_or_round_draws_another_ones_prompts():
     assert len(set(seeds)) == len(seeds)
     first = {w: wl.prompt(random.Random(b.seed(0, w)), 8) for w in wl.WORKLOADS}
     assert len({tuple(p) for p in first.values()}) == len(wl.WORKLOADS)
+
+
+def test_a_pdrun_system_with_connector_settings_is_its_kind_started_with_them(tmp_path):
+    """The same deployment with a setting changed runs beside the default one, as its own system."""
+    names = ["pdrun-1p1d", "pdrun-1p1d@chunks_per_frame=1@load_threads=1"]
+    p = b.plan(names, ["slo"], [0, 1], 2, "cuda", b.Sizes(), per_gpu=2)
+    assert p.waves == [[(names[0], [0, 1]), (names[1], [0, 1])]]
+    config = make(names[1], [0, 1], Settings(model="m"), tmp_path)._config()
+    assert (config["prefill"], config["decode"]) == (1, 1)
+    assert config["connector"] == {"chunks_per_frame": 1, "load_threads": 1}
+    assert make(names[0], [0, 1], Settings(model="m"), tmp_path)._config()["connector"] == {}
 
 
 def test_systems_configured_together_get_ports_of_their_own(tmp_path):

@@ -10,7 +10,9 @@ Load: from asking for the chunks to the blocks in place. On a GPU the arena is r
 and the floor is the host<->GPU copy speed; on CPU the copies are memcpy. Every load is checked
 byte for byte against the blocks stored. On a GPU two more rows give the floors: the same bytes
 copied chunk by chunk into GPU memory from pinned host memory (`h2d_pinned`) and from the arena
-(`h2d_arena`), with no paged cache in between.
+(`h2d_arena`), with no paged cache in between; with the Triton copies two more, the chunks read
+straight out of pinned host memory into the paged cache by the copy kernel (`direct`: one launch;
+`direct_by_layer`: one per layer), checked like the loads.
 """
 
 from __future__ import annotations
@@ -51,6 +53,24 @@ def h2d_seconds(host: torch.Tensor, chunk_bytes: int, chunks: int) -> float:
     for i in range(chunks):
         part = slice(i * chunk_bytes, (i + 1) * chunk_bytes)
         dst[part].copy_(host[part], non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def direct_seconds(paged: PagedKV, host: torch.Tensor, ids: list[int], per: int, by_layer: bool) -> float:
+    """Seconds for the Triton copies to read chunks straight out of pinned host memory into blocks
+    `ids` (the GPU reads the bytes over the bus: nothing copied into GPU memory first), in one
+    launch for every layer, or one per layer (as a load inside the forward pass would, each layer
+    ready for its attention as soon as it is in place)."""
+    chunk_bytes = paged.nbytes(per)
+    rows = []
+    for i in range(len(ids) // per):
+        rows += paged.copy_table(ids[i * per : (i + 1) * per], 0, per, host, i * chunk_bytes)
+    table = paged.device_table(rows)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for layers in [range(k, k + 1) for k in range(len(paged.layers))] if by_layer else [None]:
+        paged._copy_blocks(table, True, layers)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
@@ -106,6 +126,14 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 for name, host in (("h2d_pinned_s", pinned), ("h2d_arena_s", tier.memory)):
                     rows.setdefault(name, []).append(h2d_seconds(host, chunk_bytes, chunks))
+            if pinned is not None and paged.block_copy == "triton":
+                for i in range(chunks):  # the chunks as the arena holds them, in pinned memory
+                    paged.gather(src_ids[i * per : (i + 1) * per], pinned[i * chunk_bytes : (i + 1) * chunk_bytes])
+                for name, by_layer in (("direct_s", False), ("direct_by_layer_s", True)):
+                    rows.setdefault(name, []).append(direct_seconds(paged, pinned, dst_ids, per, by_layer))
+                    for layer in paged.layers:
+                        assert torch.equal(layer[src_ids], layer[dst_ids]), f"{name}: a block read directly differs"
+                        layer[dst_ids] = 0
         tier.close()
     nbytes = chunks * chunk_bytes
     result = {

@@ -33,7 +33,7 @@ class LayerMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class RunMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Adjacent chunks of a hand-off sent joined in one frame: the layout and each chunk's blocks in order."""
+    """A frame of one or more adjacent chunks of a hand-off: the layout and each chunk's blocks in order."""
 
     layout: str
     blocks: list[int]

@@ -289,9 +289,7 @@ def pull_share(conns: ConnectionPool, address: str, loader: ChunkLoader) -> None
     """Stream the loader's chunks from the staging endpoint at `address` and place them in order."""
     try:
         with conns.connection(address) as conn:
-            meta: dict[str, Any] = {"keys": [c.key.hex() for c in loader.remaining()]}
-            if loader.per_frame > 1:
-                meta["chunks_per_frame"] = loader.per_frame
+            meta = {"keys": [c.key.hex() for c in loader.remaining()], "chunks_per_frame": loader.per_frame}
             for frame in conn.stream("get", meta=meta, sink=loader.sink, window=loader.window):
                 expected = loader.remaining()[0].key
                 if frame.header.key != expected:

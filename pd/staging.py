@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pdrun.pd.chunkmeta import ChunkMeta, LayerMeta, RunMeta
+from pdrun.pd.chunkmeta import LayerMeta, RunMeta
 from pdrun.pd.codec import Ready
 from pdrun.pd.params import MAX_FRAME_CHUNKS, MAX_HANDOFF_KEYS
 from pdrun.storage.server import keys_from
@@ -228,16 +228,16 @@ def _joinable(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _frame_chunks(meta: dict[str, Any]) -> int:
-    most = meta["chunks_per_frame"]
+    most = meta.get("chunks_per_frame", 1)
     if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= MAX_FRAME_CHUNKS:
         raise ValueError(f"'chunks_per_frame' must be an integer from 1 to {MAX_FRAME_CHUNKS}, got {most!r:.50}")
     return most
 
 
 class StagingService(Service):
-    """Serves a staging pool: "get" streams chunks in the order asked, stopping with an error at
-    the first one not staged; with "chunks_per_frame" N, up to N adjacent chunks staged in GPU
-    memory joined in one frame; with "by_layer" (a decoder loading layer by layer), layer 0 of every
+    """Serves a staging pool: "get" streams chunks in the order asked, a chunk a frame (or with
+    "chunks_per_frame" N up to N adjacent ones that can travel as one), stopping with an error at
+    the first one not staged; with "by_layer" (a decoder loading layer by layer), layer 0 of every
     chunk asked, then layer 1, ..., after checking that every chunk is staged: a frame per layer
     of a chunk, or with "whole_layers" per layer of all of them;
     "release" drops a transfer's references; "ping" names the layout, the chunks staged and the
@@ -263,17 +263,9 @@ class StagingService(Service):
         if request.op == "get" and request.meta.get("by_layer"):
             keys = keys_from(request.meta, MAX_HANDOFF_KEYS)
             return (yield from self._by_layer(keys, bool(request.meta.get("whole_layers"))))
-        if request.op == "get" and "chunks_per_frame" in request.meta:
-            keys = keys_from(request.meta, MAX_HANDOFF_KEYS)
-            return (yield from self._in_frames(keys, _frame_chunks(request.meta)))
         if request.op == "get":
             keys = keys_from(request.meta, MAX_HANDOFF_KEYS)
-            for key in keys:
-                entry = self._staged(key)
-                meta = ChunkMeta(self.layout, entry.blocks).encode()
-                yield Frame(Header(op="chunk", key=key, meta=meta), entry.payload())
-                self._on_served(entry.buffer.numel())
-            return {"count": len(keys)}
+            return (yield from self._in_frames(keys, _frame_chunks(request.meta)))
         if request.op == "release":
             transfer = request.meta.get("transfer")
             if not isinstance(transfer, str):

@@ -110,7 +110,7 @@ def test_service_streams_chunks_in_order_and_stops_at_the_first_missing(served):
     with transfer.connect(listener.address) as conn:
         frames = list(conn.stream("get", meta={"keys": [key(2).hex(), key(1).hex()]}))
         assert [f.header.key for f in frames] == [key(2), key(1)]
-        assert [f.header.meta for f in frames] == [{"layout": "L1", "blocks": 1}, {"layout": "L1", "blocks": 2}]
+        assert [f.header.meta for f in frames] == [{"layout": "L1", "blocks": [1]}, {"layout": "L1", "blocks": [2]}]
         assert bytes(frames[1].payload) == bytes([1]) * 64
         got = []
         with pytest.raises(transfer.RemoteError, match="not staged"):

@@ -6,7 +6,8 @@ and serves it. A decoder process (this one; on the next GPU when there are two) 
 with the connector's own loader and scatters it into its paged cache, as PDConnector does. Timed:
 the first request to the last block in place (and synchronized); the bytes are then checked. Over
 ucx, `--window` chunks are received at once (the connector's `chunks_in_flight`), into GPU memory
-`--per-frame` adjacent chunks in one frame (`chunks_per_frame`); `--lanes`
+`--per-frame` adjacent chunks in one frame (`chunks_per_frame`); `--busy` keeps a thread running
+Python in both processes, as their engine threads under load do; `--lanes`
 connections pull shares of the chunks at once (the connector's `load_lanes`). `--by-layer`: the
 decoder loads as a `layerwise` one does (layer 0 of every chunk, then layer 1, ..., a frame each,
 placed a layer at a time) and the time to its first layer in place is reported too: what a
@@ -43,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import memcpy_gbps, write_json
+from common import Busy, memcpy_gbps, write_json
 
 from pdrun import transfer
 from pdrun.pd import plan
@@ -83,7 +84,9 @@ def paged_cache(device: str, num_blocks: int, pattern: bool) -> PagedKV:
     return PagedKV(layers, num_blocks, BLOCK)
 
 
-def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, ready: mp.Queue, stop: mp.Event) -> None:
+def prefiller(
+    device: str, scheme: str, memory: str, tokens: int, chunk: int, busy: bool, ready: mp.Queue, stop: mp.Event
+) -> None:
     num_blocks = tokens // BLOCK
     paged = paged_cache(device, num_blocks, pattern=True)
     allocate = paged.device_buffer if memory == "device" else paged.host_buffer
@@ -105,8 +108,18 @@ def prefiller(device: str, scheme: str, memory: str, tokens: int, chunk: int, re
         staged = time.perf_counter() - t0
     listener = transfer.listen(f"{scheme}://127.0.0.1:0", StagingService(pool, paged.describe(), layers=LAYERS))
     ready.put((listener.address, {"stream_held_ms": round(held * 1e3, 2), "staged_ms": round(staged * 1e3, 2)}))
+    spinner = busy_engine() if busy else None
     stop.wait()
+    if spinner is not None:
+        spinner.stop()
     listener.close()
+
+
+def busy_engine() -> Busy:
+    """What a loaded vLLM engine thread is to the hand-off's threads: Python running without pause,
+    handing over the GIL at the switch interval PDConnector sets."""
+    sys.setswitchinterval(200e-6)
+    return Busy()
 
 
 class WireOnly(ChunkLoader):
@@ -220,6 +233,12 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="diagnostic: one more hand-off per path, the decoder under cProfile"
     )
+    ap.add_argument(
+        "--busy",
+        action="store_true",
+        help="a thread running Python without pause in both processes during the hand-offs (as their engine "
+        "threads under load), Python's switch interval at the connector's 200 us",
+    )
     ap.add_argument("--device", default="cuda", help="cuda (prefiller on GPU 0, decoder on GPU 1 if any) or cpu")
     ap.add_argument("--json", type=Path, default=Path("bench_handoff_gpu.json"))
     args = ap.parse_args()
@@ -246,7 +265,8 @@ def main() -> None:
         scheme, staged, memory = PATHS[path]
         ready, stop = ctx.Queue(), ctx.Event()
         proc = ctx.Process(
-            target=prefiller, args=(prefill_dev, scheme, staged, args.tokens, args.chunk_tokens, ready, stop)
+            target=prefiller,
+            args=(prefill_dev, scheme, staged, args.tokens, args.chunk_tokens, args.busy, ready, stop),
         )
         proc.start()
         try:
@@ -264,7 +284,10 @@ def main() -> None:
             # mapping each staging buffer); a decoder pays it once per prefiller and buffer.
             # Reported apart, not in the median.
             shape = (args.tokens, args.chunk_tokens, window, per_frame, lanes, args.wire_only, args.by_layer)
+            spinner = busy_engine() if args.busy else None
             (first, _), *timed = [pull(conns, address, paged, memory, *shape) for _ in range(args.rounds + 1)]
+            if spinner is not None:
+                spinner.stop()
             seconds = [s for s, _ in timed]
             first_layer = [f for _, f in timed if f is not None]
             if args.profile:
@@ -325,6 +348,7 @@ def main() -> None:
             "block_copy": os.environ.get("PDRUN_BLOCK_COPY", "auto"),
             "wire_only": args.wire_only,
             "by_layer": args.by_layer,
+            "busy": args.busy,
             "prefill_device": prefill_dev,
             "decode_device": decode_dev,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LLAMA_8B_BYTES_PER_TOKEN, memcpy_gbps, write_json
+from common import LLAMA_8B_BYTES_PER_TOKEN, Busy, busy_pace, memcpy_gbps, write_json
 
 from pdrun import transfer
 from pdrun.pd.staging import StagingPool, StagingService
@@ -54,38 +54,6 @@ def serve(scheme: str, chunks: int, nbytes: int, checksums: bool, ready: mp.Queu
     ready.put(listener.address)
     stop.wait()
     listener.close()
-
-
-class Busy:
-    """A thread running Python without pause (as an engine thread between its GPU waits): loops done."""
-
-    def __init__(self) -> None:
-        self.loops = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for i in range(1000):
-                total += i
-            self.loops += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def busy_pace(seconds: float = 0.5) -> float:
-    """A busy thread's loops per ms with nothing beside it."""
-    busy = Busy()
-    time.sleep(0.05)
-    start, t0 = busy.loops, time.perf_counter()
-    time.sleep(seconds)
-    pace = (busy.loops - start) / (time.perf_counter() - t0) / 1e3
-    busy.stop()
-    return pace
 
 
 def pull(

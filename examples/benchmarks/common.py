@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,35 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
+
+
+class Busy:
+    """A thread running Python without pause (as an engine thread between its GPU waits): loops done."""
+
+    def __init__(self) -> None:
+        self.loops = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for i in range(1000):
+                total += i
+            self.loops += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def busy_pace(seconds: float = 0.5) -> float:
+    """A busy thread's loops per ms with nothing beside it."""
+    busy = Busy()
+    time.sleep(0.05)
+    start, t0 = busy.loops, time.perf_counter()
+    time.sleep(seconds)
+    pace = (busy.loops - start) / (time.perf_counter() - t0) / 1e3
+    busy.stop()
+    return pace

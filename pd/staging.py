@@ -227,6 +227,10 @@ def _joinable(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _back_to_back(a, b) or (a.is_cuda and a.device == b.device)
 
 
+def _not_staged(key: bytes) -> KeyError:
+    return KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
+
+
 def _frame_chunks(meta: dict[str, Any]) -> int:
     most = meta.get("chunks_per_frame", 1)
     if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= MAX_FRAME_CHUNKS:
@@ -279,7 +283,7 @@ class StagingService(Service):
     def _staged(self, key: bytes) -> Staged:
         entry = self.pool.get(key)
         if entry is None:
-            raise KeyError(f"chunk {key.hex()} is not staged here (expired, evicted or never produced)")
+            raise _not_staged(key)
         return entry
 
     def _in_frames(self, keys: list[bytes], most: int) -> Iterator[Frame]:
@@ -302,7 +306,7 @@ class StagingService(Service):
         if run:
             yield self._frame(run)
         if missing is not None:
-            self._staged(missing)  # raises
+            raise _not_staged(missing)
         return {"count": len(keys)}
 
     def _frame(self, run: list[tuple[bytes, Staged]]) -> Frame:

@@ -369,6 +369,12 @@ class PagedKV:
                     self.layers[index].index_copy_(0, self.block_index(p.block_ids), src)
             return self.queued() if cuda else None
 
+    def scatter_mapped_layer(self, table: torch.Tensor, index: int) -> None:
+        """Copy layer `index` of whole chunks into the cache, queued on the current stream, the GPU
+        reading them where they lie in host memory it maps (pinned or registered for DMA; `table`:
+        the `device_table` of their `copy_table` rows): nothing is staged in GPU memory first."""
+        self._copy_blocks(table, to_cache=True, layers=range(index, index + 1))
+
     def layer_table(self, parts: Sequence[LayerPart], stream: torch.cuda.Stream | None = None) -> torch.Tensor | None:
         """The device table copying the parts (each one layer of a chunk, beside the cache) into any
         one layer; None with torch's copies. Queued on `stream` (default: the current one), as

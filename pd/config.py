@@ -118,6 +118,15 @@ class ConnectorConfig(BaseModel):
         "prefills (both measured as it runs: none before its first prefill, then two chunks of a prompt until "
         "the disk is measured); always; never (recompute them)",
     )
+    cache_load_in_step: Literal["never", "idle", "always"] = Field(
+        "never",
+        description="on the cache server's host, where the prefix a request lacks is in the tier's memory: run "
+        "the request at once and copy its prefix in inside that step's forward pass, layer by layer (each "
+        "attention layer waits for its own layer's copy), rather than before the request is scheduled, beside "
+        "the engine's steps. The step's other requests wait for the copy too (about 20 ms per GiB), so idle: only "
+        "when no other request is running; always; never (the default: on an H200 the two measure level, as the "
+        "GPU's copy and the step's computation share its cores)",
+    )
     fingerprint_extra: str = Field(
         "", description="mixed into chunk keys: instances with different values never share KV"
     )

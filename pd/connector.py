@@ -25,6 +25,8 @@ With a cache tier (`cache` in the config), in any role: the scheduler side asks 
   pass; a decoder whose prefiller no longer has a chunk takes it from the tier. On the cache
   server's host, chunks go through its shared-memory arena by the instance's own copies
   (pd/tier.py); elsewhere over its network port, written behind by a thread (pd/write_behind.py).
+  With `cache_load_in_step`, a prefix in the arena is pinned at lookup and loaded synchronously
+  instead, inside the step that runs the request (pd/layerwise.py's MappedLoad).
 
 Block ids come from the scheduler side (the scheduler output and the blocks vLLM allocated), as
 vLLM's offloading and NIXL connectors take them: the CPU backend has no attention metadata to read
@@ -56,7 +58,7 @@ from pdrun.pd.codec import PagedKV
 from pdrun.pd.compat import SYNC_LOAD_RECOVERY, check_vllm_version, recovers_failed_sync_loads
 from pdrun.pd.config import ConnectorConfig, load_config
 from pdrun.pd.keys import Fingerprint, chunk_keys, matching_prefix
-from pdrun.pd.loader import LoadJob
+from pdrun.pd.loader import LoadJob, TierPin
 from pdrun.pd.loads import Loads
 from pdrun.pd.logs import setup_logging
 from pdrun.pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
@@ -111,6 +113,9 @@ class PDMetadata(KVConnectorMetadata):
 # How often a worker asks its cache server which arena it serves: after a restart, the old
 # arena's memory is let go within this, not at the next request that reaches the tier.
 TIER_WATCH_S = 2.0
+# After the scheduler moves to a restarted cache server's arena, how long it loads nothing inside
+# a step: the workers move on their own watch, and registering a large arena for DMA takes seconds.
+ARENA_SETTLE_S = 30.0
 
 
 def _cache_client(cfg: ConnectorConfig) -> CacheClient | None:
@@ -148,6 +153,18 @@ def _endpoints(vllm_config: VllmConfig, cfg: ConnectorConfig) -> list[str]:
     base = cfg.port or vllm_config.kv_transfer_config.kv_port
     tp = vllm_config.parallel_config.tensor_parallel_size
     return [f"{cfg.transport}://{host}:{base + r}" for r in range(tp)]
+
+
+def _prefills_in_full_graphs(vllm_config: VllmConfig) -> bool:
+    """Whether a step that prefills may replay a full CUDA graph (whose layers call no hooks): a
+    full mode for mixed batches, or speculative decoding, whose decode graphs take several tokens
+    per request as a load's step may."""
+    from vllm.config import CUDAGraphMode
+
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is None or not mode.has_full_cudagraphs():
+        return False
+    return mode.mixed_mode() == CUDAGraphMode.FULL or vllm_config.speculative_config is not None
 
 
 def _share_gil(cfg: ConnectorConfig) -> None:
@@ -344,6 +361,7 @@ class _Incoming:
     end: int
     handoff: HandOff | None = None  # None: the cache tier
     from_disk: int = 0  # of the tier's chunks, how many are read from its disk
+    pin: TierPin | None = None  # the tier's chunks pinned in its arena, for a load inside the step
 
     @property
     def cached_chunks(self) -> int:
@@ -376,6 +394,9 @@ class _SchedulerSide:
             log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
             ktc.kv_load_failure_policy = "recompute"
         self.loads_in_step = cfg.layerwise and self.is_consumer and not self._in_step_refused(vllm_config)
+        self.tier_in_step = self._tier_in_step_possible(vllm_config)
+        self._arena_moved_at = float("-inf")
+        self._running: set[str] = set()  # requests the last step ran, less those finished since
         self._saving: dict[str, _Saving] = {}
         self._incoming: dict[str, _Incoming | None] = {}
         self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
@@ -405,6 +426,51 @@ class _SchedulerSide:
             return False
         log.warning("PDConnector: layerwise on this decoder loads hand-offs whole, not in the forward pass (%s)", why)
         return True
+
+    def _tier_in_step_possible(self, vllm_config: VllmConfig) -> bool:
+        """Whether loads from the tier's arena may run inside the step (cache_load_in_step): the
+        worker must map the arena the scheduler pins chunks in, one worker (no tensor or pipeline
+        parallelism), and vLLM must call the layers' hooks in a step that prefills."""
+        if self.cfg.cache_load_in_step == "never" or self.local is None:
+            return False
+        parallel = vllm_config.parallel_config
+        why = ""
+        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+            why = "more than one worker"
+        elif _prefills_in_full_graphs(vllm_config):
+            why = "prefills run in full CUDA graphs, which skip the layers' hooks"
+        if why:
+            log.info("PDConnector: loads from the cache tier run beside the steps, not inside one (%s)", why)
+        return not why
+
+    def _tier_in_step_now(self) -> bool:
+        if not self.tier_in_step or time.monotonic() - self._arena_moved_at < ARENA_SETTLE_S:
+            return False
+        return self.cfg.cache_load_in_step == "always" or not self._running
+
+    def _pin(self, keys: list[bytes]) -> TierPin | None:
+        """Pin the leading chunks of `keys` in the tier's arena for a load inside the step; None
+        when it holds none of them any more or does not answer (the load runs beside the steps)."""
+        assert self.local is not None
+        try:
+            lease, slots = self.local.read(keys)
+        except LocalError as e:
+            log.info("cache tier pin failed, loading beside the steps: %s", e)
+            return None
+        if not slots:
+            return None
+        return TierPin(lease, self.local.info.token, [(s.offset, s.nbytes, s.meta) for s in slots])
+
+    def _unpin(self, pin: TierPin) -> None:
+        """A pin no load will use; a lease in a replaced arena is left to expire."""
+        if self.local is not None and self.local.info.token == pin.token:
+            with contextlib.suppress(LocalError):
+                self.local.release(pin.lease)
+
+    def _forget_incoming(self, rid: str) -> None:
+        state = self._incoming.pop(rid, None)
+        if state is not None and state.pin is not None:
+            self._unpin(state.pin)
 
     # -- loads: a hand-off (consumer), else the cache tier (any role) --
     def _incoming_of(self, request: Request, num_computed_tokens: int = 0) -> _Incoming | None:
@@ -465,15 +531,18 @@ class _SchedulerSide:
             # are not put again (the request that computed them stored them).
             whole = keys[: num_computed_tokens // size]
             return _Incoming(whole, len(whole) * size, 0)
-        from_disk = 0
+        from_disk, pin = 0, None
         if self.local is not None:
             in_memory, anywhere = self._where(keys)
             from_disk = self._from_disk(anywhere - in_memory)
             held = in_memory + from_disk
+            if in_memory and not from_disk and self._tier_in_step_now():
+                pin = self._pin(keys[:in_memory])
+                held = len(pin.slots) if pin is not None else held
         else:
             held = self.cache.lookup(keys)
         self._meta.lookups.append(Lookup(asked=len(keys) * size, held=held * size))
-        return _Incoming(keys[:held], held * size, min(held * size, limit), from_disk=from_disk)
+        return _Incoming(keys[:held], held * size, min(held * size, limit), from_disk=from_disk, pin=pin)
 
     def _local_token(self) -> str | None:
         return self.local.info.token if self.local is not None else None
@@ -509,6 +578,8 @@ class _SchedulerSide:
         moved = fresh.info.token != self.local.info.token
         self.local.close()
         self.local = fresh
+        if moved:
+            self._arena_moved_at = time.monotonic()
         return moved
 
     def _from_disk(self, on_disk: int) -> int:
@@ -525,8 +596,9 @@ class _SchedulerSide:
         return (count, not self._in_step(state)) if count > 0 else (0, False)
 
     def _in_step(self, state: _Incoming) -> bool:
-        """Loaded inside the step that runs the request (`layerwise` hand-offs), not before it."""
-        return self.loads_in_step and state.handoff is not None
+        """Loaded inside the step that runs the request (`layerwise` hand-offs, pinned tier
+        chunks), not before it."""
+        return state.pin is not None or (self.loads_in_step and state.handoff is not None)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
@@ -547,6 +619,8 @@ class _SchedulerSide:
         if num_external_tokens <= 0:
             if h is not None and h.num_tokens:
                 self._meta.releases.append(Release(h.endpoints, h.transfer))
+            if state.pin is not None:
+                self._unpin(state.pin)
             return
         if h is None:
             self._cache_loaded.add(rid)
@@ -555,6 +629,10 @@ class _SchedulerSide:
         chunks = plan.plan_load(
             state.keys, state.handed, start, state.end, block_ids, self.cfg.chunk_size, self.block_size
         )
+        pin = state.pin
+        if pin is not None:  # the job's chunks' slots: the GPU cache may hold the first ones
+            first = start // self.cfg.chunk_size
+            pin = TierPin(pin.lease, pin.token, pin.slots[first : first + len(chunks)])
         self._meta.loads[rid] = LoadJob(
             h.transfer if h else "",
             h.endpoints if h else [],
@@ -564,6 +642,7 @@ class _SchedulerSide:
             block_ids,
             self._in_step(state),
             state.from_disk,
+            pin,
         )
 
     def _release_unloaded(self, request: Request) -> None:
@@ -631,6 +710,12 @@ class _SchedulerSide:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self.rates.step(scheduler_output.total_num_scheduled_tokens)
         self._track_blocks(scheduler_output)
+        self._running = set(scheduler_output.num_scheduled_tokens) - set(scheduler_output.finished_req_ids)
+        for rid, state in list(self._incoming.items()):
+            if state is not None and state.pin is not None:
+                # Looked up but not scheduled in this pass (no room yet): no pin waits with it,
+                # the next pass looks it up again.
+                self._forget_incoming(rid)
         meta, self._meta = self._meta, PDMetadata()
         return meta
 
@@ -642,7 +727,8 @@ class _SchedulerSide:
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
-        self._incoming.pop(rid, None)
+        self._forget_incoming(rid)
+        self._running.discard(rid)
         self._cache_loaded.discard(rid)
         times = self._handoff_times.pop(rid, None)
         st = self._saving.pop(rid, None)

@@ -16,6 +16,9 @@ attention layer, waits for that layer alone: the transfer of the later layers ov
 computation of the earlier ones. The price: the step's other requests wait with it, and a failed
 hand-off is found out only after the step, whose output for the request vLLM then drops to
 recompute its blocks (the cache tier is not asked: the layers already used cannot be patched).
+
+A load from the cache tier's arena inside the step (`MappedLoad`, `cache_load_in_step`): chunks
+the scheduler pinned, read by the GPU a layer per launch, each layer waited for the same way.
 """
 
 from __future__ import annotations
@@ -203,6 +206,60 @@ class LayerwiseLoad:
         ready = self._ready[layer]
         if isinstance(ready, torch.cuda.Event):
             torch.cuda.current_stream(self.paged.device).wait_event(ready)
+
+
+class MappedLoad:
+    """A load inside the step from whole chunks in this host's memory (the cache tier's arena),
+    which the forward pass's layers wait for. Where the GPU maps that memory (registered for DMA)
+    and the Triton copies run (`by_layer`), the GPU reads the chunks straight into the cache, one
+    launch per layer, all queued when the step starts on a stream of the load's own, and each
+    attention layer waits for its own layer's copy. Else every chunk is scattered whole at once
+    (on CPU done before the forward pass starts; on a GPU each layer waits for them all). No
+    thread: one queueing copies beside an engine thread busy in Python waits for the GIL at every
+    copy and falls far behind the bus."""
+
+    def __init__(self, paged: PagedKV, job: LoadJob, sources: list[torch.Tensor], by_layer: bool):
+        self.paged = paged
+        self.job = job
+        self.error = ""
+        self.nbytes = sum(paged.nbytes(len(c.block_ids)) for c in job.chunks)
+        self.awaited = [False] * len(paged.layers)
+        self._copied: list[Ready | None] = []
+        self._stream: torch.cuda.Stream | None = None
+        if paged.device.type == "cuda":
+            self._stream = torch.cuda.Stream(paged.device)
+            self._stream.wait_stream(torch.cuda.current_stream(paged.device))  # the blocks' previous owner
+        if by_layer:
+            rows = []
+            for c, src in zip(job.chunks, sources, strict=True):
+                rows += paged.copy_table(c.block_ids, c.skip_blocks, c.src_blocks, src)
+            with torch.cuda.stream(self._stream):
+                self._table = paged.device_table(rows)  # kept until the copies are done
+                for layer in range(len(paged.layers)):
+                    paged.scatter_mapped_layer(self._table, layer)
+                    self._copied.append(paged.queued())
+        else:
+            ready = None
+            for c, src in zip(job.chunks, sources, strict=True):
+                ready = paged.scatter(c.block_ids, src, c.src_blocks, c.skip_blocks, self._stream)
+            self._copied = [ready] * len(paged.layers)
+
+    @property
+    def complete(self) -> bool:
+        return not self.error
+
+    def wait(self, layer: int) -> None:
+        """The forward pass is about to compute `layer`: its stream waits for that layer's copy."""
+        self.awaited[layer] = True
+        ready = self._copied[layer]
+        if isinstance(ready, torch.cuda.Event):
+            torch.cuda.current_stream(self.paged.device).wait_event(ready)
+
+    def stop(self, error: str = "") -> None:
+        """The step is done: so are the copies it waited for; the rest are waited for here."""
+        self.error = self.error or error
+        if self._copied and self._copied[-1] is not None:
+            self._copied[-1].synchronize()
 
 
 def pull_layers(conns: ConnectionPool, address: str, load: LayerwiseLoad) -> None:

@@ -26,6 +26,16 @@ COPY_IN_SLOTS = 4  # chunks from host memory crossing the bus or waiting to be s
 
 
 @dataclass
+class TierPin:
+    """Chunks of the cache tier's arena pinned by the scheduler for a load inside the step: the
+    worker copies them in and releases the lease, and nothing can evict them in between."""
+
+    lease: int
+    token: str  # the arena's
+    slots: list[tuple[int, int, dict[str, Any]]]  # (offset, nbytes, meta) of each chunk of the job, in order
+
+
+@dataclass
 class LoadJob:
     transfer: str  # the hand-off's id at the prefiller; "" for a load from the cache tier alone
     endpoints: list[str]  # the prefiller's, one per TP rank; [] for the cache tier alone
@@ -35,6 +45,7 @@ class LoadJob:
     block_ids: list[int]
     layerwise: bool = False  # loaded inside the forward pass, layer by layer (pd/layerwise.py)
     from_disk: int = 0  # of its chunks, how many the scheduler expects from the cache tier's disk
+    pin: TierPin | None = None  # a load from the tier's arena inside the step (`layerwise` too)
 
 
 class ChunkLoader:

@@ -5,6 +5,7 @@ ends reported finished, its blocks not loaded reported for vLLM to recompute."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -12,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pdrun.pd import plan
+from pdrun.pd.chunkmeta import ChunkMeta, received
 from pdrun.pd.codec import PagedKV
 from pdrun.pd.config import ConnectorConfig
 from pdrun.pd.keys import rank_key
-from pdrun.pd.layerwise import LayerwiseLoad, pull_layers
+from pdrun.pd.layerwise import LayerwiseLoad, MappedLoad, pull_layers
 from pdrun.pd.loader import ChunkLoader, LoadJob, pull
 from pdrun.pd.releases import Releaser
 from pdrun.pd.stats import StatsCounter
@@ -62,7 +64,9 @@ class Loads:
         self._finished_loads: set[str] = set()
         # loads from the arena this thread queued, polled each step
         self._from_arena: dict[str, tuple[LoadJob, ChunkLoader, TierLoad, SharedTier]] = {}
-        self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad, threading.Thread]] = {}  # this step's layer-wise loads
+        # this step's layer-wise loads: hand-offs (a thread each), and tier chunks the scheduler pinned
+        self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad | MappedLoad, threading.Thread | None]] = {}
+        self._pinned: dict[str, tuple[SharedTier, float]] = {}  # the tier each pinned load reads, since when
         self._in_step_failed: set[int] = set()  # blocks of this step's layer-wise loads that never started
         self._in_step_seen = False
         self._load_errors: set[int] = set()
@@ -71,7 +75,9 @@ class Loads:
     def start(self, meta: PDMetadata) -> None:
         """This step's loads: layer-wise ones on a thread each, arena loads queued here, the rest on loader threads."""
         for rid, job in meta.loads.items():
-            if job.layerwise:
+            if job.pin is not None:
+                self._start_pinned(rid, job)
+            elif job.layerwise:
                 self._start_in_step(rid, job)
             elif not job.endpoints and not job.from_disk and self.tiers.current is not None:
                 self._start_from_arena(rid, job)
@@ -250,6 +256,51 @@ class Loads:
         self.stats.add(load_seconds=time.perf_counter() - t0)
         self._release(job.endpoints, job.transfer)
 
+    def _start_pinned(self, rid: str, job: LoadJob) -> None:
+        """Copy the chunks the scheduler pinned in the tier's arena in inside this step
+        (`MappedLoad`): nothing can evict them meanwhile. The pins go once the step is done."""
+        assert self.paged is not None and job.pin is not None
+        pin, tier = job.pin, self.tiers.current
+        try:
+            if tier is None or tier.client.info.token != pin.token:
+                raise LocalError("this worker does not map the arena the chunks were pinned in (a new cache server)")
+            layout = self.paged.describe()
+            for c, (_, nbytes, meta) in zip(job.chunks, pin.slots, strict=True):
+                got = received(meta, ChunkMeta)
+                if (got.layout, got.blocks, nbytes) != (layout, c.src_blocks, self.paged.nbytes(c.src_blocks)):
+                    raise ProtocolError(f"chunk {c.key.hex()} in the tier is {got.layout} x{got.blocks}, not {layout}")
+            sources = [tier.slot(offset, nbytes) for offset, nbytes, _ in pin.slots]
+            by_layer = tier.registered and self.paged.block_copy == "triton"
+            load = MappedLoad(self.paged, job, sources, by_layer)
+        except Exception as e:  # the forward pass must not use its blocks: vLLM recomputes them
+            self._failed(rid, self._in_step_what(job), job, job.start, f"{type(e).__name__}: {e}")
+            self._in_step_failed |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
+            if tier is not None and tier.client.info.token == pin.token:
+                with contextlib.suppress(LocalError):
+                    tier.client.release(pin.lease)
+            return
+        tier.enter()  # until the pins go
+        self._pinned[rid] = (tier, time.perf_counter())
+        self._in_step[rid] = (job, load, None)
+
+    def _unpin(self, rid: str, job: LoadJob, load: LayerwiseLoad | MappedLoad) -> None:
+        """A pinned load's copies are done: let its chunks go."""
+        assert job.pin is not None
+        tier, t0 = self._pinned.pop(rid)
+        try:
+            if not tier.client.release(job.pin.lease):
+                load.error = load.error or "the cache server unpinned chunks before they were copied"
+        except LocalError:  # a server gone frees nothing: its arena stays as it was while mapped here
+            pass
+        finally:
+            tier.leave()
+        self.stats.add(cache_load_seconds=time.perf_counter() - t0)
+
+    def _in_step_what(self, job: LoadJob) -> str:
+        if job.pin is not None:
+            return f"in-step load from the cache {self.cfg.cache}"
+        return f"layer-wise hand-off from {job.endpoints[0]}"
+
     def wait_for_layer(self, layer_name: str) -> None:
         """vLLM is about to compute `layer_name`: wait until this step's layer-wise loads placed it."""
         index = self.paged.layer_of.get(layer_name) if self.paged is not None else None
@@ -264,20 +315,29 @@ class Loads:
         recomputes the request's blocks and drops what the step computed for it)."""
         errors, self._in_step_failed = self._in_step_failed, set()
         for rid, (job, load, thread) in self._in_step.items():
-            thread.join()
+            if thread is not None:
+                thread.join()
+            if job.pin is not None:
+                load.stop()
+                self._unpin(rid, job, load)
             skipped = [i for i, waited in enumerate(load.awaited) if not waited]
+            tokens = job.end - job.start
             if load.complete and not skipped:
-                self.stats.add(loads=1, loaded_tokens=job.end - job.start, loaded_bytes=load.nbytes)
+                if job.pin is not None:
+                    loaded = {"cache_loaded_tokens": tokens, "cache_loaded_bytes": load.nbytes}
+                    self.stats.add(**loaded, cache_in_step_tokens=tokens)
+                else:
+                    self.stats.add(loads=1, loaded_tokens=tokens, loaded_bytes=load.nbytes)
                 continue
             reason = load.error or f"vLLM did not wait for layers {skipped} (no layer hooks?)"
-            # Layers the forward pass already used cannot be patched: the whole hand-off is computed.
-            self._failed(rid, f"layer-wise hand-off from {job.endpoints[0]}", job, job.start, reason)
+            # Layers the forward pass already used cannot be patched: the whole load is computed.
+            self._failed(rid, self._in_step_what(job), job, job.start, reason)
             errors |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
         if self._in_step and not self._in_step_seen:
             self._in_step_seen = True
             _, load, _ = next(iter(self._in_step.values()))
             log.info(
-                "PDConnector worker rank %d: hand-offs loaded layer by layer (%d of %d layers waited for by "
+                "PDConnector worker rank %d: loads inside the step, layer by layer (%d of %d layers waited for by "
                 "vLLM's hooks, in the first such step)",
                 self.rank,
                 sum(load.awaited),

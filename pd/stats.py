@@ -30,6 +30,8 @@ COUNTERS: dict[str, str] = {
     "cache_loaded_tokens": "Prompt tokens whose KV was loaded from the cache tier",
     "cache_loaded_bytes": "Bytes of KV loaded from the cache tier",
     "cache_load_seconds": "Seconds spent fetching and scattering KV from the cache tier",
+    "cache_in_step_tokens": "Of the tokens loaded from the cache tier, those copied in inside the step that "
+    "computes their request (cache_load_in_step)",
     "cache_stored_chunks": "Chunks written behind to the cache tier",
     "cache_stored_bytes": "Bytes written behind to the cache tier",
     "cache_store_seconds": "Seconds the write-behind thread spent putting chunks",

@@ -16,7 +16,7 @@ import torch
 from pdrun import transfer
 from pdrun.pd import plan
 from pdrun.pd.codec import PagedKV
-from pdrun.pd.layerwise import LayerwiseSave
+from pdrun.pd.layerwise import LayerwiseSave, MappedLoad
 from pdrun.pd.loader import ChunkLoader, LoadJob, pull
 from pdrun.pd.plan import ChunkSave
 from pdrun.pd.staging import StagingPool, StagingService
@@ -112,3 +112,29 @@ def test_chunks_copied_out_layer_by_layer_equal_a_whole_gather(memory):
         want = src.device_buffer(src.nbytes(per))
         src.gather(s.block_ids, want).synchronize()
         assert torch.equal(buf.to(src.device), want), (memory, s.index)
+
+
+def test_a_mapped_load_reads_host_memory_a_layer_at_a_time_into_scattered_blocks():
+    """The cache tier's load inside the step: whole chunks in pinned host memory (as the arena,
+    registered for DMA, holds them) read by the GPU straight into the cache, a layer per launch;
+    each layer waited for on the forward pass's stream, the first chunk in part."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    src, dst = paged("cuda:0", seed=13), paged("cuda:0", seed=None)
+    per, n = CHUNK // BLOCK, 8
+    hosts = []
+    for i in range(n):
+        hosts.append(src.host_buffer(src.nbytes(per)))
+        src.gather(list(range(i * per, (i + 1) * per)), hosts[-1]).synchronize()
+    dst_ids = [(7 * j + 3) % BLOCKS for j in range(n * per)]
+    keys = [key(i) for i in range(n)]
+    chunks = plan.plan_load(keys, n * CHUNK, BLOCK, n * CHUNK, dst_ids, CHUNK, BLOCK)  # the first block computed
+    load = MappedLoad(dst, LoadJob("", [], chunks, BLOCK, n * CHUNK, dst_ids, layerwise=True), hosts, by_layer=True)
+    for layer in range(LAYERS):
+        load.wait(layer)
+    load.stop()
+    torch.cuda.current_stream(dst.device).synchronize()
+    assert load.complete and load.awaited == [True] * LAYERS
+    for s, d in zip(src.layers, dst.layers, strict=True):
+        assert torch.equal(d[dst_ids[1:]], s[1 : n * per])
+        assert not d[dst_ids[0]].any()

@@ -43,6 +43,7 @@ from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Deployment, free_po
 pytestmark = pytest.mark.integration
 
 CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
+IN_STEP = "pdrun:cache_in_step_tokens_total"  # of those, copied in inside the step that computes the request
 TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # on the cache server's /metrics
 LOCAL_READS = "pdrun:cache_local_requests_total[op=read]"  # chunks read in place, through shared memory
 LOCAL_RESERVES = "pdrun:cache_local_requests_total[op=reserve]"
@@ -73,8 +74,14 @@ def instance(model_dir, role, connector, extra_args=(), auth_token=None) -> Serv
 
 @pytest.fixture(scope="module")
 def second_prefiller(cluster, model_dir, tmp_path_factory):
-    """Another prefiller on the deployment's cache tier, started by hand as on another host."""
-    connector = {"cache": cluster.deployment.cache_address, "io_timeout_s": DECODER_IO_TIMEOUT_S}
+    """Another prefiller on the deployment's cache tier, started by hand as on another host; idle
+    in these tests, it loads from the tier inside the step, where the deployment's instances load
+    beside their steps."""
+    connector = {
+        "cache": cluster.deployment.cache_address,
+        "io_timeout_s": DECODER_IO_TIMEOUT_S,
+        "cache_load_in_step": "idle",
+    }
     spec = instance(model_dir, "kv_producer", connector, auth_token=cluster.deployment.auth_token)
     server = VllmServer(spec, tmp_path_factory.mktemp("logs") / "prefill-b.log")
     server.start()
@@ -121,18 +128,23 @@ def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(
     assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
 
 
-def test_a_prompt_of_whole_chunks_loads_all_but_the_blocks_it_computes(cluster, second_prefiller):
-    tokens = prompt(4 * CHUNK, seed=360)  # 4 full chunks, the last one ending with the prompt
-    tier, p1 = cluster.deployment.cache_metrics_url, second_prefiller.url
+@pytest.mark.parametrize("in_step", [True, False], ids=["inside the step", "beside the steps"])
+def test_a_prompt_of_whole_chunks_loads_all_but_the_blocks_it_computes(cluster, second_prefiller, in_step):
+    tokens = prompt(4 * CHUNK, seed=360 + in_step)  # 4 full chunks, the last one ending with the prompt
+    loads, stores = (second_prefiller, cluster.prefiller) if in_step else (cluster.prefiller, second_prefiller)
+    tier = cluster.deployment.cache_metrics_url
     before = metrics(tier)
-    prefill(cluster.prefiller.url, tokens)
+    prefill(stores.url, tokens)
     assert wait_for_deltas(tier, before, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
-    before = metrics(p1)
-    assert prefill(p1, tokens).token == token_ids(complete(cluster.plain.url, tokens, max_tokens=1))[0]
+    before = metrics(loads.url)
+    first = prefill(loads.url, tokens)
     # The instance computes the prompt's last two tokens, so the block holding them: the rest of
     # the last chunk comes from the tier with the three chunks before it.
-    expected = {CACHE_LOADED: 4 * CHUNK - BLOCK, LOCAL_COMPUTE: BLOCK}
-    assert wait_for_deltas(p1, before, expected) == expected
+    loaded = 4 * CHUNK - BLOCK
+    expected = {CACHE_LOADED: loaded, LOCAL_COMPUTE: BLOCK, IN_STEP: loaded if in_step else 0, LOAD_FAILURES: 0}
+    assert wait_for_deltas(loads.url, before, expected) == expected
+    # The decoder continues from the KV the instance loaded (and handed off), as plain vLLM would.
+    assert decode(cluster, tokens, first) == plain(cluster, tokens)
 
 
 def test_a_prompt_whose_chunks_the_gpu_cache_holds_costs_no_tier_lookup(cluster, second_prefiller):

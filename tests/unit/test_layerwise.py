@@ -14,7 +14,7 @@ import torch
 from pdrun import transfer
 from pdrun.pd import plan
 from pdrun.pd.codec import PagedKV
-from pdrun.pd.layerwise import LayerwiseLoad, LayerwiseSave, pull_layers
+from pdrun.pd.layerwise import LayerwiseLoad, LayerwiseSave, MappedLoad, pull_layers
 from pdrun.pd.loader import LoadJob
 from pdrun.pd.plan import ChunkSave
 from pdrun.pd.staging import StagingPool, StagingService
@@ -178,6 +178,28 @@ def test_a_decoder_places_frames_of_whole_layers():
     with pytest.raises(transfer.ProtocolError, match="expected layer"):
         LayerwiseLoad(empty(), load.job, on_device=True).sink(header)
     assert load.nbytes == src.nbytes(BLOCKS)  # every layer of every chunk, once
+
+
+def test_chunks_in_local_memory_are_in_place_before_the_forward_pass_waits():
+    """A load inside the step from the cache tier's arena, on CPU: whole chunks (every layer, as
+    the arena holds them) scattered at once, the first chunk's skipped block untouched; each
+    layer the forward pass waits for is counted (tests/gpu reads them a layer at a time)."""
+    src, dst = paged(), empty()
+    dst_ids = [11, 3, 0, 7, 8, 5, 1, 10, 2, 9, 4, 6]
+    job = layer_job("", dst_ids)
+    sources = []
+    for i, c in enumerate(job.chunks):
+        sources.append(torch.zeros(src.nbytes(c.src_blocks), dtype=torch.uint8))
+        src.gather(list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS)), sources[-1])
+    load = MappedLoad(dst, job, sources, by_layer=False)
+    for layer in range(LAYERS):
+        assert torch.equal(dst.layers[layer][dst_ids[1:]], src.layers[layer][1:]), layer
+        assert not dst.layers[layer][dst_ids[0]].any()
+    for layer in range(LAYERS - 1):
+        load.wait(layer)
+    load.stop()
+    assert load.complete and load.awaited == [True] * (LAYERS - 1) + [False]
+    assert load.nbytes == dst.nbytes(len(dst_ids) - 1)
 
 
 def test_a_hand_off_that_is_gone_frees_every_wait_and_says_why(prefiller):

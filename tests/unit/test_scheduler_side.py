@@ -194,6 +194,111 @@ def test_a_restarted_cache_server_is_looked_up_at_once_not_after_a_lookup_that_w
         connector.shutdown()
 
 
+@pytest.fixture
+def tier_server():
+    """A cache server on this host, its tier reached through shared memory."""
+    from pdrun.storage.server import CacheServer
+    from pdrun.storage.tiers import MemoryTier, TieredStore
+
+    with CacheServer(f"tcp://127.0.0.1:{free_port()}", TieredStore(MemoryTier(1 << 22))) as server:
+        yield server
+
+
+def stored_prompt(connector, server, n_chunks: int, seed: int) -> list[int]:
+    """A prompt whose first `n_chunks` full chunks the tier holds in memory."""
+    from pdrun.storage.client import CacheClient
+
+    prompt = list(range(seed, seed + n_chunks * CHUNK + 10))
+    client = CacheClient(server.address)
+    try:
+        for key in chunk_keys(connector._sched.fingerprint, prompt, full_only=True)[:n_chunks]:
+            assert client.put(key, bytes(64), {"n": 1})
+    finally:
+        client.close()
+    return prompt
+
+
+def plain_request(rid: str, prompt: list[int]):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(rid, prompt, SamplingParams(max_tokens=4, temperature=0.0), None)
+
+
+def step_running(connector, *rids: str):
+    """A scheduler output that ran `rids` (as the step before the next lookup)."""
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    out = SchedulerOutput.make_empty()
+    out.num_scheduled_tokens = dict.fromkeys(rids, 1)
+    return connector.build_connector_meta(out)
+
+
+@pytest.mark.parametrize("when", ["idle", "always"])
+def test_an_idle_instance_loads_a_prefix_in_its_arena_inside_the_step_from_chunks_pinned_until_copied(
+    model, tier_server, when
+):
+    """Loaded inside the step, the chunks must stay where they are from the lookup to the copy:
+    the scheduler pins them and hands the worker their slots, for the chunks the job loads."""
+    connector = scheduler_side(model, cache=tier_server.address, cache_load_in_step=when)
+    try:
+        prompt = stored_prompt(connector, tier_server, 3, seed=1)
+        r = plain_request("pinned", prompt)
+        # The GPU cache holds the first chunk: the job loads the other two.
+        assert connector.get_num_new_matched_tokens(r, CHUNK) == (2 * CHUNK, False)
+        assert tier_server.local.leases() == 1
+        connector.update_state_after_alloc(r, blocks(12), 2 * CHUNK)
+        job = step_meta(connector).loads["pinned"]
+        assert job.layerwise and job.pin is not None and (job.start, job.end) == (CHUNK, 3 * CHUNK)
+        offsets = [offset for offset, _, _ in job.pin.slots]
+        keys = chunk_keys(connector._sched.fingerprint, prompt, full_only=True)
+        lease, slots = connector._sched.local.read(keys[1:3])
+        assert offsets == [s.offset for s in slots]  # the job's two chunks, not the first
+        connector._sched.local.release(lease)
+        assert tier_server.local.leases() == 1  # until the worker has copied them
+    finally:
+        connector.shutdown()
+
+
+def test_a_busy_instance_loads_beside_the_steps_unless_asked_always(model, tier_server):
+    idle = scheduler_side(model, cache=tier_server.address, cache_load_in_step="idle")
+    never = scheduler_side(model, cache=tier_server.address)  # the default
+    try:
+        prompt = stored_prompt(idle, tier_server, 2, seed=1000)
+        step_running(idle, "another")
+        assert idle.get_num_new_matched_tokens(plain_request("busy", prompt), 0) == (2 * CHUNK, True)
+        assert never.get_num_new_matched_tokens(plain_request("never", prompt), 0) == (2 * CHUNK, True)
+        assert tier_server.local.leases() == 0
+        # Once the other request is done, the instance is idle again.
+        idle.request_finished(plain_request("another", [1]), [])
+        assert idle.get_num_new_matched_tokens(plain_request("idle", prompt), 0) == (2 * CHUNK, False)
+    finally:
+        idle.shutdown()
+        never.shutdown()
+
+
+def test_a_pin_is_let_go_when_its_request_is_not_scheduled_or_ends_unscheduled(model, tier_server):
+    connector = scheduler_side(model, cache=tier_server.address, cache_load_in_step="always")
+    try:
+        prompt = stored_prompt(connector, tier_server, 2, seed=2000)
+        r = plain_request("no-room", prompt)
+        assert connector.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, False)
+        assert tier_server.local.leases() == 1
+        step_meta(connector)  # not allocated in this pass (no room): nothing stays pinned
+        assert tier_server.local.leases() == 0
+        assert connector.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, False)  # pinned again
+        assert tier_server.local.leases() == 1
+        connector.request_finished(r, [])  # aborted while it waited
+        assert tier_server.local.leases() == 0
+        # Scheduled with nothing to load (vLLM found it all elsewhere): let go at once.
+        r = plain_request("nothing", prompt)
+        connector.get_num_new_matched_tokens(r, 0)
+        connector.update_state_after_alloc(r, blocks(3), 0)
+        assert tier_server.local.leases() == 0 and step_meta(connector).loads == {}
+    finally:
+        connector.shutdown()
+
+
 WORKER_PROCESS = """
 import sys, torch
 from vllm.config import set_current_vllm_config

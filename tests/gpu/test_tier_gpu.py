@@ -1,0 +1,93 @@
+"""The cache tier on CUDA: a prompt evicted from the GPU cache comes back from the tier's arena,
+copied in inside the step that computes it (`cache_load_in_step: idle`, the instance idle) or
+beside the engine's steps, and the answer is plain vLLM's, token for token. CUDA graphs on: the loading step runs
+piecewise, each layer waiting for its copy (the 8B shape in bf16 with PDRUN_GPU_MODEL)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdrun.launch.vllm_server import ServerSpec, VllmServer
+from pdrun.storage.server import CacheServer
+from pdrun.storage.tiers import MemoryTier, TieredStore
+from tests.integration.client import LOAD_FAILURES, complete, metrics, prompt, token_ids, wait_for_deltas
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.gpu
+
+CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
+IN_STEP = "pdrun:cache_in_step_tokens_total"
+TOKENS, OTHERS = 6000, 4  # GPU caches of 1024 blocks (16k tokens): four others evict a prompt
+LOADED = TOKENS // 256 * 256  # its full chunks
+
+
+class Servers(dict):
+    """Servers started when a test first asks for them (one test alone starts only its own)."""
+
+    def __init__(self, start):
+        super().__init__()
+        self._start = start
+
+    def __missing__(self, name: str) -> VllmServer:
+        self[name] = self._start(name)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    model = Path(os.environ.get("PDRUN_GPU_MODEL") or model_dir)
+    log_dir = Path(os.environ.get("PDRUN_TEST_LOGS") or tmp_path_factory.mktemp("logs"))
+    args = ["--gpu-memory-utilization", "0.25", "--max-num-seqs", "8", "--num-gpu-blocks-override", "1024"]
+    if not any(model.glob("*.safetensors")):
+        args += ["--load-format", "dummy"]
+    with CacheServer(f"tcp://127.0.0.1:{free_port()}", TieredStore(MemoryTier(16 << 30))) as cache:
+        connectors = {
+            "plain": ("plain", {}),
+            "in the step": ("kv_both", {"cache": cache.address, "cache_load_in_step": "idle"}),
+            "beside the steps": ("kv_both", {"cache": cache.address}),
+        }
+
+        def start(name: str) -> VllmServer:
+            role, connector = connectors[name]
+            spec = ServerSpec(
+                model=str(model),
+                port=free_port(),
+                role=role,  # type: ignore[arg-type]
+                kv_port=free_port(),
+                device="cuda",
+                dtype="bfloat16",
+                max_model_len=8192,
+                connector=connector,
+                extra_args=args,
+                env={"CUDA_VISIBLE_DEVICES": "0"},
+            )
+            server = VllmServer(spec, log_dir / f"tier-{name.replace(' ', '-')}.log")
+            servers[name] = server  # stopped at the end, healthy or not
+            server.start().wait_healthy(timeout=600)
+            return server
+
+        servers = Servers(start)
+        try:
+            yield servers
+        finally:
+            for s in list(servers.values()):
+                s.stop()
+
+
+@pytest.mark.parametrize("where", ["in the step", "beside the steps"], ids=["in_step", "beside"])
+def test_an_evicted_prompt_loaded_from_the_tier_answers_as_plain_vllm(tier_servers, where):
+    url, plain = tier_servers[where].url, tier_servers["plain"].url
+    seed = 10 if where == "in the step" else 20
+    tokens = prompt(TOKENS, seed)
+    want = token_ids(complete(plain, tokens, max_tokens=32))
+    assert token_ids(complete(url, tokens, max_tokens=32)) == want  # cold: computed, stored behind
+    for i in range(OTHERS):
+        complete(url, prompt(TOKENS, seed + 1 + i), max_tokens=1)
+    before = metrics(url)
+    assert token_ids(complete(url, tokens, max_tokens=32)) == want
+    expected = {CACHE_LOADED: LOADED, IN_STEP: LOADED if where == "in the step" else 0, LOAD_FAILURES: 0}
+    assert wait_for_deltas(url, before, expected) == expected

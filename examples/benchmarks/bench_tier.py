@@ -12,7 +12,13 @@ byte for byte against the blocks stored. On a GPU two more rows give the floors:
 copied chunk by chunk into GPU memory from pinned host memory (`h2d_pinned`) and from the arena
 (`h2d_arena`), with no paged cache in between; with the Triton copies two more, the chunks read
 straight out of pinned host memory into the paged cache by the copy kernel (`direct`: one launch;
-`direct_by_layer`: one per layer), checked like the loads.
+`direct_by_layer`: one per layer; `direct_arena_by_layer`: one per layer, out of the arena itself),
+checked like the loads.
+
+On a GPU, a load inside the step (`cache_load_in_step`) too: the chunks pinned, every layer's copy
+queued at once, the GPU reading the arena itself, while the main thread waits for each layer as a
+forward pass does (`in_step`), and the same beside a thread running Python without pause, as a
+loaded engine's thread does (`in_step_busy`).
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from common import Busy
 
 from pdrun.pd import plan
 from pdrun.pd.codec import PagedKV
+from pdrun.pd.layerwise import MappedLoad
 from pdrun.pd.loader import ChunkLoader, LoadJob
 from pdrun.pd.tier import SharedTier
 from pdrun.storage.client import CacheClient
@@ -75,6 +84,28 @@ def direct_seconds(paged: PagedKV, host: torch.Tensor, ids: list[int], per: int,
     return time.perf_counter() - t0
 
 
+def in_step_seconds(
+    tier: SharedTier, paged: PagedKV, keys: list[bytes], loads: list, dst_ids: list[int], busy: bool
+) -> float:
+    """A load inside the step, as an instance runs one (MappedLoad): the chunks pinned, every
+    layer's copy queued at once, the GPU reading the arena itself, while this thread waits for each
+    layer in turn as the forward pass does; seconds until every layer is waited for and the copies
+    are done. `busy`: beside a thread running Python without pause, as a loaded engine's."""
+    spinner = Busy() if busy else None
+    t0 = time.perf_counter()
+    lease, slots = tier.client.read(keys)
+    job = LoadJob("", [], loads, 0, len(loads) * CHUNK, dst_ids, layerwise=True)
+    load = MappedLoad(paged, job, [tier.slot(s.offset, s.nbytes) for s in slots], by_layer=True)
+    for layer in range(len(paged.layers)):
+        load.wait(layer)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    if spinner is not None:
+        spinner.stop()
+    assert tier.client.release(lease) and load.complete, load.error
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
@@ -86,6 +117,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
+    sys.setswitchinterval(200e-6)  # as pdrun's instances run (switch_interval_us)
     per = CHUNK // BLOCK
     chunks = args.tokens // CHUNK
     blocks = 2 * chunks * per + 1
@@ -123,14 +155,24 @@ def main() -> None:
                 assert torch.equal(layer[src_ids], layer[dst_ids]), "a loaded block differs from the one stored"
             for layer in paged.layers:
                 layer[dst_ids] = 0
+            for busy in (False, True) if tier.registered and paged.block_copy == "triton" else ():
+                seconds = in_step_seconds(tier, paged, keys, loads, dst_ids, busy)
+                rows.setdefault("in_step_busy_s" if busy else "in_step_s", []).append(seconds)
+                for layer in paged.layers:
+                    assert torch.equal(layer[src_ids], layer[dst_ids]), "a block loaded in the step differs"
+                    layer[dst_ids] = 0
             if args.device.startswith("cuda"):
                 for name, host in (("h2d_pinned_s", pinned), ("h2d_arena_s", tier.memory)):
                     rows.setdefault(name, []).append(h2d_seconds(host, chunk_bytes, chunks))
             if pinned is not None and paged.block_copy == "triton":
                 for i in range(chunks):  # the chunks as the arena holds them, in pinned memory
                     paged.gather(src_ids[i * per : (i + 1) * per], pinned[i * chunk_bytes : (i + 1) * chunk_bytes])
-                for name, by_layer in (("direct_s", False), ("direct_by_layer_s", True)):
-                    rows.setdefault(name, []).append(direct_seconds(paged, pinned, dst_ids, per, by_layer))
+                for i in range(chunks):  # and as the arena holds them (registered, not allocated pinned)
+                    paged.gather(src_ids[i * per : (i + 1) * per], tier.memory[i * chunk_bytes : (i + 1) * chunk_bytes])
+                directs = [("direct_s", pinned, False), ("direct_by_layer_s", pinned, True)]
+                directs.append(("direct_arena_by_layer_s", tier.memory, True))
+                for name, host, by_layer in directs:
+                    rows.setdefault(name, []).append(direct_seconds(paged, host, dst_ids, per, by_layer))
                     for layer in paged.layers:
                         assert torch.equal(layer[src_ids], layer[dst_ids]), f"{name}: a block read directly differs"
                         layer[dst_ids] = 0

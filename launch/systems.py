@@ -57,6 +57,7 @@ COUNTERS = {
     "pdrun:cache_store_dropped_total": "cache_chunks_dropped",  # chunks the tier could not take
     "pdrun:loaded_bytes_total": "handoff_bytes",  # pulled from prefillers ...
     "pdrun:load_seconds_total": "handoff_seconds",  # ... in this long, summed over the hand-offs
+    "pdrun:cache_in_step_tokens_total": "cache_in_step_tokens",  # loaded from the tier inside the step
 }
 
 
@@ -216,7 +217,7 @@ class System:
         return best
 
     def counters(self) -> dict[str, float]:
-        """pdrun's own counters (`COUNTERS`: what went wrong, what its hand-offs moved), summed over
+        """pdrun's own counters (`COUNTERS`: what went wrong, what it moved and how), summed over
         its instances; none for systems without pdrun's connector."""
         return {}
 

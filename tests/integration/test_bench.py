@@ -52,6 +52,7 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
     for workload in ("reuse", "noreuse"):
         figures = s["pdrun-tier"][workload]
         assert figures["kv_load_failures"]["max"] == 0 and figures["cache_chunks_dropped"]["max"] == 0
+        assert figures["cache_in_step_tokens"]["max"] == 0  # loads run beside the steps by default
         assert "kv_load_failures" not in s["plain"][workload]
     # After a full restart, measured once for each: the tier reloads the prompt from its disk, plain
     # vLLM recomputes it, each as the first request after its start (the ratio compares the two).

@@ -1,6 +1,7 @@
 """A paged KV cache to the cache server's arena and back (pd/tier.py), on a real server, arena and
 unix socket: what a store copies out a load puts back byte for byte, the chunks stay pinned until
-the load ends, and a load whose pins ran out is not trusted."""
+the load ends, and a load whose pins ran out is not trusted; loads inside the step (pd/loads.py)
+from chunks the scheduler pinned."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import torch
 
 from pdrun.pd import plan
 from pdrun.pd.codec import PagedKV
-from pdrun.pd.loader import ChunkLoader, LoadJob
+from pdrun.pd.config import ConnectorConfig
+from pdrun.pd.connector import PDMetadata
+from pdrun.pd.loader import ChunkLoader, LoadJob, TierPin
+from pdrun.pd.loads import Loads
+from pdrun.pd.stats import StatsCounter
 from pdrun.pd.tier import SharedTier, TierLink
 from pdrun.storage.client import CacheClient
 from pdrun.storage.local import LocalClient
 from pdrun.storage.server import CacheServer
 from pdrun.storage.tiers import MemoryTier, TieredStore
+from pdrun.transfer import ConnectionPool
 
 BLOCKS, BLOCK, CHUNK = 64, 4, 8  # 2 blocks per chunk
 PER = CHUNK // BLOCK
@@ -144,3 +150,63 @@ def test_the_watch_moves_to_a_restarted_servers_arena_and_lets_the_old_go_once_u
                 assert now is link.current and now.client.info.token == new_info["token"] and not now.failed
         finally:
             link.close()
+
+
+def pinned_loads(t: SharedTier, cache: PagedKV) -> tuple[Loads, StatsCounter]:
+    """A worker's loads over the tier `t`, as the connector makes them."""
+    stats = StatsCounter()
+    cfg = ConnectorConfig(chunk_size=CHUNK)
+    conns = ConnectionPool(lambda address: None)  # never dialed: these loads read the arena
+    return Loads(cfg, cache, 0, BLOCK, False, stats, conns, None, TierLink(t, lambda: None, 5.0)), stats
+
+
+def pinned_job(t: SharedTier, token: str | None = None) -> LoadJob:
+    """A job for the stored chunks, pinned as the scheduler pins them when it looks them up."""
+    lease, slots = t.client.read(keys())
+    pin = TierPin(lease, token or t.client.info.token, [(s.offset, s.nbytes, s.meta) for s in slots])
+    tokens = CHUNKS * CHUNK
+    return LoadJob("", [], plan.plan_load(keys(), tokens, 0, tokens, DST, CHUNK, BLOCK), 0, tokens, DST, True, 0, pin)
+
+
+def step(loads: Loads, job: LoadJob, cache: PagedKV) -> set[int]:
+    """One step that runs the job's request: the loads started, every layer waited for by the
+    forward pass, then the blocks vLLM is told to recompute."""
+    loads.start(PDMetadata(loads={"r": job}))
+    for name in cache.layer_of:
+        loads.wait_for_layer(name)
+    return loads.take_load_errors()
+
+
+def test_chunks_pinned_at_lookup_are_loaded_in_the_step_and_let_go_after_it(tier):
+    server, t, cache, _ = tier
+    stored_chunks(t, cache)
+    loads, stats = pinned_loads(t, cache)
+    job = pinned_job(t)
+    assert step(loads, job, cache) == set()
+    loads.shutdown()
+    for layer in cache.layers:
+        assert torch.equal(layer[SRC], layer[DST])
+    assert server.local.leases() == 0
+    taken = stats.take()
+    assert taken is not None and taken.data["cache_in_step_tokens"] == CHUNKS * CHUNK
+    assert taken.data["load_failures"] == 0
+
+
+@pytest.mark.parametrize("how", ["pins ran out", "another arena"])
+def test_a_pinned_load_that_cannot_be_trusted_is_recomputed(tier, how):
+    """Its pins gone before the step ended (the bytes may be another chunk's), or pinned in an
+    arena this worker does not map (a cache server restarted between the lookup and the step):
+    every block of the load is reported for vLLM to recompute."""
+    server, t, cache, _ = tier
+    stored_chunks(t, cache)
+    loads, stats = pinned_loads(t, cache)
+    job = pinned_job(t, token="another arena" if how == "another arena" else None)
+    if how == "pins ran out":
+        t.client.release(job.pin.lease)  # as the server unpins a read lease held past its time
+    assert step(loads, job, cache) == set(DST)
+    loads.shutdown()
+    taken = stats.take()
+    assert taken is not None and taken.data["load_failures"] == 1 and taken.data["cache_in_step_tokens"] == 0
+    if how == "another arena":
+        t.client.release(job.pin.lease)  # the scheduler's pin, left to its server
+    assert server.local.leases() == 0

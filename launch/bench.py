@@ -143,7 +143,7 @@ def estimate(p: Plan, sizes: Sizes) -> float:
         per_system += (3 + r.evictors) * r.tokens / pre
     if "multiturn" in p.workloads:
         turns = m.conversations * sum(m.turns) / 2
-        per_system += turns * (sum(m.output) / 2) / dec / max(1, m.users) * 4
+        per_system += turns * ((sum(m.output) / 2) / dec * 4 + sum(m.think) / 2) / max(1, m.users)
     if "noreuse" in p.workloads:
         per_system += sum(L * c * n.prompts_per_user / pre + n.output * n.prompts_per_user / dec * 8
                           for L in n.lengths for c in n.concurrency)  # fmt: skip

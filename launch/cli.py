@@ -304,6 +304,13 @@ def _range(text: str, what: str) -> tuple[int, int]:
     return bounds[0], bounds[1]
 
 
+def _seconds(text: str, what: str) -> tuple[float, float]:
+    bounds = _numbers(text, what, float)
+    if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1]:
+        _fail(f"{what} takes MIN,MAX seconds with 0 <= MIN <= MAX, not {text!r}")
+    return bounds[0], bounds[1]
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
     ctx: typer.Context,
@@ -348,6 +355,13 @@ def bench(
     reuse_tokens: Annotated[int, typer.Option(help="reuse: the reused prompt's length.")] = 16384,
     evictors: Annotated[int, typer.Option(help="reuse: prompts of that length sent to evict it.")] = 4,
     conversations: Annotated[int, typer.Option(help="multiturn: conversations (10 users at once).")] = 24,
+    think: Annotated[
+        str,
+        typer.Option(
+            help="multiturn: seconds a user reads each answer before the next turn, drawn from MIN,MAX (0,0: "
+            "back to back; with a few seconds, conversations leave the GPU cache between turns, as chats do)."
+        ),
+    ] = "0,0",
     lengths: Annotated[str, typer.Option(help="noreuse: prompt lengths.")] = "1024,4096,16384",
     concurrency: Annotated[str, typer.Option(help="noreuse: requests at once.")] = "8,16",
     prompts_per_user: Annotated[
@@ -415,7 +429,7 @@ def bench(
         ids = list(range(_numbers(gpus, "--gpus")[0] if gpus else 4))
     sizes = b.Sizes(
         reuse=wl.ReuseSizes(tokens=reuse_tokens, evictors=evictors),
-        multiturn=wl.MultiturnSizes(conversations=conversations),
+        multiturn=wl.MultiturnSizes(conversations=conversations, think=_seconds(think, "--think")),
         noreuse=wl.NoreuseSizes(lengths=tuple(_numbers(lengths, "--lengths")),
                                 concurrency=tuple(_numbers(concurrency, "--concurrency")),
                                 prompts_per_user=prompts_per_user),

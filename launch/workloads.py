@@ -10,7 +10,8 @@ after the first, (latency - TTFT) / (output tokens - 1); latency, the time to th
                (`after_restart`) after a full restart of the system, as the first request of its
                fresh start (a disk tier reloads it, the others recompute it): TTFT of each
     multiturn  conversations over a shared system prompt, each turn's prompt the whole history
-               (earlier turns and answers) and a new user message, users at once: TTFT and TPOT
+               (earlier turns and answers) and a new user message, users at once, each reading an
+               answer for `think` seconds before the next turn: TTFT and TPOT
     noreuse    prompts of several lengths, nothing shared, at several concurrencies: throughput,
                TTFT, TPOT
     slo        long prompts and answers arriving at rising request rates (Poisson): goodput, the
@@ -164,6 +165,7 @@ class MultiturnSizes:
     output: tuple[int, int] = (80, 120)  # answer tokens per turn
     max_history: int = 20000  # a conversation ends before its prompt would pass this
     users: int = 10  # conversations at once
+    think: tuple[float, float] = (0.0, 0.0)  # seconds a user reads an answer before the next turn
 
 
 async def multiturn(target: Target, sizes: MultiturnSizes, seed: int) -> dict[str, float]:
@@ -173,18 +175,23 @@ async def multiturn(target: Target, sizes: MultiturnSizes, seed: int) -> dict[st
     for _ in range(sizes.conversations):
         turns = rng.randint(*sizes.turns)
         plans.append([(prompt(rng, rng.randint(*sizes.user)), rng.randint(*sizes.output)) for _ in range(turns)])
-    queue: asyncio.Queue[list[tuple[list[int], int]]] = asyncio.Queue()
-    for p in plans:
-        queue.put_nowait(p)
+    reading = random.Random(seed + 1)  # apart: the prompts are the same whatever the think time
+    thinks = [[reading.uniform(*sizes.think) for _ in p] for p in plans]
+    queue: asyncio.Queue[tuple[list[tuple[list[int], int]], list[float]]] = asyncio.Queue()
+    for p, t in zip(plans, thinks, strict=True):
+        queue.put_nowait((p, t))
     outcomes: list[tuple[int, Outcome]] = []  # (turn, outcome)
 
     async def user(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             history = list(system)
-            for turn, (message, answer) in enumerate(queue.get_nowait()):
+            plan, think = queue.get_nowait()
+            for turn, (message, answer) in enumerate(plan):
                 ids = history + message
                 if len(ids) + answer > sizes.max_history:
                     break
+                if turn and think[turn]:
+                    await asyncio.sleep(think[turn])
                 o = await send(client, target, ids, answer)
                 outcomes.append((turn, o))
                 history = ids + o.output_ids

@@ -126,7 +126,16 @@ def test_the_cli_prints_the_plan_and_names_bad_input():
     assert r.exit_code == 2 and "--slo-tpot-ms" in r.output
     r = runner.invoke(app, ["bench", "--dry-run", "--workloads", "decode", "--decode-concurrency", "8,x"])
     assert r.exit_code == 2 and "--decode-concurrency takes comma-separated numbers" in r.output
+    r = runner.invoke(app, ["bench", "--dry-run", "--workloads", "multiturn", "--think", "3,1"])
+    assert r.exit_code == 2 and "--think takes MIN,MAX seconds with 0 <= MIN <= MAX, not '3,1'" in r.output
     json.dumps(b.Sizes().fit(4096).reuse.__dict__)  # the sizes go into the JSON as they are
+
+
+def test_users_who_read_their_answers_take_longer():
+    back_to_back = b.plan(["plain"], ["multiturn"], [0], 1, "cuda", b.Sizes()).estimate_s
+    reading = b.Sizes(multiturn=wl.MultiturnSizes(think=(2.0, 4.0)))
+    # 24 conversations of 15 turns on average, 10 users at once: 3 s a turn adds about 108 s.
+    assert b.plan(["plain"], ["multiturn"], [0], 1, "cuda", reading).estimate_s - back_to_back == pytest.approx(108)
 
 
 def test_systems_may_share_gpus_two_gpus_of_a_system_apart():

@@ -68,7 +68,7 @@ class Loads:
         self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad | MappedLoad, threading.Thread | None]] = {}
         self._pinned: dict[str, tuple[SharedTier, float]] = {}  # the tier each pinned load reads, since when
         self._in_step_failed: set[int] = set()  # blocks of this step's layer-wise loads that never started
-        self._in_step_seen = False
+        self._in_step_seen: set[str] = set()  # kinds of in-step loads logged once
         self._load_errors: set[int] = set()
         self._reported_errors: set[int] = set()
 
@@ -333,16 +333,18 @@ class Loads:
             # Layers the forward pass already used cannot be patched: the whole load is computed.
             self._failed(rid, self._in_step_what(job), job, job.start, reason)
             errors |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
-        if self._in_step and not self._in_step_seen:
-            self._in_step_seen = True
-            _, load, _ = next(iter(self._in_step.values()))
-            log.info(
-                "PDConnector worker rank %d: loads inside the step, layer by layer (%d of %d layers waited for by "
-                "vLLM's hooks, in the first such step)",
-                self.rank,
-                sum(load.awaited),
-                len(load.awaited),
-            )
+        for job, load, _ in self._in_step.values():
+            kind = "loads from the cache tier inside the step" if job.pin is not None else "hand-offs loaded"
+            if kind not in self._in_step_seen:
+                self._in_step_seen.add(kind)
+                log.info(
+                    "PDConnector worker rank %d: %s layer by layer (%d of %d layers waited for by vLLM's hooks, "
+                    "in the first such step)",
+                    self.rank,
+                    kind,
+                    sum(load.awaited),
+                    len(load.awaited),
+                )
         self._in_step.clear()
         return errors
 

@@ -48,8 +48,8 @@ def test_every_request_kind_equals_plain_vllm_one_at_a_time_on_gpu(gpu_cluster, 
     differ = []
     for case, stream in todo:
         got, want = answer(proxy_url, case, stream), answer(gpu_cluster.plain.url, case, stream)
-        if got != want:
-            differ.append(f"{case} stream={stream}: {first_difference(got, want)}")
+        if why := first_difference(got, want):
+            differ.append(f"{case} stream={stream}: {why}")
     assert not differ, f"{len(differ)} of {len(todo)} differ from plain vLLM:\n" + "\n".join(differ)
     after = metrics(proxy_url)
     assert after[HANDOFFS] - before[HANDOFFS] == len(todo)

@@ -6,6 +6,7 @@ piecewise, each layer waiting for its copy (the 8B shape in bf16 with PDRUN_GPU_
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,6 @@ def test_an_evicted_prompt_loaded_from_the_tier_answers_as_plain_vllm(tier_serve
     assert token_ids(complete(url, tokens, max_tokens=32)) == want
     expected = {CACHE_LOADED: LOADED, IN_STEP: LOADED if where == "in the step" else 0, LOAD_FAILURES: 0}
     assert wait_for_deltas(url, before, expected) == expected
+    if where == "in the step":  # every layer waited for its copy in vLLM's hook, CUDA graphs on
+        log = tier_servers[where].log_path.read_text()
+        assert re.search(r"cache tier inside the step layer by layer \((\d+) of \1 layers waited for", log)

@@ -145,6 +145,8 @@ def test_a_prompt_of_whole_chunks_loads_all_but_the_blocks_it_computes(cluster, 
     assert wait_for_deltas(loads.url, before, expected) == expected
     # The decoder continues from the KV the instance loaded (and handed off), as plain vLLM would.
     assert decode(cluster, tokens, first) == plain(cluster, tokens)
+    if in_step:  # every one of the tiny model's 4 layers waited for its copy in vLLM's hook
+        assert "cache tier inside the step layer by layer (4 of 4 layers waited for" in loads.log_path.read_text()
 
 
 def test_a_prompt_whose_chunks_the_gpu_cache_holds_costs_no_tier_lookup(cluster, second_prefiller):

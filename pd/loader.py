@@ -125,20 +125,7 @@ class ChunkLoader:
 
     def check(self, c: plan.ChunkLoad, meta: Any, nbytes: int) -> None:
         """A chunk that arrived for `c` (its `meta` and size) fits this cache; ProtocolError if not."""
-        got = received(meta, ChunkMeta)
-        self._fits([c], RunMeta(got.layout, [got.blocks]), nbytes)
-
-    def _fits(self, ours: list[plan.ChunkLoad], frame: RunMeta, nbytes: int) -> None:
-        """A frame for the chunks `ours` (its `frame` meta and size) fits this cache; ProtocolError if not."""
-        blocks = [c.src_blocks for c in ours]
-        if frame.layout != self.layout or frame.blocks != blocks:
-            raise ProtocolError(
-                f"chunk layout {frame.layout} x{frame.blocks} blocks does not match this instance's {self.layout} "
-                f"x{blocks}"
-            )
-        expected = sum(self.paged.nbytes(c.src_blocks) for c in ours)
-        if nbytes != expected:
-            raise ProtocolError(f"a frame of {nbytes} bytes, expected {expected}")
+        check_chunk(self.paged, self.layout, c, meta, nbytes)
 
     def sink(self, header: transfer.Header) -> Any:
         """The buffer a frame that is arriving goes into, once its chunks are checked against the plan."""
@@ -149,7 +136,7 @@ class ChunkLoader:
         if not 0 < n <= self.per_frame:
             raise ProtocolError(f"a frame of {n} chunks arrived; at most {self.per_frame} were asked for in one")
         ours = self.chunks[self.asked : self.asked + n]
-        self._fits(ours, frame, header.nbytes)
+        _fits(self.paged, self.layout, ours, frame, header.nbytes)
         slot = self._sunk % self._slots
         if self._slot_end.get(slot, 0) > self._queued:  # the slot's last frame still waits for its batch
             self._flush()
@@ -333,3 +320,22 @@ def pull(conns: ConnectionPool, address: str, loader: ChunkLoader, lanes: int, p
     first_error = next((e for e in errors if e is not None), None)
     if first_error is not None and loader.done < loader.job.end:
         raise first_error
+
+
+def check_chunk(paged: PagedKV, layout: Any, c: plan.ChunkLoad, meta: Any, nbytes: int) -> None:
+    """A chunk for `c` (its `meta` and size, as sent or as the tier holds it) fits this cache of
+    `layout`; ProtocolError if not."""
+    got = received(meta, ChunkMeta)
+    _fits(paged, layout, [c], RunMeta(got.layout, [got.blocks]), nbytes)
+
+
+def _fits(paged: PagedKV, layout: Any, ours: list[plan.ChunkLoad], frame: RunMeta, nbytes: int) -> None:
+    """A frame for the chunks `ours` (its `frame` meta and size) fits this cache; ProtocolError if not."""
+    blocks = [c.src_blocks for c in ours]
+    if frame.layout != layout or frame.blocks != blocks:
+        raise ProtocolError(
+            f"chunk layout {frame.layout} x{frame.blocks} blocks does not match this instance's {layout} x{blocks}"
+        )
+    expected = sum(paged.nbytes(c.src_blocks) for c in ours)
+    if nbytes != expected:
+        raise ProtocolError(f"a frame of {nbytes} bytes, expected {expected}")

@@ -13,12 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pdrun.pd import plan
-from pdrun.pd.chunkmeta import ChunkMeta, received
 from pdrun.pd.codec import PagedKV
 from pdrun.pd.config import ConnectorConfig
 from pdrun.pd.keys import rank_key
 from pdrun.pd.layerwise import LayerwiseLoad, MappedLoad, pull_layers
-from pdrun.pd.loader import ChunkLoader, LoadJob, pull
+from pdrun.pd.loader import ChunkLoader, LoadJob, check_chunk, pull
 from pdrun.pd.releases import Releaser
 from pdrun.pd.stats import StatsCounter
 from pdrun.pd.tier import SharedTier, TierLink, TierLoad
@@ -266,9 +265,7 @@ class Loads:
                 raise LocalError("this worker does not map the arena the chunks were pinned in (a new cache server)")
             layout = self.paged.describe()
             for c, (_, nbytes, meta) in zip(job.chunks, pin.slots, strict=True):
-                got = received(meta, ChunkMeta)
-                if (got.layout, got.blocks, nbytes) != (layout, c.src_blocks, self.paged.nbytes(c.src_blocks)):
-                    raise ProtocolError(f"chunk {c.key.hex()} in the tier is {got.layout} x{got.blocks}, not {layout}")
+                check_chunk(self.paged, layout, c, meta, nbytes)
             sources = [tier.slot(offset, nbytes) for offset, nbytes, _ in pin.slots]
             by_layer = tier.registered and self.paged.block_copy == "triton"
             load = MappedLoad(self.paged, job, sources, by_layer)

@@ -1,14 +1,16 @@
 """How far one vLLM's logprobs move when a prompt and its first output token are sent again as a
-new prompt, against continuing the first answer: the step a pdrun decoder runs.
+new prompt, against continuing the first answer.
 
-    python examples/first_step_numerics.py --url http://127.0.0.1:8000 [--lengths 1584,1616,16]
+    python examples/first_step_numerics.py --url http://127.0.0.1:8000 [--lengths 1024,1792,64]
 
 Point it at a plain vLLM (no pdrun). For each prompt length it asks for 4 tokens, then sends the
-prompt with the first of them appended and asks for 3: the same positions, computed once as decode
-steps and once as a new request's first step over the prompt's cached KV. Lengths that are whole
-KV blocks (16 tokens) have only the appended token computed, exactly as a decoder does. It prints
-whether the tokens agree and the largest logprob difference; a difference here is vLLM's own, and
-bounds what a PD answer's logprobs can differ by on that backend.
+prompt with the first of them appended and asks for 3: the same positions, computed once by
+decode steps and once as a new request over the prompt's cached KV. vLLM's prefix cache holds
+whole KV blocks only (16 tokens on GPUs, 128 on vLLM's CPU backend), so where the prompt ends
+inside a block the new request recomputes that block's tokens, as one shorter batch; where it
+ends on a block's edge, only the appended token is computed: the step a pdrun decoder runs after
+a hand-off. A difference on a block's edge would be the decoder's; elsewhere it is what
+recomputing a few tokens in a batch of another shape does to the last bits.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def complete(url: str, model: str, ids: list[int], n: int) -> tuple[list[int], l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--lengths", default="1584,1616,16", help="first,last,step prompt lengths in tokens")
+    ap.add_argument("--lengths", default="1024,1792,64", help="first,last,step prompt lengths in tokens")
     args = ap.parse_args()
     first, last, step = (int(x) for x in args.lengths.split(","))
     model = httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]

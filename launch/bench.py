@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import platform
 import shlex
@@ -142,8 +143,11 @@ def estimate(p: Plan, sizes: Sizes) -> float:
     if "reuse" in p.workloads:
         per_system += (3 + r.evictors) * r.tokens / pre
     if "multiturn" in p.workloads:
-        turns = m.conversations * sum(m.turns) / 2
-        per_system += turns * ((sum(m.output) / 2) / dec * 4 + sum(m.think) / 2) / max(1, m.users)
+        turn = (sum(m.output) / 2) / dec * 4 + sum(m.think) / 2
+        users = max(1, m.users)
+        # it ends with its slowest user: the last of its conversations dealt out may be a longest one
+        slowest = (math.ceil(m.conversations / users) - 1) * sum(m.turns) / 2 + max(m.turns)
+        per_system += turn * max(m.conversations * sum(m.turns) / 2 / users, slowest)
     if "noreuse" in p.workloads:
         per_system += sum(L * c * n.prompts_per_user / pre + n.output * n.prompts_per_user / dec * 8
                           for L in n.lengths for c in n.concurrency)  # fmt: skip

@@ -134,8 +134,15 @@ def test_the_cli_prints_the_plan_and_names_bad_input():
 def test_users_who_read_their_answers_take_longer():
     back_to_back = b.plan(["plain"], ["multiturn"], [0], 1, "cuda", b.Sizes()).estimate_s
     reading = b.Sizes(multiturn=wl.MultiturnSizes(think=(2.0, 4.0)))
-    # 24 conversations of 15 turns on average, 10 users at once: 3 s a turn adds about 108 s.
-    assert b.plan(["plain"], ["multiturn"], [0], 1, "cuda", reading).estimate_s - back_to_back == pytest.approx(108)
+    # 24 conversations of 12 - 18 turns dealt out to 10 users: the slowest has two of 15 turns on
+    # average and a longest, 48 turns; 3 s a turn adds 144 s.
+    assert b.plan(["plain"], ["multiturn"], [0], 1, "cuda", reading).estimate_s - back_to_back == pytest.approx(144)
+    # As many conversations as users: all run at once, the longest (18 turns) bounds the run.
+    one_each = b.Sizes(multiturn=wl.MultiturnSizes(conversations=10, think=(2.0, 4.0)))
+    no_reading = b.Sizes(multiturn=wl.MultiturnSizes(conversations=10))
+    assert b.plan(["plain"], ["multiturn"], [0], 1, "cuda", one_each).estimate_s - b.plan(
+        ["plain"], ["multiturn"], [0], 1, "cuda", no_reading
+    ).estimate_s == pytest.approx(54)
 
 
 def test_systems_may_share_gpus_two_gpus_of_a_system_apart():

@@ -161,7 +161,7 @@ def estimate(p: Plan, sizes: Sizes) -> float:
     return len(p.waves) * START_S[p.device] + systems * p.rounds * per_system + restarts
 
 
-def describe(p: Plan) -> str:
+def describe(p: Plan, sizes: Sizes) -> str:
     lines = []
     for i, wave in enumerate(p.waves, 1):
         parts = [f"{n} (GPU {','.join(map(str, g))})" if p.device == "cuda" else n for n, g in wave]
@@ -172,7 +172,36 @@ def describe(p: Plan) -> str:
         f"{', '.join(p.workloads)} x {p.rounds} rounds: about {p.estimate_s / 60:.0f} min"
         f"{' (start-ups included)' if p.waves else ''}"
     )
+    lines += [f"  {w}: {sends(w, sizes)}" for w in p.workloads]
     return "\n".join(lines)
+
+
+def sends(workload: str, sizes: Sizes) -> str:
+    """What a workload sends, in a line."""
+    span = "{0[0]} - {0[1]}".format
+    if workload == "reuse":
+        r = sizes.reuse
+        return f"a {r.tokens}-token prompt cold, warm, after other prompts evict it, after a restart"
+    if workload == "multiturn":
+        m = sizes.multiturn
+        reading = f", reading {span(m.think)} s between turns" if any(m.think) else ", back to back"
+        return (
+            f"{m.conversations} conversations, {m.users} at once, {span(m.turns)} turns of {span(m.user)} new tokens "
+            f"over a {m.system}-token system prompt, {span(m.output)} out{reading}; histories up to {m.max_history}"
+        )
+    if workload == "noreuse":
+        n = sizes.noreuse
+        lengths, at_once = ", ".join(map(str, n.lengths)), ", ".join(map(str, n.concurrency))
+        return f"new {lengths}-token prompts, {at_once} at once, {n.output} out"
+    if workload == "slo":
+        o = sizes.slo
+        return (
+            f"{span(o.prompt)}-token prompts at {', '.join(map(str, o.rates))} per s per GPU, {span(o.output)} out; "
+            f"objectives TTFT {o.ttft_s} s, TPOT {o.tpot_s * 1000:g} ms"
+        )
+    d = sizes.decode
+    at_once = ", ".join(map(str, d.concurrency))
+    return f"{at_once} requests decoding {d.output} tokens at once over {d.length}-token prompts"
 
 
 # ---- running ----

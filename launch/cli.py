@@ -362,6 +362,16 @@ def bench(
             "back to back; with a few seconds, conversations leave the GPU cache between turns, as chats do)."
         ),
     ] = "0,0",
+    multiturn_system: Annotated[
+        int, typer.Option(min=0, help="multiturn: tokens of the system prompt every conversation starts with.")
+    ] = 500,
+    multiturn_user: Annotated[
+        str,
+        typer.Option(
+            help="multiturn: new user tokens per turn, drawn from MIN,MAX (longer: histories that cost more to "
+            "recompute, as with documents or code pasted into a chat)."
+        ),
+    ] = "120,160",
     lengths: Annotated[str, typer.Option(help="noreuse: prompt lengths.")] = "1024,4096,16384",
     concurrency: Annotated[str, typer.Option(help="noreuse: requests at once.")] = "8,16",
     prompts_per_user: Annotated[
@@ -429,7 +439,8 @@ def bench(
         ids = list(range(_numbers(gpus, "--gpus")[0] if gpus else 4))
     sizes = b.Sizes(
         reuse=wl.ReuseSizes(tokens=reuse_tokens, evictors=evictors),
-        multiturn=wl.MultiturnSizes(conversations=conversations, think=_seconds(think, "--think")),
+        multiturn=wl.MultiturnSizes(conversations=conversations, think=_seconds(think, "--think"),
+                                    system=multiturn_system, user=_range(multiturn_user, "--multiturn-user")),
         noreuse=wl.NoreuseSizes(lengths=tuple(_numbers(lengths, "--lengths")),
                                 concurrency=tuple(_numbers(concurrency, "--concurrency")),
                                 prompts_per_user=prompts_per_user),
@@ -448,7 +459,7 @@ def bench(
         p = b.plan(names, chosen, ids, rounds, device, sizes, per_gpu)
     except (b.BenchError, sysmod.SystemFailure) as e:
         _fail(str(e))
-    typer.echo(b.describe(p))
+    typer.echo(b.describe(p, sizes))
     if dry_run:
         return
     if model is None:

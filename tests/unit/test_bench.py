@@ -22,14 +22,14 @@ def test_systems_are_packed_side_by_side_on_the_gpus_plain_first():
         [("offload", [0])],
         [("plain-dp", [0, 1])],
     ]
-    assert p.estimate_s > 0 and "about" in b.describe(p)
+    assert p.estimate_s > 0 and "about" in b.describe(p, b.Sizes())
 
 
 def test_what_cannot_run_is_named_not_dropped():
     p = b.plan(["plain", "pdrun-2p2d", "lmcache"], ["noreuse"], [0, 1], 1, "cuda", b.Sizes())
     assert p.skipped["pdrun-2p2d"] == "needs 4 GPUs, 2 given"
     assert [n for w in p.waves for n, _ in w] == ["plain"] + (["lmcache"] if "lmcache" not in p.skipped else [])
-    assert "not run: pdrun-2p2d: needs 4 GPUs, 2 given" in b.describe(p)
+    assert "not run: pdrun-2p2d: needs 4 GPUs, 2 given" in b.describe(p, b.Sizes())
 
 
 @pytest.mark.parametrize(
@@ -116,6 +116,13 @@ def test_the_cli_prints_the_plan_and_names_bad_input():
     r = runner.invoke(app, ["bench", "--dry-run", "--systems", "plain,pdrun-tier", "--gpus", "2"])
     assert r.exit_code == 0, r.output
     assert "wave 1: plain, pdrun-tier" in r.output and "about" in r.output
+    # what each workload sends, as sized by the options
+    r = runner.invoke(app, ["bench", "--dry-run", "--workloads", "multiturn,noreuse", "--multiturn-user", "1000,2000",
+                            "--multiturn-system", "4000", "--think", "2,4", "--max-model-len", "16384"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "12 - 18 turns of 1000 - 2000 new tokens over a 4000-token system prompt" in r.output
+    assert "reading 2.0 - 4.0 s between turns; histories up to 16384" in r.output
+    assert "noreuse: new 1024, 4096, 16256-token prompts, 8, 16 at once" in r.output  # room left for the answer
     r = runner.invoke(app, ["bench", "--dry-run", "--systems", "plain,warp"])
     assert r.exit_code == 2 and "unknown system 'warp'" in r.output
     r = runner.invoke(app, ["bench", "--dry-run", "--lengths", "1k"])
@@ -128,6 +135,8 @@ def test_the_cli_prints_the_plan_and_names_bad_input():
     assert r.exit_code == 2 and "--decode-concurrency takes comma-separated numbers" in r.output
     r = runner.invoke(app, ["bench", "--dry-run", "--workloads", "multiturn", "--think", "3,1"])
     assert r.exit_code == 2 and "--think takes MIN,MAX seconds with 0 <= MIN <= MAX, not '3,1'" in r.output
+    r = runner.invoke(app, ["bench", "--dry-run", "--workloads", "multiturn", "--multiturn-user", "160,120"])
+    assert r.exit_code == 2 and "--multiturn-user takes MIN,MAX with 0 < MIN <= MAX, not '160,120'" in r.output
     json.dumps(b.Sizes().fit(4096).reuse.__dict__)  # the sizes go into the JSON as they are
 
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -44,19 +43,28 @@ from pdrun.pd.params import TIMING
 from pdrun.pd.proxy.body import BadRequest, decode_only_reason, error_response, parse_body
 from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 from pdrun.pd.proxy.handoffs import GiveBack
-from pdrun.pd.proxy.health import Health, TornDownIsConnectError
+from pdrun.pd.proxy.health import Health
 from pdrun.pd.proxy.metrics import ProxyMetrics
 from pdrun.pd.proxy.routing import Backend, Policy, Router, prompt_tokens
 from pdrun.pd.proxy.shortcut import TierShortcut
 from pdrun.pd.proxy.timing import RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
+from pdrun.pd.proxy.upstream import (
+    Answer,
+    ConnectionLost,
+    NotConnected,
+    Refused,
+    Stream,
+    Timeout,
+    Upstream,
+    UpstreamError,
+)
 from pdrun.storage.client import CacheClient
 
 log = logging.getLogger("pdrun.pd.proxy")
 
 # Retried on another decoder: the request never reached one (a connection refused, or not made in
 # time under a burst), or the decoder died before answering.
-RETRIABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-CONNECTION_LOST = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # an open connection failed
+RETRIABLE = (Refused, NotConnected, ConnectionLost)
 REQUEST_ID = "x-pdrun-request-id"
 IN_TIER = "prompt in the cache tier"  # the decode-only reason of the tier shortcut
 SHORTCUT_LOOKUP_TIMEOUT_S = 0.5  # a cache slower than this is a miss: the request takes the prefill hop
@@ -103,23 +111,19 @@ class Proxy:
         self.give_back = GiveBack()
 
     @property
-    def client(self) -> httpx.AsyncClient | None:
+    def client(self) -> Upstream | None:
         """The pooled client every upstream request and health check goes through."""
         return self.health.client
 
     @client.setter
-    def client(self, client: httpx.AsyncClient | None) -> None:
+    def client(self, client: Upstream | None) -> None:
         self.health.client = client
 
     # ---- lifecycle ----
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         s = self.settings
-        limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=s.connect_timeout_s, read=s.read_timeout_s, write=60, pool=None),
-            transport=TornDownIsConnectError(httpx.AsyncHTTPTransport(limits=limits)),
-        )
+        self.client = Upstream(s.connect_timeout_s, s.read_timeout_s, s.max_connections)
         checker = asyncio.create_task(self.health.run(self.settings.health_interval_s))
         try:
             await self.health.check_all()
@@ -129,17 +133,17 @@ class Proxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await checker
             await self.give_back.drain()
-            await self.client.aclose()
+            await self.client.close()
             if self.shortcut is not None:
                 self.shortcut.close()
 
-    async def _prefill_from(self, p: Backend, path: str, pbody: dict[str, Any]) -> httpx.Response | None:
+    async def _prefill_from(self, p: Backend, path: str, pbody: dict[str, Any]) -> Answer | None:
         """p's answer to the prefill, or None if p left the rotation first (a prefiller that stopped
         answering costs its requests the health checks that find it out, not prefill_timeout_s)."""
         assert self.client is not None
         down = self.health.went_down(p)
         post = asyncio.ensure_future(
-            self.client.post(f"{p.url}{path}", **_json(pbody), timeout=self.settings.prefill_timeout_s)
+            self.client.request("POST", f"{p.url}{path}", _encode(pbody), timeout_s=self.settings.prefill_timeout_s)
         )
         gone = asyncio.ensure_future(down.wait())
         try:
@@ -269,9 +273,9 @@ class Proxy:
                 if r is None:
                     reason = "prefiller out of rotation"
                     continue
-            except httpx.TimeoutException:
+            except Timeout:
                 return "prefiller timed out"
-            except httpx.HTTPError as e:
+            except UpstreamError as e:
                 self.health.failed(p, e)
                 reason = "prefiller unreachable"
                 continue
@@ -279,13 +283,13 @@ class Proxy:
                 p.outstanding -= 1
                 p.pending_tokens -= tokens
             p.served += 1
-            if 400 <= r.status_code < 500:
-                return _passthrough(r.status_code, r.content, r.headers.get("content-type"))
-            if r.status_code != 200:
-                log.warning("prefiller %s answered %d: %s", p.url, r.status_code, r.text[:200])
+            if 400 <= r.status < 500:
+                return _passthrough(r.status, r.content, r.content_type)
+            if r.status != 200:
+                log.warning("prefiller %s answered %d: %s", p.url, r.status, r.content[:200].decode(errors="replace"))
                 return "prefiller error"
             try:
-                answer = r.json()
+                answer = json.loads(r.content)
                 first = Continuation(path, body, answer)
             except ValueError as e:
                 log.warning("prefiller %s: %s", p.url, e)
@@ -311,20 +315,18 @@ class Proxy:
         while (d := self.router.pick_decoder(exclude=tried)) is not None:
             sent = time.monotonic()
             d.outstanding += 1
-            upstream: httpx.Response | None = None
+            upstream: Stream | None = None
             try:
-                upstream = await self.client.send(
-                    self.client.build_request("POST", f"{d.url}{path}", **_json(body)), stream=True
-                )
-                chunks = upstream.aiter_raw()
+                upstream = await self.client.open("POST", f"{d.url}{path}", _encode(body))
+                chunks = upstream.chunks()
                 first = await anext(chunks, b"")
             except BaseException as e:
                 d.outstanding -= 1
                 if upstream is not None:
-                    await upstream.aclose()
+                    upstream.close()
                 if isinstance(e, RETRIABLE):
                     self.metrics.retries.inc()
-                    if isinstance(e, CONNECTION_LOST) and d.url not in asked_again:
+                    if isinstance(e, ConnectionLost) and d.url not in asked_again:
                         # Most likely a kept-alive connection the decoder had just closed: it stays
                         # a candidate, on a new connection (one that is gone refuses that).
                         asked_again.add(d.url)
@@ -332,10 +334,10 @@ class Proxy:
                     tried.append(d)
                     self.health.failed(d, e)
                     continue
-                if isinstance(e, httpx.ReadTimeout):
+                if isinstance(e, Timeout):
                     return error_response(504, f"decoder {d.url} sent nothing for {self.settings.read_timeout_s}s")
-                if isinstance(e, httpx.TimeoutException):
-                    return error_response(504, f"decoder {d.url}: {type(e).__name__}: {e}")
+                if isinstance(e, UpstreamError):
+                    return error_response(502, f"decoder {d.url}: {e}")
                 raise
             d.served += 1
             return _Opened(d, upstream, first, chunks, sent)
@@ -352,18 +354,18 @@ class Proxy:
             d, upstream, first, chunks, sent = opened.d, opened.upstream, opened.first, opened.chunks, opened.sent
             handed_on = False
             try:
-                if upstream.status_code != 200 or not body.get("stream"):
+                if upstream.status != 200 or not body.get("stream"):
                     rest = b"".join([first] + [c async for c in chunks])
                     timing.decode = time.monotonic() - sent  # no first-token time: one answer
-                    if upstream.status_code == 200:
+                    if upstream.status == 200:
                         taken = True
                         rest = _take_decoder_timing(timing, rest)
-                    return _passthrough(upstream.status_code, rest, upstream.headers.get("content-type"))
+                    return _passthrough(upstream.status, rest, upstream.content_type)
                 handed_on = taken = True  # the relay gives it back if the stream breaks
                 return RelayResponse(
                     self._relay(d, first, chunks, t0, sent, timing, params),
                     on_close=partial(self._release, d, upstream, timing, t0),
-                    media_type=upstream.headers.get("content-type", "text/event-stream"),
+                    media_type=upstream.content_type or "text/event-stream",
                 )
             except RETRIABLE as e:
                 self.health.failed(d, e)
@@ -371,7 +373,7 @@ class Proxy:
             finally:
                 if not handed_on:
                     d.outstanding -= 1
-                    await upstream.aclose()
+                    upstream.close()
         finally:
             if not taken:
                 self.give_back(params)
@@ -394,10 +396,10 @@ class Proxy:
                 return
             d, sent = opened.d, opened.sent
             try:
-                if opened.upstream.status_code != 200:
+                if opened.upstream.status != 200:
                     answer = opened.first + b"".join([c async for c in opened.chunks])
                     log.warning("decoder %s refused the rest of a streamed answer: %s", d.url, answer[:200])
-                    yield _error_event(opened.upstream.status_code, answer)
+                    yield _error_event(opened.upstream.status, answer)
                     return
                 async for chunk in _chain(opened.first, opened.chunks):
                     now, out = time.monotonic(), []
@@ -423,7 +425,7 @@ class Proxy:
                 yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
             finally:
                 d.outstanding -= 1
-                await opened.upstream.aclose()
+                opened.upstream.close()
         finally:
             if not finished:
                 self.give_back(params)
@@ -479,9 +481,9 @@ class Proxy:
             if not finished:
                 self.give_back(params)
 
-    async def _release(self, d: Backend, upstream: httpx.Response, timing: RequestTiming, t0: float) -> None:
+    async def _release(self, d: Backend, upstream: Stream, timing: RequestTiming, t0: float) -> None:
         d.outstanding -= 1
-        await upstream.aclose()
+        upstream.close()
         self._finish(timing, t0)
 
     async def models(self) -> Response:
@@ -530,7 +532,7 @@ def _take_decoder_timing(timing: RequestTiming, content: bytes) -> bytes:
 @dataclass
 class _Opened:
     d: Backend
-    upstream: httpx.Response
+    upstream: Stream
     first: bytes  # its first bytes
     chunks: AsyncIterator[bytes]  # the rest
     sent: float
@@ -544,9 +546,9 @@ def _shortcut(settings: ProxySettings) -> TierShortcut | None:
     return TierShortcut(CacheClient(settings.cache, connect, retry_after_s=5.0), settings.tier_shortcut_tokens)
 
 
-def _json(body: dict[str, Any]) -> dict[str, Any]:
+def _encode(body: dict[str, Any]) -> bytes:
     """An upstream request's JSON body (msgspec: a long prompt's ids encode in a tenth of json's time)."""
-    return {"content": msgspec.json.encode(body), "headers": {"content-type": "application/json"}}
+    return msgspec.json.encode(body)
 
 
 async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

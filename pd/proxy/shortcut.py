@@ -17,12 +17,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import msgspec
 
 from pdrun.pd.keys import chained_keys, salted
 from pdrun.pd.plan import computed_here
 from pdrun.pd.proxy.continuation import CHAT
 from pdrun.pd.proxy.routing import prompt_size
+from pdrun.pd.proxy.upstream import Upstream, UpstreamError
 from pdrun.storage.client import CacheClient
 
 log = logging.getLogger("pdrun.pd.proxy")
@@ -59,7 +60,7 @@ class TierShortcut:
             self.spaces[model] = space
             self.spaces[None] = space  # requests that name no model
 
-    async def held(self, client: httpx.AsyncClient, decoder: str, path: str, body: dict[str, Any]) -> tuple[int, int]:
+    async def held(self, client: Upstream, decoder: str, path: str, body: dict[str, Any]) -> tuple[int, int]:
         """(prompt tokens, of them the leading ones the tier holds in whole chunks); (0, 0) when
         it cannot say."""
         space, salt = self.spaces.get(body.get("model")), body.get("cache_salt")
@@ -96,7 +97,7 @@ def _may_fill_a_chunk(body: dict[str, Any], chunk_size: int) -> bool:
     return prompt_size(body)[0] >= chunk_size
 
 
-async def _tokenize(client: httpx.AsyncClient, decoder: str, path: str, body: dict[str, Any]) -> list[int] | None:
+async def _tokenize(client: Upstream, decoder: str, path: str, body: dict[str, Any]) -> list[int] | None:
     if path == CHAT:
         ask = {k: body[k] for k in CHAT_FIELDS if k in body}
     else:
@@ -104,9 +105,9 @@ async def _tokenize(client: httpx.AsyncClient, decoder: str, path: str, body: di
     if "model" in body:
         ask["model"] = body["model"]
     try:
-        r = await client.post(f"{decoder}/tokenize", json=ask, timeout=TOKENIZE_TIMEOUT_S)
-        ids = r.json().get("tokens") if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError) as e:
+        r = await client.request("POST", f"{decoder}/tokenize", msgspec.json.encode(ask), timeout_s=TOKENIZE_TIMEOUT_S)
+        ids = msgspec.json.decode(r.content).get("tokens") if r.status == 200 else None
+    except (UpstreamError, msgspec.DecodeError, AttributeError) as e:
         log.debug("tier shortcut: /tokenize on %s failed: %s", decoder, e)
         return None
     return ids if isinstance(ids, list) else None

@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 
-import httpx
 import pytest
 
 from pdrun import transfer
@@ -19,6 +18,7 @@ from pdrun.pd.proxy.app import Proxy, ProxySettings
 from pdrun.pd.proxy.continuation import COMPLETIONS, Continuation
 from pdrun.pd.proxy.handoffs import release
 from pdrun.pd.proxy.timing import RequestTiming
+from pdrun.pd.proxy.upstream import Upstream
 from pdrun.pd.staging import StagingPool, StagingService
 from tests.unit.test_continuation import completion_answer
 from tests.unit.test_proxy_health import refused_url
@@ -83,14 +83,14 @@ def stream_through(proxy: Proxy, params: dict) -> bytes:
     first = Continuation(COMPLETIONS, {"prompt": [1, 2, 3], "stream": True}, completion_answer())
 
     async def run() -> bytes:
-        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         try:
             timing = RequestTiming("r", COMPLETIONS, stream=True)
             out = b"".join([chunk async for chunk in proxy._continue(first, params, time.monotonic(), timing)])
             await proxy.give_back.drain()
             return out
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     return asyncio.run(run())
 
@@ -129,7 +129,7 @@ def test_a_non_streamed_decode_that_fails_releases_its_hand_off(prefiller):
     proxy = proxy_to(refused_url())
 
     async def run() -> int:
-        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         try:
             timing = RequestTiming("r", COMPLETIONS, stream=False)
             body = {"prompt": [1, 2, 3, 42], "kv_transfer_params": params}
@@ -137,7 +137,7 @@ def test_a_non_streamed_decode_that_fails_releases_its_hand_off(prefiller):
             await proxy.give_back.drain()
             return r.status_code
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     assert asyncio.run(run()) == 503
     assert pool.held() == 0
@@ -155,7 +155,7 @@ def test_decoders_alone_serve_every_request_without_a_fallback(decoder):
     proxy = proxy_to(decoder)  # no prefiller configured: decode-only by design, not a fallback
 
     async def run() -> tuple[int, str]:
-        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         try:
             timing = RequestTiming("r", COMPLETIONS, stream=True)
             r = await proxy._serve(COMPLETIONS, {"prompt": [1, 2, 3], "stream": True}, time.monotonic(), timing)
@@ -163,7 +163,7 @@ def test_decoders_alone_serve_every_request_without_a_fallback(decoder):
                 pass
             return r.status_code, timing.mode
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     assert asyncio.run(run()) == (200, "decode")
     assert not [s for m in proxy.metrics.fallbacks.collect() for s in m.samples if s.value]

@@ -9,15 +9,15 @@ import contextlib
 import http.server
 import json
 import socket
+import struct
 import threading
 import time
 
-import httpx
-
 from pdrun.pd.proxy.app import Proxy, ProxySettings
 from pdrun.pd.proxy.continuation import COMPLETIONS
-from pdrun.pd.proxy.health import SLOW_PROBES_DOWN, TornDownIsConnectError
+from pdrun.pd.proxy.health import SLOW_PROBES_DOWN
 from pdrun.pd.proxy.timing import RequestTiming
+from pdrun.pd.proxy.upstream import Upstream
 
 
 class Backend(http.server.BaseHTTPRequestHandler):
@@ -65,11 +65,11 @@ def test_a_slow_health_answer_is_busy_not_gone_and_a_refusal_is_gone():
     busy, gone = proxy.router.decoders
 
     async def run() -> list[bool]:
-        proxy.client = httpx.AsyncClient()
+        proxy.client = Upstream()
         try:
             await proxy.health.check_all()
             assert busy.healthy and busy.models == {"m"}
-            assert not gone.healthy and "ConnectError" in gone.last_error
+            assert not gone.healthy and "Refused" in gone.last_error
             Backend.delay = 2.5  # over the probe's 2 s timeout
             seen = []
             for _ in range(SLOW_PROBES_DOWN):
@@ -80,7 +80,7 @@ def test_a_slow_health_answer_is_busy_not_gone_and_a_refusal_is_gone():
             seen.append(busy.healthy)
             return seen
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     try:
         seen = asyncio.run(run())
@@ -114,7 +114,7 @@ def test_a_connection_not_made_in_time_moves_the_request_to_another_decoder():
         b.mark_up(["m"])
 
     async def run() -> list[int]:
-        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(connect=0.5, read=10, write=10, pool=None))
+        proxy.client = Upstream(connect_timeout_s=0.5, read_timeout_s=10)
         try:
             statuses = []
             for i in range(4):  # equally idle decoders take turns: the blackhole comes up
@@ -123,7 +123,7 @@ def test_a_connection_not_made_in_time_moves_the_request_to_another_decoder():
                 statuses.append(r.status_code)
             return statuses
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     try:
         statuses = asyncio.run(run())
@@ -158,7 +158,7 @@ def test_a_prefill_waiting_on_a_prefiller_that_leaves_the_rotation_stops_waiting
     prefiller.mark_up(["m"])
 
     async def run() -> tuple[object, float]:
-        proxy.client = httpx.AsyncClient()
+        proxy.client = Upstream()
         try:
             timing = RequestTiming("1", COMPLETIONS, stream=False)
             t0 = time.monotonic()
@@ -169,7 +169,7 @@ def test_a_prefill_waiting_on_a_prefiller_that_leaves_the_rotation_stops_waiting
                 await proxy.health.check(prefiller)
             return await asyncio.wait_for(waiting, 5), time.monotonic() - t0
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     try:
         answer, took = asyncio.run(run())
@@ -180,24 +180,35 @@ def test_a_prefill_waiting_on_a_prefiller_that_leaves_the_rotation_stops_waiting
     assert took < 60  # the checks' 2 s timeouts, not the 300 s prefill timeout
 
 
+def torn_down_url() -> tuple[str, threading.Event]:
+    """A dying peer: every connection is accepted and reset at once, before a byte is read."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = server.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+                conn.close()
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}", stop
+
+
 def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
-    """httpcore can raise a plain AttributeError for a socket its dying peer closed while it
-    connected: the prefill goes to a decoder, the decode to the other decoder, and a health check
-    takes the backend out of rotation (the checks go on)."""
-    dying, alive = "http://127.0.0.1:1", "http://127.0.0.1:2"
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.port == 1:
-            raise AttributeError("'NoneType' object has no attribute 'getpeername'")
-        answer = json.dumps({"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}}).encode()
-        return httpx.Response(200, headers={"content-type": "application/json"}, stream=httpx.ByteStream(answer))
-
+    """A backend that resets every connection: the prefill goes to a decoder, the decode to the
+    other decoder, and a health check takes the backend out of rotation (the checks go on)."""
+    dying, stop = torn_down_url()
+    server, alive = serve()
     proxy = Proxy(ProxySettings(prefill=[dying], decode=[dying, alive]))
     for b in proxy.router.backends:
         b.mark_up(["m"])
 
     async def run() -> tuple[object, list[int]]:
-        proxy.client = httpx.AsyncClient(transport=TornDownIsConnectError(httpx.MockTransport(handler)))
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         try:
             timing = RequestTiming("1", COMPLETIONS, stream=False)
             reason = await proxy._prefill(COMPLETIONS, {"prompt": "x", "max_tokens": 4}, timing)
@@ -211,12 +222,15 @@ def test_a_connection_torn_down_as_it_is_made_is_a_failed_backend_not_a_500():
             await proxy.health.check_all()
             return reason, statuses
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
-    reason, statuses = asyncio.run(run())
+    try:
+        reason, statuses = asyncio.run(run())
+    finally:
+        stop.set()
+        server.shutdown()
     assert reason == "prefiller unreachable" and statuses == [200, 200]
-    down = {b.url: "AttributeError" in b.last_error for b in proxy.router.backends if not b.healthy}
-    assert down == {dying: True}
+    assert {b.url for b in proxy.router.backends if not b.healthy} == {dying}
 
 
 def test_a_health_check_on_a_connection_the_backend_just_closed_is_tried_again_not_a_backend_gone():
@@ -239,11 +253,11 @@ def test_a_health_check_on_a_connection_the_backend_just_closed_is_tried_again_n
     backend.mark_up(["m"])
 
     async def run() -> None:
-        proxy.client = httpx.AsyncClient()
+        proxy.client = Upstream()
         try:
             await proxy.health.check(backend)
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     try:
         asyncio.run(run())
@@ -290,12 +304,12 @@ def test_a_decoder_that_closed_the_connection_is_asked_again_on_a_new_one():
     proxy.router.decoders[0].mark_up(["m"])
 
     async def run() -> int:
-        proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         try:
             timing = RequestTiming("r", COMPLETIONS, stream=False)
             return (await proxy._decode(COMPLETIONS, {"prompt": "x"}, time.monotonic(), timing)).status_code
         finally:
-            await proxy.client.aclose()
+            await proxy.client.close()
 
     try:
         assert asyncio.run(run()) == 200  # the only decoder, asked again: not "no decoder in rotation"

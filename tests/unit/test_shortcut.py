@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 
 from pdrun.pd.keys import Fingerprint, chained_keys, chunk_keys
 from pdrun.pd.proxy.shortcut import TierShortcut
+from pdrun.pd.proxy.upstream import Upstream
 from pdrun.storage.client import CacheClient
 from pdrun.storage.server import CacheServer
 from pdrun.storage.tiers import MemoryTier, TieredStore
@@ -38,8 +38,11 @@ def learned(tier: CacheClient, tail: int = 512) -> TierShortcut:
 
 def held(s: TierShortcut, body: dict) -> tuple[int, int]:
     async def go():
-        async with httpx.AsyncClient() as client:
+        client = Upstream()
+        try:
             return await s.held(client, "http://127.0.0.1:9", "/v1/completions", body)
+        finally:
+            await client.close()
 
     return asyncio.run(go())
 

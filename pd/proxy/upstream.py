@@ -1,8 +1,8 @@
 """The proxy's HTTP client to its backends, and the failures it acts on, named by what they mean.
 
-On aiohttp: its C parser and lean request path keep the proxy's hop short (a warm 16k-token
-request through the proxy cost 2.5 ms more than at its vLLM instance, against 6.8 ms through an
-httpx client; docs/benchmarks.md). Every request either answers or raises an `UpstreamError`:
+On aiohttp: its C parser and lean request path keep the proxy's hop under 2 ms for a 16k-token
+request (docs/benchmarks.md, "The proxy's hop"). Every request either answers or raises an
+`UpstreamError`:
 
 - `Refused`: no connection could be made (refused, reset as it was made): the backend is gone;
 - `NotConnected`: no connection made within the connect timeout (a backend under a burst);

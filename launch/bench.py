@@ -144,10 +144,10 @@ def estimate(p: Plan, sizes: Sizes) -> float:
         per_system += (3 + r.evictors) * r.tokens / pre
     if "multiturn" in p.workloads:
         turn = (sum(m.output) / 2) / dec * 4 + sum(m.think) / 2
-        users = max(1, m.users)
+        users, mean_turns = max(1, m.users), sum(m.turns) / 2
         # it ends with its slowest user: the last of its conversations dealt out may be a longest one
-        slowest = (math.ceil(m.conversations / users) - 1) * sum(m.turns) / 2 + max(m.turns)
-        per_system += turn * max(m.conversations * sum(m.turns) / 2 / users, slowest)
+        slowest = (math.ceil(m.conversations / users) - 1) * mean_turns + max(m.turns)
+        per_system += turn * max(m.conversations * mean_turns / users, slowest)
     if "noreuse" in p.workloads:
         per_system += sum(L * c * n.prompts_per_user / pre + n.output * n.prompts_per_user / dec * 8
                           for L in n.lengths for c in n.concurrency)  # fmt: skip

@@ -109,7 +109,7 @@ class Upstream:
         headers = {"content-type": "application/json"} if body is not None else None
         async with _named_failures():
             response = await self.session.request(
-                method, url, data=body, headers=headers, timeout=self._timeout(timeout_s)
+                method, url, data=body, headers=headers, timeout=self._timeout(timeout_s), allow_redirects=False
             )
         return Stream(response)
 

@@ -54,6 +54,7 @@ SINGLE = {
 COUNTERS = {
     "pdrun:load_failures_total": "kv_load_failures",  # hand-offs and tier loads that were recomputed
     "pdrun:staging_evictions_total": "staging_evictions",  # staged chunks evicted before their decoder came
+    "pdrun:staging_deferred_prefills_total": "staging_deferred_prefills",  # prefills that waited for staging room
     "pdrun:cache_store_dropped_total": "cache_chunks_dropped",  # chunks the tier could not take
     "pdrun:loaded_bytes_total": "handoff_bytes",  # pulled from prefillers ...
     "pdrun:load_seconds_total": "handoff_seconds",  # ... in this long, summed over the hand-offs

@@ -31,9 +31,10 @@ class ConnectorConfig(BaseModel):
     staging_wait_s: float = Field(
         30.0,
         ge=0,
-        description="producer: when the staging pool is full of hand-offs decoders are yet to pull, how long a new "
-        "chunk waits for their releases (the prefiller pauses) before the oldest is evicted (its decoder then "
-        "prefills it); 0: evict at once",
+        description="producer: how long a hand-off its decoder has yet to pull holds room in the staging pool: while "
+        "hand-offs younger than this fill it, new prefills wait in the queue; older ones give way (evicted when a "
+        "newer one needs the room; their decoders prefill them). A chunk that finds the pool full anyway waits this "
+        "long for releases before the oldest is evicted; 0: evict at once",
     )
     staging_memory: Literal["auto", "host", "device"] = Field(
         "auto",

@@ -65,7 +65,8 @@ from pdrun.pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_h
 from pdrun.pd.rates import Rates
 from pdrun.pd.saves import Saves
 from pdrun.pd.staging import StagingPool, StagingService
-from pdrun.pd.stats import PDPromMetrics, PDStats, StatsCounter
+from pdrun.pd.staging_room import StagingRoom
+from pdrun.pd.stats import STAGING_CAPACITY, STAGING_LET_GO, PDPromMetrics, PDStats, StatsCounter
 from pdrun.pd.tier import ArenaWatch, SharedTier, TierLink
 from pdrun.pd.write_behind import WriteBehind
 from pdrun.storage.client import CacheClient
@@ -253,12 +254,15 @@ class PDConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Scheduler, with each step's output from the workers: loads that finished (for the
-        hand-off timing) and the disk read rate (for `cache_disk_load: auto`)."""
+        hand-off timing), the disk read rate (for `cache_disk_load: auto`), the staging pool's room
+        and the hand-offs it let go (a prefiller)."""
         assert self._sched is not None
         self._sched.loads_finished(connector_output.finished_recving or ())
         stats = getattr(connector_output, "kv_connector_stats", None)
         if stats is not None:
             self._sched.rates.disk_read(stats.data)
+            if self._sched.room is not None:
+                self._sched.room.reported(stats.data.get(STAGING_CAPACITY), stats.data.get(STAGING_LET_GO, ()))
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -319,8 +323,11 @@ class PDConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors()
 
     def get_kv_connector_stats(self) -> PDStats | None:
-        """Worker, each step: pdrun's counters since the last call (pdrun:* metrics)."""
-        return self._worker.stats.take() if self._worker is not None else None
+        """Worker and scheduler, each step: pdrun's counters since the last call (pdrun:* metrics);
+        a prefiller's workers add the staging pool's room for its scheduler."""
+        if self._worker is not None:
+            return self._worker.take_stats()
+        return self._sched.take_stats() if self._sched is not None else None
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -389,6 +396,9 @@ class _SchedulerSide:
             else None
         )
         self.rates = Rates(cfg.chunk_size)
+        # A prefiller holds prefills back while the hand-offs decoders have yet to pull fill its staging pool.
+        workers = vllm_config.parallel_config.world_size
+        self.room = StagingRoom(workers, cfg.staging_wait_s) if self.is_producer else None
         if (self.is_consumer or self.cache is not None) and ktc.kv_load_failure_policy != "recompute":
             # A load that fails must cost a local prefill, never the request.
             log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
@@ -402,6 +412,7 @@ class _SchedulerSide:
         self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
         self._handoff_times: dict[str, list[float | None]] = {}  # decoder: [queued_s, load start, load end]
         self._meta = PDMetadata()
+        self._deferred_told = False
         log.info(
             "PDConnector scheduler: role=%s chunk_size=%d block_size=%d endpoints=%s cache=%s",
             ktc.kv_role,
@@ -588,12 +599,34 @@ class _SchedulerSide:
             return on_disk if self.cfg.cache_disk_load == "always" else 0
         return self.rates.disk_chunks(on_disk)
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self._room_for(request):
+            return None, False  # vLLM keeps it waiting and asks again next step
         state = self._incoming_of(request, num_computed_tokens)
         if state is None:
             return 0, False
         count = state.end - num_computed_tokens
         return (count, not self._in_step(state)) if count > 0 else (0, False)
+
+    def _room_for(self, request: Request) -> bool:
+        """Whether the staging pool has room for the request's hand-off (if it wants one)."""
+        if self.room is None or not wants_handoff(request.kv_transfer_params):
+            return True
+        chunks = -(-len(request.prompt_token_ids or ()) // self.cfg.chunk_size)
+        if self.room.admit(request.request_id, chunks):
+            return True
+        if not self._deferred_told:
+            self._deferred_told = True
+            log.info(
+                "staging pool full of hand-offs decoders are yet to pull (%d chunks): new prefills wait in the "
+                "queue until they pull (pdrun:staging_deferred_prefills counts them; staging_gb sizes the pool)",
+                self.room.capacity or 0,
+            )
+        return False
+
+    def take_stats(self) -> PDStats | None:
+        deferred = self.room.take_deferred() if self.room is not None else 0
+        return PDStats(data={"staging_deferred_prefills": deferred}) if deferred else None
 
     def _in_step(self, state: _Incoming) -> bool:
         """Loaded inside the step that runs the request (`layerwise` hand-offs, pinned tier
@@ -716,6 +749,8 @@ class _SchedulerSide:
                 # Looked up but not scheduled in this pass (no room yet): no pin waits with it,
                 # the next pass looks it up again.
                 self._forget_incoming(rid)
+        if self.room is not None:
+            self.room.new_pass()
         meta, self._meta = self._meta, PDMetadata()
         return meta
 
@@ -726,12 +761,16 @@ class _SchedulerSide:
                 self._handoff_times[rid][2] = now
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
         rid = request.request_id
         self._forget_incoming(rid)
         self._running.discard(rid)
         self._cache_loaded.discard(rid)
         times = self._handoff_times.pop(rid, None)
         st = self._saving.pop(rid, None)
+        if self.room is not None and (st is None or request.status != RequestStatus.FINISHED_LENGTH_CAPPED):
+            self.room.forget(rid)  # stages nothing more, and no decoder will pull what it staged
         if st is None or not st.stage:
             # A decoder tells how long the request waited and its hand-off took (vLLM returns this
             # in non-streamed answers; the proxy records it and answers the client without it).
@@ -743,8 +782,6 @@ class _SchedulerSide:
             if start is not None and end is not None:
                 timing["load_s"] = round(end - start, 6)
             return False, {TIMING: timing}
-        from vllm.v1.request import RequestStatus
-
         if request.status != RequestStatus.FINISHED_LENGTH_CAPPED:
             # Aborted, or stopped at its first token (the whole answer): no decoder will come for it.
             self._meta.drops.append(rid)
@@ -760,6 +797,8 @@ class _SchedulerSide:
             chunk_size=self.cfg.chunk_size,
         )
         self._meta.handed.append(rid)
+        if self.room is not None:
+            self.room.handed(rid)
         now = time.time()
         timing = {"queued_s": round(st.started - request.arrival_time, 6), "prefill_s": round(now - st.started, 6)}
         # The chunks are copies: the blocks can be freed now.
@@ -804,6 +843,7 @@ class _WorkerSide:
         self.layerwise_save = cfg.layerwise and self.is_producer
         self.saves: Saves | None = None  # once the KV caches are known
         self.loads: Loads | None = None
+        self._room_told = False
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV(kv_caches, self.num_blocks, self.block_size)
@@ -888,6 +928,22 @@ class _WorkerSide:
     def wait_for_layer(self, layer_name: str) -> None:
         if self.loads is not None:
             self.loads.wait_for_layer(layer_name)
+
+    def take_stats(self) -> PDStats | None:
+        """The counters since the last call; a prefiller's add its staging pool's room and the
+        hand-offs it let go, for the scheduler (told the room once at least, even with nothing counted)."""
+        stats = self.stats.take()
+        if self.pool is None or self.paged is None:
+            return stats
+        let_go = self.pool.take_let_go()
+        if stats is None and not let_go and self._room_told:
+            return None
+        stats = stats if stats is not None else PDStats(data={})
+        chunk_bytes = self.paged.nbytes(max(1, self.cfg.chunk_size // self.block_size))
+        stats.data[STAGING_CAPACITY] = max(1, self.pool.budget // chunk_bytes)
+        stats.data[STAGING_LET_GO] = let_go
+        self._room_told = True
+        return stats
 
     def take_finished_loads(self) -> set[str] | None:
         return self.loads.take_finished_loads() if self.loads is not None else None

@@ -8,7 +8,9 @@ stay as a small cache until their room is needed. Under memory pressure the leas
 buffers go first, unreferenced ones before referenced ones. While hand-offs that decoders are yet
 to pull hold the room a new chunk needs, the chunk waits for their releases, up to `wait_s`: the
 prefiller pauses rather than evict what a decoder is about to pull. Past that (a decoder that never
-comes), the oldest referenced buffers go, and their decoder prefills locally instead.
+comes), the oldest referenced buffers go, and their decoder prefills locally instead. The scheduler
+keeps it from coming to that: it admits a prefill only while its hand-off fits (pd/staging_room.py),
+told the pool's room and the transfers let go (`take_let_go`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class StagingPool:
         self._released = threading.Condition(self._lock)
         self.evicted_referenced = 0
         self.waited_s = 0.0  # time chunks waited for room
+        self._let_go: list[str] = []  # transfers that hold no room any more, since `take_let_go`
 
     @property
     def nbytes(self) -> int:
@@ -157,6 +160,15 @@ class StagingPool:
         with self._lock:
             if transfer in self._transfers:
                 self._handed.add(transfer)
+            else:  # nothing staged (or already released): it holds no room
+                self._let_go.append(transfer)
+
+    def take_let_go(self) -> list[str]:
+        """The transfers released, expired or handed with nothing staged since the last call: the
+        scheduler stops counting their room."""
+        with self._lock:
+            let_go, self._let_go = self._let_go, []
+            return let_go
 
     def _reference(self, transfer: str, key: bytes, entry: Staged) -> None:
         entry.transfers.add(transfer)
@@ -165,6 +177,8 @@ class StagingPool:
         self._transfers[transfer] = (keys, time.monotonic() + self.ttl_s)
 
     def _release(self, transfer: str) -> None:
+        if transfer in self._transfers:
+            self._let_go.append(transfer)
         keys, _ = self._transfers.pop(transfer, (set(), 0.0))
         self._handed.discard(transfer)
         for key in keys:

@@ -25,6 +25,8 @@ COUNTERS: dict[str, str] = {
     "served_bytes": "Bytes a prefiller's transfer endpoint sent to decoders",
     "staging_evictions": "Staged chunks evicted while a decoder still awaited them",
     "staging_wait_seconds": "Seconds a prefiller paused for decoders to pull hand-offs from its full staging pool",
+    "staging_deferred_prefills": "Prefills a prefiller held back in its queue until decoders pulled enough of the "
+    "hand-offs its staging pool holds to make room for theirs",
     "cache_lookup_tokens": "Prompt tokens (in full chunks) looked up in the cache tier",
     "cache_hit_tokens": "Looked-up tokens the cache tier held, as a leading run",
     "cache_loaded_tokens": "Prompt tokens whose KV was loaded from the cache tier",
@@ -41,6 +43,10 @@ COUNTERS: dict[str, str] = {
     "cache_disk_load_seconds": "Seconds spent reading and scattering KV from the cache tier's disk",
 }
 
+# Not counters: what a prefiller's workers tell its scheduler with each step's stats (pd/staging_room.py).
+STAGING_CAPACITY = "staging_capacity_chunks"  # chunks the staging pool holds (the smallest rank's)
+STAGING_LET_GO = "staging_let_go"  # hand-offs that hold no room in it any more
+
 
 @dataclass
 class PDStats(KVConnectorStats):
@@ -54,10 +60,16 @@ class PDStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for name in COUNTERS:
             self.data[name] += other.data.get(name, 0)
+        let_go = other.data.get(STAGING_LET_GO)
+        if let_go:
+            self.data[STAGING_LET_GO] = [*self.data.get(STAGING_LET_GO, ()), *let_go]
+        capacities = [c for c in (self.data.get(STAGING_CAPACITY), other.data.get(STAGING_CAPACITY)) if c]
+        if capacities:
+            self.data[STAGING_CAPACITY] = min(capacities)
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {name: round(v, 4) if isinstance(v, float) else v for name, v in self.data.items() if v}
+        return {name: round(v, 4) if isinstance(v, float) else v for name in COUNTERS if (v := self.data[name])}
 
     def is_empty(self) -> bool:
         return not any(self.data.get(name) for name in COUNTERS)

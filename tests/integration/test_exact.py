@@ -40,7 +40,7 @@ pytestmark = pytest.mark.integration
 MAX_TOKENS = 24
 LOADS = "pdrun:loads_total"
 EVICTIONS = "pdrun:staging_evictions_total"  # staged chunks evicted while a decoder awaited them
-WAITED = "pdrun:staging_wait_seconds_total"
+DEFERRED = "pdrun:staging_deferred_prefills_total"  # prefills held back until decoders made room
 SYSTEM = text_prompt(1200, seed=4000)  # shared by every chat: the tier and prefix caches meet it
 
 
@@ -264,21 +264,25 @@ def test_eight_at_once_equal_plain_vllm_one_at_a_time(invariant):
     with ThreadPoolExecutor(8) as pool:
         batched = dict(zip(todo, pool.map(lambda job: answer(plain, *job), todo), strict=True))
     assert batched == alone  # plain vLLM itself answers a batch as it answers each request alone
-    before = metrics(invariant.decoder_url)
+    before, before_pre = metrics(invariant.decoder_url), metrics(invariant.prefiller_url)
     with ThreadPoolExecutor(8) as pool:
         pd = dict(zip(todo, pool.map(lambda job: answer(invariant.proxy_url, *job), todo), strict=True))
     # Tokens, text and all exactly; logprob values within LOGPROB_TOLERANCE, as one at a time:
     # requests that meet in one batch can move them in the last bits.
     differ = [f"{job}: {why}" for job in todo if (why := first_difference(pd[job], alone[job]))]
     assert not differ, "\n".join(differ)
-    assert metrics(invariant.decoder_url)[EXTERNAL] > before.get(EXTERNAL, 0)
+    after = metrics(invariant.decoder_url)
+    assert after[EXTERNAL] > before.get(EXTERNAL, 0)
+    # Their hand-offs (up to 6 MB each) overflow the 12 MiB staging pool: prefills waited, none was lost.
+    assert after.get(LOAD_FAILURES, 0) == before.get(LOAD_FAILURES, 0)
+    assert metrics(invariant.prefiller_url).get(EVICTIONS, 0) == before_pre.get(EVICTIONS, 0)
 
 
 @pytest.mark.after_deployment
 def test_hand_offs_several_times_the_staging_pool_are_all_pulled_none_lost(invariant):
     """16 hand-offs at once, about 110 chunks, through a pool of 24, each decoder coming a second
-    after its prefill (decoders slower than the prefiller): the prefiller pauses for them to pull
-    rather than evict what they are about to pull."""
+    after its prefill (decoders slower than the prefiller): the prefiller holds prefills back until
+    decoders pull rather than evict what they are about to pull."""
     prompts = [prompt(1024 + 37 * i, seed=400 + i) for i in range(16)]
     want = [token_ids(complete(invariant.plain.url, p)) for p in prompts]
     pre, dec = invariant.prefiller_url, invariant.decoder_url
@@ -296,4 +300,4 @@ def test_hand_offs_several_times_the_staging_pool_are_all_pulled_none_lost(invar
     assert wait_for_deltas(dec, before_dec, expected) == expected
     after_pre = metrics(pre)
     assert after_pre.get(EVICTIONS, 0) - before_pre.get(EVICTIONS, 0) == 0
-    assert after_pre.get(WAITED, 0) - before_pre.get(WAITED, 0) > 0  # the pool was full: it paused
+    assert after_pre.get(DEFERRED, 0) - before_pre.get(DEFERRED, 0) > 0  # the pool was full: prefills waited

@@ -410,6 +410,7 @@ class _SchedulerSide:
         self._saving: dict[str, _Saving] = {}
         self._incoming: dict[str, _Incoming | None] = {}
         self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
+        self._keys: dict[str, list[bytes]] = {}  # request id -> its prompt's chunk keys, until it finishes
         self._handoff_times: dict[str, list[float | None]] = {}  # decoder: [queued_s, load start, load end]
         self._meta = PDMetadata()
         self._deferred_told = False
@@ -490,7 +491,7 @@ class _SchedulerSide:
             prompt = request.prompt_token_ids or []
             state = self._from_handoff(request, prompt) if self.is_consumer and prompt else None
             if state is None and self.cache is not None and rid not in self._cache_loaded:
-                state = self._from_cache(prompt, num_computed_tokens, _salt(request))
+                state = self._from_cache(request, prompt, num_computed_tokens)
             self._incoming[rid] = state
         return self._incoming[rid]
 
@@ -527,14 +528,23 @@ class _SchedulerSide:
                 end -= end % self.block_size
         return _Incoming(handoff.key_bytes(), handoff.num_tokens, end, handoff)
 
-    def _from_cache(self, prompt: list[int], num_computed_tokens: int, salt: str | None) -> _Incoming | None:
+    def _keys_of(self, request: Request) -> list[bytes]:
+        """The keys of every chunk of the request's prompt (the last one partial if the prompt
+        ends inside a chunk), hashed once per request."""
+        keys = self._keys.get(request.request_id)
+        if keys is None:
+            keys = chunk_keys(self.fingerprint, request.prompt_token_ids or [], salt=_salt(request))
+            self._keys[request.request_id] = keys
+        return keys
+
+    def _from_cache(self, request: Request, prompt: list[int], num_computed_tokens: int) -> _Incoming | None:
         """The prompt's leading full chunks the tier holds, loaded up to the last whole block this
         instance does not compute itself (the last chunk in part, if need be)."""
         assert self.cache is not None
         size = self.cfg.chunk_size
         limit = len(prompt) - plan.computed_here(False)
         limit -= limit % self.block_size
-        keys = chunk_keys(self.fingerprint, prompt, full_only=True, salt=salt)[: -(-limit // size)]
+        keys = self._keys_of(request)[: min(len(prompt) // size, -(-limit // size))]  # full chunks only
         if not keys:
             return None
         if num_computed_tokens >= min(len(keys) * size, limit):
@@ -701,7 +711,7 @@ class _SchedulerSide:
             return
         prompt = request.prompt_token_ids or []
         handed = len(prompt)
-        keys = chunk_keys(self.fingerprint, prompt, salt=_salt(request))
+        keys = self._keys_of(request)
         self._saving[request.request_id] = _Saving(keys, handed, stage, cache_from)
 
     def _track_blocks(self, so: SchedulerOutput) -> None:
@@ -765,6 +775,7 @@ class _SchedulerSide:
 
         rid = request.request_id
         self._forget_incoming(rid)
+        self._keys.pop(rid, None)
         self._running.discard(rid)
         self._cache_loaded.discard(rid)
         times = self._handoff_times.pop(rid, None)

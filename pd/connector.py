@@ -235,7 +235,8 @@ class PDConnector(KVConnectorBase_V1):
         """Scheduler, for a waiting request, after vLLM's own prefix cache gave `num_computed_tokens`:
         how many more prompt tokens pdrun loads, and whether asynchronously (the request then waits
         in WAITING_FOR_REMOTE_KVS). A hand-off's tokens on a decoder, else the leading chunks the
-        cache tier holds (no lookup when vLLM's cache already has them all)."""
+        cache tier holds (no lookup when vLLM's cache already has them all). None on a prefiller
+        whose staging pool has no room for the request's hand-off yet: it stays waiting."""
         assert self._sched is not None
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 

@@ -56,6 +56,7 @@ COUNTERS = {
     "pdrun:staging_evictions_total": "staging_evictions",  # staged chunks evicted before their decoder came
     "pdrun:staging_deferred_prefills_total": "staging_deferred_prefills",  # prefills that waited for staging room
     "pdrun:cache_store_dropped_total": "cache_chunks_dropped",  # chunks the tier could not take
+    "pdrun:cache_store_no_room_total": "cache_chunks_no_room",  # ... of them, for want of a slot free of pins
     "pdrun:loaded_bytes_total": "handoff_bytes",  # pulled from prefillers ...
     "pdrun:load_seconds_total": "handoff_seconds",  # ... in this long, summed over the hand-offs
     "pdrun:cache_in_step_tokens_total": "cache_in_step_tokens",  # loaded from the tier inside the step

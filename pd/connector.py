@@ -906,12 +906,13 @@ class _WorkerSide:
                     return int(line.split()[1]) * 1024
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
-    def _stored_shared(self, stored: int, nbytes: int, held: int, dropped: int, seconds: float) -> None:
+    def _stored_shared(self, stored: int, nbytes: int, held: int, no_room: int, failed: int, seconds: float) -> None:
         self.stats.add(
             cache_stored_chunks=stored,
             cache_stored_bytes=nbytes,
             cache_store_skipped=held,
-            cache_store_dropped=dropped,
+            cache_store_dropped=no_room + failed,
+            cache_store_no_room=no_room,
             cache_store_seconds=seconds,
         )
 

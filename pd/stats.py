@@ -38,6 +38,8 @@ COUNTERS: dict[str, str] = {
     "cache_stored_bytes": "Bytes written behind to the cache tier",
     "cache_store_seconds": "Seconds the write-behind thread spent putting chunks",
     "cache_store_dropped": "Chunks not written to the cache tier (queue full, cache down or no room)",
+    "cache_store_no_room": "Of the chunks not written to the cache tier, those its memory had no room for (every "
+    "slot held by loads and stores under way)",
     "cache_store_skipped": "Chunks the cache tier held already, not copied again",
     "cache_disk_loaded_tokens": "Prompt tokens whose KV an instance read from the cache tier's disk",
     "cache_disk_load_seconds": "Seconds spent reading and scattering KV from the cache tier's disk",

@@ -30,8 +30,9 @@ from pdrun.storage.local import HELD, NO_ROOM, LocalClient, LocalError
 
 log = logging.getLogger(__name__)
 
-# chunks (and bytes) stored, chunks held already, chunks dropped, and the seconds a batch took
-OnStored = Callable[[int, int, int, int, float], None]
+# chunks (and bytes) stored, chunks held already, chunks the tier had no room for, chunks whose
+# copy or commit failed, and the seconds a batch took
+OnStored = Callable[[int, int, int, int, int, float], None]
 
 
 @dataclass
@@ -107,7 +108,8 @@ class SharedTier:
         copied = 0  # bytes
         ready = None
         held = sum(1 for o in slots if o == HELD)
-        dropped = sum(1 for o in slots if o == NO_ROOM)
+        no_room = sum(1 for o in slots if o == NO_ROOM)
+        failed = 0
         try:
             for (key, ids), nbytes, offset in zip(chunks, sizes, slots, strict=True):
                 if offset >= 0:
@@ -116,16 +118,16 @@ class SharedTier:
                     copied += nbytes
         except Exception:  # the slots not filled are freed by the commit
             log.exception("copying chunks out to the cache tier failed")
-            dropped += sum(1 for o in slots if o >= 0) - len(keys)
-        if lease:
-            self._commits.put((lease, keys, copied, ready, held, dropped, t0))  # the last copy queued ends them all
+            failed = sum(1 for o in slots if o >= 0) - len(keys)
+        if lease:  # the last copy queued ends them all
+            self._commits.put((lease, keys, copied, ready, held, no_room, failed, t0))
         else:
-            self.on_stored(0, 0, held, dropped, 0.0)
+            self.on_stored(0, 0, held, no_room, failed, 0.0)
         return True
 
     def _commit_loop(self) -> None:
         while (item := self._commits.get()) is not None:
-            lease, keys, copied, ready, held, dropped, t0 = item
+            lease, keys, copied, ready, held, no_room, failed, t0 = item
             try:
                 if ready is not None:
                     ready.synchronize()
@@ -133,8 +135,8 @@ class SharedTier:
             except Exception as e:  # the server frees the slots when it sees this process gone
                 log.warning("committing %d chunks to the cache tier failed: %s", len(keys), e)
                 self.failed = True
-                dropped, keys, copied = dropped + len(keys), [], 0
-            self.on_stored(len(keys), copied, held, dropped, time.perf_counter() - t0)
+                failed, keys, copied = failed + len(keys), [], 0
+            self.on_stored(len(keys), copied, held, no_room, failed, time.perf_counter() - t0)
             self._commits.task_done()
         self._commits.task_done()
 

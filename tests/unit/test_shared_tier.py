@@ -113,6 +113,27 @@ def test_a_chunk_of_another_layout_is_refused_and_unpins_what_it_took(tier):
     assert server.local.leases() == 0
 
 
+def test_chunks_an_arena_full_of_pinned_ones_has_no_room_for_are_counted_as_such():
+    cache = paged()
+    room = 2 * cache.nbytes(PER)  # two chunks
+    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(room))) as server:
+        client = LocalClient.discover(CacheClient(server.address).local())
+        assert client is not None
+        told: list[tuple[int, int, int, int]] = []
+        t = SharedTier(
+            client, cache, lambda n, _bytes, held, no_room, failed, _s: told.append((n, held, no_room, failed))
+        )
+        try:
+            stored_chunks(t, cache, n=2)
+            load = t.start_load(keys(2), loader(cache, n=2))  # both pinned while it runs
+            t.store([(k, SRC[i * PER : (i + 1) * PER]) for i, k in enumerate(keys(4)) if i >= 2])
+            t.flush()
+            assert told[-1] == (0, 0, 2, 0)  # stored, held already, no room, failed
+            assert t.finish(load)
+        finally:
+            t.close()
+
+
 def until(condition, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():

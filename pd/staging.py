@@ -34,6 +34,8 @@ from pdrun.transfer import Frame, Header, Service
 
 log = logging.getLogger(__name__)
 
+GONE_KEPT = 4096  # released transfers remembered, so that one is reported let go once
+
 
 @dataclass
 class Staged:
@@ -84,6 +86,7 @@ class StagingPool:
         self.evicted_referenced = 0
         self.waited_s = 0.0  # time chunks waited for room
         self._let_go: list[str] = []  # transfers that hold no room any more, since `take_let_go`
+        self._gone: OrderedDict[str, None] = OrderedDict()  # the latest transfers released (reported once)
 
     @property
     def nbytes(self) -> int:
@@ -160,7 +163,7 @@ class StagingPool:
         with self._lock:
             if transfer in self._transfers:
                 self._handed.add(transfer)
-            else:  # nothing staged (or already released): it holds no room
+            elif transfer not in self._gone:  # nothing staged: it holds no room
                 self._let_go.append(transfer)
 
     def take_let_go(self) -> list[str]:
@@ -179,6 +182,9 @@ class StagingPool:
     def _release(self, transfer: str) -> None:
         if transfer in self._transfers:
             self._let_go.append(transfer)
+            self._gone[transfer] = None  # its decoder may release it before the worker learns it was handed
+            if len(self._gone) > GONE_KEPT:
+                self._gone.popitem(last=False)
         keys, _ = self._transfers.pop(transfer, (set(), 0.0))
         self._handed.discard(transfer)
         for key in keys:

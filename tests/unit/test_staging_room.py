@@ -99,6 +99,9 @@ def test_the_pool_reports_what_it_let_go():
     pool.release("a")  # released twice (decoder and proxy): reported once
     pool.release("never-staged")
     assert pool.take_let_go() == ["a"]
+    pool.release("b")  # pulled and released before the worker learns it was handed
+    pool.handed("b")
+    assert pool.take_let_go() == ["b"]
     assert pool.take_let_go() == []
 
 

@@ -623,7 +623,7 @@ class _SchedulerSide:
         """Whether the staging pool has room for the request's hand-off (if it wants one)."""
         if self.room is None or not wants_handoff(request.kv_transfer_params):
             return True
-        chunks = -(-len(request.prompt_token_ids or ()) // self.cfg.chunk_size)
+        chunks = plan.num_chunks(len(request.prompt_token_ids or ()), self.cfg.chunk_size)
         if self.room.admit(request.request_id, chunks):
             return True
         if not self._deferred_told:

@@ -713,7 +713,9 @@ class _SchedulerSide:
         prompt = request.prompt_token_ids or []
         handed = len(prompt)
         keys = self._keys_of(request)
-        self._saving[request.request_id] = _Saving(keys, handed, stage, cache_from)
+        # Without staging, the chunks before cache_from are never copied out: not walked each step.
+        first = 0 if stage or cache_from is None else cache_from
+        self._saving[request.request_id] = _Saving(keys, handed, stage, cache_from, saved=first)
 
     def _track_blocks(self, so: SchedulerOutput) -> None:
         for new in so.scheduled_new_reqs:

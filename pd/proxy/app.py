@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pdrun import transfer
 from pdrun.pd.params import TIMING
-from pdrun.pd.proxy.body import BadRequest, decode_only_reason, error_response, parse_body
+from pdrun.pd.proxy.body import BadRequest, decode_only_reason, error_response, parse_body, parse_head
 from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 from pdrun.pd.proxy.handoffs import GiveBack
 from pdrun.pd.proxy.health import Health
@@ -158,14 +158,16 @@ class Proxy:
     # ---- requests ----
     async def handle(self, request: Request, path: str) -> Response:
         t0 = time.monotonic()
+        raw = await request.body()
         try:
-            body = parse_body(await request.body(), path)
+            # Decoders alone get the body as it came: the proxy reads only what it routes on.
+            body = parse_body(raw, path) if self.router.prefillers else parse_head(raw)
             self._check_model(body.get("model"))
         except BadRequest as e:
             return self._count(path, error_response(e.status, str(e), e.param))
         timing = RequestTiming(uuid.uuid4().hex, path, stream=bool(body.get("stream")))
         self.timings.add(timing)
-        response = await _unless_disconnected(request.receive, self._serve(path, body, t0, timing))
+        response = await _unless_disconnected(request.receive, self._serve(path, body, raw, t0, timing))
         response.headers[REQUEST_ID] = timing.id
         timing.status = response.status_code
         if not isinstance(response, RelayResponse):
@@ -200,10 +202,13 @@ class Proxy:
         self.metrics.requests.labels(path, str(response.status_code)).inc()
         return response
 
-    async def _serve(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
+    async def _serve(
+        self, path: str, body: dict[str, Any], raw: bytes | None, t0: float, timing: RequestTiming
+    ) -> Response:
+        """`raw`: the client's body, sent on as it came where the request goes on unchanged."""
         if not self.router.prefillers:  # decoders alone, by design: nothing falls back
             timing.mode = "decode"
-            return await self._decode(path, body, t0, timing)
+            return await self._decode(path, body, t0, timing, raw)
         reason = decode_only_reason(body)
         if reason is None and await self._in_tier(path, body):
             reason = IN_TIER
@@ -237,13 +242,13 @@ class Proxy:
                     )
                 self.metrics.decoder_first_tokens.labels(inexact).inc()
                 timing.mode = f"pd, first token from the decoder: {inexact}"
-                body = {**body, "kv_transfer_params": params}
+                body, raw = {**body, "kv_transfer_params": params}, None
         if reason is not None:
             self.metrics.fallbacks.labels(reason).inc()
             timing.mode = f"decode-only: {reason}"
             if reason != IN_TIER:
                 log.info("decode-only request: %s", reason)
-        return await self._decode(path, body, t0, timing)
+        return await self._decode(path, body, t0, timing, raw)
 
     async def _in_tier(self, path: str, body: dict[str, Any]) -> bool:
         """Whether the cache tier holds the prompt but a short tail (the prefill hop is then skipped)."""
@@ -306,10 +311,11 @@ class Proxy:
             return Response(first.head(), media_type="text/event-stream")
         return JSONResponse(first.whole())
 
-    async def _open_decoder(self, path: str, body: dict[str, Any]) -> _Opened | Response:
+    async def _open_decoder(self, path: str, body: dict[str, Any], raw: bytes | None = None) -> _Opened | Response:
         """A decoder's answer with its first bytes read (one that fails before sending any is
         replaced by another), or the error to answer with. The caller closes what it gets."""
         assert self.client is not None
+        content = raw if raw is not None else _encode(body)
         tried: list[Backend] = []
         asked_again: set[str] = set()
         while (d := self.router.pick_decoder(exclude=tried)) is not None:
@@ -317,7 +323,7 @@ class Proxy:
             d.outstanding += 1
             upstream: Stream | None = None
             try:
-                upstream = await self.client.open("POST", f"{d.url}{path}", _encode(body))
+                upstream = await self.client.open("POST", f"{d.url}{path}", content)
                 chunks = upstream.chunks()
                 first = await anext(chunks, b"")
             except BaseException as e:
@@ -343,12 +349,14 @@ class Proxy:
             return _Opened(d, upstream, first, chunks, sent)
         return error_response(503, "no decoder in rotation")
 
-    async def _decode(self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming) -> Response:
+    async def _decode(
+        self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming, raw: bytes | None = None
+    ) -> Response:
         """A decoder's answer; the request's hand-off, if any, is given back unless a decoder took it."""
         params = body.get("kv_transfer_params")
         taken = False
         try:
-            opened = await self._open_decoder(path, body)
+            opened = await self._open_decoder(path, body, raw)
             if isinstance(opened, Response):
                 return opened
             d, upstream, first, chunks, sent = opened.d, opened.upstream, opened.first, opened.chunks, opened.sent

@@ -76,6 +76,38 @@ def parse_body(raw: bytes, path: str) -> dict[str, Any]:
     return body
 
 
+class _Head(msgspec.Struct):
+    """What a proxy in front of decoders alone reads of a request it sends on as it came."""
+
+    model: Any = None
+    stream: Any = None
+    kv_transfer_params: Any = None
+
+
+def parse_head(raw: bytes) -> dict[str, Any]:
+    """A request for decoders alone: only the fields the proxy routes on, the rest (a long prompt's
+    ids most of all) left unread for the decoder, which checks them as plain vLLM does. A client's
+    `kv_transfer_params` is refused here: it would tell a decoder where to pull KV from."""
+    try:
+        head = msgspec.json.decode(raw, type=_Head)
+    except msgspec.ValidationError as e:
+        raise BadRequest(f"the request body must be a JSON object: {e}") from None
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    if head.kv_transfer_params is not None:
+        raise BadRequest("kv_transfer_params is set by the proxy; leave it out", "kv_transfer_params")
+    if head.model is not None and not isinstance(head.model, str):
+        raise BadRequest("invalid field 'model': must be a string", "model")
+    return {"model": head.model, "stream": _truthy(head.stream)}
+
+
+def _truthy(value: Any) -> bool:
+    """A boolean field as vLLM's pydantic reads it (lax: "true", "yes", 1, ...)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "on", "t", "true", "y", "yes")
+    return value is True or (type(value) is int and value == 1)
+
+
 def _token_ids(prompt: Any) -> bool:
     """Whether `prompt` is a list of token ids (ints, not bools)."""
     if not isinstance(prompt, list) or not prompt or type(prompt[0]) is not int:

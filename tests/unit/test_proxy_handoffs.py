@@ -10,11 +10,13 @@ import logging
 import threading
 import time
 
+import httpx
 import pytest
 
 from pdrun import transfer
 from pdrun.pd.params import HandOff, handoff_params
-from pdrun.pd.proxy.app import Proxy, ProxySettings
+from pdrun.pd.proxy.app import REQUEST_ID, Proxy, ProxySettings, create_app
+from pdrun.pd.proxy.body import parse_body
 from pdrun.pd.proxy.continuation import COMPLETIONS, Continuation
 from pdrun.pd.proxy.handoffs import release
 from pdrun.pd.proxy.timing import RequestTiming
@@ -45,9 +47,10 @@ class Decoder(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     die = False
+    bodies: list[bytes] = []  # what each request sent
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         event = b'data: {"choices": [{"index": 0, "text": "c", "token_ids": [9], "finish_reason": null}]}\n\n'
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -75,6 +78,7 @@ def decoder():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     Decoder.die = False
+    Decoder.bodies = []
     server.shutdown()
 
 
@@ -158,7 +162,8 @@ def test_decoders_alone_serve_every_request_without_a_fallback(decoder):
         proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         try:
             timing = RequestTiming("r", COMPLETIONS, stream=True)
-            r = await proxy._serve(COMPLETIONS, {"prompt": [1, 2, 3], "stream": True}, time.monotonic(), timing)
+            body = {"prompt": [1, 2, 3], "stream": True}
+            r = await proxy._serve(COMPLETIONS, body, None, time.monotonic(), timing)
             async for _ in r.body_iterator:
                 pass
             return r.status_code, timing.mode
@@ -167,3 +172,51 @@ def test_decoders_alone_serve_every_request_without_a_fallback(decoder):
 
     assert asyncio.run(run()) == (200, "decode")
     assert not [s for m in proxy.metrics.fallbacks.collect() for s in m.samples if s.value]
+
+
+def test_a_request_that_goes_on_unchanged_is_sent_as_the_client_wrote_it(decoder):
+    """Not decoded and encoded again: a long prompt's ids cost the proxy that time for nothing."""
+    proxy = proxy_to(decoder)
+    raw = b'{ "prompt" : [1,2,  3], "stream": true, "x": 1.50 }'
+
+    async def run() -> None:
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
+        try:
+            body = parse_body(raw, COMPLETIONS)
+            r = await proxy._serve(
+                COMPLETIONS, body, raw, time.monotonic(), RequestTiming("r", COMPLETIONS, stream=True)
+            )
+            async for _ in r.body_iterator:
+                pass
+        finally:
+            await proxy.client.close()
+
+    asyncio.run(run())
+    assert Decoder.bodies == [raw]
+
+
+def test_decoders_alone_get_the_body_as_it_came_and_the_proxy_refuses_only_what_it_must(decoder):
+    """Before decoders alone the proxy reads only what it routes on: a field it does not act on is
+    the decoder's to judge (as plain vLLM does), while a body that is not JSON, or that sets
+    kv_transfer_params (which would tell a decoder where to pull KV from), never reaches it."""
+    app = create_app(ProxySettings(decode=[decoder]))
+    proxy = app.state.proxy
+    for b in proxy.router.decoders:
+        b.mark_up(["m"])
+    sent = b'{"model": "m", "prompt": [1, 2, 3], "temperature": "hot", "stream": "true"}'
+    refused = [b'{"prompt": [1', b"[1, 2]", b'{"prompt": [1], "kv_transfer_params": {"do_remote_prefill": true}}']
+
+    async def run() -> tuple[list[int], int, str]:
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as c:
+                statuses = [(await c.post(COMPLETIONS, content=body)).status_code for body in refused]
+                r = await c.post(COMPLETIONS, content=sent)
+                return statuses, r.status_code, r.headers[REQUEST_ID]
+        finally:
+            await proxy.client.close()
+
+    statuses, status, request_id = asyncio.run(run())
+    assert statuses == [400, 400, 400]
+    assert status == 200 and proxy.timings.get(request_id).stream  # "true" streams, as vLLM reads it
+    assert Decoder.bodies == [sent]

@@ -294,7 +294,7 @@ class Proxy:
                 log.warning("prefiller %s answered %d: %s", p.url, r.status, r.content[:200].decode(errors="replace"))
                 return "prefiller error"
             try:
-                answer = json.loads(r.content)
+                answer = msgspec.json.decode(r.content)
                 first = Continuation(path, body, answer)
             except ValueError as e:
                 log.warning("prefiller %s: %s", p.url, e)
@@ -417,7 +417,7 @@ class Proxy:
                             decoder_clock.see(data, now)
                             data = first.rewrite(data)
                             clock.see(data, now)
-                            event = b"data: " + json.dumps(data).encode()
+                            event = b"data: " + msgspec.json.encode(data)
                         out.append(event + b"\n\n")
                     yield b"".join(out)
                 yield events.rest()
@@ -446,7 +446,7 @@ class Proxy:
         if answer.status_code != 200:
             return answer
         try:
-            whole = first.whole(json.loads(bytes(answer.body)))
+            whole = first.whole(msgspec.json.decode(bytes(answer.body)))
         except (ValueError, KeyError, IndexError, TypeError) as e:
             log.warning("a decoder answered what the proxy cannot read: %s", e)
             return error_response(502, f"the decoder answered what the proxy cannot read: {e}")
@@ -527,14 +527,14 @@ def _take_decoder_timing(timing: RequestTiming, content: bytes) -> bytes:
     if TIMING.encode() not in content:
         return content
     try:
-        answer = json.loads(content)
+        answer = msgspec.json.decode(content)
         reported = answer["kv_transfer_params"].pop(TIMING)
     except (ValueError, KeyError, TypeError, AttributeError):
         return content
     timing.handoff, timing.decoder_queue = reported.get("load_s"), reported.get("queued_s")
     timing.output_tokens = (answer.get("usage") or {}).get("completion_tokens")
     answer["kv_transfer_params"] = answer["kv_transfer_params"] or None
-    return json.dumps(answer).encode()
+    return msgspec.json.encode(answer)
 
 
 @dataclass

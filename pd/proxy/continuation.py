@@ -20,8 +20,9 @@ from another split of the prompt than the prefiller's, and a near tie can go the
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
+
+import msgspec
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -300,7 +301,7 @@ def _counts(prompt: int, completion: int) -> dict[str, int]:
 
 
 def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data).encode() + b"\n\n"
+    return b"data: " + msgspec.json.encode(data) + b"\n\n"
 
 
 def _end_offset(logprobs: dict[str, Any] | None) -> int:

@@ -73,16 +73,31 @@ class SSEEvents:
     """Whole server-sent events out of a byte stream that may split them anywhere."""
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending = bytearray()
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._pending += chunk
-        *events, self._pending = self._pending.split(b"\n\n")
+        # Only the new bytes (and the one before them) are searched, a newline at a time: a long
+        # event (a prompt's ids echoed back) comes in many pieces, and a search for the two-byte
+        # separator runs at a tenth of the speed of one for a single byte.
+        buf = self._pending
+        start = max(len(buf) - 1, 0)
+        buf += chunk
+        i = buf.find(b"\n", start)
+        events, head = [], 0
+        while i >= 0:
+            if buf[i + 1 : i + 2] == b"\n":
+                events.append(bytes(buf[head:i]))
+                head = i + 2
+                i = buf.find(b"\n", head)
+            else:
+                i = buf.find(b"\n", i + 1)
+        del buf[:head]
         return events
 
     def rest(self) -> bytes:
         """What came after the last whole event."""
-        rest, self._pending = self._pending, b""
+        rest = bytes(self._pending)
+        self._pending.clear()
         return rest
 
 

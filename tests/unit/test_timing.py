@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pdrun.pd.params import TIMING
 from pdrun.pd.proxy.app import _prefill_timing, _take_decoder_timing
-from pdrun.pd.proxy.timing import RequestTiming, StreamClock, TimingLog
+from pdrun.pd.proxy.timing import RequestTiming, SSEEvents, StreamClock, TimingLog
 
 
 def event(data: dict | str) -> bytes:
@@ -47,6 +49,18 @@ def test_stream_clock_times_token_events_however_the_bytes_are_cut(stream, token
     whole = StreamClock()
     whole.feed(b"".join(stream), 5.0)
     assert (whole.events, whole.first, whole.last, whole.per_token) == (tokens, 5.0, 5.0, 0.0)
+
+
+SSE_BYTES = st.lists(st.sampled_from([b"a", b"{", b"\n"]), max_size=40).map(b"".join)
+
+
+@given(SSE_BYTES, st.lists(st.integers(0, 40), max_size=6))
+def test_sse_events_are_the_stream_split_at_blank_lines_however_the_bytes_are_cut(data, cuts):
+    pieces = [data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)], strict=True)]
+    events = SSEEvents()
+    seen = [e for piece in pieces for e in events.feed(piece)]
+    *whole, rest = data.split(b"\n\n")
+    assert (seen, events.rest()) == (whole, rest)
 
 
 def test_one_token_has_no_per_token_time():

@@ -104,14 +104,31 @@ async def storm_async(url: str, prompts: list[list[int]]) -> list[Outcome]:
         return await asyncio.gather(*(bounded(p) for p in prompts))
 
 
-def footprint(pids: set[int]) -> tuple[int, int]:
-    """(threads, open file descriptors) of these processes together."""
-    threads = fds = 0
+def footprints(pids: set[int]) -> dict[int, tuple[int, int]]:
+    """(threads, open file descriptors) of each of these processes (one that ended counts nothing)."""
+    out = {}
     for pid in pids:
-        with contextlib.suppress(OSError, StopIteration):  # one that ended meanwhile counts nothing
-            t, f = threads_and_fds(pid)
-            threads, fds = threads + t, fds + f
-    return threads, fds
+        with contextlib.suppress(OSError, StopIteration):
+            out[pid] = threads_and_fds(pid)
+    return out
+
+
+def totals(each: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(threads, open file descriptors) of those processes together."""
+    return sum(t for t, _ in each.values()), sum(f for _, f in each.values())
+
+
+def grown(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> str:
+    """The processes whose threads or descriptors changed: what a footprint that did not settle names."""
+    rows = []
+    for pid, (t, f) in sorted(after.items()):
+        t0, f0 = before.get(pid, (0, 0))
+        if (t, f) != (t0, f0):
+            name = "?"
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:90]
+            rows.append(f"[{pid}] {name}: threads {t0} -> {t}, fds {f0} -> {f}")
+    return "\n".join(rows) or "no process changed"
 
 
 def groups(cluster: Cluster, names: list[str]) -> set[int]:
@@ -153,7 +170,8 @@ def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], o
     d = cluster.deployment
     proxy_pids = {d.state()["children"]["proxy"]["pid"]}
     lived = proxy_pids | groups(cluster, survivors)
-    threads0, fds0 = footprint(lived)
+    each0 = footprints(lived)
+    threads0, fds0 = totals(each0)
     before = metrics(cluster.proxy_url)
     before_loads = sum(metrics(i.url).get(LOAD_FAILURES, 0) for i in cluster.decoders)
     prompts = storm_prompts(seed)
@@ -240,15 +258,15 @@ def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], o
     # flat means within a few per surviving instance of where it was, far below one per request
     # that the fault sent another way.
     def flat() -> bool:
-        threads, fds = footprint(lived)
+        threads, fds = totals(footprints(lived))
         return threads <= threads0 + 8 * len(survivors) and fds <= fds0 + 16 * len(survivors)
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not flat():
         time.sleep(1)
-    threads1, fds1 = footprint(lived)
+    threads1, fds1 = totals(footprints(lived))
     print(f"threads {threads0} -> {threads1}, file descriptors {fds0} -> {fds1}")
-    assert flat(), (threads0, threads1, fds0, fds1)
+    assert flat(), grown(each0, footprints(lived))
 
 
 def in_flight(cluster: Cluster) -> float:

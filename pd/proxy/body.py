@@ -1,5 +1,6 @@
 """A client's request as the proxy reads it: parsed and checked at the door (a 400 naming the bad
-field), and whether a hand-off can serve it."""
+field) where the proxy acts on its fields (hand-offs, the tier shortcut), only what it routes on
+in front of decoders alone; and whether a hand-off can serve it."""
 
 from __future__ import annotations
 

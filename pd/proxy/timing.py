@@ -78,7 +78,7 @@ class SSEEvents:
     def feed(self, chunk: bytes) -> list[bytes]:
         # Only the new bytes (and the one before them) are searched, a newline at a time: a long
         # event (a prompt's ids echoed back) comes in many pieces, and a search for the two-byte
-        # separator runs at a tenth of the speed of one for a single byte.
+        # separator is many times slower than one for a single byte.
         buf = self._pending
         start = max(len(buf) - 1, 0)
         buf += chunk

@@ -545,7 +545,7 @@ class _SchedulerSide:
         size = self.cfg.chunk_size
         limit = len(prompt) - plan.computed_here(False)
         limit -= limit % self.block_size
-        keys = self._keys_of(request)[: min(len(prompt) // size, -(-limit // size))]  # full chunks only
+        keys = self._keys_of(request)[: min(len(prompt) // size, plan.num_chunks(limit, size))]  # full chunks only
         if not keys:
             return None
         if num_computed_tokens >= min(len(keys) * size, limit):

@@ -70,7 +70,10 @@ class SharedTier:
         self.failed = False  # the server did not answer: the caller reconnects
         self._users = 0  # threads between `enter` and `leave`, and loads copying out of the arena now
         self._idle = threading.Condition()
-        self._commits: queue.Queue[tuple[int, list[bytes], int, Ready | None, int, int, float] | None] = queue.Queue()
+        # lease, keys, bytes copied, the last copy, held, no room, failed, when the store began
+        self._commits: queue.Queue[tuple[int, list[bytes], int, Ready | None, int, int, int, float] | None] = (
+            queue.Queue()
+        )
         self._committer = threading.Thread(target=self._commit_loop, name="pdrun-tier-commit", daemon=True)
         self._committer.start()
 

@@ -157,7 +157,7 @@ def estimate(p: Plan, sizes: Sizes) -> float:
         d = sizes.decode
         per_system += sum(d.length * c / pre + d.output / dec * 8 for c in d.concurrency)
     systems = sum(len(w) for w in p.waves)
-    restarts = systems * START_S[p.device] if "reuse" in p.workloads else 0.0
+    restarts = systems * r.restarts * START_S[p.device] if "reuse" in p.workloads else 0.0
     return len(p.waves) * START_S[p.device] + systems * p.rounds * per_system + restarts
 
 
@@ -181,7 +181,8 @@ def sends(workload: str, sizes: Sizes) -> str:
     span = "{0[0]} - {0[1]}".format
     if workload == "reuse":
         r = sizes.reuse
-        return f"a {r.tokens}-token prompt cold, warm, after other prompts evict it, after a restart"
+        after = f", after each of {r.restarts} full restarts" if r.restarts else ""
+        return f"a {r.tokens}-token prompt cold, warm, after other prompts evict it{after}"
     if workload == "multiturn":
         m = sizes.multiturn
         reading = f", reading {span(m.think)} s between turns" if any(m.think) else ", back to back"
@@ -254,7 +255,8 @@ def run(
                         figures |= moved(before, s.counters())
                         _add(results, s.name, workload, figures)
                         say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
-            if "reuse" in p.workloads:
+            restarts = sizes.reuse.restarts if "reuse" in p.workloads else 0
+            for _ in range(restarts):
                 # Every system restarted and asked for the prompt again: a disk tier reloads it,
                 # the others recompute it, each as the first request of a fresh start.
                 for s in started:
@@ -263,7 +265,9 @@ def run(
                     try:
                         s.restart(start_timeout_s)
                         target = wl.Target(s.url, settings.served_name)
+                        before = s.counters()
                         figures = asyncio.run(wl.after_restart(target, longs[s.name], sized[s.name].reuse))
+                        figures |= {f"restart_{k}": v for k, v in moved(before, s.counters()).items()}
                     except (sysmod.SystemFailure, wl.WorkloadError, httpx.HTTPError, OSError) as e:
                         failed[s.name] = f"reuse after a full restart: {type(e).__name__}: {e}"
                         say(f"  {s.name}: failed: {failed[s.name]}")

@@ -354,6 +354,14 @@ def bench(
     max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len for every instance.")] = None,
     reuse_tokens: Annotated[int, typer.Option(help="reuse: the reused prompt's length.")] = 16384,
     evictors: Annotated[int, typer.Option(help="reuse: prompts of that length sent to evict it.")] = 4,
+    restarts: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="reuse: full restarts of every system after the rounds, each followed by the prompt once "
+            "(a disk tier reloads it, the others recompute it); 0: none.",
+        ),
+    ] = 1,
     conversations: Annotated[int, typer.Option(help="multiturn: conversations (10 users at once).")] = 24,
     think: Annotated[
         str,
@@ -438,7 +446,7 @@ def bench(
     else:
         ids = list(range(_numbers(gpus, "--gpus")[0] if gpus else 4))
     sizes = b.Sizes(
-        reuse=wl.ReuseSizes(tokens=reuse_tokens, evictors=evictors),
+        reuse=wl.ReuseSizes(tokens=reuse_tokens, evictors=evictors, restarts=restarts),
         multiturn=wl.MultiturnSizes(conversations=conversations, think=_seconds(think, "--think"),
                                     system=multiturn_system, user=_range(multiturn_user, "--multiturn-user")),
         noreuse=wl.NoreuseSizes(lengths=tuple(_numbers(lengths, "--lengths")),

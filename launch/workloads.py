@@ -125,6 +125,7 @@ class ReuseSizes:
     tokens: int = 16384  # the reused prompt
     evictors: int = 4  # other prompts of that length sent between, enough to evict it from the GPU cache
     output: int = 8
+    restarts: int = 1  # full restarts of every system, each followed by the prompt once
 
 
 async def reuse(target: Target, sizes: ReuseSizes, seed: int) -> tuple[dict[str, float], list[int]]:

@@ -203,3 +203,12 @@ def test_systems_configured_together_get_ports_of_their_own(tmp_path):
         assert config["kv_port"] == config["instance_port"] + n
     assert not ports[0] & ports[1]
     assert free_port() not in ports[0] | ports[1]
+
+
+def test_each_restart_adds_a_start_up_to_the_estimate_and_is_said():
+    one, three = (b.Sizes(reuse=wl.ReuseSizes(restarts=n)) for n in (1, 3))
+    plan = b.plan(["plain", "pdrun-tier"], ["reuse"], [0], 1, "cuda", one, per_gpu=2)
+    more = b.plan(["plain", "pdrun-tier"], ["reuse"], [0], 1, "cuda", three, per_gpu=2)
+    assert more.estimate_s - plan.estimate_s == pytest.approx(2 * 2 * b.START_S["cuda"])
+    assert "after each of 3 full restarts" in b.sends("reuse", three)
+    assert "restart" not in b.sends("reuse", b.Sizes(reuse=wl.ReuseSizes(restarts=0)))

@@ -187,6 +187,7 @@ class LocalService:
             slots.append(entry.offset)
             if req.get("from_disk") and self.store.disk is not None:
                 self.store.disk.count_hit(nbytes)
+        self.store.touch(keys)
         return {"lease": self._lease(req, True, entries) if entries else 0, "slots": slots}
 
     def _commit(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -194,11 +195,13 @@ class LocalService:
         if lease is None or not lease.write:
             raise ValueError("no such write lease")
         done = set(_keys(req))
+        committed = []
         for key, _ in lease.entries:
             if key in done and self.memory.commit(key):
-                self.store.stored(key)
+                committed.append(key)
             else:
                 self.memory.abort(key)
+        self.store.stored(committed)
         return {}
 
     def sweep(self) -> None:

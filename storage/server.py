@@ -66,8 +66,9 @@ class CacheService(Service):
         if op == "lookup":
             return {"count": self.store.lookup(keys_from(request.meta))}
         if op == "get":
+            keys = keys_from(request.meta)
             served = 0
-            for key in keys_from(request.meta):
+            for key in keys:
                 # The frame is sent before the next chunk is read: one buffer serves the whole stream.
                 chunk = self.store.get(key, lambda n: self._scratch("sent", n))
                 if chunk is None:
@@ -76,6 +77,7 @@ class CacheService(Service):
                 header = Header(op="chunk", key=key, nbytes=data.nbytes, checksum=chunk.digest, meta=chunk.meta)
                 yield Frame(header, data)
                 served += 1
+            self.store.touch(keys[:served])
             return {"count": served}
         if op == "put":
             if not request.key:

@@ -50,6 +50,13 @@ class TierStats:
     bytes_used: int = 0
 
 
+def _touch(lru: OrderedDict[bytes, Any], keys: Sequence[bytes]) -> None:
+    """Move `keys` (in order) to the recent end of `lru`, the first of them the most recent."""
+    for key in reversed(keys):
+        if key in lru:
+            lru.move_to_end(key)
+
+
 def leading(keys: Sequence[bytes], present: Callable[[bytes], bool]) -> int:
     """How many of the first keys are present: a prefix hit is only as long as its unbroken run."""
     n = 0
@@ -72,7 +79,10 @@ class Entry:
 
 
 class MemoryTier:
-    """Chunks in an arena (storage/arena.py), LRU over those neither pinned nor being written.
+    """Chunks in an arena (storage/arena.py), LRU over those neither pinned nor being written. A
+    prompt's chunks used together are ordered so that its first chunk is evicted last: a prefix
+    under pressure loses its tail, and what stays still serves (a tail without its head serves no
+    one).
 
     Besides whole-chunk `put` and `get` (copies, made under the tier's lock), a writer may
     `reserve` a slot, fill it itself and `commit` it, and a reader may `pin` chunks and read their
@@ -98,6 +108,11 @@ class MemoryTier:
     def lookup(self, keys: Sequence[bytes]) -> int:
         with self._lock:
             return leading(keys, self._has)
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """`keys`, a prompt's chunks in order, were just used: the most recent, the first last."""
+        with self._lock:
+            _touch(self._chunks, keys)
 
     def get(self, key: bytes, into: Callable[[int], Buffer] | None = None) -> Chunk | None:
         """A copy of the chunk: into the buffer `into(nbytes)` gives, if given, so a caller that
@@ -199,10 +214,11 @@ class MemoryTier:
                     break
                 entry.pins += 1
                 if count:
-                    self._chunks.move_to_end(key)
                     self._stats.hits += 1
                     self._stats.bytes_out += entry.nbytes
                 pinned.append(entry)
+            if count:
+                _touch(self._chunks, keys[: len(pinned)])
         return pinned
 
     def unpin(self, entries: Sequence[Entry]) -> None:
@@ -349,14 +365,14 @@ class DiskTier:
             self._path(key).unlink()
 
     def _scan(self) -> None:
-        found: list[tuple[float, bytes, int]] = []
+        found: list[tuple[int, bytes, int]] = []
         for p in self.dir.glob("*/*"):
             try:
                 if p.name.endswith(".tmp"):
                     p.unlink()  # a write that never finished
                 elif p.name.endswith(self.SUFFIX):
                     st = p.stat()
-                    found.append((st.st_mtime, bytes.fromhex(p.name[: -len(self.SUFFIX)]), st.st_size))
+                    found.append((st.st_mtime_ns, bytes.fromhex(p.name[: -len(self.SUFFIX)]), st.st_size))
             except (OSError, ValueError):
                 continue
         for _, key, size in sorted(found):
@@ -370,6 +386,20 @@ class DiskTier:
     def lookup(self, keys: Sequence[bytes]) -> int:
         with self._lock:
             return leading(keys, self._index.__contains__)
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """As `MemoryTier.touch`: a prefix's first chunk is the last of it evicted."""
+        with self._lock:
+            _touch(self._index, keys)
+
+    def written(self, keys: Sequence[bytes]) -> None:
+        """A prompt's chunks are on disk: touched, and their files' times set in the same order
+        (the first chunk's the newest), which the scan at start reads back."""
+        self.touch(keys)
+        now = time.time_ns()
+        for i, key in enumerate(keys):
+            with contextlib.suppress(OSError):
+                os.utime(self._path(key), ns=(now - 1000 * i, now - 1000 * i))
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
@@ -470,7 +500,7 @@ class TieredStore:
     def __init__(self, memory: MemoryTier, disk: DiskTier | None = None):
         self.memory = memory
         self.disk = disk
-        self._writes: queue.Queue[bytes | None] = queue.Queue()
+        self._writes: queue.Queue[list[bytes] | None] = queue.Queue()  # a prompt's chunks, in order
         self._written = threading.Condition()
         self.write_wait_s = 1.0  # a put waits this long for the disk before a chunk it waits for is evicted
         self.write_behind_dropped = 0
@@ -508,46 +538,61 @@ class TieredStore:
                 self._written.wait_for(lambda: self.memory.has_room(nbytes), self.write_wait_s)
         stored = self.memory.put(key, data, meta, digest)
         if stored:
-            self.stored(key)
+            self.stored([key])
         return stored
 
-    def stored(self, key: bytes) -> None:
-        """`key` was committed to memory: write it to disk behind."""
-        if self.disk is not None and self.disk.disabled is None:
-            self.memory.mark_unsaved(key, True)
-            self._writes.put(key)
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """`keys`, a prompt's chunks in order, were just used (see `MemoryTier.touch`)."""
+        self.memory.touch(keys)
+        if self.disk is not None:
+            self.disk.touch(keys)
+
+    def stored(self, keys: Sequence[bytes]) -> None:
+        """`keys` (a prompt's chunks, in order) were committed to memory: write them to disk behind."""
+        if keys and self.disk is not None and self.disk.disabled is None:
+            for key in keys:
+                self.memory.mark_unsaved(key, True)
+            self._writes.put(list(keys))
 
     def _write_behind(self) -> None:
         assert self.disk is not None
         while True:
             try:
-                key = self._writes.get(timeout=self.disk.retry_s)
+                keys = self._writes.get(timeout=self.disk.retry_s)
             except queue.Empty:  # idle: the moment to learn whether a disk that was off takes writes
                 self.disk.retry()
                 continue
-            if key is None:
+            if keys is None:
                 break
             try:
-                if key in self.disk:
-                    self.memory.mark_unsaved(key, False)
-                    continue
-                pinned = self.memory.pin([key], count=False)
-                if not pinned:
-                    self.write_behind_dropped += 1  # evicted from memory before the disk's turn
-                    continue
-                entry = pinned[0]
-                try:
-                    self.disk.put(key, self.memory.arena.view(entry.offset, entry.nbytes), entry.meta, entry.digest)
-                finally:
-                    self.memory.mark_unsaved(key, False)
-                    self.memory.unpin(pinned)
-            except Exception:  # never let one chunk stop the writer
-                log.exception("writing chunk %s to disk failed", key.hex())
+                for key in keys:  # in order: a prefix half written serves its written half
+                    self._write(key)
+                self.disk.written(keys)
             finally:
                 self._writes.task_done()
-                with self._written:
-                    self._written.notify_all()
         self._writes.task_done()
+
+    def _write(self, key: bytes) -> None:
+        assert self.disk is not None
+        try:
+            if key in self.disk:
+                self.memory.mark_unsaved(key, False)
+                return
+            pinned = self.memory.pin([key], count=False)
+            if not pinned:
+                self.write_behind_dropped += 1  # evicted from memory before the disk's turn
+                return
+            entry = pinned[0]
+            try:
+                self.disk.put(key, self.memory.arena.view(entry.offset, entry.nbytes), entry.meta, entry.digest)
+            finally:
+                self.memory.mark_unsaved(key, False)
+                self.memory.unpin(pinned)
+        except Exception:  # never let one chunk stop the writer
+            log.exception("writing chunk %s to disk failed", key.hex())
+        finally:
+            with self._written:
+                self._written.notify_all()
 
     def flush(self) -> None:
         """Wait until every write behind so far is on disk."""

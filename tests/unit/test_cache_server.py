@@ -52,6 +52,18 @@ def test_put_lookup_get_stats(server):
     client.close()
 
 
+def test_a_prompt_read_over_tcp_keeps_its_head_over_its_tail():
+    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(4 * CHUNK))) as s:
+        client = CacheClient(s.address)
+        for i in range(4):  # one by one, as an instance on another host writes behind
+            assert client.put(key(i), payload(i))
+        assert len(client.get([key(0), key(1), key(2)])) == 3  # a request loads a prompt's first three
+        for i in (4, 5):
+            assert client.put(key(i), payload(i))
+        assert client.lookup([key(i) for i in range(3)]) == 2  # 3, then the prompt's tail, made room
+        client.close()
+
+
 def test_get_fills_the_callers_buffers(server):
     client = CacheClient(server.address)
     client.put(key(1), payload(1))

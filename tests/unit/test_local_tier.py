@@ -85,6 +85,31 @@ def test_a_chunk_held_already_is_not_written_again_and_a_full_arena_says_no_room
     client.close()
 
 
+def test_a_prompt_under_pressure_loses_its_tail_not_its_head(server):
+    client = local(server)
+    store(client, [0, 1, 2])  # one prompt's chunks, stored together
+    server.store.flush()  # on disk too: memory evicts them before any chunk that waits for the disk
+    store(client, [10, 11])  # 4 slots: one of the first prompt's goes
+    assert client.where([key(i) for i in (0, 1, 2)]) == (2, 3)  # its head still loads from memory
+    lease, _ = client.read([key(10), key(11)])  # read: the second prompt, head last, most recent
+    assert client.release(lease)
+    store(client, [20, 21])  # two more go: the first prompt's (older), tail first
+    assert client.where([key(i) for i in (0, 1, 2)]) == (0, 3)
+    assert client.where([key(10), key(11)]) == (2, 2)
+    client.close()
+
+
+def test_the_disk_keeps_a_prompts_head_over_its_tail_across_a_restart(tmp_path):
+    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(8 * CHUNK), DiskTier(tmp_path, 64 * CHUNK))) as s:
+        client = local(s)
+        store(client, [0, 1, 2, 3])
+        s.store.flush()
+        client.close()
+    size = next(tmp_path.glob("*/*.chunk")).stat().st_size
+    again = DiskTier(tmp_path, budget_bytes=int(2.5 * size))  # room for two: the scan evicts two
+    assert again.lookup([key(i) for i in range(4)]) == 2
+
+
 HOLDER = """
 import os, sys, time
 from pdrun.storage.client import CacheClient

@@ -109,6 +109,9 @@ class PDMetadata(KVConnectorMetadata):
     drops: list[str] = field(default_factory=list)  # producer: transfers no decoder will pull
     handed: list[str] = field(default_factory=list)  # producer: transfers handed to a decoder, to be pulled
     lookups: list[Lookup] = field(default_factory=list)
+    # The prompts whose chunks go to the tier this step, each up to its last such chunk, in order:
+    # the tier keeps a prompt stored over several steps head last in its LRU.
+    tier_order: list[bytes] = field(default_factory=list)
 
 
 # How often a worker asks its cache server which arena it serves: after a restart, the old
@@ -752,6 +755,9 @@ class _SchedulerSide:
         )
         st.saved += len(saves)
         self._meta.saves.extend(s for s in saves if s.stage or s.cache)
+        cached = [s.index for s in saves if s.cache]
+        if cached and self.local is not None:
+            self._meta.tier_order += st.keys[: max(cached) + 1]
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self.rates.step(scheduler_output.total_num_scheduled_tokens)

@@ -66,12 +66,13 @@ class Saves:
                     self._cache(s, staged)
             except Exception:  # never the engine's problem: a decoder prefills it, the tier misses it
                 log.exception("request %s: could not copy out chunk %d", s.transfer, s.index)
+        order = [rank_key(k, self.rank) for k in meta.tier_order] if to_tier else []
         with self.tiers.use() as tier:
-            stored = tier is not None and tier.store(to_tier)
+            stored = tier is not None and tier.store(to_tier, order)
         if tier is not None and not stored:
             # A server that did not answer may have restarted: once more, through its new arena.
             with self.tiers.use() as tier:
-                stored = tier is not None and tier.store(to_tier)
+                stored = tier is not None and tier.store(to_tier, order)
         if not stored and to_tier:
             self.stats.add(cache_store_dropped=len(to_tier))
         if self.pool is not None and self.pool.evicted_referenced != evicted:

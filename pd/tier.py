@@ -26,7 +26,7 @@ import torch
 from pdrun.pd.chunkmeta import ChunkMeta
 from pdrun.pd.codec import PagedKV, Ready
 from pdrun.pd.loader import ChunkLoader
-from pdrun.storage.local import HELD, NO_ROOM, LocalClient, LocalError
+from pdrun.storage.local import HELD, MAX_KEYS, NO_ROOM, LocalClient, LocalError
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,11 @@ class SharedTier:
             self._idle.notify_all()
 
     # -- stores --
-    def store(self, chunks: Sequence[tuple[bytes, Sequence[int]]]) -> bool:
+    def store(self, chunks: Sequence[tuple[bytes, Sequence[int]]], order: Sequence[bytes] = ()) -> bool:
         """Copy chunks (key, block ids) out of the KV cache into slots of the arena, committed
         behind; the copies are queued now, on the engine's thread, before vLLM reuses the blocks.
-        False, with nothing copied, if the server did not answer (`failed`: it may have restarted)."""
+        `order`: the prompts' chunks up to these, in order (see `LocalClient.reserve`). False, with
+        nothing copied, if the server did not answer (`failed`: it may have restarted)."""
         if not chunks:
             return True
         layout = self.paged.describe()
@@ -102,7 +103,8 @@ class SharedTier:
         metas = [ChunkMeta(layout, len(ids)).encode() for _, ids in chunks]
         t0 = time.perf_counter()
         try:
-            lease, slots = self.client.reserve([k for k, _ in chunks], sizes, metas)
+            order = order if len(order) <= MAX_KEYS else ()  # a prompt past the limit: these chunks' order only
+            lease, slots = self.client.reserve([k for k, _ in chunks], sizes, metas, order=order)
         except LocalError as e:
             log.warning("cache tier store not taken: %s", e)
             self.failed = True

@@ -3,8 +3,10 @@ only small control messages go to the server, over a unix socket (pyzmq `ipc://`
 
     where   {keys}                  -> {memory: leading keys in memory, total: ... in memory or on disk}
     read    {pid, keys}             -> {lease, slots: [[offset, nbytes, meta], ...]} leading chunks in memory, pinned
-    reserve {pid, keys, sizes, metas, from_disk} -> {lease, slots: [offset, or -1 held already, or -2 no room]}
-                                       (from_disk: the instance fills them from the disk tier: counted as its hits)
+    reserve {pid, keys, sizes, metas, from_disk, order}
+                                    -> {lease, slots: [offset, or -1 held already, or -2 no room]}
+                                       (from_disk: the instance fills them from the disk tier: counted as its hits;
+                                       order: the prompt's chunks up to these, in order, kept so in the LRU)
     commit  {pid, lease, keys}      -> {} the listed keys are filled and served; the lease's others are freed
     release {pid, lease}            -> {held: whether the pins held until now (else the bytes may be another's)}
     forget  {keys}                  -> {} disk files a reader found damaged
@@ -59,6 +61,7 @@ class Lease:
     entries: list[tuple[bytes, Entry]]
     deadline: float
     expired: bool = False
+    order: list[bytes] = field(default_factory=list)  # a write's prompt chunks, in order (`TieredStore.stored`)
 
 
 @dataclass
@@ -187,8 +190,13 @@ class LocalService:
             slots.append(entry.offset)
             if req.get("from_disk") and self.store.disk is not None:
                 self.store.disk.count_hit(nbytes)
-        self.store.touch(keys)
-        return {"lease": self._lease(req, True, entries) if entries else 0, "slots": slots}
+        # The prompt's chunks before these too (stored in earlier steps): its head stays the newest.
+        order = _keys(req, "order") if req.get("order") else keys
+        self.store.touch(order)
+        lease = self._lease(req, True, entries) if entries else 0
+        if lease:
+            self._leases[lease].order = order
+        return {"lease": lease, "slots": slots}
 
     def _commit(self, req: dict[str, Any]) -> dict[str, Any]:
         lease = self._leases.pop(_int(req, "lease"), None)
@@ -201,7 +209,7 @@ class LocalService:
                 committed.append(key)
             else:
                 self.memory.abort(key)
-        self.store.stored(committed)
+        self.store.stored(committed, lease.order)
         return {}
 
     def sweep(self) -> None:
@@ -240,10 +248,10 @@ class LocalService:
         self._path.unlink(missing_ok=True)
 
 
-def _keys(req: dict[str, Any]) -> list[bytes]:
-    keys = req.get("keys")
+def _keys(req: dict[str, Any], name: str = "keys") -> list[bytes]:
+    keys = req.get(name)
     if not isinstance(keys, list) or len(keys) > MAX_KEYS or not all(isinstance(k, bytes) for k in keys):
-        raise ValueError(f"'keys' must be a list of at most {MAX_KEYS} byte strings")
+        raise ValueError(f"{name!r} must be a list of at most {MAX_KEYS} byte strings")
     return keys
 
 
@@ -337,9 +345,19 @@ class LocalClient:
         return int(reply["lease"]), [Slot(o, n, m) for o, n, m in reply["slots"]]
 
     def reserve(
-        self, keys: Sequence[bytes], sizes: Sequence[int], metas: Sequence[dict[str, Any]], from_disk: bool = False
+        self,
+        keys: Sequence[bytes],
+        sizes: Sequence[int],
+        metas: Sequence[dict[str, Any]],
+        from_disk: bool = False,
+        order: Sequence[bytes] = (),
     ) -> tuple[int, list[int]]:
-        reply = self.call("reserve", keys=list(keys), sizes=list(sizes), metas=list(metas), from_disk=from_disk)
+        """Slots for `keys`; `order`: the prompt's chunks up to these, in order (default: `keys`),
+        which the tier keeps so that the prompt's head is evicted last."""
+        fields: dict[str, Any] = {"keys": list(keys), "sizes": list(sizes), "metas": list(metas)}
+        if order:
+            fields["order"] = list(order)
+        reply = self.call("reserve", from_disk=from_disk, **fields)
         return int(reply["lease"]), list(reply["slots"])
 
     def commit(self, lease: int, keys: Sequence[bytes]) -> None:

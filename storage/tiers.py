@@ -500,7 +500,8 @@ class TieredStore:
     def __init__(self, memory: MemoryTier, disk: DiskTier | None = None):
         self.memory = memory
         self.disk = disk
-        self._writes: queue.Queue[list[bytes] | None] = queue.Queue()  # a prompt's chunks, in order
+        # chunks to write, and the prompt's chunks in order (the disk's LRU order)
+        self._writes: queue.Queue[tuple[list[bytes], list[bytes]] | None] = queue.Queue()
         self._written = threading.Condition()
         self.write_wait_s = 1.0  # a put waits this long for the disk before a chunk it waits for is evicted
         self.write_behind_dropped = 0
@@ -538,7 +539,7 @@ class TieredStore:
                 self._written.wait_for(lambda: self.memory.has_room(nbytes), self.write_wait_s)
         stored = self.memory.put(key, data, meta, digest)
         if stored:
-            self.stored([key])
+            self.stored([key], [key])
         return stored
 
     def touch(self, keys: Sequence[bytes]) -> None:
@@ -547,27 +548,29 @@ class TieredStore:
         if self.disk is not None:
             self.disk.touch(keys)
 
-    def stored(self, keys: Sequence[bytes]) -> None:
-        """`keys` (a prompt's chunks, in order) were committed to memory: write them to disk behind."""
+    def stored(self, keys: Sequence[bytes], order: Sequence[bytes]) -> None:
+        """`keys` were committed to memory: write them to disk behind; `order`, the prompt's chunks
+        up to them in order, is the order the disk keeps them in."""
         if keys and self.disk is not None and self.disk.disabled is None:
             for key in keys:
                 self.memory.mark_unsaved(key, True)
-            self._writes.put(list(keys))
+            self._writes.put((list(keys), list(order)))
 
     def _write_behind(self) -> None:
         assert self.disk is not None
         while True:
             try:
-                keys = self._writes.get(timeout=self.disk.retry_s)
+                item = self._writes.get(timeout=self.disk.retry_s)
             except queue.Empty:  # idle: the moment to learn whether a disk that was off takes writes
                 self.disk.retry()
                 continue
-            if keys is None:
+            if item is None:
                 break
+            keys, order = item
             try:
                 for key in keys:  # in order: a prefix half written serves its written half
                     self._write(key)
-                self.disk.written(keys)
+                self.disk.written(order)
             finally:
                 self._writes.task_done()
         self._writes.task_done()

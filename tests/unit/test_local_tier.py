@@ -42,8 +42,9 @@ def local(server) -> LocalClient:
     return client
 
 
-def store(client: LocalClient, keys: list[int]) -> None:
-    lease, slots = client.reserve([key(i) for i in keys], [CHUNK] * len(keys), [{"i": i} for i in keys])
+def store(client: LocalClient, keys: list[int], order: list[int] = ()) -> None:
+    ordered = [key(i) for i in order]
+    lease, slots = client.reserve([key(i) for i in keys], [CHUNK] * len(keys), [{"i": i} for i in keys], order=ordered)
     for i, offset in zip(keys, slots, strict=True):
         assert offset >= 0
         client.arena.view(offset, CHUNK)[:] = payload(i)
@@ -99,15 +100,18 @@ def test_a_prompt_under_pressure_loses_its_tail_not_its_head(server):
     client.close()
 
 
-def test_the_disk_keeps_a_prompts_head_over_its_tail_across_a_restart(tmp_path):
-    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(8 * CHUNK), DiskTier(tmp_path, 64 * CHUNK))) as s:
+def test_a_prompt_stored_over_two_steps_keeps_its_head_over_its_tail_in_memory_and_on_disk(tmp_path):
+    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(4 * CHUNK), DiskTier(tmp_path, 64 * CHUNK))) as s:
         client = local(s)
-        store(client, [0, 1, 2, 3])
+        store(client, [0, 1])  # a prefill's first step
+        store(client, [2, 3], order=[0, 1, 2, 3])  # its second, naming the chunks before
         s.store.flush()
+        store(client, [10, 11])
+        assert client.where([key(i) for i in range(4)]) == (2, 4)
         client.close()
     size = next(tmp_path.glob("*/*.chunk")).stat().st_size
-    again = DiskTier(tmp_path, budget_bytes=int(2.5 * size))  # room for two: the scan evicts two
-    assert again.lookup([key(i) for i in range(4)]) == 2
+    again = DiskTier(tmp_path, budget_bytes=int(4.5 * size))  # six files, room for four: two go at the scan
+    assert again.lookup([key(i) for i in range(4)]) == 2 and again.lookup([key(10), key(11)]) == 2
 
 
 HOLDER = """

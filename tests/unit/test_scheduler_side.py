@@ -330,3 +330,29 @@ def test_the_worker_process_hands_the_gil_to_transfer_threads_within_the_switch_
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split()[-1]) == pytest.approx(interval, abs=2e-6)  # Python keeps whole microseconds
+
+
+def test_a_prompt_stored_over_several_steps_is_ordered_whole_for_the_tier(model, tier_server):
+    """Each step's chunks go to the tier with the prompt's chunks before them, in order: the tier
+    keeps the prompt's head newest in its LRU across the steps that computed it."""
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    connector = scheduler_side(model, cache=tier_server.address)
+    try:
+        prompt = list(range(7, 7 + 3 * CHUNK + 10))
+        keys = chunk_keys(connector._sched.fingerprint, prompt)
+        r = plain_request("long", prompt)
+        assert connector.get_num_new_matched_tokens(r, 0) == (0, False)  # the tier holds none of it
+        connector.update_state_after_alloc(r, blocks(13), 0)
+        first = SchedulerOutput.make_empty()  # a step computes its first two chunks
+        first.scheduled_new_reqs = [NewRequestData.from_request(r, (list(range(13)),))]
+        first.num_scheduled_tokens, first.total_num_scheduled_tokens = {"long": 2 * CHUNK}, 2 * CHUNK
+        meta = connector.build_connector_meta(first)
+        assert [s.index for s in meta.saves] == [0, 1] and meta.tier_order == keys[:2]
+        second = SchedulerOutput.make_empty()  # the next computes the rest
+        second.scheduled_cached_reqs = CachedRequestData(["long"], set(), [[]], {}, [None], [2 * CHUNK], [0])
+        second.num_scheduled_tokens, second.total_num_scheduled_tokens = {"long": CHUNK + 10}, CHUNK + 10
+        meta = connector.build_connector_meta(second)
+        assert [s.index for s in meta.saves] == [2] and meta.tier_order == keys[:3]
+    finally:
+        connector.shutdown()

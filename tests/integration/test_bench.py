@@ -54,10 +54,12 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
         assert figures["kv_load_failures"]["max"] == 0 and figures["cache_chunks_dropped"]["max"] == 0
         assert figures["cache_in_step_tokens"]["max"] == 0  # loads run beside the steps by default
         assert "kv_load_failures" not in s["plain"][workload]
-    # After a full restart, measured once for each: the tier reloads the prompt from its disk, plain
-    # vLLM recomputes it, each as the first request after its start (the ratio compares the two).
-    assert s["pdrun-tier"]["reuse"]["ttft_restart_s"]["n"] == plain["ttft_restart_s"]["n"] == 1
-    assert "x_plain" in s["pdrun-tier"]["reuse"]["ttft_restart_s"]
+    # After a full restart, measured once for each, as the first request after its start: plain
+    # vLLM recomputes the prompt; the tier's instance reads it from disk where the rates it kept
+    # say that beats computing (`cache_disk_load: auto`), else computes it too; nothing fails.
+    tier = s["pdrun-tier"]["reuse"]
+    assert tier["ttft_restart_s"]["n"] == plain["ttft_restart_s"]["n"] == 1 and "x_plain" in tier["ttft_restart_s"]
+    assert tier["restart_kv_load_failures"]["max"] == 0 and "restart_cache_disk_loaded_tokens" in tier
 
     md = (out / "results.md").read_text()
     assert "## reuse" in md and "## noreuse" in md and "## decode" in md and "| ttft_cold_s |" in md

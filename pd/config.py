@@ -116,8 +116,9 @@ class ConnectorConfig(BaseModel):
     cache_disk_load: Literal["auto", "always", "never"] = Field(
         "auto",
         description="load chunks the tier has only on disk: auto: when this instance reads them faster than it "
-        "prefills (both measured as it runs: none before its first prefill, then two chunks of a prompt until "
-        "the disk is measured); always; never (recompute them)",
+        "prefills (both measured as it runs and kept beside the tier's disk, so a restart decides at once; while "
+        "the disk is not measured, none before this run's first prefill, then two chunks of a prompt); always; "
+        "never (recompute them)",
     )
     cache_load_in_step: Literal["never", "idle", "always"] = Field(
         "never",

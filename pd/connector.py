@@ -399,7 +399,9 @@ class _SchedulerSide:
             if self.local is not None
             else None
         )
-        self.rates = Rates(cfg.chunk_size)
+        # Kept beside the tier's disk, per model and KV layout: a restart starts from them.
+        disk = self.local.disk if self.local is not None else None
+        self.rates = Rates(cfg.chunk_size, disk / f"rates-{self.fingerprint_hex}.json" if disk is not None else None)
         # A prefiller holds prefills back while the hand-offs decoders have yet to pull fill its staging pool.
         workers = vllm_config.parallel_config.world_size
         self.room = StagingRoom(workers, cfg.staging_wait_s) if self.is_producer else None
@@ -825,6 +827,7 @@ class _SchedulerSide:
         return False, {**handoff_params(handoff), TIMING: timing}
 
     def shutdown(self) -> None:
+        self.rates.save()
         if self._watch is not None:
             self._watch.close()
         if self.local is not None:

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from pdrun.pd.rates import Rates
+
+
+def measured_prefill(rates: Rates, tokens: int = 4096, seconds: float = 0.02) -> None:
+    rates.step(tokens)
+    time.sleep(seconds)
+    rates.step(0)  # the step of `tokens` took the time to this one
 
 
 def test_nothing_measured_means_no_verdict():
     rates = Rates(chunk_size=256)
     assert rates.disk_pays() is None and rates.disk_chunks(10) == 0  # nothing prefilled yet: compute
-    rates.prefill = 30000.0
+    measured_prefill(rates)
     assert rates.disk_pays() is None and rates.disk_chunks(10) == Rates.PROBE_CHUNKS and rates.disk_chunks(1) == 1
-    rates.prefill = None
+    rates = Rates(chunk_size=256)
     rates.disk_read({"cache_disk_loaded_tokens": 512, "cache_disk_load_seconds": 0.05})
     assert rates.disk == 10240 and rates.disk_pays() is None  # prefill not measured yet
 
@@ -34,9 +42,37 @@ def test_prefill_is_measured_from_steps_that_compute_a_chunk_or_more():
 
 def test_the_disk_pays_only_when_it_reads_faster_than_the_instance_prefills():
     rates = Rates(chunk_size=256)
-    rates.prefill = 30000.0
-    rates.disk_read({"cache_disk_loaded_tokens": 1024, "cache_disk_load_seconds": 0.1})  # 10k tokens/s
+    measured_prefill(rates, tokens=3000, seconds=0.1)  # ~30k tokens/s, less with the sleep's overshoot
+    rates.disk_read({"cache_disk_loaded_tokens": 1024, "cache_disk_load_seconds": 0.5})  # 2k tokens/s  # 10k tokens/s
     assert rates.disk_pays() is False and rates.disk_chunks(10) == 0
     for _ in range(30):  # the disk got faster (the files are in the page cache): the average follows
         rates.disk_read({"cache_disk_loaded_tokens": 1024, "cache_disk_load_seconds": 0.01})
     assert rates.disk_pays() is True and rates.disk_chunks(10) == 10
+
+
+def test_kept_rates_let_a_restarted_instance_decide_at_its_first_request(tmp_path):
+    path = tmp_path / "rates-model.json"
+    first = Rates(chunk_size=256, path=path)
+    measured_prefill(first)
+    first.disk_read({"cache_disk_loaded_tokens": 1 << 20, "cache_disk_load_seconds": 0.01})  # far faster
+    first.save()
+    again = Rates(chunk_size=256, path=path)
+    assert again.prefill == first.prefill and again.disk == first.disk
+    assert again.disk_chunks(10) == 10  # the disk pays: read at once, no request computed to measure
+
+    only_prefill = tmp_path / "rates-other.json"
+    kept = Rates(chunk_size=256, path=only_prefill)
+    measured_prefill(kept)
+    kept.save()
+    # The disk never measured: nothing read (no probe) before this run has prefilled itself.
+    assert Rates(chunk_size=256, path=only_prefill).disk_chunks(10) == 0
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[1, 2]", '{"prefill_tokens_per_s": -1, "disk_tokens_per_s": "fast"}', '{"x": 1}']
+)
+def test_kept_rates_not_understood_are_ignored(tmp_path, text):
+    path = tmp_path / "rates.json"
+    path.write_text(text)
+    rates = Rates(chunk_size=256, path=path)
+    assert rates.prefill is None and rates.disk is None and rates.disk_chunks(10) == 0

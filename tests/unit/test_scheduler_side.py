@@ -356,3 +356,25 @@ def test_a_prompt_stored_over_several_steps_is_ordered_whole_for_the_tier(model,
         assert [s.index for s in meta.saves] == [2] and meta.tier_order == keys[:3]
     finally:
         connector.shutdown()
+
+
+def test_an_instance_keeps_its_rates_beside_the_tiers_disk_and_starts_from_them(model, tmp_path):
+    from pdrun.storage.server import CacheServer
+    from pdrun.storage.tiers import DiskTier, MemoryTier, TieredStore
+
+    store = TieredStore(MemoryTier(1 << 22), DiskTier(tmp_path / "disk", 1 << 26))
+    with CacheServer(f"tcp://127.0.0.1:{free_port()}", store) as server:
+        first = scheduler_side(model, cache=server.address)
+        rates = first._sched.rates
+        assert rates.path is not None and rates.path.parent == tmp_path / "disk"
+        rates.step(4096)
+        time.sleep(0.02)
+        rates.step(0)
+        rates.disk_read({"cache_disk_loaded_tokens": 1 << 20, "cache_disk_load_seconds": 0.01})
+        first.shutdown()  # kept at shutdown
+        again = scheduler_side(model, cache=server.address)
+        try:
+            assert (again._sched.rates.prefill, again._sched.rates.disk) == (rates.prefill, rates.disk)
+            assert again._sched.rates.disk_chunks(4) == 4
+        finally:
+            again.shutdown()

@@ -4,7 +4,7 @@ only small control messages go to the server, over a unix socket (pyzmq `ipc://`
     where   {keys}                  -> {memory: leading keys in memory, total: ... in memory or on disk}
     read    {pid, keys}             -> {lease, slots: [[offset, nbytes, meta], ...]} leading chunks in memory, pinned
     reserve {pid, keys, sizes, metas, from_disk, order}
-                                    -> {lease, slots: [offset, or -1 held already, or -2 no room]}
+                                    -> {lease, slots: [offset, or -1 held or being written already, or -2 no room]}
                                        (from_disk: the instance fills them from the disk tier: counted as its hits;
                                        order: the prompt's chunks up to these, in order, kept so in the LRU)
     commit  {pid, lease, keys}      -> {} the listed keys are filled and served; the lease's others are freed
@@ -183,8 +183,8 @@ class LocalService:
                 slots.append(HELD)
                 continue
             entry = self.memory.reserve(key, nbytes, meta)
-            if entry is None:
-                slots.append(NO_ROOM)
+            if entry is None:  # being written by another request already: held once it commits
+                slots.append(HELD if self.memory.knows(key) else NO_ROOM)
                 continue
             entries.append((key, entry))
             slots.append(entry.offset)

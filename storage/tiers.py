@@ -101,6 +101,11 @@ class MemoryTier:
         with self._lock:
             return self._has(key)
 
+    def knows(self, key: bytes) -> bool:
+        """Whether the key is held or being written (reserved, not yet committed)."""
+        with self._lock:
+            return key in self._chunks
+
     def _has(self, key: bytes) -> bool:
         entry = self._chunks.get(key)
         return entry is not None and entry.committed
@@ -110,7 +115,8 @@ class MemoryTier:
             return leading(keys, self._has)
 
     def touch(self, keys: Sequence[bytes]) -> None:
-        """`keys`, a prompt's chunks in order, were just used: the most recent, the first last."""
+        """`keys`, a prompt's chunks in order, were just used: now the most recent, the first of
+        them evicted last."""
         with self._lock:
             _touch(self._chunks, keys)
 

@@ -8,6 +8,7 @@ Chunks of the tiny model in float32 are 512 KiB (4 layers x K,V x 256 tokens x 2
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from tests.integration.conftest import DECODER_IO_TIMEOUT_S, Deployment, free_po
 pytestmark = pytest.mark.integration
 
 CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
+DISK_LOADED = "pdrun:cache_disk_loaded_tokens_total"  # of those, read from the tier's disk
 IN_STEP = "pdrun:cache_in_step_tokens_total"  # of those, copied in inside the step that computes the request
 TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # on the cache server's /metrics
 LOCAL_READS = "pdrun:cache_local_requests_total[op=read]"  # chunks read in place, through shared memory
@@ -331,6 +333,38 @@ def test_a_relaunch_on_the_same_cache_dir_loads_from_disk_and_drops_damaged_chun
         assert not flipped.exists() and not truncated.exists()
         assert 0 < tier["pdrun:cache_bytes_used[tier=memory]"] <= memory_gb * (1 << 30)
         assert tier["pdrun:cache_evictions_total[tier=memory]"] > 0
+    finally:
+        stop(second)
+
+
+@pytest.mark.after_deployment
+def test_a_restarted_instance_reads_from_disk_at_its_first_request_where_its_kept_rates_say_it_pays(
+    cluster, model_dir, tmp_path
+):
+    """`cache_disk_load: auto` needs the instance's prefill and disk read rates; it keeps them
+    beside the tier's disk, so after a relaunch the first request decides at once."""
+    stop(cluster.deployment)  # memory for the instances started here
+    cache_dir = tmp_path / "cache"
+    p = prompt(2048 + 60, seed=340)
+    want = plain(cluster, p)
+    first = start_deployment(model_dir, tmp_path / "first", cache_dir, prefill=0, decode=1)
+    try:
+        first.wait_ready(["decode-0"], timeout=600)
+        assert token_ids(complete(first.proxy_url, p)) == want  # computed: its prefill rate measured
+    finally:
+        stop(first)
+    (kept,) = cache_dir.glob("rates-*.json")  # written as the instance stopped
+    rates = json.loads(kept.read_text())
+    assert rates["prefill_tokens_per_s"] > 0 and rates["disk_tokens_per_s"] is None  # no disk read yet
+    # As a previous run that had read from this disk would have left it: reading beats computing.
+    kept.write_text(json.dumps({"prefill_tokens_per_s": 1.0, "disk_tokens_per_s": 1e9}))
+    second = start_deployment(model_dir, tmp_path / "second", cache_dir, prefill=0, decode=1)
+    try:
+        second.wait_ready(["decode-0"], timeout=600)
+        url = second.state()["children"]["decode-0"]["url"]
+        before = summed_metrics([url])
+        assert token_ids(complete(second.proxy_url, p)) == want
+        assert wait_for_deltas([url], before, {DISK_LOADED: 2048}) == {DISK_LOADED: 2048}
     finally:
         stop(second)
 

@@ -86,6 +86,17 @@ def test_a_chunk_held_already_is_not_written_again_and_a_full_arena_says_no_room
     client.close()
 
 
+def test_a_chunk_another_request_is_writing_is_held_not_refused_for_room(server):
+    client = local(server)
+    first, slots = client.reserve([key(0)], [CHUNK], [{}])  # one request copies chunk 0 in
+    assert slots[0] >= 0
+    _, again = client.reserve([key(0)], [CHUNK], [{}])  # another computed the same chunk meanwhile
+    assert again == [HELD]  # the first one's copy serves it: not counted as dropped for want of room
+    client.commit(first, [key(0)])
+    assert client.where([key(0)]) == (1, 1)
+    client.close()
+
+
 def test_a_prompt_under_pressure_loses_its_tail_not_its_head(server):
     client = local(server)
     store(client, [0, 1, 2])  # one prompt's chunks, stored together

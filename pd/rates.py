@@ -23,7 +23,7 @@ class Rates:
 
     ALPHA = 0.2  # weight of the newest sample
     PROBE_CHUNKS = 2  # read from disk while its rate is not known yet
-    SAVE_EVERY_S = 10.0  # written at most this often (and at shutdown)
+    SAVE_EVERY_S = 10.0  # written when first measured, then at most this often (and at shutdown, if vLLM calls it)
 
     def __init__(self, chunk_size: int, path: Path | None = None):
         self.chunk_size = chunk_size
@@ -33,7 +33,7 @@ class Rates:
         self._last: tuple[float, int] | None = None
         self._prefilled = False  # this run has measured a prefill step
         self._saved: tuple[float | None, float | None] = (None, None)
-        self._saved_at = time.monotonic()
+        self._saved_at = -math.inf  # the first rate measured is kept at once
         if path is not None:
             self._load(path)
 

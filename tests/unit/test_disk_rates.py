@@ -5,6 +5,7 @@ where it is slower."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -54,8 +55,9 @@ def test_kept_rates_let_a_restarted_instance_decide_at_its_first_request(tmp_pat
     path = tmp_path / "rates-model.json"
     first = Rates(chunk_size=256, path=path)
     measured_prefill(first)
+    assert json.loads(path.read_text())["prefill_tokens_per_s"] == first.prefill  # the first rate: kept at once
     first.disk_read({"cache_disk_loaded_tokens": 1 << 20, "cache_disk_load_seconds": 0.01})  # far faster
-    first.save()
+    first.save()  # as at shutdown (between, at most every SAVE_EVERY_S)
     again = Rates(chunk_size=256, path=path)
     assert again.prefill == first.prefill and again.disk == first.disk
     assert again.disk_chunks(10) == 10  # the disk pays: read at once, no request computed to measure

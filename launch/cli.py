@@ -359,7 +359,7 @@ def bench(
         typer.Option(
             min=0,
             help="reuse: full restarts of every system after the rounds, each followed by the prompt once "
-            "(a disk tier reloads it, the others recompute it); 0: none.",
+            "(a disk tier reloads it where that beats recomputing, the others recompute it); 0: none.",
         ),
     ] = 1,
     conversations: Annotated[int, typer.Option(help="multiturn: conversations (10 users at once).")] = 24,

@@ -257,8 +257,8 @@ def run(
                         say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
             restarts = sizes.reuse.restarts if "reuse" in p.workloads else 0
             for _ in range(restarts):
-                # Every system restarted and asked for the prompt again: a disk tier reloads it,
-                # the others recompute it, each as the first request of a fresh start.
+                # Every system restarted and asked for the prompt again: a disk tier reloads it where
+                # that pays, the others recompute it, each as the first request of a fresh start.
                 for s in started:
                     if s.name in failed or s.name not in longs:
                         continue

@@ -165,9 +165,12 @@ class LocalService:
             return self.store.stats()
         raise ValueError(f"unknown op {op!r}")
 
-    def _lease(self, req: dict[str, Any], write: bool, entries: list[tuple[bytes, Entry]]) -> int:
+    def _lease(
+        self, req: dict[str, Any], write: bool, entries: list[tuple[bytes, Entry]], order: list[bytes] | None = None
+    ) -> int:
         lease = next(self._ids)
-        self._leases[lease] = Lease(_int(req, "pid"), write, entries, time.monotonic() + self.lease_s)
+        deadline = time.monotonic() + self.lease_s
+        self._leases[lease] = Lease(_int(req, "pid"), write, entries, deadline, order=order or [])
         return lease
 
     def _reserve(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -179,11 +182,8 @@ class LocalService:
         for key, nbytes, meta in zip(keys, sizes, metas, strict=True):
             if not isinstance(nbytes, int) or nbytes <= 0 or not isinstance(meta, dict):
                 raise ValueError("sizes must be positive ints and metas mappings")
-            if key in self.memory:
-                slots.append(HELD)
-                continue
             entry = self.memory.reserve(key, nbytes, meta)
-            if entry is None:  # being written by another request already: held once it commits
+            if entry is None:  # held, or being written by another request (held once it commits)
                 slots.append(HELD if self.memory.knows(key) else NO_ROOM)
                 continue
             entries.append((key, entry))
@@ -193,10 +193,7 @@ class LocalService:
         # The prompt's chunks before these too (stored in earlier steps): its head stays the newest.
         order = _keys(req, "order") if req.get("order") else keys
         self.store.touch(order)
-        lease = self._lease(req, True, entries) if entries else 0
-        if lease:
-            self._leases[lease].order = order
-        return {"lease": lease, "slots": slots}
+        return {"lease": self._lease(req, True, entries, order) if entries else 0, "slots": slots}
 
     def _commit(self, req: dict[str, Any]) -> dict[str, Any]:
         lease = self._leases.pop(_int(req, "lease"), None)

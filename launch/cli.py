@@ -257,6 +257,14 @@ def proxy(
         int,
         typer.Option(help="The longest tail a decoder computes itself when taking a prompt from the tier (0: never)."),
     ] = 512,
+    hint: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="DECODER_URL=tcp://127.0.0.1:PORT: where that decoder takes prefetch hints (its connector's "
+            "prefetch_port, with cache_prefetch_gb); a completion given as token ids going to it alone is named "
+            "there first, so that its prefix crosses from the tier into the GPU meanwhile. Repeatable."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """The one OpenAI endpoint in front of vLLM instances started elsewhere (xPyD across hosts).
@@ -281,12 +289,23 @@ def proxy(
             chat_parsing=chat_parsing,
             cache=cache,
             tier_shortcut_tokens=tier_shortcut_tokens,
+            hints=_hints(hint),
         )
     except ValidationError as e:
         err = e.errors()[0]
         _fail(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
     setup_logging()
     serve(settings, host=host, port=port, log_level=log_level)
+
+
+def _hints(values: list[str] | None) -> dict[str, str]:
+    hints = {}
+    for v in values or []:
+        url, sep, address = v.partition("=")
+        if not sep or not url.strip() or not address.startswith("tcp://"):
+            _fail(f"--hint takes DECODER_URL=tcp://HOST:PORT, not {v!r}")
+        hints[url.strip()] = address.strip()
+    return hints
 
 
 def _numbers(text: str, what: str, kind: type = int) -> list[Any]:

@@ -20,6 +20,7 @@ from pdrun.launch import tiny_model, warmup
 from pdrun.launch.config import KV_PORTS_PER_INSTANCE, ConfigError, LaunchConfig
 from pdrun.launch.supervisor import ChildSpec
 from pdrun.launch.vllm_server import ServerSpec
+from pdrun.pd.config import ConnectorConfig
 from pdrun.transfer import AUTH_TOKEN_ENV
 
 # vLLM options that make it parse chat answers (reasoning, tool calls): the proxy is told.
@@ -88,6 +89,8 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
         connector["cache"] = cfg.cache_address
     # The tiny model's config allows 4096 positions; vLLM's CPU backend reserves KV for all of them.
     max_len = cfg.max_model_len if cfg.max_model_len is not None else (4096 if cfg.model is None else None)
+    # Decoders take the proxy's prefetch hints on the last of their kv ports (one worker: rank 0 uses the first).
+    prefetch = cfg.cache_address is not None and ConnectorConfig.model_validate(connector).cache_prefetch_gb > 0
     out = []
     roles = [("prefill", i, "kv_producer") for i in range(cfg.prefill)] + [
         ("decode", i, "kv_consumer") for i in range(cfg.decode)
@@ -103,7 +106,9 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
             device=device,  # type: ignore[arg-type]
             dtype=cfg.dtype,
             max_model_len=max_len,
-            connector=connector,
+            connector=connector
+            if not (prefetch and kind == "decode")
+            else {**connector, "prefetch_port": cfg.kv_port + KV_PORTS_PER_INSTANCE * (k + 1) - 1},
             extra_args=[*cfg.vllm_args, *(cfg.prefill_vllm_args if kind == "prefill" else cfg.decode_vllm_args)],
             env=env,
         )
@@ -111,7 +116,9 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
     return out
 
 
-def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[str]) -> list[str]:
+def proxy_command(
+    cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[str], hints: dict[str, str] | None = None
+) -> list[str]:
     cmd = [sys.executable, "-m", "pdrun.launch", "proxy", "--host", cfg.host, "--port", str(cfg.port)]
     cmd += ["--policy", cfg.policy]
     if any(a.split("=")[0] in CHAT_PARSERS for a in [*cfg.vllm_args, *cfg.prefill_vllm_args, *cfg.decode_vllm_args]):
@@ -122,7 +129,18 @@ def proxy_command(cfg: LaunchConfig, prefill_urls: list[str], decode_urls: list[
         cmd += ["--prefill", u]
     for u in decode_urls:
         cmd += ["--decode", u]
+    for u, address in (hints or {}).items():
+        cmd += ["--hint", f"{u}={address}"]
     return cmd
+
+
+def prefetch_hints(instances: list[tuple[str, ServerSpec]]) -> dict[str, str]:
+    """Each decoder that takes prefetch hints: its base URL -> where."""
+    return {
+        f"http://{s.host}:{s.port}": f"tcp://127.0.0.1:{s.connector['prefetch_port']}"
+        for name, s in instances
+        if name.startswith("decode-") and "prefetch_port" in s.connector
+    }
 
 
 def cache_command(cfg: LaunchConfig) -> list[str]:
@@ -161,7 +179,13 @@ def child_specs(cfg: LaunchConfig) -> list[ChildSpec]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     probe_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     specs.append(
-        ChildSpec("proxy", proxy_command(cfg, prefill, decode), env, f"http://{probe_host}:{cfg.port}/health", tier=0)
+        ChildSpec(
+            "proxy",
+            proxy_command(cfg, prefill, decode, prefetch_hints(instances)),
+            env,
+            f"http://{probe_host}:{cfg.port}/health",
+            tier=0,
+        )
     )
     if cfg.starts_cache:
         health = f"http://127.0.0.1:{cfg.cache_port + 1}/metrics"

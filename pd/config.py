@@ -129,6 +129,18 @@ class ConnectorConfig(BaseModel):
         "when no other request is running; always; never (the default: on an H200 an evicted 16k-token prefix "
         "measured the same either way)",
     )
+    cache_prefetch_gb: float = Field(
+        0,
+        ge=0,
+        description="on the cache server's host, device memory (GiB) for prompts' prefixes copied out of the tier "
+        "ahead of their requests: the proxy names a decoder-only request's token ids to the instance it picked (on "
+        "prefetch_port) and the copy crosses the bus while vLLM's front end handles the request. 0: none. Needs "
+        "one worker; costs a lookup per hinted request, and a copy where the tier holds a prefix the GPU cache "
+        "may hold too",
+    )
+    prefetch_port: int | None = Field(
+        None, ge=1, le=65535, description="with cache_prefetch_gb: the port on 127.0.0.1 this instance takes hints on"
+    )
     fingerprint_extra: str = Field(
         "", description="mixed into chunk keys: instances with different values never share KV"
     )

@@ -62,6 +62,7 @@ from pdrun.pd.loader import LoadJob, TierPin
 from pdrun.pd.loads import Loads
 from pdrun.pd.logs import setup_logging
 from pdrun.pd.params import TIMING, HandOff, handoff_of, handoff_params, wants_handoff
+from pdrun.pd.prefetch import Prefetch
 from pdrun.pd.rates import Rates
 from pdrun.pd.saves import Saves
 from pdrun.pd.staging import StagingPool, StagingService
@@ -864,6 +865,9 @@ class _WorkerSide:
         if cfg.cache is not None and self.local is None:
             self.writer = WriteBehind(_cache_client(cfg), int(cfg.cache_write_queue_mb * (1 << 20)), self._stored)  # type: ignore[arg-type]
         self.layerwise_save = cfg.layerwise and self.is_producer
+        self.seed = _fingerprint(vllm_config, cfg, kv_cache_config).seed()
+        self.workers = vllm_config.parallel_config.world_size
+        self.prefetch: Prefetch | None = None
         self.saves: Saves | None = None  # once the KV caches are known
         self.loads: Loads | None = None
         self._room_told = False
@@ -885,8 +889,18 @@ class _WorkerSide:
             bind = f"{self.cfg.transport}://{self.cfg.host}:{self.endpoint.rsplit(':', 1)[1]}"
             self.listener = transfer.listen(bind, service, **self.cfg.transfer_options())
         self.saves = Saves(self.paged, self.rank, self.stats, self.pool, self.tiers, self.writer)
+        self.prefetch = self._start_prefetch()
         self.loads = Loads(
-            self.cfg, self.paged, self.rank, self.block_size, on_device, self.stats, self._conns, self.cache, self.tiers
+            self.cfg,
+            self.paged,
+            self.rank,
+            self.block_size,
+            on_device,
+            self.stats,
+            self._conns,
+            self.cache,
+            self.tiers,
+            self.prefetch,
         )
         log.info(
             "PDConnector worker rank %d: KV layout %s on %s, %d bytes per block, %s block copies, "
@@ -905,6 +919,31 @@ class _WorkerSide:
             if self.cache
             else "",
         )
+
+    def _start_prefetch(self) -> Prefetch | None:
+        """Prefixes copied in on the proxy's hints (cache_prefetch_gb), where this worker can."""
+        cfg = self.cfg
+        if not cfg.cache_prefetch_gb:
+            return None
+        why = ""
+        if self.tiers.current is None:
+            why = "no cache tier through this host's shared memory"
+        elif self.workers > 1:
+            why = f"{self.workers} workers (needs one)"
+        elif cfg.prefetch_port is None:
+            why = "no prefetch_port"
+        if why:
+            log.warning("PDConnector: cache_prefetch_gb set, but no prefetch: %s", why)
+            return None
+        assert self.paged is not None
+        try:
+            budget = int(cfg.cache_prefetch_gb * (1 << 30))
+            bind = f"tcp://127.0.0.1:{cfg.prefetch_port}"
+            return Prefetch(self.paged, self.tiers, self.seed, cfg.chunk_size, self.rank, budget, bind, self.stats)
+        except Exception as e:  # no memory for the pool, the port taken: serve without it
+            why = f"{type(e).__name__}: {e}"
+            log.error("PDConnector: no prefetch (cache_prefetch_gb=%g): %s", cfg.cache_prefetch_gb, why)
+            return None
 
     def _free_bytes(self, on_device: bool) -> int:
         """Memory free now where staged chunks wait: the GPU's, else the host's (MemAvailable)."""
@@ -978,6 +1017,8 @@ class _WorkerSide:
     def shutdown(self) -> None:
         if self.loads is not None:
             self.loads.shutdown()
+        if self.prefetch is not None:
+            self.prefetch.close()
         if self.listener is not None:
             self.listener.close()
         self._conns.close()

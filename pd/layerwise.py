@@ -218,7 +218,14 @@ class MappedLoad:
     thread: one queueing copies beside an engine thread busy in Python waits for the GIL at every
     copy and falls far behind the bus."""
 
-    def __init__(self, paged: PagedKV, job: LoadJob, sources: list[torch.Tensor], by_layer: bool):
+    def __init__(
+        self,
+        paged: PagedKV,
+        job: LoadJob,
+        sources: list[torch.Tensor],
+        by_layer: bool,
+        after: list[torch.cuda.Event] | None = None,
+    ):
         self.paged = paged
         self.job = job
         self.error = ""
@@ -229,6 +236,8 @@ class MappedLoad:
         if paged.device.type == "cuda":
             self._stream = torch.cuda.Stream(paged.device)
             self._stream.wait_stream(torch.cuda.current_stream(paged.device))  # the blocks' previous owner
+            for event in after or ():  # sources still being copied in (pd/prefetch.py)
+                self._stream.wait_event(event)
         if by_layer:
             rows = []
             for c, src in zip(job.chunks, sources, strict=True):

@@ -163,14 +163,17 @@ class ChunkLoader:
         if self.next - self._queued >= self.batch or self.next == len(self.chunks):
             self._flush()
 
-    def place_from(self, src: torch.Tensor) -> None:
-        """The next chunk's bytes are in `src` (the cache tier's shared memory, say): scatter them
-        from there (queued, on a GPU: `src` must stay untouched until `settle` returns). From host
+    def place_from(self, src: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
+        """The next chunk's bytes are in `src` (the cache tier's shared memory, say), or will be
+        once `after` is done: scatter them from there (queued, on a GPU: `src` must stay untouched
+        until `settle` returns). From host
         memory with the Triton copies, each chunk is copied in on a stream of its own into a ring
         beside the cache and scattered from there on the loader's: the next chunk crosses the bus
         while this one is scattered, so loading runs at the bus's speed."""
         c = self.chunks[self.next]
         self._flush()
+        if after is not None and self._stream is not None:
+            self._stream.wait_event(after)
         ring_slot = None
         if self._stream is not None and not src.is_cuda and self.paged.block_copy == "triton":
             ring_slot = self.next % COPY_IN_SLOTS

@@ -18,6 +18,7 @@ from pdrun.pd.config import ConnectorConfig
 from pdrun.pd.keys import rank_key
 from pdrun.pd.layerwise import LayerwiseLoad, MappedLoad, pull_layers
 from pdrun.pd.loader import ChunkLoader, LoadJob, check_chunk, pull
+from pdrun.pd.prefetch import Fetched, Prefetch
 from pdrun.pd.releases import Releaser
 from pdrun.pd.stats import StatsCounter
 from pdrun.pd.tier import SharedTier, TierLink, TierLoad
@@ -43,6 +44,7 @@ class Loads:
         conns: ConnectionPool,
         cache: CacheClient | None,
         tiers: TierLink,
+        prefetch: Prefetch | None = None,
     ):
         self.cfg = cfg
         self.paged = paged
@@ -53,6 +55,7 @@ class Loads:
         self._conns = conns
         self.cache = cache
         self.tiers = tiers
+        self.prefetch = prefetch  # prefixes copied in ahead of their requests
         self._loader = ThreadPoolExecutor(cfg.load_threads, thread_name_prefix="pdrun-load")
         lanes = cfg.lanes()  # a load thread pulls its first lane itself, the others run here
         self._lanes = (
@@ -62,10 +65,11 @@ class Loads:
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
         # loads from the arena this thread queued, polled each step
-        self._from_arena: dict[str, tuple[LoadJob, ChunkLoader, TierLoad, SharedTier]] = {}
+        self._from_arena: dict[str, tuple[LoadJob, ChunkLoader, TierLoad, SharedTier, list[Fetched]]] = {}
         # this step's layer-wise loads: hand-offs (a thread each), and tier chunks the scheduler pinned
         self._in_step: dict[str, tuple[LoadJob, LayerwiseLoad | MappedLoad, threading.Thread | None]] = {}
-        self._pinned: dict[str, tuple[SharedTier, float]] = {}  # the tier each pinned load reads, since when
+        # the tier each pinned load reads, since when, and the prefetched copies it reads
+        self._pinned: dict[str, tuple[SharedTier, float, list[Fetched]]] = {}
         self._in_step_failed: set[int] = set()  # blocks of this step's layer-wise loads that never started
         self._in_step_seen: set[str] = set()  # kinds of in-step loads logged once
         self._load_errors: set[int] = set()
@@ -186,23 +190,48 @@ class Loads:
     def _start_from_arena(self, rid: str, job: LoadJob) -> None:
         assert self.paged is not None
         loader = ChunkLoader(self.paged, job)
+        keys = [rank_key(c.key, self.rank) for c in job.chunks]
+        taken = self._take_prefetched(keys)
         try:
             with self.tiers.use() as tier:
                 if tier is None:
                     raise LocalError("the cache tier failed lately; skipped")
-                load = tier.start_load([rank_key(c.key, self.rank) for c in job.chunks], loader)
+                for c, f in zip(job.chunks, taken, strict=False):
+                    loader.check(c, f.meta, f.data.numel())
+                    loader.place_from(f.data, after=f.copied)
+                load = tier.start_load(keys[len(taken) :], loader)
         except Exception as e:  # nothing queued or pinned: the request computes it all
+            loader.settle()
+            self._drop_prefetched(taken)
             self._arena_load_done(rid, job, job.start, 0, 0.0, f"{type(e).__name__}: {e}")
             return
-        self._from_arena[rid] = (job, loader, load, tier)
+        self._from_arena[rid] = (job, loader, load, tier, taken)
+
+    def _take_prefetched(self, keys: list[bytes]) -> list[Fetched]:
+        return self.prefetch.take(keys) if self.prefetch is not None else []
+
+    def _drop_prefetched(self, taken: list[Fetched]) -> None:
+        if self.prefetch is not None:
+            self.prefetch.done_with(taken)
+
+    def _give_back_prefetched(self, taken: list[Fetched]) -> bool:
+        """Hand back copies whose reads are done; whether their pins held (see Prefetch.good)."""
+        if not taken:
+            return True
+        assert self.prefetch is not None
+        self.prefetch.done_with(taken)
+        if not self.prefetch.good(taken):
+            return False
+        self.stats.add(cache_prefetched_tokens=len(taken) * self.cfg.chunk_size)
+        return True
 
     def _poll_from_arena(self) -> None:
         """End the arena loads whose copies are done: unpin their chunks and report the request."""
-        for rid, (job, loader, load, tier) in list(self._from_arena.items()):
+        for rid, (job, loader, load, tier, taken) in list(self._from_arena.items()):
             if not load.done():
                 continue
             del self._from_arena[rid]
-            held = tier.finish(load)
+            held = tier.finish(load) & self._give_back_prefetched(taken)
             seconds = time.perf_counter() - load.started
             if held:
                 self._arena_load_done(rid, job, loader.done, loader.nbytes, seconds, loader.error or "chunks missing")
@@ -267,8 +296,15 @@ class Loads:
             for c, (_, nbytes, meta) in zip(job.chunks, pin.slots, strict=True):
                 check_chunk(self.paged, layout, c, meta, nbytes)
             sources = [tier.slot(offset, nbytes) for offset, nbytes, _ in pin.slots]
+            taken = self._take_prefetched([rank_key(c.key, self.rank) for c in job.chunks])
+            sources[: len(taken)] = [f.data for f in taken]
             by_layer = tier.registered and self.paged.block_copy == "triton"
-            load = MappedLoad(self.paged, job, sources, by_layer)
+            after = [f.copied for f in taken if f.copied is not None]
+            try:
+                load = MappedLoad(self.paged, job, sources, by_layer, after)
+            except Exception:
+                self._drop_prefetched(taken)
+                raise
         except Exception as e:  # the forward pass must not use its blocks: vLLM recomputes them
             self._failed(rid, self._in_step_what(job), job, job.start, f"{type(e).__name__}: {e}")
             self._in_step_failed |= plan.blocks_from(job.start, job.end, job.block_ids, self.block_size)
@@ -277,13 +313,15 @@ class Loads:
                     tier.client.release(pin.lease)
             return
         tier.enter()  # until the pins go
-        self._pinned[rid] = (tier, time.perf_counter())
+        self._pinned[rid] = (tier, time.perf_counter(), taken)
         self._in_step[rid] = (job, load, None)
 
     def _unpin(self, rid: str, job: LoadJob, load: LayerwiseLoad | MappedLoad) -> None:
         """A pinned load's copies are done: let its chunks go."""
         assert job.pin is not None
-        tier, t0 = self._pinned.pop(rid)
+        tier, t0, taken = self._pinned.pop(rid)
+        if not self._give_back_prefetched(taken):  # the load has stopped: nothing reads them now
+            load.error = load.error or "the cache server unpinned chunks before they were copied in ahead"
         try:
             if not tier.client.release(job.pin.lease):
                 load.error = load.error or "the cache server unpinned chunks before they were copied"
@@ -362,10 +400,11 @@ class Loads:
         return errors
 
     def shutdown(self) -> None:
-        for _, _, load, tier in self._from_arena.values():
+        for _, _, load, tier, taken in self._from_arena.values():
             if load.ready is not None:
                 load.ready.synchronize()
             tier.finish(load)
+            self._drop_prefetched(taken)
         self._from_arena.clear()
         self._loader.shutdown(wait=False, cancel_futures=True)
         self.releases.close()

@@ -32,6 +32,10 @@ COUNTERS: dict[str, str] = {
     "cache_loaded_tokens": "Prompt tokens whose KV was loaded from the cache tier",
     "cache_loaded_bytes": "Bytes of KV loaded from the cache tier",
     "cache_load_seconds": "Seconds spent fetching and scattering KV from the cache tier",
+    "cache_prefetched_tokens": "Of the tokens loaded from the cache tier, those copied into device memory ahead of "
+    "their request on the proxy's hint (cache_prefetch_gb)",
+    "cache_prefetch_copied_tokens": "Prompt tokens copied into device memory on the proxy's hints (cache_prefetch_gb); "
+    "those no load used (the GPU cache held them, or the pool gave them up) cost only the bus's time",
     "cache_in_step_tokens": "Of the tokens loaded from the cache tier, those copied in inside the step that "
     "computes their request (cache_load_in_step)",
     "cache_stored_chunks": "Chunks written behind to the cache tier",

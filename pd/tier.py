@@ -154,7 +154,7 @@ class SharedTier:
         loader's blocks; the caller polls the load and ends it with `finish`."""
         t0 = time.perf_counter()
         try:
-            lease, slots = self.client.read(keys)
+            lease, slots = self.client.read(keys) if keys else (0, [])
         except LocalError:
             self.failed = True
             raise

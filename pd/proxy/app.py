@@ -44,6 +44,7 @@ from pdrun.pd.proxy.body import BadRequest, decode_only_reason, error_response, 
 from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
 from pdrun.pd.proxy.handoffs import GiveBack
 from pdrun.pd.proxy.health import Health
+from pdrun.pd.proxy.hints import Hints
 from pdrun.pd.proxy.metrics import ProxyMetrics
 from pdrun.pd.proxy.routing import Backend, Policy, Router, prompt_tokens
 from pdrun.pd.proxy.shortcut import TierShortcut
@@ -92,6 +93,11 @@ class ProxySettings(BaseModel):
         None,
         description="the deployment's cache server (tcp://HOST:PORT): prompts it holds skip the prefill hop",
     )
+    hints: dict[str, str] = Field(
+        default_factory=dict,
+        description="decoder base URL -> the zmq address (tcp://127.0.0.1:PORT) its worker takes prefetch hints on "
+        "(cache_prefetch_gb): a decoder-only completion's token ids go there as the decoder is picked",
+    )
     tier_shortcut_tokens: int = Field(
         512,
         ge=0,
@@ -109,6 +115,7 @@ class Proxy:
         self.shortcut = _shortcut(settings)
         self.health = Health(self.router.backends)
         self.give_back = GiveBack()
+        self.hints = Hints(settings.hints) if settings.hints else None
 
     @property
     def client(self) -> Upstream | None:
@@ -136,6 +143,8 @@ class Proxy:
             await self.client.close()
             if self.shortcut is not None:
                 self.shortcut.close()
+            if self.hints is not None:
+                self.hints.close()
 
     async def _prefill_from(self, p: Backend, path: str, pbody: dict[str, Any]) -> Answer | None:
         """p's answer to the prefill, or None if p left the rotation first (a prefiller that stopped
@@ -161,7 +170,7 @@ class Proxy:
         raw = await request.body()
         try:
             # Decoders alone get the body as it came: the proxy reads only what it routes on.
-            body = parse_body(raw, path) if self.router.prefillers else parse_head(raw)
+            body = parse_body(raw, path) if self.router.prefillers else parse_head(raw, self.hints is not None)
             self._check_model(body.get("model"))
         except BadRequest as e:
             return self._count(path, error_response(e.status, str(e), e.param))
@@ -319,6 +328,8 @@ class Proxy:
         tried: list[Backend] = []
         asked_again: set[str] = set()
         while (d := self.router.pick_decoder(exclude=tried)) is not None:
+            if self.hints is not None and "kv_transfer_params" not in body:
+                self.hints.send(d.url, body)  # its prefix crosses into the GPU meanwhile
             sent = time.monotonic()
             d.outstanding += 1
             upstream: Stream | None = None

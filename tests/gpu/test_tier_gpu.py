@@ -1,18 +1,21 @@
 """The cache tier on CUDA: a prompt evicted from the GPU cache comes back from the tier's arena,
 copied in inside the step that computes it (`cache_load_in_step: idle`, the instance idle) or
-beside the engine's steps, and the answer is plain vLLM's, token for token. CUDA graphs on: the loading step runs
+beside the engine's steps, or from copies made ahead on a hint (`cache_prefetch_gb`), and the answer is plain
+vLLM's, token for token. CUDA graphs on: the loading step runs
 piecewise, each layer waiting for its copy (the 8B shape in bf16 with PDRUN_GPU_MODEL)."""
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pdrun.launch.vllm_server import ServerSpec, VllmServer
+from pdrun.pd.proxy.hints import Hints
 from pdrun.storage.server import CacheServer
 from pdrun.storage.tiers import MemoryTier, TieredStore
 from tests.integration.client import LOAD_FAILURES, complete, metrics, prompt, token_ids, wait_for_deltas
@@ -22,6 +25,7 @@ pytestmark = pytest.mark.gpu
 
 CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
 IN_STEP = "pdrun:cache_in_step_tokens_total"
+PREFETCHED = "pdrun:cache_prefetched_tokens_total"
 TOKENS, OTHERS = 6000, 4  # GPU caches of 1024 blocks (16k tokens): four others evict a prompt
 LOADED = TOKENS // 256 * 256  # its full chunks
 
@@ -45,11 +49,13 @@ def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     args = ["--gpu-memory-utilization", "0.25", "--max-num-seqs", "8", "--num-gpu-blocks-override", "1024"]
     if not any(model.glob("*.safetensors")):
         args += ["--load-format", "dummy"]
+    hint_port = port = free_port()
     with CacheServer(f"tcp://127.0.0.1:{free_port()}", TieredStore(MemoryTier(16 << 30))) as cache:
         connectors = {
             "plain": ("plain", {}),
             "in the step": ("kv_both", {"cache": cache.address, "cache_load_in_step": "idle"}),
             "beside the steps": ("kv_both", {"cache": cache.address}),
+            "copied in ahead": ("kv_both", {"cache": cache.address, "cache_prefetch_gb": 1, "prefetch_port": port}),
         }
 
         def start(name: str) -> VllmServer:
@@ -72,6 +78,7 @@ def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             return server
 
         servers = Servers(start)
+        servers.hint_port = hint_port
         try:
             yield servers
         finally:
@@ -79,18 +86,28 @@ def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 s.stop()
 
 
-@pytest.mark.parametrize("where", ["in the step", "beside the steps"], ids=["in_step", "beside"])
+@pytest.mark.parametrize(
+    "where", ["in the step", "beside the steps", "copied in ahead"], ids=["in_step", "beside", "prefetched"]
+)
 def test_an_evicted_prompt_loaded_from_the_tier_answers_as_plain_vllm(tier_servers, where):
     url, plain = tier_servers[where].url, tier_servers["plain"].url
-    seed = 10 if where == "in the step" else 20
+    seed = {"in the step": 10, "beside the steps": 20, "copied in ahead": 30}[where]
     tokens = prompt(TOKENS, seed)
     want = token_ids(complete(plain, tokens, max_tokens=32))
     assert token_ids(complete(url, tokens, max_tokens=32)) == want  # cold: computed, stored behind
     for i in range(OTHERS):
         complete(url, prompt(TOKENS, seed + 1 + i), max_tokens=1)
     before = metrics(url)
+    if where == "copied in ahead":  # as the proxy hints it, just before sending the request
+        hints = Hints({url: f"tcp://127.0.0.1:{tier_servers.hint_port}"})
+        deadline = time.monotonic() + 10
+        while not hints.send(url, {"prompt": tokens}) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the socket is connected
+        hints.close()
     assert token_ids(complete(url, tokens, max_tokens=32)) == want
     expected = {CACHE_LOADED: LOADED, IN_STEP: LOADED if where == "in the step" else 0, LOAD_FAILURES: 0}
+    if where == "copied in ahead":  # the hint reached the worker before vLLM's front end was done
+        expected[PREFETCHED] = LOADED
     assert wait_for_deltas(url, before, expected) == expected
     if where == "in the step":  # every layer waited for its copy in vLLM's hook, CUDA graphs on
         log = tier_servers[where].log_path.read_text()

@@ -46,6 +46,7 @@ pytestmark = pytest.mark.integration
 CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
 DISK_LOADED = "pdrun:cache_disk_loaded_tokens_total"  # of those, read from the tier's disk
 IN_STEP = "pdrun:cache_in_step_tokens_total"  # of those, copied in inside the step that computes the request
+PREFETCHED = "pdrun:cache_prefetched_tokens_total"  # of those, from copies made on the proxy's hint
 TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # on the cache server's /metrics
 LOCAL_READS = "pdrun:cache_local_requests_total[op=read]"  # chunks read in place, through shared memory
 LOCAL_RESERVES = "pdrun:cache_local_requests_total[op=reserve]"
@@ -367,6 +368,37 @@ def test_a_restarted_instance_reads_from_disk_at_its_first_request_where_its_kep
         assert wait_for_deltas([url], before, {DISK_LOADED: 2048}) == {DISK_LOADED: 2048}
     finally:
         stop(second)
+
+
+@pytest.mark.after_deployment
+def test_a_prompt_the_proxy_hints_is_copied_in_ahead_and_answers_as_plain_vllm(cluster, model_dir, tmp_path):
+    """With cache_prefetch_gb, the proxy names a completion's token ids to the decoder it picked;
+    the decoder copies the prefix the tier holds while vLLM's front end handles the request, and
+    loads it from those copies."""
+    stop(cluster.deployment)  # memory for the instances started here
+    p, others = prompt(4 * CHUNK + 60, seed=350), [prompt(4 * CHUNK + 60, seed=351 + i) for i in range(3)]
+    want = plain(cluster, p)
+    connector = {"io_timeout_s": DECODER_IO_TIMEOUT_S, "cache_prefetch_gb": 0.05}
+    # A KV cache of 20 blocks (2560 tokens): three other prompts evict all of this one's blocks.
+    vllm_args = ["--num-gpu-blocks-override", "20"]
+    d = start_deployment(
+        model_dir, tmp_path / "run", None, prefill=0, decode=1, connector=connector, vllm_args=vllm_args,
+        max_model_len=2048,
+    )  # fmt: skip
+    try:
+        d.wait_ready(["decode-0"], timeout=600)
+        url = d.state()["children"]["decode-0"]["url"]
+        before_tier = metrics(d.cache_metrics_url)
+        assert token_ids(complete(d.proxy_url, p)) == want
+        assert wait_for_deltas(d.cache_metrics_url, before_tier, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
+        for other in others:
+            complete(d.proxy_url, other)
+        before = summed_metrics([url])
+        assert token_ids(complete(d.proxy_url, p)) == want
+        expected = {CACHE_LOADED: 4 * CHUNK, PREFETCHED: 4 * CHUNK, LOAD_FAILURES: 0}
+        assert wait_for_deltas([url], before, expected) == expected
+    finally:
+        stop(d)
 
 
 def start_cache_server(port: int, log: Path) -> subprocess.Popen:

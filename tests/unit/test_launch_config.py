@@ -157,6 +157,26 @@ def test_the_ucx_transport_reaches_every_instance_and_their_endpoints():
         assert ktc["kv_connector_extra_config"]["transport"] == "ucx"
 
 
+def test_decoders_take_prefetch_hints_on_a_port_of_their_own_and_the_proxy_is_told_where():
+    cfg = load(None, {"device": "cpu", "decode": 2, "connector": {"cache_prefetch_gb": 2}})
+    specs = {s.name: s for s in deploy.child_specs(cfg)}
+    extra = {
+        name: json.loads(specs[name].command[specs[name].command.index("--kv-transfer-config") + 1])[
+            "kv_connector_extra_config"
+        ]
+        for name in ("prefill-0", "decode-0", "decode-1")
+    }
+    assert "prefetch_port" not in extra["prefill-0"]  # a prefiller's requests are never decoder-only
+    ports = [extra["decode-0"]["prefetch_port"], extra["decode-1"]["prefetch_port"]]
+    assert len(set(ports)) == 2 and not set(ports) & {cfg.kv_port + 8 * k for k in range(3)}
+    hints = [a for i, a in enumerate(specs["proxy"].command) if specs["proxy"].command[i - 1] == "--hint"]
+    assert hints == [f"http://127.0.0.1:{cfg.instance_port + 1 + k}=tcp://127.0.0.1:{ports[k]}" for k in range(2)]
+    none = {s.name: s for s in deploy.child_specs(load(None, {"device": "cpu"}))}
+    assert "--hint" not in none["proxy"].command and "prefetch_port" not in " ".join(none["decode-0"].command)
+    r = runner.invoke(app, ["proxy", "--decode", "http://x:1", "--hint", "http://x:1=ipc:///tmp/h"])
+    assert r.exit_code == 2 and "--hint takes DECODER_URL=tcp://HOST:PORT" in r.output
+
+
 def test_the_proxy_is_told_when_vllm_parses_chat_answers():
     plain = deploy.proxy_command(load(None, {}), ["http://p"], ["http://d"])
     parsed = deploy.proxy_command(load(None, {"vllm_args": ["--reasoning-parser=qwen3"]}), ["http://p"], ["http://d"])

@@ -1,0 +1,267 @@
+"""A prompt's prefix copied out of the cache tier's arena into the GPU before vLLM sees the request
+(`cache_prefetch_gb`), on the proxy's hint.
+
+The proxy sends a decoder-only request's token ids to the worker of the instance it picked the
+moment it picks it (a zmq PUSH, never waited for). The worker names the prompt's chunks as the
+scheduler will (pd/keys.py), pins the leading ones the arena holds and copies them into a pool of
+device memory on a stream of its own, while vLLM's front end still parses and tokenizes the
+request. When the scheduler then loads the prefix, the chunks found here are scattered from device
+memory (their copies waited for on the GPU, not on the host) and only the rest comes from the
+arena: the bus's time overlaps the front end's instead of following it.
+
+A hint costs a lookup, and where the arena holds the prefix a copy over the bus even when vLLM's
+own cache holds it too (the pool's oldest copies make room for new ones). A copy is used only
+once its pins were confirmed held throughout; a load that took it waits for that (microseconds
+after its copy), and one whose pins were not is recomputed, never served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from pdrun.pd.codec import PagedKV, Ready
+from pdrun.pd.keys import chained_keys, rank_key, salted
+from pdrun.pd.plan import computed_here
+from pdrun.pd.stats import StatsCounter
+from pdrun.pd.tier import TierLink
+from pdrun.storage.local import LocalError
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 200  # how soon the hint thread sees `close`
+CHECK_WAIT_S = 5.0  # longest a load waits to hear that the pins of its copies held
+QUEUED_WAIT_S = 0.05  # longest a load waits for a hint under way to queue its copies
+# A copy no load took this long after its hint was not needed (vLLM's cache held the prefix, or the
+# request went elsewhere): it is dropped, not kept as a second cache beside vLLM's own.
+COPY_TTL_S = 1.0
+
+
+@dataclass
+class Fetched:
+    """One chunk's copy in the pool."""
+
+    key: bytes
+    slot: int
+    data: torch.Tensor  # the chunk's bytes, as in the arena
+    meta: dict[str, Any]
+    copied: torch.cuda.Event | None  # None: copied already (off a GPU)
+    made: float = field(default_factory=time.monotonic)
+    checked: threading.Event = field(default_factory=threading.Event)
+    held: bool = False  # its pins held until the copy was done (set before `checked`)
+
+
+class Prefetch:
+    def __init__(
+        self,
+        paged: PagedKV,
+        tiers: TierLink,
+        seed: bytes,
+        chunk_size: int,
+        rank: int,
+        budget_bytes: int,
+        bind: str,
+        stats: StatsCounter,
+    ):
+        self.paged = paged
+        self.stats = stats
+        self.tiers = tiers
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.rank = rank
+        self.slot_bytes = paged.nbytes(-(-chunk_size // paged.block_size))
+        self.slots = slots = budget_bytes // self.slot_bytes
+        if slots < 1:
+            raise ValueError(
+                f"cache_prefetch_gb={budget_bytes / (1 << 30):g} holds no chunk ({self.slot_bytes >> 20} MiB each)"
+            )
+        self.pool = paged.device_buffer(slots * self.slot_bytes)
+        self._free = list(range(slots))
+        self._draining: list[tuple[list[int], Ready | None]] = []  # slots a load still reads, until it is done
+        self._copies: OrderedDict[bytes, Fetched] = OrderedDict()  # by key, oldest first
+        self._coming: dict[bytes, threading.Event] = {}  # keys a hint is about to copy in: set once queued
+        self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(paged.device) if paged.device.type == "cuda" else None
+        self._closing = threading.Event()
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(bind)
+        self._thread = threading.Thread(target=self._serve, name="pdrun-prefetch", daemon=True)
+        self._thread.start()
+        log.info("cache tier prefetch: %d chunks (%.1f GiB) of %s memory, hints on %s",
+                 slots, slots * self.slot_bytes / (1 << 30), paged.device, bind)  # fmt: skip
+
+    # -- the hint thread --
+    def _serve(self) -> None:
+        if self._stream is not None:
+            torch.cuda.set_device(self.paged.device)
+        while not self._closing.is_set():
+            if not self._socket.poll(POLL_MS):
+                continue
+            try:
+                salt, ids = self._socket.recv_multipart(zmq.NOBLOCK)
+                self.hint(salt.decode() or None, ids)
+            except Exception:  # a bad hint, a tier gone: the load goes to the arena as usual
+                log.debug("prefetch hint dropped", exc_info=True)
+
+    def hint(self, salt: str | None, ids: bytes) -> int:
+        """Copy in the leading chunks of the prompt `ids` (uint32 token ids) the arena holds; the
+        number of chunks copied."""
+        t0 = time.perf_counter()
+        tokens = array("I")
+        tokens.frombytes(ids)
+        usable = len(tokens) - computed_here(continues=False)  # as the scheduler's lookup
+        keys = chained_keys(salted(self.seed, salt), self.chunk_size, tokens[: max(0, usable)], full_only=True)
+        keys = [rank_key(k, self.rank) for k in keys]
+        want: list[bytes] = []  # the first run of chunks not copied in yet
+        with self._lock:
+            self._drop_stale()
+            held = 0  # of the prompt's head, copied in already
+            for key in keys:
+                if key in self._copies:
+                    if want:
+                        break
+                    self._copies.move_to_end(key)
+                    held += 1
+                else:
+                    want.append(key)
+            want = want[: self.slots - held]  # a prompt longer than the pool keeps its head
+            coming = threading.Event()
+            self._coming.update(dict.fromkeys(want, coming))
+        copied = 0
+        try:
+            copied = self._copy_in(want, coming)
+            return copied
+        finally:
+            self._queued(want, coming)
+            log.debug("hint at %.4f: %d of %d chunks copied in (%d held already) in %.1f ms",
+                      t0, copied, len(keys), held, (time.perf_counter() - t0) * 1e3)  # fmt: skip
+
+    def _copy_in(self, want: list[bytes], coming: threading.Event) -> int:
+        if not want:
+            return 0
+        with self.tiers.use() as tier:
+            if tier is None:
+                return 0
+            lease, slots = tier.client.read(want)
+            tier.enter()  # the copies read the arena
+            fetched: list[Fetched] = []
+            try:
+                with self._lock:
+                    room = self._room(len(slots))
+                    for key, slot, at in zip(want, slots, room, strict=False):
+                        data = self.pool[at * self.slot_bytes : at * self.slot_bytes + slot.nbytes]
+                        fetched.append(Fetched(key, at, data, dict(slot.meta), None))
+                    self._free += room[len(fetched) :]
+                if fetched:
+                    with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                        for f, slot in zip(fetched, slots, strict=False):
+                            f.data.copy_(tier.slot(slot.offset, slot.nbytes), non_blocking=True)
+                        copied = self._copied()
+                    with self._lock:
+                        for f in fetched:
+                            f.copied = copied
+                            self._copies[f.key] = f
+                    self._queued(want, coming)
+                    if copied is not None:
+                        copied.synchronize()
+            finally:
+                held = False
+                with contextlib.suppress(LocalError):
+                    held = tier.client.release(lease) if lease else True
+                tier.leave()
+                for f in fetched:
+                    f.held = held
+                    f.checked.set()
+        self.stats.add(cache_prefetch_copied_tokens=len(fetched) * self.chunk_size)
+        return len(fetched)
+
+    def _queued(self, keys: list[bytes], coming: threading.Event) -> None:
+        """Loads waiting for `keys` to be queued go on (with their copies, or without those not made)."""
+        with self._lock:
+            for key in keys:
+                if self._coming.get(key) is coming:
+                    del self._coming[key]
+        coming.set()
+
+    def _copied(self) -> torch.cuda.Event | None:
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+    def _room(self, n: int) -> list[int]:
+        """Up to `n` free slots, the oldest copies no load took given up for them (lock held)."""
+        still = []
+        for slots, reading in self._draining:
+            if reading is None or reading.query():
+                self._free += slots
+            else:
+                still.append((slots, reading))
+        self._draining = still
+        self._drop_stale()
+        while len(self._free) < n and self._copies:
+            oldest = next(iter(self._copies.values()))
+            if not oldest.checked.is_set():
+                break  # still being copied in
+            del self._copies[oldest.key]
+            self._free.append(oldest.slot)
+        room, self._free = self._free[:n], self._free[n:]
+        return room
+
+    def _drop_stale(self) -> None:
+        """Free the copies no load took in time (lock held)."""
+        stale = time.monotonic() - COPY_TTL_S
+        for f in [f for f in self._copies.values() if f.made < stale and f.checked.is_set()]:
+            del self._copies[f.key]
+            self._free.append(f.slot)
+
+    # -- the engine's thread --
+    def take(self, keys: Sequence[bytes]) -> list[Fetched]:
+        """The copies of the leading `keys` held here, now the caller's: it scatters them after
+        their `copied`, checks them with `good` and hands them back with `done_with`."""
+        taken: list[Fetched] = []
+        for key in keys:
+            with self._lock:
+                f = self._copies.pop(key, None)
+                coming = self._coming.get(key) if f is None else None
+            if coming is not None and coming.wait(QUEUED_WAIT_S):  # a hint is copying it in right now
+                with self._lock:
+                    f = self._copies.pop(key, None)
+            if f is not None and time.monotonic() - f.made > COPY_TTL_S:
+                self.done_with([f])
+                f = None
+            if f is None:
+                break
+            taken.append(f)
+        log.debug("load at %.4f: %d of %d chunks copied in ahead", time.perf_counter(), len(taken), len(keys))
+        return taken
+
+    @staticmethod
+    def good(taken: Sequence[Fetched]) -> bool:
+        """Whether the taken copies' pins held throughout their copies (else their bytes may be another chunk's)."""
+        return all(f.checked.wait(CHECK_WAIT_S) and f.held for f in taken)
+
+    def done_with(self, taken: Sequence[Fetched], reading: Ready | None = None) -> None:
+        """The taken copies' slots are free once `reading` (what reads them; None: nothing now) is done."""
+        if taken:
+            with self._lock:
+                self._draining.append(([f.slot for f in taken], reading))
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)
+        self._socket.close(0)
+        self._context.term()

@@ -1,0 +1,163 @@
+"""Prefixes copied out of the arena ahead of their requests on the proxy's hint (pd/prefetch.py,
+pd/proxy/hints.py), on a real cache server, arena, zmq sockets and a paged cache: a hinted prompt's
+chunks are copied in, and the load that follows scatters them from there, alone or with the rest
+from the arena, beside the steps and inside one."""
+
+from __future__ import annotations
+
+import socket
+from array import array
+
+import pytest
+
+from pdrun.pd import plan
+from pdrun.pd.connector import PDMetadata
+from pdrun.pd.keys import chained_keys
+from pdrun.pd.loader import LoadJob, TierPin
+from pdrun.pd.prefetch import Prefetch
+from pdrun.pd.proxy.body import parse_head
+from pdrun.pd.proxy.hints import Hints
+from pdrun.pd.stats import StatsCounter
+from pdrun.pd.tier import TierLink
+from tests.unit.test_shared_tier import BLOCK, CHUNK, CHUNKS, DST, PER, SRC, pinned_loads, step, tier, until
+
+SEED = b"s" * 16
+TOKENS = list(range(100, 100 + CHUNKS * CHUNK + 2))  # the last two are computed, never looked up
+KEYS = chained_keys(SEED, CHUNK, TOKENS[:-2], full_only=True)
+DECODER = "http://127.0.0.1:9"
+__all__ = ["tier"]  # the fixture, shared
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hinted(tier):
+    """The tier holding the prompt's chunks, a prefetch pool of `room` chunks and a proxy's hints to it."""
+    server, t, cache, _ = tier
+    t.store([(k, SRC[i * PER : (i + 1) * PER]) for i, k in enumerate(KEYS)])
+    t.flush()
+    made = []
+
+    def make(room: int) -> tuple[Prefetch, Hints]:
+        port = free_port()
+        budget = room * cache.nbytes(PER)
+        link = TierLink(t, lambda: None, 5.0)
+        prefetch = Prefetch(cache, link, SEED, CHUNK, 0, budget, f"tcp://127.0.0.1:{port}", StatsCounter())
+        hints = Hints({DECODER: f"tcp://127.0.0.1:{port}"})
+        made.append((prefetch, hints))
+        return prefetch, hints
+
+    yield server, t, cache, make
+    for prefetch, hints in made:
+        hints.close()
+        prefetch.close()
+
+
+def copied(prefetch: Prefetch) -> int:
+    """Chunks copied in, their pins let go."""
+    return sum(f.checked.is_set() for f in list(prefetch._copies.values()))
+
+
+def hint(hints: Hints, prefetch: Prefetch, chunks: int) -> None:
+    """Hint the prompt as the proxy does (its first sends may go before the socket is connected)."""
+    assert until(lambda: hints.send(DECODER, {"prompt": TOKENS})), "the hint never went"
+    assert until(lambda: copied(prefetch) >= chunks), "never copied in"
+
+
+def job(pin: TierPin | None = None) -> LoadJob:
+    tokens = CHUNKS * CHUNK
+    chunks = plan.plan_load(KEYS, tokens, 0, tokens, DST, CHUNK, BLOCK)
+    return LoadJob("", [], chunks, 0, tokens, DST, pin is not None, 0, pin)
+
+
+def test_a_hinted_prefix_is_loaded_from_its_copies_not_the_arena(hinted):
+    server, t, cache, make = hinted
+    prefetch, hints = make(room=CHUNKS)
+    hint(hints, prefetch, CHUNKS)
+    assert server.local.leases() == 0  # the copies' pins went as soon as they were done
+    t.memory.zero_()  # the arena's bytes gone: only the copies hold the prompt now
+    loads, stats = pinned_loads(t, cache)
+    loads.prefetch = prefetch
+    loads.start(PDMetadata(loads={"r": job()}))
+    assert until(lambda: loads.take_finished_loads() == {"r"})
+    assert loads.take_load_errors() == set()
+    for layer in cache.layers:
+        assert layer[SRC].eq(layer[DST]).all()
+    taken = stats.take()
+    assert taken is not None and taken.data["cache_prefetched_tokens"] == CHUNKS * CHUNK
+    assert copied(prefetch) == 0 and server.local.leases() == 0
+    loads.shutdown()
+
+
+def test_a_pool_too_small_copies_the_head_and_the_load_takes_the_rest_from_the_arena(hinted):
+    server, t, cache, make = hinted
+    prefetch, hints = make(room=4)
+    hint(hints, prefetch, 4)
+    assert prefetch.hint(None, array("I", TOKENS).tobytes()) == 0  # hinted again: its head stays, not its tail
+    assert list(prefetch._copies) == KEYS[:4]
+    loads, stats = pinned_loads(t, cache)
+    loads.prefetch = prefetch
+    loads.start(PDMetadata(loads={"r": job()}))
+    assert until(lambda: loads.take_finished_loads() == {"r"})
+    for layer in cache.layers:
+        assert layer[SRC].eq(layer[DST]).all()
+    taken = stats.take()
+    assert taken is not None and taken.data["cache_loaded_tokens"] == CHUNKS * CHUNK
+    assert taken.data["cache_prefetched_tokens"] == 4 * CHUNK
+    assert server.local.leases() == 0
+    loads.shutdown()
+
+
+def test_a_copy_no_load_took_in_time_is_dropped_not_served(hinted, monkeypatch):
+    """The pool bridges a request's front end; it is no second cache beside vLLM's own."""
+    _, t, cache, make = hinted
+    prefetch, hints = make(room=CHUNKS)
+    hint(hints, prefetch, CHUNKS)
+    monkeypatch.setattr("pdrun.pd.prefetch.COPY_TTL_S", 0.0)
+    loads, stats = pinned_loads(t, cache)
+    loads.prefetch = prefetch
+    loads.start(PDMetadata(loads={"r": job()}))
+    assert until(lambda: loads.take_finished_loads() == {"r"})
+    for layer in cache.layers:
+        assert layer[SRC].eq(layer[DST]).all()  # from the arena
+    taken = stats.take()
+    assert taken is not None and taken.data["cache_loaded_tokens"] == CHUNKS * CHUNK
+    assert taken.data["cache_prefetched_tokens"] == 0
+    assert prefetch.hint(None, array("I", TOKENS).tobytes()) == CHUNKS  # copied in again, not counted as held
+    loads.shutdown()
+
+
+def test_a_load_inside_the_step_reads_the_copies_too(hinted):
+    server, t, cache, make = hinted
+    prefetch, hints = make(room=CHUNKS)
+    hint(hints, prefetch, CHUNKS)
+    lease, slots = t.client.read(KEYS)  # as the scheduler pins them at its lookup
+    pin = TierPin(lease, t.client.info.token, [(s.offset, s.nbytes, s.meta) for s in slots])
+    t.memory.zero_()
+    loads, stats = pinned_loads(t, cache)
+    loads.prefetch = prefetch
+    assert step(loads, job(pin), cache) == set()
+    for layer in cache.layers:
+        assert layer[SRC].eq(layer[DST]).all()
+    taken = stats.take()
+    assert taken is not None and taken.data["cache_in_step_tokens"] == CHUNKS * CHUNK
+    assert taken.data["cache_prefetched_tokens"] == CHUNKS * CHUNK
+    assert server.local.leases() == 0
+    loads.shutdown()
+
+
+def test_the_proxy_hints_completions_given_as_token_ids_only():
+    sink = Hints({DECODER: f"tcp://127.0.0.1:{free_port()}"})
+    try:
+        assert not sink.send(DECODER, {"prompt": "text, tokenized by the instance"})
+        assert not sink.send(DECODER, {"prompt": [1, -2]})  # not token ids: vLLM answers why
+        assert not sink.send("http://127.0.0.1:8", {"prompt": TOKENS})  # no hints taken there
+    finally:
+        sink.close()
+    raw = b'{"model": "m", "prompt": [1, 2, 3], "cache_salt": "a", "max_tokens": 4}'
+    assert parse_head(raw, hint=True) == {"model": "m", "stream": False, "prompt": [1, 2, 3], "cache_salt": "a"}
+    assert "prompt" not in parse_head(raw)

@@ -32,7 +32,7 @@ import zmq
 
 from pdrun.pd.codec import PagedKV, Ready
 from pdrun.pd.keys import chained_keys, rank_key, salted
-from pdrun.pd.plan import computed_here
+from pdrun.pd.plan import computed_here, num_chunks
 from pdrun.pd.stats import StatsCounter
 from pdrun.pd.tier import TierLink
 from pdrun.storage.local import LocalError
@@ -121,8 +121,11 @@ class Prefetch:
         t0 = time.perf_counter()
         tokens = array("I")
         tokens.frombytes(ids)
-        usable = len(tokens) - computed_here(continues=False)  # as the scheduler's lookup
-        keys = chained_keys(salted(self.seed, salt), self.chunk_size, tokens[: max(0, usable)], full_only=True)
+        # The full chunks the scheduler's lookup asks for: up to the last whole block it does not compute.
+        limit = max(0, len(tokens) - computed_here(continues=False))
+        limit -= limit % self.paged.block_size
+        chunks = min(len(tokens) // self.chunk_size, num_chunks(limit, self.chunk_size))
+        keys = chained_keys(salted(self.seed, salt), self.chunk_size, tokens[: chunks * self.chunk_size])
         keys = [rank_key(k, self.rank) for k in keys]
         want: list[bytes] = []  # the first run of chunks not copied in yet
         with self._lock:

@@ -923,15 +923,13 @@ class _WorkerSide:
     def _start_prefetch(self) -> Prefetch | None:
         """Prefixes copied in on the proxy's hints (cache_prefetch_gb), where this worker can."""
         cfg = self.cfg
-        if not cfg.cache_prefetch_gb:
+        if not cfg.cache_prefetch_gb or cfg.prefetch_port is None:  # no port: no hints come (a prefiller's)
             return None
         why = ""
         if self.tiers.current is None:
             why = "no cache tier through this host's shared memory"
         elif self.workers > 1:
             why = f"{self.workers} workers (needs one)"
-        elif cfg.prefetch_port is None:
-            why = "no prefetch_port"
         if why:
             log.warning("PDConnector: cache_prefetch_gb set, but no prefetch: %s", why)
             return None

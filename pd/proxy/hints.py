@@ -5,13 +5,10 @@ once (the instance not taking them, its queue full) is dropped, and the request 
 
 from __future__ import annotations
 
-import logging
 from array import array
 from typing import Any
 
 import zmq
-
-log = logging.getLogger("pdrun.pd.proxy")
 
 LINGER_MS = 500
 QUEUE = 16  # hints waiting for an instance that is slow to take them; beyond, they are dropped

@@ -49,13 +49,16 @@ def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     args = ["--gpu-memory-utilization", "0.25", "--max-num-seqs", "8", "--num-gpu-blocks-override", "1024"]
     if not any(model.glob("*.safetensors")):
         args += ["--load-format", "dummy"]
-    hint_port = port = free_port()
+    hint_port = free_port()
     with CacheServer(f"tcp://127.0.0.1:{free_port()}", TieredStore(MemoryTier(16 << 30))) as cache:
         connectors = {
             "plain": ("plain", {}),
             "in the step": ("kv_both", {"cache": cache.address, "cache_load_in_step": "idle"}),
             "beside the steps": ("kv_both", {"cache": cache.address}),
-            "copied in ahead": ("kv_both", {"cache": cache.address, "cache_prefetch_gb": 1, "prefetch_port": port}),
+            "copied in ahead": (
+                "kv_both",
+                {"cache": cache.address, "cache_prefetch_gb": 1, "prefetch_port": hint_port},
+            ),
         }
 
         def start(name: str) -> VllmServer:

@@ -5,11 +5,11 @@ from the arena, beside the steps and inside one."""
 
 from __future__ import annotations
 
-import socket
 from array import array
 
 import pytest
 
+from pdrun.launch.systems import free_port
 from pdrun.pd import plan
 from pdrun.pd.connector import PDMetadata
 from pdrun.pd.keys import chained_keys
@@ -26,12 +26,6 @@ TOKENS = list(range(100, 100 + CHUNKS * CHUNK + 2))  # the last two are computed
 KEYS = chained_keys(SEED, CHUNK, TOKENS[:-2], full_only=True)
 DECODER = "http://127.0.0.1:9"
 __all__ = ["tier"]  # the fixture, shared
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -223,7 +223,10 @@ def run(
     results: Results = {}
     failed: dict[str, str] = {}
     for i, wave in enumerate(p.waves, 1):
-        started = [sysmod.make(n, g, settings, out / "logs") for n, g in wave]
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        share = sysmod.disk_share(out / "logs", sum(sysmod.persists(n) for n, _ in wave))
+        wave_settings = replace(settings, cache_disk_gb=share) if share is not None else settings
+        started = [sysmod.make(n, g, wave_settings, out / "logs") for n, g in wave]
         try:
             t0 = time.monotonic()
             for s in started:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +38,7 @@ from typing import Any, Literal
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdrun.launch.config import KV_PORTS_PER_INSTANCE
+from pdrun.launch.config import KV_PORTS_PER_INSTANCE, LaunchConfig
 from pdrun.launch.supervisor import answers_health, wait_group_gone
 from pdrun.launch.vllm_server import ServerSpec, VllmServer
 from pdrun.pd.config import load_config
@@ -82,6 +84,7 @@ class Settings:
     gpu_memory_utilization: float | None = None
     offload_gb: float = 40.0  # offload and lmcache: CPU memory for KV
     cache_cpu_gb: float = 40.0  # pdrun's cache tier
+    cache_disk_gb: float | None = None  # its disk (default: launch's)
     transport: str = "tcp"
     enforce_eager: bool = False
     vllm_args: list[str] = field(default_factory=list)
@@ -349,6 +352,8 @@ class PdrunSystem(System):
             config["max_model_len"] = s.max_model_len
         if self.tier and self.cache_dir is not None:
             config["cache_dir"] = str(self.cache_dir)
+            if s.cache_disk_gb is not None:
+                config["cache_disk_gb"] = s.cache_disk_gb
         return config
 
     def start(self) -> None:
@@ -439,6 +444,16 @@ def _stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     wait_group_gone(proc.pid, 15)
+
+
+def disk_share(run_dir: Path, tiers: int) -> float | None:
+    """Each of `tiers` cache tiers' disk, GiB: launch's default, or less where the disk under
+    `run_dir` would not hold them all (a full disk turns a tier's disk off, and restarts lose it)."""
+    if tiers == 0:
+        return None
+    free = shutil.disk_usage(run_dir).free * 0.8 / tiers / (1 << 30)
+    default = LaunchConfig.model_fields["cache_disk_gb"].default
+    return None if free >= default else max(0.1, math.floor(free * 10) / 10)
 
 
 def make(name: str, gpus: list[int], settings: Settings, run_dir: Path) -> System:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 from pdrun.launch import bench as b
 from pdrun.launch import workloads as wl
 from pdrun.launch.cli import app
-from pdrun.launch.systems import Settings, SystemFailure, free_port, gpus_needed, make, persists
+from pdrun.launch.systems import Settings, SystemFailure, disk_share, free_port, gpus_needed, make, persists
 
 
 def test_systems_are_packed_side_by_side_on_the_gpus_plain_first():
@@ -212,3 +213,16 @@ def test_each_restart_adds_a_start_up_to_the_estimate_and_is_said():
     assert more.estimate_s - plan.estimate_s == pytest.approx(2 * 2 * b.START_S["cuda"])
     assert "after each of 3 full restarts" in b.sends("reuse", three)
     assert "restart" not in b.sends("reuse", b.Sizes(reuse=wl.ReuseSizes(restarts=0)))
+
+
+def test_tier_systems_share_the_disk_the_bench_writes_to(tmp_path):
+    """Each tier's disk gets launch's default, or its share of what the disk has free: a disk
+    filled by several tiers turns theirs off, and their restarts then reload nothing."""
+    free_gib = shutil.disk_usage(tmp_path).free / (1 << 30)
+    assert disk_share(tmp_path, 0) is None
+    many = max(1, int(free_gib))  # tiers enough that each gets about 0.8 GiB
+    share = disk_share(tmp_path, many)
+    assert share is not None and share <= 0.8 * free_gib / many
+    config = make("pdrun-tier", [0], Settings(model="m", cache_disk_gb=share), tmp_path)._config()
+    assert config["cache_disk_gb"] == share and config["cache_dir"]
+    assert "cache_disk_gb" not in make("pdrun-tier", [0], Settings(model="m"), tmp_path)._config()

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 POLL_MS = 200  # how soon the hint thread sees `close`
 CHECK_WAIT_S = 5.0  # longest a load waits to hear that the pins of its copies held
 QUEUED_WAIT_S = 0.05  # longest a load waits for a hint under way to queue its copies
+# Copies a hint keeps crossing the bus at once: enough to keep it busy, few enough that the engine's
+# own small copies to the GPU (a step's inputs) never wait behind a whole prompt's.
+IN_FLIGHT = 4
 # A copy no load took this long after its hint was not needed (vLLM's cache held the prefix, or the
 # request went elsewhere): it is dropped, not kept as a second cache beside vLLM's own.
 COPY_TTL_S = 1.0
@@ -90,8 +93,10 @@ class Prefetch:
         self._free = list(range(slots))
         self._draining: list[tuple[list[int], Ready | None]] = []  # slots a load still reads, until it is done
         self._copies: OrderedDict[bytes, Fetched] = OrderedDict()  # by key, oldest first
-        self._coming: dict[bytes, threading.Event] = {}  # keys a hint is about to copy in: set once queued
+        self._coming: set[bytes] = set()  # keys the hint under way is yet to queue the copies of
+        self._hurry = False  # a load waits for them: queue the rest at once
         self._lock = threading.Lock()
+        self._queued = threading.Condition(self._lock)  # notified as copies are queued
         self._stream = torch.cuda.Stream(paged.device) if paged.device.type == "cuda" else None
         self._closing = threading.Event()
         self._context = zmq.Context()
@@ -141,18 +146,19 @@ class Prefetch:
                 else:
                     want.append(key)
             want = want[: self.slots - held]  # a prompt longer than the pool keeps its head
-            coming = threading.Event()
-            self._coming.update(dict.fromkeys(want, coming))
+            self._coming, self._hurry = set(want), False
         copied = 0
         try:
-            copied = self._copy_in(want, coming)
+            copied = self._copy_in(want)
             return copied
         finally:
-            self._queued(want, coming)
+            with self._queued:
+                self._coming = set()
+                self._queued.notify_all()
             log.debug("hint at %.4f: %d of %d chunks copied in (%d held already) in %.1f ms",
                       t0, copied, len(keys), held, (time.perf_counter() - t0) * 1e3)  # fmt: skip
 
-    def _copy_in(self, want: list[bytes], coming: threading.Event) -> int:
+    def _copy_in(self, want: list[bytes]) -> int:
         if not want:
             return 0
         with self.tiers.use() as tier:
@@ -168,18 +174,21 @@ class Prefetch:
                         data = self.pool[at * self.slot_bytes : at * self.slot_bytes + slot.nbytes]
                         fetched.append(Fetched(key, at, data, dict(slot.meta), None))
                     self._free += room[len(fetched) :]
-                if fetched:
-                    with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                        for f, slot in zip(fetched, slots, strict=False):
-                            f.data.copy_(tier.slot(slot.offset, slot.nbytes), non_blocking=True)
-                        copied = self._copied()
-                    with self._lock:
-                        for f in fetched:
-                            f.copied = copied
+                crossing: deque[torch.cuda.Event] = deque()
+                with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                    for f, slot in zip(fetched, slots, strict=False):
+                        if len(crossing) >= IN_FLIGHT and not self._hurry:
+                            crossing.popleft().synchronize()
+                        f.data.copy_(tier.slot(slot.offset, slot.nbytes), non_blocking=True)
+                        f.copied = self._copied()
+                        if f.copied is not None:
+                            crossing.append(f.copied)
+                        with self._queued:
                             self._copies[f.key] = f
-                    self._queued(want, coming)
-                    if copied is not None:
-                        copied.synchronize()
+                            self._coming.discard(f.key)
+                            self._queued.notify_all()
+                for event in crossing:
+                    event.synchronize()
             finally:
                 held = False
                 with contextlib.suppress(LocalError):
@@ -190,14 +199,6 @@ class Prefetch:
                     f.checked.set()
         self.stats.add(cache_prefetch_copied_tokens=len(fetched) * self.chunk_size)
         return len(fetched)
-
-    def _queued(self, keys: list[bytes], coming: threading.Event) -> None:
-        """Loads waiting for `keys` to be queued go on (with their copies, or without those not made)."""
-        with self._lock:
-            for key in keys:
-                if self._coming.get(key) is coming:
-                    del self._coming[key]
-        coming.set()
 
     def _copied(self) -> torch.cuda.Event | None:
         if self._stream is None:
@@ -237,13 +238,14 @@ class Prefetch:
         """The copies of the leading `keys` held here, now the caller's: it scatters them after
         their `copied`, checks them with `good` and hands them back with `done_with`."""
         taken: list[Fetched] = []
+        deadline = time.monotonic() + QUEUED_WAIT_S
         for key in keys:
-            with self._lock:
+            with self._queued:
+                while key in self._coming and key not in self._copies:  # the hint under way copies it now
+                    self._hurry = True
+                    if not self._queued.wait(deadline - time.monotonic()):
+                        break
                 f = self._copies.pop(key, None)
-                coming = self._coming.get(key) if f is None else None
-            if coming is not None and coming.wait(QUEUED_WAIT_S):  # a hint is copying it in right now
-                with self._lock:
-                    f = self._copies.pop(key, None)
             if f is not None and time.monotonic() - f.made > COPY_TTL_S:
                 self.done_with([f])
                 f = None

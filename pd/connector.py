@@ -556,7 +556,9 @@ class _SchedulerSide:
             return None
         if num_computed_tokens >= min(len(keys) * size, limit):
             # The GPU cache holds all the tier could give: no lookup, and the chunks it holds whole
-            # are not put again (the request that computed them stored them).
+            # are not put again (the request that computed them stored them); a hint copying them in stops.
+            if (prefetch := Prefetch.on_port(self.cfg.prefetch_port)) is not None:
+                prefetch.not_needed(keys[0])
             whole = keys[: num_computed_tokens // size]
             return _Incoming(whole, len(whole) * size, 0)
         from_disk, pin = 0, None
@@ -936,8 +938,9 @@ class _WorkerSide:
         assert self.paged is not None
         try:
             budget = int(cfg.cache_prefetch_gb * (1 << 30))
-            bind = f"tcp://127.0.0.1:{cfg.prefetch_port}"
-            return Prefetch(self.paged, self.tiers, self.seed, cfg.chunk_size, self.rank, budget, bind, self.stats)
+            return Prefetch(
+                self.paged, self.tiers, self.seed, cfg.chunk_size, self.rank, budget, cfg.prefetch_port, self.stats
+            )
         except Exception as e:  # no memory for the pool, the port taken: serve without it
             why = f"{type(e).__name__}: {e}"
             log.error("PDConnector: no prefetch (cache_prefetch_gb=%g): %s", cfg.cache_prefetch_gb, why)

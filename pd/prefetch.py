@@ -50,6 +50,10 @@ IN_FLIGHT = 4
 # request went elsewhere): it is dropped, not kept as a second cache beside vLLM's own.
 COPY_TTL_S = 1.0
 
+# This process's pools by hint port: the scheduler beside the worker (one worker, one process) tells
+# its pool when vLLM's own cache holds a hinted prompt.
+_POOLS: dict[int, Prefetch] = {}
+
 
 @dataclass
 class Fetched:
@@ -74,7 +78,7 @@ class Prefetch:
         chunk_size: int,
         rank: int,
         budget_bytes: int,
-        bind: str,
+        port: int,
         stats: StatsCounter,
     ):
         self.paged = paged
@@ -95,6 +99,8 @@ class Prefetch:
         self._copies: OrderedDict[bytes, Fetched] = OrderedDict()  # by key, oldest first
         self._coming: set[bytes] = set()  # keys the hint under way is yet to queue the copies of
         self._hurry = False  # a load waits for them: queue the rest at once
+        # First keys of prompts vLLM's cache held lately, and when: their hints copy nothing, or no more.
+        self._unwanted: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._queued = threading.Condition(self._lock)  # notified as copies are queued
         self._stream = torch.cuda.Stream(paged.device) if paged.device.type == "cuda" else None
@@ -102,11 +108,18 @@ class Prefetch:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(bind)
+        self.port = port
+        self._socket.bind(f"tcp://127.0.0.1:{port}")
         self._thread = threading.Thread(target=self._serve, name="pdrun-prefetch", daemon=True)
         self._thread.start()
-        log.info("cache tier prefetch: %d chunks (%.1f GiB) of %s memory, hints on %s",
-                 slots, slots * self.slot_bytes / (1 << 30), paged.device, bind)  # fmt: skip
+        _POOLS[port] = self
+        log.info("cache tier prefetch: %d chunks (%.1f GiB) of %s memory, hints on 127.0.0.1:%d",
+                 slots, slots * self.slot_bytes / (1 << 30), paged.device, port)  # fmt: skip
+
+    @staticmethod
+    def on_port(port: int | None) -> Prefetch | None:
+        """The pool of this process that takes hints on `port`, if any."""
+        return _POOLS.get(port) if port is not None else None
 
     # -- the hint thread --
     def _serve(self) -> None:
@@ -146,10 +159,12 @@ class Prefetch:
                 else:
                     want.append(key)
             want = want[: self.slots - held]  # a prompt longer than the pool keeps its head
+            if want and self._unwanted_now(keys[0]):
+                want = []
             self._coming, self._hurry = set(want), False
         copied = 0
         try:
-            copied = self._copy_in(want)
+            copied = self._copy_in(want, keys[0] if keys else b"")
             return copied
         finally:
             with self._queued:
@@ -158,7 +173,7 @@ class Prefetch:
             log.debug("hint at %.4f: %d of %d chunks copied in (%d held already) in %.1f ms",
                       t0, copied, len(keys), held, (time.perf_counter() - t0) * 1e3)  # fmt: skip
 
-    def _copy_in(self, want: list[bytes]) -> int:
+    def _copy_in(self, want: list[bytes], first: bytes) -> int:
         if not want:
             return 0
         with self.tiers.use() as tier:
@@ -176,9 +191,14 @@ class Prefetch:
                     self._free += room[len(fetched) :]
                 crossing: deque[torch.cuda.Event] = deque()
                 with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                    for f, slot in zip(fetched, slots, strict=False):
+                    for i, (f, slot) in enumerate(zip(fetched, slots, strict=False)):
                         if len(crossing) >= IN_FLIGHT and not self._hurry:
                             crossing.popleft().synchronize()
+                        if self._unwanted_now(first):  # vLLM's cache holds the prompt: the rest is not needed
+                            with self._lock:
+                                self._free += [rest.slot for rest in fetched[i:]]
+                            fetched = fetched[:i]
+                            break
                         f.data.copy_(tier.slot(slot.offset, slot.nbytes), non_blocking=True)
                         f.copied = self._copied()
                         if f.copied is not None:
@@ -199,6 +219,9 @@ class Prefetch:
                     f.checked.set()
         self.stats.add(cache_prefetch_copied_tokens=len(fetched) * self.chunk_size)
         return len(fetched)
+
+    def _unwanted_now(self, first: bytes) -> bool:
+        return self._unwanted.get(first, 0.0) > time.monotonic() - COPY_TTL_S
 
     def _copied(self) -> torch.cuda.Event | None:
         if self._stream is None:
@@ -234,6 +257,14 @@ class Prefetch:
             self._free.append(f.slot)
 
     # -- the engine's thread --
+    def not_needed(self, first_key: bytes) -> None:
+        """vLLM's cache holds the prompt whose first chunk is `first_key`: a hint copying it stops (what
+        it copied ages out unused), and one that comes within COPY_TTL_S copies nothing."""
+        now = time.monotonic()
+        with self._lock:
+            self._unwanted = {k: t for k, t in self._unwanted.items() if t > now - COPY_TTL_S}
+            self._unwanted[rank_key(first_key, self.rank)] = now
+
     def take(self, keys: Sequence[bytes]) -> list[Fetched]:
         """The copies of the leading `keys` held here, now the caller's: it scatters them after
         their `copied`, checks them with `good` and hands them back with `done_with`."""
@@ -267,6 +298,8 @@ class Prefetch:
                 self._draining.append(([f.slot for f in taken], reading))
 
     def close(self) -> None:
+        if _POOLS.get(self.port) is self:
+            del _POOLS[self.port]
         self._closing.set()
         self._thread.join(timeout=5)
         self._socket.close(0)

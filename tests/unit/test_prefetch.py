@@ -40,7 +40,7 @@ def hinted(tier):
         port = free_port()
         budget = room * cache.nbytes(PER)
         link = TierLink(t, lambda: None, 5.0)
-        prefetch = Prefetch(cache, link, SEED, CHUNK, 0, budget, f"tcp://127.0.0.1:{port}", StatsCounter())
+        prefetch = Prefetch(cache, link, SEED, CHUNK, 0, budget, port, StatsCounter())
         hints = Hints({DECODER: f"tcp://127.0.0.1:{port}"})
         made.append((prefetch, hints))
         return prefetch, hints

@@ -378,3 +378,39 @@ def test_an_instance_keeps_its_rates_beside_the_tiers_disk_and_starts_from_them(
             assert again._sched.rates.disk_chunks(4) == 4
         finally:
             again.shutdown()
+
+
+def test_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(model, tier_server):
+    """The scheduler, beside the worker in the engine's process, tells the hint's pool when vLLM's
+    cache holds the prompt: the bus is left to the request's own copies."""
+    from array import array
+
+    from pdrun.pd.codec import PagedKV
+    from pdrun.pd.prefetch import Prefetch
+    from pdrun.pd.stats import StatsCounter
+    from pdrun.pd.tier import SharedTier, TierLink
+    from pdrun.storage.client import CacheClient
+    from pdrun.storage.local import LocalClient
+
+    port = free_port()
+    connector = scheduler_side(model, cache=tier_server.address, cache_prefetch_gb=1, prefetch_port=port)
+    paged = PagedKV({"model.layers.0.attn": torch.zeros(64, 2, BLOCK, 2)}, 64, BLOCK)
+    local = LocalClient.discover(CacheClient(tier_server.address).local())
+    assert local is not None
+    shared = SharedTier(local, paged, lambda *_: None)
+    stats = StatsCounter()
+    seed = connector._sched.fingerprint.seed()
+    prefetch = Prefetch(paged, TierLink(shared, lambda: None, 5.0), seed, CHUNK, 0, 1 << 20, port, stats)
+    try:
+        held_here = stored_prompt(connector, tier_server, 3, seed=3000)
+        elsewhere = stored_prompt(connector, tier_server, 3, seed=4000)
+        # vLLM's cache holds the first prompt's three chunks: nothing to load, nor to copy in.
+        assert connector.get_num_new_matched_tokens(plain_request("warm", held_here), 3 * CHUNK) == (0, False)
+        assert prefetch.hint(None, array("I", held_here).tobytes()) == 0
+        assert prefetch.hint(None, array("I", elsewhere).tobytes()) == 3  # the tier's, as any hinted prompt
+        taken = stats.take()
+        assert taken is not None and taken.data["cache_prefetch_copied_tokens"] == 3 * CHUNK
+    finally:
+        prefetch.close()
+        shared.close()
+        connector.shutdown()

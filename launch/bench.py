@@ -224,7 +224,9 @@ def run(
     failed: dict[str, str] = {}
     for i, wave in enumerate(p.waves, 1):
         (out / "logs").mkdir(parents=True, exist_ok=True)
-        share = sysmod.disk_share(out / "logs", sum(sysmod.persists(n) for n, _ in wave))
+        share = None
+        if settings.cache_disk_gb is None:  # launch's, unless the disk cannot hold every tier's
+            share = sysmod.disk_share(out / "logs", sum(sysmod.persists(n) for n, _ in wave))
         wave_settings = replace(settings, cache_disk_gb=share) if share is not None else settings
         started = [sysmod.make(n, g, wave_settings, out / "logs") for n, g in wave]
         try:

@@ -422,6 +422,14 @@ def bench(
     decode_concurrency: Annotated[str, typer.Option(help="decode: requests decoding at once.")] = "8,16,32",
     offload_gb: Annotated[float, typer.Option(help="offload, lmcache: CPU memory for KV, GiB.")] = 40.0,
     cache_cpu_gb: Annotated[float, typer.Option(help="pdrun's cache tier memory, GiB (and a disk tier).")] = 40.0,
+    cache_disk_gb: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="pdrun's disk tier, GiB (default: 50, or an equal share of 80% of the space free under --out; "
+            "0: none, the tier in memory only, as `pdrun launch` without --cache-dir: a full restart then loses it).",
+        ),
+    ] = None,
     transport: Annotated[str, typer.Option(help="pdrun's KV transport: tcp or ucx.")] = "tcp",
     enforce_eager: Annotated[
         bool, typer.Option("--enforce-eager", help="No CUDA graphs (not for figures: vLLM's Python bounds it).")
@@ -499,6 +507,7 @@ def bench(
         gpu_memory_utilization=round(0.9 / per_gpu, 3) if per_gpu > 1 else None,
         offload_gb=offload_gb,
         cache_cpu_gb=cache_cpu_gb,
+        cache_disk_gb=cache_disk_gb,
         transport=transport,
         enforce_eager=enforce_eager,
         vllm_args=list(ctx.args),

@@ -84,7 +84,7 @@ class Settings:
     gpu_memory_utilization: float | None = None
     offload_gb: float = 40.0  # offload and lmcache: CPU memory for KV
     cache_cpu_gb: float = 40.0  # pdrun's cache tier
-    cache_disk_gb: float | None = None  # its disk (default: launch's)
+    cache_disk_gb: float | None = None  # its disk (None: launch's 50 GiB, or a share of the free space; 0: none)
     transport: str = "tcp"
     enforce_eager: bool = False
     vllm_args: list[str] = field(default_factory=list)
@@ -350,7 +350,7 @@ class PdrunSystem(System):
             config["gpus"] = list(self.gpus)
         if s.max_model_len is not None:
             config["max_model_len"] = s.max_model_len
-        if self.tier and self.cache_dir is not None:
+        if self.tier and self.cache_dir is not None and s.cache_disk_gb != 0:
             config["cache_dir"] = str(self.cache_dir)
             if s.cache_disk_gb is not None:
                 config["cache_disk_gb"] = s.cache_disk_gb

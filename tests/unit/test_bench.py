@@ -226,3 +226,8 @@ def test_tier_systems_share_the_disk_the_bench_writes_to(tmp_path):
     config = make("pdrun-tier", [0], Settings(model="m", cache_disk_gb=share), tmp_path)._config()
     assert config["cache_disk_gb"] == share and config["cache_dir"]
     assert "cache_disk_gb" not in make("pdrun-tier", [0], Settings(model="m"), tmp_path)._config()
+
+
+def test_a_tier_given_no_disk_keeps_its_chunks_in_memory_only(tmp_path):
+    config = make("pdrun-tier", [0], Settings(model="m", cache_disk_gb=0), tmp_path)._config()
+    assert "cache_dir" not in config and "cache_disk_gb" not in config and config["cache_cpu_gb"] == 40.0

@@ -9,11 +9,12 @@ request. When the scheduler then loads the prefix, the chunks found here are sca
 memory (their copies waited for on the GPU, not on the host) and only the rest comes from the
 arena: the bus's time overlaps the front end's instead of following it.
 
-A hint costs a read of the tier's index, and where the arena holds the prefix a copy over the bus
-even when vLLM's own cache holds it too; a copy no load takes within COPY_TTL_S is dropped, and the
-pool's oldest copies make room for new ones. A copy is used only
-once its pins were confirmed held throughout; a load that took it waits for that (microseconds
-after its copy), and one whose pins were not is recomputed, never served.
+A hint costs a read of the tier's index, and where the arena holds the prefix copies over the bus,
+IN_FLIGHT at a time, until the scheduler beside this worker finds the prompt in vLLM's own cache
+(`not_needed`). A copy no load takes within COPY_TTL_S is dropped, and the pool's oldest copies
+make room for new ones. A copy is used only once its pins were confirmed held throughout; a load
+that took it waits for that (microseconds after its copy), and one whose pins were not is
+recomputed, never served.
 """
 
 from __future__ import annotations

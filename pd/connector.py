@@ -549,9 +549,8 @@ class _SchedulerSide:
         instance does not compute itself (the last chunk in part, if need be)."""
         assert self.cache is not None
         size = self.cfg.chunk_size
-        limit = len(prompt) - plan.computed_here(False)
-        limit -= limit % self.block_size
-        keys = self._keys_of(request)[: min(len(prompt) // size, plan.num_chunks(limit, size))]  # full chunks only
+        chunks, limit = plan.tier_reach(len(prompt), size, self.block_size)
+        keys = self._keys_of(request)[:chunks]
         if not keys:
             return None
         if num_computed_tokens >= min(len(keys) * size, limit):

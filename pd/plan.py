@@ -26,6 +26,15 @@ def computed_here(continues: bool) -> int:
     return 1 if continues else 2
 
 
+def tier_reach(prompt_len: int, chunk_size: int, block_size: int) -> tuple[int, int]:
+    """What a lookup in the cache tier asks for a prompt of `prompt_len` tokens computed here from
+    its start: its leading full chunks (the tier holds no partial one), and the tokens a load may
+    place, up to the last whole block this instance does not compute itself."""
+    limit = max(0, prompt_len - computed_here(False))
+    limit -= limit % block_size
+    return min(prompt_len // chunk_size, num_chunks(limit, chunk_size)), limit
+
+
 def chunk_token_range(index: int, handed: int, chunk_size: int) -> tuple[int, int]:
     start = index * chunk_size
     return start, min(start + chunk_size, handed)

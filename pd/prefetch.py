@@ -34,7 +34,7 @@ import zmq
 
 from pdrun.pd.codec import PagedKV, Ready
 from pdrun.pd.keys import chained_keys, rank_key, salted
-from pdrun.pd.plan import computed_here, num_chunks
+from pdrun.pd.plan import tier_reach
 from pdrun.pd.stats import StatsCounter
 from pdrun.pd.tier import TierLink
 from pdrun.storage.local import LocalError
@@ -141,10 +141,7 @@ class Prefetch:
         t0 = time.perf_counter()
         tokens = array("I")
         tokens.frombytes(ids)
-        # The full chunks the scheduler's lookup asks for: up to the last whole block it does not compute.
-        limit = max(0, len(tokens) - computed_here(continues=False))
-        limit -= limit % self.paged.block_size
-        chunks = min(len(tokens) // self.chunk_size, num_chunks(limit, self.chunk_size))
+        chunks, _ = tier_reach(len(tokens), self.chunk_size, self.paged.block_size)  # as the scheduler's lookup
         keys = chained_keys(salted(self.seed, salt), self.chunk_size, tokens[: chunks * self.chunk_size])
         keys = [rank_key(k, self.rank) for k in keys]
         want: list[bytes] = []  # the first run of chunks not copied in yet
@@ -180,8 +177,7 @@ class Prefetch:
         with self.tiers.use() as tier:
             if tier is None:
                 return 0
-            lease, slots = tier.client.read(want)
-            tier.enter()  # the copies read the arena
+            lease, slots = tier.client.read(want)  # the arena stays mapped until the block ends
             fetched: list[Fetched] = []
             try:
                 with self._lock:
@@ -214,7 +210,6 @@ class Prefetch:
                 held = False
                 with contextlib.suppress(LocalError):
                     held = tier.client.release(lease) if lease else True
-                tier.leave()
                 for f in fetched:
                     f.held = held
                     f.checked.set()

@@ -94,3 +94,12 @@ def test_full_chunks_from_cache_from_on_are_cached_and_partial_ones_never():
     assert [(s.index, s.stage, s.cache) for s in saves] == [(0, False, True), (1, False, True), (2, False, False)]
     saves = plan.ready_saves("r", keys, **args, stage=True)
     assert not any(s.cache for s in saves)  # no cache tier
+
+
+def test_a_tier_lookup_asks_for_the_full_chunks_up_to_the_last_block_computed_here():
+    # 16384 tokens: the last two are computed here, so a load places 16368 (the last block is the
+    # request's own) and the lookup still asks for all 64 chunks, the last one loaded in part.
+    assert plan.tier_reach(16384, 256, 16) == (64, 16368)
+    assert plan.tier_reach(16384 + 100, 256, 16) == (64, 16480)  # the partial chunk at the end: not in the tier
+    assert plan.tier_reach(256, 256, 16) == (1, 240)
+    assert plan.tier_reach(1, 256, 16) == (0, 0)

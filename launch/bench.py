@@ -182,7 +182,8 @@ def sends(workload: str, sizes: Sizes) -> str:
     if workload == "reuse":
         r = sizes.reuse
         after = f", after each of {r.restarts} full restarts" if r.restarts else ""
-        return f"a {r.tokens}-token prompt cold, warm, after other prompts evict it{after}"
+        hot = f", {r.hot} times more (hot)" if r.hot else ""
+        return f"a {r.tokens}-token prompt cold, warm{hot}, after other prompts evict it{after}"
     if workload == "multiturn":
         m = sizes.multiturn
         reading = f", reading {span(m.think)} s between turns" if any(m.think) else ", back to back"

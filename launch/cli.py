@@ -373,6 +373,9 @@ def bench(
     max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len for every instance.")] = None,
     reuse_tokens: Annotated[int, typer.Option(help="reuse: the reused prompt's length.")] = 16384,
     evictors: Annotated[int, typer.Option(help="reuse: prompts of that length sent to evict it.")] = 4,
+    hot: Annotated[
+        int, typer.Option(min=0, help="reuse: times the prompt is sent again once warm (ttft_hot_s: their median).")
+    ] = 5,
     restarts: Annotated[
         int,
         typer.Option(
@@ -473,7 +476,7 @@ def bench(
     else:
         ids = list(range(_numbers(gpus, "--gpus")[0] if gpus else 4))
     sizes = b.Sizes(
-        reuse=wl.ReuseSizes(tokens=reuse_tokens, evictors=evictors, restarts=restarts),
+        reuse=wl.ReuseSizes(tokens=reuse_tokens, evictors=evictors, hot=hot, restarts=restarts),
         multiturn=wl.MultiturnSizes(conversations=conversations, think=_seconds(think, "--think"),
                                     system=multiturn_system, user=_range(multiturn_user, "--multiturn-user")),
         noreuse=wl.NoreuseSizes(lengths=tuple(_numbers(lengths, "--lengths")),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,19 +125,24 @@ def quantile(values: Sequence[float], q: float) -> float | None:
 class ReuseSizes:
     tokens: int = 16384  # the reused prompt
     evictors: int = 4  # other prompts of that length sent between, enough to evict it from the GPU cache
+    hot: int = 5  # sent again this many times once warm: a median that one request a round cannot give
     output: int = 8
     restarts: int = 1  # full restarts of every system, each followed by the prompt once
 
 
 async def reuse(target: Target, sizes: ReuseSizes, seed: int) -> tuple[dict[str, float], list[int]]:
-    """TTFT of a new prompt cold, warm, and after `evictors` others went through; and the prompt,
-    for `after_restart`."""
+    """TTFT of a new prompt cold, warm (right after cold), hot (the median of `hot` more, the store
+    of its cold request long done), and after `evictors` others went through; and the prompt, for
+    `after_restart`."""
     rng = random.Random(seed)
     long = prompt(rng, sizes.tokens)
     figures: dict[str, float] = {}
     async with httpx.AsyncClient() as client:
         for name in ("cold", "warm"):
             figures[f"ttft_{name}_s"] = _ttft(await send(client, target, long, sizes.output))
+        if sizes.hot:
+            hot = [_ttft(await send(client, target, long, sizes.output)) for _ in range(sizes.hot)]
+            figures["ttft_hot_s"] = statistics.median(hot)
         for _ in range(sizes.evictors):
             await send(client, target, prompt(rng, sizes.tokens), 1)
         figures["ttft_evicted_s"] = _ttft(await send(client, target, long, sizes.output))

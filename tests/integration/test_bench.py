@@ -35,7 +35,7 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
     s = doc["summary"]
     for system in ("plain", "pdrun-tier"):
         reuse, noreuse = s[system]["reuse"], s[system]["noreuse"]
-        for name in ("ttft_cold_s", "ttft_warm_s", "ttft_evicted_s"):
+        for name in ("ttft_cold_s", "ttft_warm_s", "ttft_hot_s", "ttft_evicted_s"):
             assert reuse[name]["n"] == 2 and 0 < reuse[name]["min"] <= reuse[name]["median"] <= reuse[name]["max"] < 30
         for tag in ("256_c2", "256_c4", "1024_c2", "1024_c4"):
             assert noreuse[f"output_tok_s_{tag}"]["median"] > 0 and noreuse[f"tpot_p50_ms_{tag}"]["median"] > 0

@@ -1,8 +1,9 @@
 """A prompt's prefix copied out of the cache tier's arena into the GPU before vLLM sees the request
 (`cache_prefetch_gb`), on the proxy's hint.
 
-The proxy sends a decoder-only request's token ids to the worker of the instance it picked the
-moment it picks it (a zmq PUSH, never waited for). The worker names the prompt's chunks as the
+The proxy sends a decoder-only completion's body to the worker of the instance it picked the moment
+it picks it (a zmq PUSH, never waited for). The worker reads the prompt's token ids out of it (a
+completion given as text or anything vLLM would refuse is no hint), names the prompt's chunks as the
 scheduler will (pd/keys.py), pins the leading ones the arena holds and copies them into a pool of
 device memory on a stream of its own, while vLLM's front end still parses and tokenizes the
 request. When the scheduler then loads the prefix, the chunks found here are scattered from device
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import torch
 import zmq
 
@@ -54,6 +56,13 @@ COPY_TTL_S = 1.0
 # This process's pools by hint port: the scheduler beside the worker (one worker, one process) tells
 # its pool when vLLM's own cache holds a hinted prompt.
 _POOLS: dict[int, Prefetch] = {}
+
+
+class _Hinted(msgspec.Struct):
+    """What a hint reads of the completion request it carries."""
+
+    prompt: Any = None
+    cache_salt: Any = None
 
 
 @dataclass
@@ -130,17 +139,27 @@ class Prefetch:
             if not self._socket.poll(POLL_MS):
                 continue
             try:
-                salt, ids = self._socket.recv_multipart(zmq.NOBLOCK)
-                self.hint(salt.decode() or None, ids)
-            except Exception:  # a bad hint, a tier gone: the load goes to the arena as usual
+                self.hint_request(self._socket.recv(zmq.NOBLOCK))
+            except Exception:  # a tier gone: the load goes to the arena as usual
                 log.debug("prefetch hint dropped", exc_info=True)
 
-    def hint(self, salt: str | None, ids: bytes) -> int:
-        """Copy in the leading chunks of the prompt `ids` (uint32 token ids) the arena holds; the
-        number of chunks copied."""
+    def hint_request(self, request: bytes) -> int:
+        """Copy in what the arena holds of the prompt of the completion `request` (its JSON body);
+        the number of chunks copied. A prompt given as text, or anything but token ids, is no hint
+        (vLLM answers the request with why)."""
+        try:
+            body = msgspec.json.decode(request, type=_Hinted)
+            if not isinstance(body.prompt, list) or not body.prompt or not isinstance(body.cache_salt, str | None):
+                return 0
+            tokens = array("I", body.prompt)
+        except (msgspec.DecodeError, TypeError, OverflowError):
+            return 0
+        return self.hint(body.cache_salt, tokens)
+
+    def hint(self, salt: str | None, tokens: Sequence[int]) -> int:
+        """Copy in the leading chunks of the prompt `tokens` the arena holds; the number of chunks
+        copied."""
         t0 = time.perf_counter()
-        tokens = array("I")
-        tokens.frombytes(ids)
         chunks, _ = tier_reach(len(tokens), self.chunk_size, self.paged.block_size)  # as the scheduler's lookup
         keys = chained_keys(salted(self.seed, salt), self.chunk_size, tokens[: chunks * self.chunk_size])
         keys = [rank_key(k, self.rank) for k in keys]

@@ -170,7 +170,7 @@ class Proxy:
         raw = await request.body()
         try:
             # Decoders alone get the body as it came: the proxy reads only what it routes on.
-            body = parse_body(raw, path) if self.router.prefillers else parse_head(raw, self.hints is not None)
+            body = parse_body(raw, path) if self.router.prefillers else parse_head(raw)
             self._check_model(body.get("model"))
         except BadRequest as e:
             return self._count(path, error_response(e.status, str(e), e.param))
@@ -328,8 +328,8 @@ class Proxy:
         tried: list[Backend] = []
         asked_again: set[str] = set()
         while (d := self.router.pick_decoder(exclude=tried)) is not None:
-            if self.hints is not None and "kv_transfer_params" not in body:
-                self.hints.send(d.url, body)  # its prefix crosses into the GPU meanwhile
+            if self.hints is not None and path == COMPLETIONS and "kv_transfer_params" not in body:
+                self.hints.send(d.url, content)  # its prefix crosses into the GPU meanwhile
             sent = time.monotonic()
             d.outstanding += 1
             upstream: Stream | None = None

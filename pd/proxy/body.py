@@ -85,20 +85,12 @@ class _Head(msgspec.Struct):
     kv_transfer_params: Any = None
 
 
-class _HintHead(_Head):
-    """The same, and what a prefetch hint names (pd/proxy/hints.py)."""
-
-    prompt: Any = None
-    cache_salt: Any = None
-
-
-def parse_head(raw: bytes, hint: bool = False) -> dict[str, Any]:
-    """A request for decoders alone: only the fields the proxy routes on (and with `hint`, the
-    prompt and its salt), the rest (a long prompt's ids most of all) left unread for the decoder,
-    which checks them as plain vLLM does. A client's `kv_transfer_params` is refused here: it would
-    tell a decoder where to pull KV from."""
+def parse_head(raw: bytes) -> dict[str, Any]:
+    """A request for decoders alone: only the fields the proxy routes on, the rest (a long prompt's
+    ids most of all) left unread for the decoder, which checks them as plain vLLM does. A client's
+    `kv_transfer_params` is refused here: it would tell a decoder where to pull KV from."""
     try:
-        head = msgspec.json.decode(raw, type=_HintHead if hint else _Head)
+        head = msgspec.json.decode(raw, type=_Head)
     except msgspec.ValidationError as e:
         raise BadRequest(f"the request body must be a JSON object: {e}") from None
     except msgspec.DecodeError as e:
@@ -107,10 +99,7 @@ def parse_head(raw: bytes, hint: bool = False) -> dict[str, Any]:
         raise BadRequest("kv_transfer_params is set by the proxy; leave it out", "kv_transfer_params")
     if head.model is not None and not isinstance(head.model, str):
         raise BadRequest("invalid field 'model': must be a string", "model")
-    fields = {"model": head.model, "stream": _truthy(head.stream)}
-    if isinstance(head, _HintHead):
-        fields |= {"prompt": head.prompt, "cache_salt": head.cache_salt}
-    return fields
+    return {"model": head.model, "stream": _truthy(head.stream)}
 
 
 def _truthy(value: Any) -> bool:

@@ -1,12 +1,11 @@
-"""The proxy's hint to a decoder-only request's instance: its prompt's token ids, sent the moment the
+"""The proxy's hint to a decoder-only completion's instance: the request's bytes, sent the moment the
 instance is picked, so that the instance copies the prefix the cache tier holds into the GPU while
-its front end still handles the request (pd/prefetch.py). Fire and forget: a hint that cannot go at
-once (the instance not taking them, its queue full) is dropped, and the request loads as usual."""
+its front end still handles the request (pd/prefetch.py). The instance reads the prompt's token ids
+out of them itself: the proxy's hop costs one copy of the bytes, not a parse of a long prompt. Fire
+and forget: a hint that cannot go at once (the instance not taking them, its queue full) is dropped,
+and the request loads as usual."""
 
 from __future__ import annotations
-
-from array import array
-from typing import Any
 
 import zmq
 
@@ -27,18 +26,13 @@ class Hints:
             sock.connect(address)
             self._sockets[url.rstrip("/")] = sock
 
-    def send(self, decoder: str, body: dict[str, Any]) -> bool:
-        """Hint `decoder` at the prompt of a completion given as token ids; whether a hint went."""
+    def send(self, decoder: str, request: bytes) -> bool:
+        """Hint `decoder` at the completion `request` (its JSON body); whether a hint went."""
         sock = self._sockets.get(decoder.rstrip("/"))
-        prompt, salt = body.get("prompt"), body.get("cache_salt")
-        if sock is None or not isinstance(prompt, list) or not prompt or not isinstance(salt, str | None):
+        if sock is None:
             return False
         try:
-            ids = array("I", prompt).tobytes()  # not ids vLLM would take: it answers the request with why
-        except (TypeError, OverflowError):
-            return False
-        try:
-            sock.send_multipart([(salt or "").encode(), ids], zmq.NOBLOCK)
+            sock.send(request, zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
         return True

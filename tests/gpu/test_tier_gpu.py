@@ -6,6 +6,7 @@ piecewise, each layer waiting for its copy (the 8B shape in bf16 with PDRUN_GPU_
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -104,7 +105,7 @@ def test_an_evicted_prompt_loaded_from_the_tier_answers_as_plain_vllm(tier_serve
     if where == "copied in ahead":  # as the proxy hints it, just before sending the request
         hints = Hints({url: f"tcp://127.0.0.1:{tier_servers.hint_port}"})
         deadline = time.monotonic() + 10
-        while not hints.send(url, {"prompt": tokens}) and time.monotonic() < deadline:
+        while not hints.send(url, json.dumps({"prompt": tokens}).encode()) and time.monotonic() < deadline:
             time.sleep(0.05)  # until the socket is connected
         hints.close()
     assert token_ids(complete(url, tokens, max_tokens=32)) == want

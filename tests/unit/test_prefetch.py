@@ -5,7 +5,7 @@ from the arena, beside the steps and inside one."""
 
 from __future__ import annotations
 
-from array import array
+import json
 
 import pytest
 
@@ -58,8 +58,13 @@ def copied(prefetch: Prefetch) -> int:
 
 def hint(hints: Hints, prefetch: Prefetch, chunks: int) -> None:
     """Hint the prompt as the proxy does (its first sends may go before the socket is connected)."""
-    assert until(lambda: hints.send(DECODER, {"prompt": TOKENS})), "the hint never went"
+    assert until(lambda: hints.send(DECODER, request(TOKENS))), "the hint never went"
     assert until(lambda: copied(prefetch) >= chunks), "never copied in"
+
+
+def request(prompt: object, **fields: object) -> bytes:
+    """A completion request's body, as the proxy sends it on."""
+    return json.dumps({"model": "m", "prompt": prompt, "max_tokens": 4, **fields}).encode()
 
 
 def job(pin: TierPin | None = None) -> LoadJob:
@@ -91,7 +96,7 @@ def test_a_pool_too_small_copies_the_head_and_the_load_takes_the_rest_from_the_a
     server, t, cache, make = hinted
     prefetch, hints = make(room=4)
     hint(hints, prefetch, 4)
-    assert prefetch.hint(None, array("I", TOKENS).tobytes()) == 0  # hinted again: its head stays, not its tail
+    assert prefetch.hint(None, TOKENS) == 0  # hinted again: its head stays, not its tail
     assert list(prefetch._copies) == KEYS[:4]
     loads, stats = pinned_loads(t, cache)
     loads.prefetch = prefetch
@@ -121,7 +126,7 @@ def test_a_copy_no_load_took_in_time_is_dropped_not_served(hinted, monkeypatch):
     taken = stats.take()
     assert taken is not None and taken.data["cache_loaded_tokens"] == CHUNKS * CHUNK
     assert taken.data["cache_prefetched_tokens"] == 0
-    assert prefetch.hint(None, array("I", TOKENS).tobytes()) == CHUNKS  # copied in again, not counted as held
+    assert prefetch.hint(None, TOKENS) == CHUNKS  # copied in again, not counted as held
     loads.shutdown()
 
 
@@ -144,14 +149,23 @@ def test_a_load_inside_the_step_reads_the_copies_too(hinted):
     loads.shutdown()
 
 
-def test_the_proxy_hints_completions_given_as_token_ids_only():
-    sink = Hints({DECODER: f"tcp://127.0.0.1:{free_port()}"})
-    try:
-        assert not sink.send(DECODER, {"prompt": "text, tokenized by the instance"})
-        assert not sink.send(DECODER, {"prompt": [1, -2]})  # not token ids: vLLM answers why
-        assert not sink.send("http://127.0.0.1:8", {"prompt": TOKENS})  # no hints taken there
-    finally:
-        sink.close()
-    raw = b'{"model": "m", "prompt": [1, 2, 3], "cache_salt": "a", "max_tokens": 4}'
-    assert parse_head(raw, hint=True) == {"model": "m", "stream": False, "prompt": [1, 2, 3], "cache_salt": "a"}
-    assert "prompt" not in parse_head(raw)
+def test_only_completions_given_as_token_ids_are_hints(hinted):
+    """The proxy sends a decoder-only completion's bytes as they came; the pool reads its prompt."""
+    _, _, _, make = hinted
+    prefetch, hints = make(room=CHUNKS)
+    assert not hints.send("http://127.0.0.1:8", request(TOKENS))  # no hints taken there
+    for bad in (
+        request("text, tokenized by the instance"),
+        request([1, -2]),  # not token ids: vLLM answers the request with why
+        request([1.5, 2]),
+        request(TOKENS, cache_salt=7),
+        request([]),
+        b'{"messages": [{"role": "user", "content": "hi"}]}',
+        b"[1, 2]",
+        b"{not json",
+    ):
+        assert prefetch.hint_request(bad) == 0, bad
+    assert prefetch._copies == {}
+    assert prefetch.hint_request(request(TOKENS, cache_salt=None)) == CHUNKS
+    assert prefetch.hint_request(request(TOKENS, cache_salt="other")) == 0  # another salt: other keys
+    assert "prompt" not in parse_head(request(TOKENS))  # the proxy itself leaves the ids unread

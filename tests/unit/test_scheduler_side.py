@@ -383,7 +383,6 @@ def test_an_instance_keeps_its_rates_beside_the_tiers_disk_and_starts_from_them(
 def test_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(model, tier_server):
     """The scheduler, beside the worker in the engine's process, tells the hint's pool when vLLM's
     cache holds the prompt: the bus is left to the request's own copies."""
-    from array import array
 
     from pdrun.pd.codec import PagedKV
     from pdrun.pd.prefetch import Prefetch
@@ -406,8 +405,8 @@ def test_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(model, tier_ser
         elsewhere = stored_prompt(connector, tier_server, 3, seed=4000)
         # vLLM's cache holds the first prompt's three chunks: nothing to load, nor to copy in.
         assert connector.get_num_new_matched_tokens(plain_request("warm", held_here), 3 * CHUNK) == (0, False)
-        assert prefetch.hint(None, array("I", held_here).tobytes()) == 0
-        assert prefetch.hint(None, array("I", elsewhere).tobytes()) == 3  # the tier's, as any hinted prompt
+        assert prefetch.hint(None, held_here) == 0
+        assert prefetch.hint(None, elsewhere) == 3  # the tier's, as any hinted prompt
         taken = stats.take()
         assert taken is not None and taken.data["cache_prefetch_copied_tokens"] == 3 * CHUNK
     finally:

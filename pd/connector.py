@@ -553,11 +553,11 @@ class _SchedulerSide:
         keys = self._keys_of(request)[:chunks]
         if not keys:
             return None
+        if num_computed_tokens >= size and (prefetch := Prefetch.on_port(self.cfg.prefetch_port)) is not None:
+            prefetch.vllm_holds(keys[min(num_computed_tokens // size, len(keys)) - 1])  # no hint copies those in
         if num_computed_tokens >= min(len(keys) * size, limit):
             # The GPU cache holds all the tier could give: no lookup, and the chunks it holds whole
-            # are not put again (the request that computed them stored them); a hint copying them in stops.
-            if (prefetch := Prefetch.on_port(self.cfg.prefetch_port)) is not None:
-                prefetch.not_needed(keys[0])
+            # are not put again (the request that computed them stored them).
             whole = keys[: num_computed_tokens // size]
             return _Incoming(whole, len(whole) * size, 0)
         from_disk, pin = 0, None

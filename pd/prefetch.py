@@ -11,11 +11,13 @@ memory (their copies waited for on the GPU, not on the host) and only the rest c
 arena: the bus's time overlaps the front end's instead of following it.
 
 A hint costs a read of the tier's index, and where the arena holds the prefix copies over the bus,
-IN_FLIGHT at a time, until the scheduler beside this worker finds the prompt in vLLM's own cache
-(`not_needed`). A copy no load takes within COPY_TTL_S is dropped, and the pool's oldest copies
-make room for new ones. A copy is used only once its pins were confirmed held throughout; a load
-that took it waits for that (microseconds after its copy), and one whose pins were not is
-recomputed, never served.
+IN_FLIGHT at a time, skipping the head vLLM's own cache holds: the scheduler beside this worker
+tells it, at each lookup, the deepest chunk vLLM's cache holds of that prompt (`vllm_holds`; the
+chunks' keys are chained, so that key names the whole head), which stops a hint under way there
+and spares the hints of later prompts that begin with that head. A copy no load takes within
+COPY_TTL_S is dropped, and the pool's oldest copies make room for new ones. A copy is used only once
+its pins were confirmed held throughout; a load that took it waits for that (microseconds after its
+copy), and one whose pins were not is recomputed, never served.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ QUEUED_WAIT_S = 0.05  # longest a load waits for a hint under way to queue its c
 # own small copies to the GPU (a step's inputs) never wait behind a whole prompt's.
 IN_FLIGHT = 4
 # A copy no load took this long after its hint was not needed (vLLM's cache held the prefix, or the
-# request went elsewhere): it is dropped, not kept as a second cache beside vLLM's own.
+# request went elsewhere): it is dropped, not kept as a second cache beside vLLM's own. Also how long
+# a head vLLM's cache held is taken to be held still.
 COPY_TTL_S = 1.0
 
 # This process's pools by hint port: the scheduler beside the worker (one worker, one process) tells
-# its pool when vLLM's own cache holds a hinted prompt.
+# its pool what vLLM's own cache holds.
 _POOLS: dict[int, Prefetch] = {}
 
 
@@ -109,8 +112,9 @@ class Prefetch:
         self._copies: OrderedDict[bytes, Fetched] = OrderedDict()  # by key, oldest first
         self._coming: set[bytes] = set()  # keys the hint under way is yet to queue the copies of
         self._hurry = False  # a load waits for them: queue the rest at once
-        # First keys of prompts vLLM's cache held lately, and when: their hints copy nothing, or no more.
-        self._unwanted: dict[bytes, float] = {}
+        # Keys of the deepest chunks vLLM's cache held of the prompts it looked up lately, and when:
+        # a hint copies nothing up to such a chunk.
+        self._vllm_held: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._queued = threading.Condition(self._lock)  # notified as copies are queued
         self._stream = torch.cuda.Stream(paged.device) if paged.device.type == "cuda" else None
@@ -167,7 +171,7 @@ class Prefetch:
         with self._lock:
             self._drop_stale()
             held = 0  # of the prompt's head, copied in already
-            for key in keys:
+            for key in keys[self._past_vllms(keys) :]:
                 if key in self._copies:
                     if want:
                         break
@@ -176,12 +180,10 @@ class Prefetch:
                 else:
                     want.append(key)
             want = want[: self.slots - held]  # a prompt longer than the pool keeps its head
-            if want and self._unwanted_now(keys[0]):
-                want = []
             self._coming, self._hurry = set(want), False
         copied = 0
         try:
-            copied = self._copy_in(want, keys[0] if keys else b"")
+            copied = self._copy_in(want, keys)
             return copied
         finally:
             with self._queued:
@@ -190,7 +192,7 @@ class Prefetch:
             log.debug("hint at %.4f: %d of %d chunks copied in (%d held already) in %.1f ms",
                       t0, copied, len(keys), held, (time.perf_counter() - t0) * 1e3)  # fmt: skip
 
-    def _copy_in(self, want: list[bytes], first: bytes) -> int:
+    def _copy_in(self, want: list[bytes], keys: list[bytes]) -> int:
         if not want:
             return 0
         with self.tiers.use() as tier:
@@ -206,15 +208,18 @@ class Prefetch:
                         fetched.append(Fetched(key, at, data, dict(slot.meta), None))
                     self._free += room[len(fetched) :]
                 crossing: deque[torch.cuda.Event] = deque()
+                skipped: set[int] = set()
                 with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                     for i, (f, slot) in enumerate(zip(fetched, slots, strict=False)):
+                        if keys.index(f.key) < self._past_vllms(keys):  # vLLM's cache holds it now
+                            with self._queued:
+                                self._free.append(f.slot)
+                                self._coming.discard(f.key)
+                                self._queued.notify_all()
+                            skipped.add(i)
+                            continue
                         if len(crossing) >= IN_FLIGHT and not self._hurry:
                             crossing.popleft().synchronize()
-                        if self._unwanted_now(first):  # vLLM's cache holds the prompt: the rest is not needed
-                            with self._lock:
-                                self._free += [rest.slot for rest in fetched[i:]]
-                            fetched = fetched[:i]
-                            break
                         f.data.copy_(tier.slot(slot.offset, slot.nbytes), non_blocking=True)
                         f.copied = self._copied()
                         if f.copied is not None:
@@ -223,6 +228,7 @@ class Prefetch:
                             self._copies[f.key] = f
                             self._coming.discard(f.key)
                             self._queued.notify_all()
+                fetched = [f for i, f in enumerate(fetched) if i not in skipped]
                 for event in crossing:
                     event.synchronize()
             finally:
@@ -235,8 +241,13 @@ class Prefetch:
         self.stats.add(cache_prefetch_copied_tokens=len(fetched) * self.chunk_size)
         return len(fetched)
 
-    def _unwanted_now(self, first: bytes) -> bool:
-        return self._unwanted.get(first, 0.0) > time.monotonic() - COPY_TTL_S
+    def _past_vllms(self, keys: list[bytes]) -> int:
+        """How many of the leading `keys` vLLM's cache held lately (their deepest told by the scheduler)."""
+        recent = time.monotonic() - COPY_TTL_S
+        for i in range(len(keys) - 1, -1, -1):
+            if self._vllm_held.get(keys[i], 0.0) > recent:
+                return i + 1
+        return 0
 
     def _copied(self) -> torch.cuda.Event | None:
         if self._stream is None:
@@ -272,13 +283,14 @@ class Prefetch:
             self._free.append(f.slot)
 
     # -- the engine's thread --
-    def not_needed(self, first_key: bytes) -> None:
-        """vLLM's cache holds the prompt whose first chunk is `first_key`: a hint copying it stops (what
-        it copied ages out unused), and one that comes within COPY_TTL_S copies nothing."""
+    def vllm_holds(self, deepest: bytes) -> None:
+        """vLLM's cache holds a prompt's chunks up to and including the one keyed `deepest`: a hint
+        copying them stops there (what it copied ages out unused), and one that comes within
+        COPY_TTL_S for a prompt with that head copies only what follows it."""
         now = time.monotonic()
         with self._lock:
-            self._unwanted = {k: t for k, t in self._unwanted.items() if t > now - COPY_TTL_S}
-            self._unwanted[rank_key(first_key, self.rank)] = now
+            self._vllm_held = {k: t for k, t in self._vllm_held.items() if t > now - COPY_TTL_S}
+            self._vllm_held[rank_key(deepest, self.rank)] = now
 
     def take(self, keys: Sequence[bytes]) -> list[Fetched]:
         """The copies of the leading `keys` held here, now the caller's: it scatters them after

@@ -206,9 +206,13 @@ def tier_server():
 
 def stored_prompt(connector, server, n_chunks: int, seed: int) -> list[int]:
     """A prompt whose first `n_chunks` full chunks the tier holds in memory."""
+    return store(connector, server, list(range(seed, seed + n_chunks * CHUNK + 10)), n_chunks)
+
+
+def store(connector, server, prompt: list[int], n_chunks: int) -> list[int]:
+    """`prompt`, its first `n_chunks` full chunks put in the tier's memory."""
     from pdrun.storage.client import CacheClient
 
-    prompt = list(range(seed, seed + n_chunks * CHUNK + 10))
     client = CacheClient(server.address)
     try:
         for key in chunk_keys(connector._sched.fingerprint, prompt, full_only=True)[:n_chunks]:
@@ -380,11 +384,13 @@ def test_an_instance_keeps_its_rates_beside_the_tiers_disk_and_starts_from_them(
             again.shutdown()
 
 
-def test_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(model, tier_server):
-    """The scheduler, beside the worker in the engine's process, tells the hint's pool when vLLM's
-    cache holds the prompt: the bus is left to the request's own copies."""
+def test_the_head_of_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(model, tier_server):
+    """The scheduler, beside the worker in the engine's process, tells the hint's pool how much of a
+    prompt vLLM's cache holds: the bus is left to the request's own copies, and only that prompt's
+    head is spared, not every prompt that begins as it does."""
 
     from pdrun.pd.codec import PagedKV
+    from pdrun.pd.keys import rank_key
     from pdrun.pd.prefetch import Prefetch
     from pdrun.pd.stats import StatsCounter
     from pdrun.pd.tier import SharedTier, TierLink
@@ -407,8 +413,17 @@ def test_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(model, tier_ser
         assert connector.get_num_new_matched_tokens(plain_request("warm", held_here), 3 * CHUNK) == (0, False)
         assert prefetch.hint(None, held_here) == 0
         assert prefetch.hint(None, elsewhere) == 3  # the tier's, as any hinted prompt
+        # Another prompt with the same first chunk (a shared system prompt), the rest its own.
+        sibling = store(connector, tier_server, held_here[:CHUNK] + list(range(5000, 5000 + 2 * CHUNK + 10)), 3)
+        assert prefetch.hint(None, sibling) == 3
+        # vLLM's cache holds the first of a prompt's three chunks: the hint copies the other two.
+        partly = stored_prompt(connector, tier_server, 3, seed=6000)
+        connector.get_num_new_matched_tokens(plain_request("partly", partly), CHUNK)
+        assert prefetch.hint(None, partly) == 2
+        tail = chunk_keys(connector._sched.fingerprint, partly)[1:3]
+        assert list(prefetch._copies)[-2:] == [rank_key(k, 0) for k in tail]
         taken = stats.take()
-        assert taken is not None and taken.data["cache_prefetch_copied_tokens"] == 3 * CHUNK
+        assert taken is not None and taken.data["cache_prefetch_copied_tokens"] == 8 * CHUNK
     finally:
         prefetch.close()
         shared.close()

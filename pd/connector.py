@@ -388,6 +388,7 @@ class _SchedulerSide:
         self.is_producer = ktc.is_kv_producer
         self.is_consumer = ktc.is_kv_consumer
         self.block_size = vllm_config.cache_config.block_size
+        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         self.fingerprint = _fingerprint(vllm_config, cfg, kv_cache_config)
         self.fingerprint_hex = self.fingerprint.seed().hex()
         self.endpoints = _endpoints(vllm_config, cfg)
@@ -553,8 +554,7 @@ class _SchedulerSide:
         keys = self._keys_of(request)[:chunks]
         if not keys:
             return None
-        if num_computed_tokens >= size and (prefetch := Prefetch.on_port(self.cfg.prefetch_port)) is not None:
-            prefetch.vllm_holds(keys[min(num_computed_tokens // size, len(keys)) - 1])  # no hint copies those in
+        self._vllm_holds(keys, num_computed_tokens)
         if num_computed_tokens >= min(len(keys) * size, limit):
             # The GPU cache holds all the tier could give: no lookup, and the chunks it holds whole
             # are not put again (the request that computed them stored them).
@@ -572,6 +572,13 @@ class _SchedulerSide:
             held = self.cache.lookup(keys)
         self._meta.lookups.append(Lookup(asked=len(keys) * size, held=held * size))
         return _Incoming(keys[:held], held * size, min(held * size, limit), from_disk=from_disk, pin=pin)
+
+    def _vllm_holds(self, keys: list[bytes], tokens: int) -> None:
+        """vLLM's cache holds the first `tokens` of the prompt chunked as `keys`: a prefetch hint for
+        it (in this process's worker) copies none of those chunks in."""
+        whole = min(tokens // self.cfg.chunk_size, len(keys))  # a hint names the same chunks (plan.tier_reach)
+        if whole and (prefetch := Prefetch.on_port(self.cfg.prefetch_port)) is not None:
+            prefetch.vllm_holds(keys[whole - 1])
 
     def _local_token(self) -> str | None:
         return self.local.info.token if self.local is not None else None
@@ -788,7 +795,10 @@ class _SchedulerSide:
 
         rid = request.request_id
         self._forget_incoming(rid)
-        self._keys.pop(rid, None)
+        keys = self._keys.pop(rid, None)
+        if keys and self.prefix_caching:  # vLLM's cache keeps the prompt's blocks it computed, until reused
+            chunks, _ = plan.tier_reach(request.num_prompt_tokens, self.cfg.chunk_size, self.block_size)
+            self._vllm_holds(keys[:chunks], request.num_computed_tokens)
         self._running.discard(rid)
         self._cache_loaded.discard(rid)
         times = self._handoff_times.pop(rid, None)

@@ -12,9 +12,9 @@ arena: the bus's time overlaps the front end's instead of following it.
 
 A hint costs a read of the tier's index, and where the arena holds the prefix copies over the bus,
 IN_FLIGHT at a time, skipping the head vLLM's own cache holds: the scheduler beside this worker
-tells it, at each lookup, the deepest chunk vLLM's cache holds of that prompt (`vllm_holds`; the
-chunks' keys are chained, so that key names the whole head), which stops a hint under way there
-and spares the hints of later prompts that begin with that head. A copy no load takes within
+tells it, at each lookup and as each request finishes, the deepest chunk vLLM's cache holds of that
+prompt (`vllm_holds`; the chunks' keys are chained, so that key names the whole head), which stops a
+hint under way there and spares the hints of later prompts that begin with that head. A copy no load takes within
 COPY_TTL_S is dropped, and the pool's oldest copies make room for new ones. A copy is used only once
 its pins were confirmed held throughout; a load that took it waits for that (microseconds after its
 copy), and one whose pins were not is recomputed, never served.

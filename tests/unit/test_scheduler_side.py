@@ -386,8 +386,9 @@ def test_an_instance_keeps_its_rates_beside_the_tiers_disk_and_starts_from_them(
 
 def test_the_head_of_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(model, tier_server):
     """The scheduler, beside the worker in the engine's process, tells the hint's pool how much of a
-    prompt vLLM's cache holds: the bus is left to the request's own copies, and only that prompt's
-    head is spared, not every prompt that begins as it does."""
+    prompt vLLM's cache holds (found at a lookup, or computed by a request that finished): the bus
+    is left to the request's own copies, and only that prompt's head is spared, not every prompt
+    that begins as it does."""
 
     from pdrun.pd.codec import PagedKV
     from pdrun.pd.keys import rank_key
@@ -422,6 +423,14 @@ def test_the_head_of_a_prompt_vllms_cache_holds_is_not_copied_in_on_its_hint(mod
         assert prefetch.hint(None, partly) == 2
         tail = chunk_keys(connector._sched.fingerprint, partly)[1:3]
         assert list(prefetch._copies)[-2:] == [rank_key(k, 0) for k in tail]
+        # A request that computed its prompt and finished: vLLM's cache keeps its blocks.
+        computed = list(range(7000, 7000 + 3 * CHUNK + 10))
+        r = plain_request("computed", computed)
+        assert connector.get_num_new_matched_tokens(r, 0) == (0, False)
+        store(connector, tier_server, computed, 3)  # as its own saves put it
+        r.num_computed_tokens = len(computed)
+        connector.request_finished(r, [])
+        assert prefetch.hint(None, computed) == 0
         taken = stats.take()
         assert taken is not None and taken.data["cache_prefetch_copied_tokens"] == 8 * CHUNK
     finally:

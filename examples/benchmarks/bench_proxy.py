@@ -149,7 +149,7 @@ def main() -> None:
             print(f"{'tokens':>7} {'backend ms':>11} {'proxy ms':>9} {'added ms':>9}  (median TTFT of {args.rounds})")
             for n in (int(x) for x in args.tokens.split(",")):
                 ttfts, _ = asyncio.run(measure(targets, n, args.rounds, args.output))
-                b, p = (quantile(ttfts[k], 0.5) for k in ("backend", "proxy"))
+                b, p = (quantile([t for t in ttfts[k] if t is not None], 0.5) for k in ("backend", "proxy"))
                 assert b is not None and p is not None
                 figures[str(n)] = {"backend_ms": b * 1e3, "proxy_ms": p * 1e3, "added_ms": (p - b) * 1e3}
                 print(f"{n:>7} {b * 1e3:>11.2f} {p * 1e3:>9.2f} {(p - b) * 1e3:>9.2f}")

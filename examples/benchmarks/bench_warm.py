@@ -4,10 +4,14 @@ the model's own step when everything it needs is already in the GPU cache.
 Give it the endpoints of the same model side by side, e.g. plain vLLM, pdrun's proxy and the pdrun
 instance behind that proxy: the proxy's share is proxy - instance, the connector's share is
 instance - plain. Each endpoint gets the prompt once to warm it, then --rounds more, the endpoints
-taking turns. With --fresh every round sends a new prompt twice (cold, then the warm request
-measured): a tier is then still taking in the cold request's chunks, as in `pdrun bench`'s reuse.
-With --evict N every round sends a new prompt, then N others of its length, then the prompt again
-(measured): with GPU caches of fewer than N + 1 such prompts, what comes back from a CPU tier.
+taking turns in an order shuffled every round (no endpoint always follows the same other). Besides
+each endpoint's own median, it reports the median of its round-by-round difference to the first
+endpoint, with a 90% bootstrap interval: a difference of a millisecond or two is then told apart
+from the host's drift, which moves every endpoint's median by several. With --fresh every round
+sends a new prompt twice (cold, then the warm request measured): a tier is then still taking in
+the cold request's chunks, as in `pdrun bench`'s reuse. With --evict N every round sends a new
+prompt, then N others of its length, then the prompt again (measured): with GPU caches of fewer
+than N + 1 such prompts, what comes back from a CPU tier.
 
 An endpoint given as NAME=URL@METRICS_URL (a vLLM instance's own URL; for plain vLLM the same URL)
 also has its server-side phases of each measured request read from its Prometheus metrics: vLLM's
@@ -59,29 +63,42 @@ async def measure(
     metrics = metrics or {}
     rng = random.Random(0)
     ids = prompt(rng, tokens)
-    ttfts: dict[str, list[float]] = {name: [] for name in targets}
+    ttfts: dict[str, list[float | None]] = {name: [] for name in targets}  # round by round
     phases: dict[str, dict[str, list[float]]] = {name: {p: [] for p in PHASES} for name in metrics}
     async with httpx.AsyncClient(timeout=600) as client:
         if not fresh and not evict:
             for target in targets.values():
                 await send(client, target, ids, output)  # the prompt is now in its GPU cache
+        order, names = random.Random(1), list(targets)
         for _ in range(rounds):
             if fresh or evict:
                 ids = prompt(rng, tokens)
                 others = [prompt(rng, tokens) for _ in range(evict)]
-            for name, target in targets.items():
+            order.shuffle(names)
+            for name in names:
+                target = targets[name]
                 if fresh or evict:
                     for p in [ids, *others]:
                         await send(client, target, p, 1)
                 before = await sums(client, metrics[name]) if name in metrics else None
                 o = await send(client, target, ids, output)
-                if o.ttft is not None:
-                    ttfts[name].append(o.ttft)
+                ttfts[name].append(o.ttft)
                 if before is not None:
                     after = await sums(client, metrics[name])
                     for phase, sample in PHASES.items():
                         phases[name][phase].append(after[sample] - before[sample])
     return ttfts, phases
+
+
+def paired(values: list[float | None], base: list[float | None], seed: int = 0) -> tuple[float, float, float] | None:
+    """The median of the round-by-round differences values - base, and its 90% bootstrap interval
+    (rounds resampled); None without a round both answered."""
+    diffs = [v - b for v, b in zip(values, base, strict=True) if v is not None and b is not None]
+    if not diffs:
+        return None
+    rng = random.Random(seed)
+    medians = [quantile(rng.choices(diffs, k=len(diffs)), 0.5) or 0.0 for _ in range(2000)]
+    return quantile(diffs, 0.5) or 0.0, quantile(medians, 0.05) or 0.0, quantile(medians, 0.95) or 0.0
 
 
 def main() -> None:
@@ -109,14 +126,23 @@ def main() -> None:
     ttfts, phases = asyncio.run(
         measure(targets, args.tokens, args.rounds, args.output, args.fresh, args.evict, metrics)
     )
-    first = quantile(next(iter(ttfts.values())), 0.5) or 0.0
+    base = next(iter(ttfts.values()))
     kind = f"after {args.evict} others" if args.evict else "warm"
-    print(f"{kind} TTFT, {args.tokens}-token prompt, {args.rounds} rounds (ms: median [p10 - p90], minus the first)")
+    print(
+        f"{kind} TTFT, {args.tokens}-token prompt, {args.rounds} rounds (ms: median [p10 - p90]; "
+        "median of the rounds' differences to the first [90% interval])"
+    )
     figures: dict[str, dict[str, float]] = {}
-    for name, values in ttfts.items():
+    for name, answered in ttfts.items():
+        values = [v for v in answered if v is not None]
         med, p10, p90 = (1e3 * (quantile(values, q) or 0.0) for q in (0.5, 0.1, 0.9))
         figures[name] = {"median_ms": med, "p10_ms": p10, "p90_ms": p90, "n": len(values)}
-        line = f"  {name:>12} {med:8.2f} [{p10:.2f} - {p90:.2f}]  {med - 1e3 * first:+.2f}"
+        line = f"  {name:>12} {med:8.2f} [{p10:.2f} - {p90:.2f}]"
+        diff = paired(answered, base) if answered is not base else None
+        if diff is not None:
+            d, lo, hi = (1e3 * x for x in diff)
+            figures[name].update(diff_ms=d, diff_lo_ms=lo, diff_hi_ms=hi)
+            line += f"  {d:+.2f} [{lo:+.2f} - {hi:+.2f}]"
         if name in phases:
             for phase, values in phases[name].items():
                 figures[name][f"{phase}_ms"] = 1e3 * (quantile(values, 0.5) or 0.0)

@@ -4,7 +4,9 @@ KV cache and the server's arena by the instance's own copies, never through a so
 Storing a step's chunks costs one request for their slots (chunks the tier holds already are not
 copied again) and one copy per chunk out of the KV cache, queued behind the forward pass (on a GPU
 on a side stream, into the arena registered for DMA); a thread commits the slots once the copies
-are done. Loading pins the chunks in memory, copies them into the request's blocks and unpins
+are done. Chunks the tier said it held within HELD_FOR_S (a warm request recomputes its prompt's
+last chunk) cost no request on the engine's thread: that thread only tells the server, behind, that
+the prompt was used again. Loading pins the chunks in memory, copies them into the request's blocks and unpins
 them: chunks in memory by copies the engine's thread queues (`start_load`, polled with `finish`:
 no thread to wake, no lock to take in between), chunks only on disk read into a slot of their own
 by a loader thread (the next reader finds them in memory), where the scheduler found that reading
@@ -14,10 +16,12 @@ pays.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +37,10 @@ log = logging.getLogger(__name__)
 # chunks (and bytes) stored, chunks held already, chunks the tier had no room for, chunks whose
 # copy or commit failed, and the seconds a batch took
 OnStored = Callable[[int, int, int, int, int, float], None]
+
+# How long a chunk the tier said it holds (or took) is taken to be held still, and not offered again:
+# should the tier evict it meanwhile, it is missing until a store after that.
+HELD_FOR_S = 2.0
 
 
 @dataclass
@@ -70,10 +78,9 @@ class SharedTier:
         self.failed = False  # the server did not answer: the caller reconnects
         self._users = 0  # threads between `enter` and `leave`, and loads copying out of the arena now
         self._idle = threading.Condition()
-        # lease, keys, bytes copied, the last copy, held, no room, failed, when the store began
-        self._commits: queue.Queue[tuple[int, list[bytes], int, Ready | None, int, int, int, float] | None] = (
-            queue.Queue()
-        )
+        self._held: OrderedDict[bytes, float] = OrderedDict()  # chunks the tier said it holds lately, and when
+        self._held_lock = threading.Lock()
+        self._commits: queue.Queue[Callable[[], None] | None] = queue.Queue()  # work behind the engine's thread
         self._committer = threading.Thread(target=self._commit_loop, name="pdrun-tier-commit", daemon=True)
         self._committer.start()
 
@@ -98,12 +105,18 @@ class SharedTier:
         nothing copied, if the server did not answer (`failed`: it may have restarted)."""
         if not chunks:
             return True
+        order = order if len(order) <= MAX_KEYS else ()  # a prompt past the limit: these chunks' order only
+        known = self._held_lately([k for k, _ in chunks])
+        if len(known) == len(chunks):
+            self._commits.put(functools.partial(self._touch, list(order) or [k for k, _ in chunks]))
+            self.on_stored(0, 0, len(known), 0, 0, 0.0)
+            return True
+        chunks = [c for c in chunks if c[0] not in known]
         layout = self.paged.describe()
         sizes = [self.paged.nbytes(len(ids)) for _, ids in chunks]
         metas = [ChunkMeta(layout, len(ids)).encode() for _, ids in chunks]
         t0 = time.perf_counter()
         try:
-            order = order if len(order) <= MAX_KEYS else ()  # a prompt past the limit: these chunks' order only
             lease, slots = self.client.reserve([k for k, _ in chunks], sizes, metas, order=order)
         except LocalError as e:
             log.warning("cache tier store not taken: %s", e)
@@ -112,7 +125,8 @@ class SharedTier:
         keys: list[bytes] = []
         copied = 0  # bytes
         ready = None
-        held = sum(1 for o in slots if o == HELD)
+        held = len(known) + sum(1 for o in slots if o == HELD)
+        self._now_held([k for (k, _), o in zip(chunks, slots, strict=True) if o == HELD])
         no_room = sum(1 for o in slots if o == NO_ROOM)
         failed = 0
         try:
@@ -125,23 +139,55 @@ class SharedTier:
             log.exception("copying chunks out to the cache tier failed")
             failed = sum(1 for o in slots if o >= 0) - len(keys)
         if lease:  # the last copy queued ends them all
-            self._commits.put((lease, keys, copied, ready, held, no_room, failed, t0))
+            self._commits.put(functools.partial(self._commit, lease, keys, copied, ready, held, no_room, failed, t0))
         else:
             self.on_stored(0, 0, held, no_room, failed, 0.0)
         return True
 
+    def _held_lately(self, keys: Sequence[bytes]) -> set[bytes]:
+        """Those of `keys` the tier said it holds within HELD_FOR_S."""
+        recent = time.monotonic() - HELD_FOR_S
+        with self._held_lock:
+            while self._held and next(iter(self._held.values())) < recent:
+                self._held.popitem(last=False)
+            return {k for k in keys if k in self._held}
+
+    def _now_held(self, keys: Sequence[bytes]) -> None:
+        now = time.monotonic()
+        with self._held_lock:
+            for key in keys:
+                self._held[key] = now
+                self._held.move_to_end(key)
+
+    def _commit(
+        self, lease: int, keys: list[bytes], copied: int, ready: Ready | None, held: int, no_room: int, failed: int,
+        t0: float,
+    ) -> None:  # fmt: skip
+        try:
+            if ready is not None:
+                ready.synchronize()
+            self.client.commit(lease, keys)
+            self._now_held(keys)
+        except Exception as e:  # the server frees the slots when it sees this process gone
+            log.warning("committing %d chunks to the cache tier failed: %s", len(keys), e)
+            self.failed = True
+            failed, keys, copied = failed + len(keys), [], 0
+        self.on_stored(len(keys), copied, held, no_room, failed, time.perf_counter() - t0)
+
+    def _touch(self, order: list[bytes]) -> None:
+        """A prompt whose chunks the tier holds was used again: its chunks become the newest."""
+        try:
+            self.client.touch(order)
+        except LocalError as e:
+            log.warning("telling the cache tier a prompt was used again failed: %s", e)
+            self.failed = True
+
     def _commit_loop(self) -> None:
-        while (item := self._commits.get()) is not None:
-            lease, keys, copied, ready, held, no_room, failed, t0 = item
+        while (work := self._commits.get()) is not None:
             try:
-                if ready is not None:
-                    ready.synchronize()
-                self.client.commit(lease, keys)
-            except Exception as e:  # the server frees the slots when it sees this process gone
-                log.warning("committing %d chunks to the cache tier failed: %s", len(keys), e)
-                self.failed = True
-                failed, keys, copied = failed + len(keys), [], 0
-            self.on_stored(len(keys), copied, held, no_room, failed, time.perf_counter() - t0)
+                work()
+            except Exception:  # never stops the commits behind it
+                log.exception("cache tier work behind the engine's thread failed")
             self._commits.task_done()
         self._commits.task_done()
 

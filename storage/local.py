@@ -9,6 +9,7 @@ only small control messages go to the server, over a unix socket (pyzmq `ipc://`
                                        order: the prompt's chunks up to these, in order, kept so in the LRU)
     commit  {pid, lease, keys}      -> {} the listed keys are filled and served; the lease's others are freed
     release {pid, lease}            -> {held: whether the pins held until now (else the bytes may be another's)}
+    touch   {keys}                  -> {} a prompt's chunks, in order, used again: the newest in the LRU
     forget  {keys}                  -> {} disk files a reader found damaged
     stats                           -> per-tier counters
 
@@ -46,7 +47,7 @@ from pdrun.transfer.errors import TransferError
 
 log = logging.getLogger("pdrun.storage")
 HELD, NO_ROOM = -1, -2
-OPS = ("where", "read", "reserve", "commit", "release", "forget", "stats")
+OPS = ("where", "read", "reserve", "commit", "release", "touch", "forget", "stats")
 MAX_KEYS = 4096  # a 1M-token prompt at 256 tokens per chunk
 MAX_MESSAGE_BYTES = 4 << 20
 
@@ -156,6 +157,9 @@ class LocalService:
                 return {"held": False}
             self._free(lease)
             return {"held": True}
+        if op == "touch":
+            self.store.touch(_keys(req))
+            return {}
         if op == "forget":
             if self.store.disk is not None:
                 for key in _keys(req):
@@ -362,6 +366,10 @@ class LocalClient:
 
     def release(self, lease: int) -> bool:
         return bool(self.call("release", lease=lease)["held"])
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """`keys`, a prompt's chunks in order, were used again: the newest, its head evicted last."""
+        self.call("touch", keys=list(keys))
 
     def disk_chunk(self, key: bytes) -> DiskChunk | None:
         """Chunk `key` in the server's disk tier, to be read into a slot (`DiskChunk.read_into`);

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pdrun.pd import plan
+from pdrun.pd import tier as shared_tier
 from pdrun.pd.codec import PagedKV
 from pdrun.pd.config import ConnectorConfig
 from pdrun.pd.connector import PDMetadata
@@ -18,6 +19,7 @@ from pdrun.pd.loader import ChunkLoader, LoadJob, TierPin
 from pdrun.pd.loads import Loads
 from pdrun.pd.stats import StatsCounter
 from pdrun.pd.tier import SharedTier, TierLink
+from pdrun.storage.arena import PAGE
 from pdrun.storage.client import CacheClient
 from pdrun.storage.local import LocalClient
 from pdrun.storage.server import CacheServer
@@ -115,7 +117,7 @@ def test_a_chunk_of_another_layout_is_refused_and_unpins_what_it_took(tier):
 
 def test_chunks_an_arena_full_of_pinned_ones_has_no_room_for_are_counted_as_such():
     cache = paged()
-    room = 2 * cache.nbytes(PER)  # two chunks
+    room = 2 * PAGE  # two chunks (a slot is page-aligned)
     with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(room))) as server:
         client = LocalClient.discover(CacheClient(server.address).local())
         assert client is not None
@@ -125,11 +127,43 @@ def test_chunks_an_arena_full_of_pinned_ones_has_no_room_for_are_counted_as_such
         )
         try:
             stored_chunks(t, cache, n=2)
+            assert told[-1] == (2, 0, 0, 0)
             load = t.start_load(keys(2), loader(cache, n=2))  # both pinned while it runs
             t.store([(k, SRC[i * PER : (i + 1) * PER]) for i, k in enumerate(keys(4)) if i >= 2])
             t.flush()
             assert told[-1] == (0, 0, 2, 0)  # stored, held already, no room, failed
             assert t.finish(load)
+        finally:
+            t.close()
+
+
+def test_chunks_the_tier_said_it_holds_are_not_offered_again_and_their_prompt_becomes_the_newest(monkeypatch):
+    cache = paged()
+    with CacheServer("tcp://127.0.0.1:0", TieredStore(MemoryTier(4 * PAGE))) as server:  # 4 chunks
+        client = LocalClient.discover(CacheClient(server.address).local())
+        assert client is not None
+        told: list[tuple[int, int, int, int]] = []
+        t = SharedTier(
+            client, cache, lambda n, _bytes, held, no_room, failed, _s: told.append((n, held, no_room, failed))
+        )
+        a, b, c = keys(6)[0:2], keys(6)[2:4], keys(6)[4:6]
+
+        def store(prompt: list[bytes]) -> None:
+            t.store([(k, SRC[i * PER : (i + 1) * PER]) for i, k in enumerate(prompt)])
+            t.flush()
+
+        try:
+            store(a)
+            store(b)  # the tier is full
+            assert server.local.requests["reserve"] == 2
+            store(a)  # as a warm request recomputing its last chunk: the tier took them just now
+            assert server.local.requests["reserve"] == 2 and server.local.requests["touch"] == 1
+            assert told[-1] == (0, 2, 0, 0)  # stored, held already, no room, failed
+            store(c)  # room made by evicting the prompt used longest ago: b, though a was stored first
+            assert client.where(a) == (2, 2) and client.where(b) == (0, 0)
+            monkeypatch.setattr(shared_tier, "HELD_FOR_S", 0.0)
+            store(a)  # not taken to be held any more: asked again, and held
+            assert server.local.requests["reserve"] == 4 and told[-1] == (0, 2, 0, 0)
         finally:
             t.close()
 

@@ -482,11 +482,15 @@ class Proxy:
         clock = StreamClock()
         finished = False
         try:
-            clock.feed(first, time.monotonic())
+            # Each chunk goes to the client before the clock reads it (at the time it came): the
+            # first event echoes a long prompt's ids, and reading it is not the client's wait.
+            came = time.monotonic()
             yield first
+            clock.feed(first, came)
             async for chunk in chunks:
-                clock.feed(chunk, time.monotonic())
+                came = time.monotonic()
                 yield chunk
+                clock.feed(chunk, came)
             end = time.monotonic()  # the last chunk has gone to the client: closing upstream is not its time
             timing.decode, timing.total = end - sent, end - t0
             if clock.first is not None:

@@ -158,10 +158,11 @@ def test_a_release_the_prefiller_refuses_is_left_to_its_ttl(prefiller, caplog):
 def test_decoders_alone_serve_every_request_without_a_fallback(decoder):
     proxy = proxy_to(decoder)  # no prefiller configured: decode-only by design, not a fallback
 
+    timing = RequestTiming("r", COMPLETIONS, stream=True)
+
     async def run() -> tuple[int, str]:
         proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         try:
-            timing = RequestTiming("r", COMPLETIONS, stream=True)
             body = {"prompt": [1, 2, 3], "stream": True}
             r = await proxy._serve(COMPLETIONS, body, None, time.monotonic(), timing)
             async for _ in r.body_iterator:
@@ -171,6 +172,8 @@ def test_decoders_alone_serve_every_request_without_a_fallback(decoder):
             await proxy.client.close()
 
     assert asyncio.run(run()) == (200, "decode")
+    # The relay's clock read every event, each after it went on to the client: both tokens counted.
+    assert timing.output_tokens == 2 and timing.ttft is not None and 0 < timing.ttft <= timing.total
     assert not [s for m in proxy.metrics.fallbacks.collect() for s in m.samples if s.value]
 
 

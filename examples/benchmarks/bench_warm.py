@@ -155,7 +155,8 @@ def main() -> None:
         print(line)
     if args.json is not None:
         record = {"tokens": args.tokens, "rounds": args.rounds, "fresh": args.fresh, "evict": args.evict}
-        args.json.write_text(json.dumps({**record, "ttft": figures}, indent=1))
+        # each round's TTFTs too (null: no answer), for differences between any two endpoints later
+        args.json.write_text(json.dumps({**record, "ttft": figures, "ttft_s_by_round": ttfts}, indent=1))
 
 
 if __name__ == "__main__":

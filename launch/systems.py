@@ -63,6 +63,7 @@ COUNTERS = {
     "pdrun:load_seconds_total": "handoff_seconds",  # ... in this long, summed over the hand-offs
     "pdrun:cache_in_step_tokens_total": "cache_in_step_tokens",  # loaded from the tier inside the step
     "pdrun:cache_prefetched_tokens_total": "cache_prefetched_tokens",  # loaded from copies made on a hint
+    "pdrun:cache_prefetch_copied_tokens_total": "cache_prefetch_copied_tokens",  # copied on hints, used or not
     "pdrun:cache_loaded_tokens_total": "cache_loaded_tokens",  # loaded from the tier ...
     "pdrun:cache_disk_loaded_tokens_total": "cache_disk_loaded_tokens",  # ... of them, read from its disk
 }

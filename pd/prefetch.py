@@ -15,7 +15,9 @@ IN_FLIGHT at a time, skipping the head vLLM's own cache holds: the scheduler bes
 tells it, at each lookup and as each request finishes, the deepest chunk vLLM's cache holds of that
 prompt (`vllm_holds`; the chunks' keys are chained, so that key names the whole head), which stops a
 hint under way there and spares the hints of later prompts that begin with that head. A copy no load takes within
-COPY_TTL_S is dropped, and the pool's oldest copies make room for new ones. A copy is used only once
+COPY_TTL_S is dropped. A full pool gives no copy up for a later hint's: vLLM schedules requests in
+the order they came, so the earlier hint's copies are the ones wanted first (the later request
+loads what was not copied from the arena, as without a hint). A copy is used only once
 its pins were confirmed held throughout; a load that took it waits for that (microseconds after its
 copy), and one whose pins were not is recomputed, never served.
 """
@@ -198,15 +200,28 @@ class Prefetch:
         with self.tiers.use() as tier:
             if tier is None:
                 return 0
-            lease, slots = tier.client.read(want)  # the arena stays mapped until the block ends
+            with self._queued:
+                room = self._room(len(want))
+                want = want[: len(room)]
+                self._coming.intersection_update(want)  # a load waits for no chunk that has no room
+                self._queued.notify_all()
+            if not want:
+                return 0
+            try:
+                lease, slots = tier.client.read(want)  # the arena stays mapped until the block ends
+            except BaseException:
+                with self._lock:
+                    self._free += room
+                raise
             fetched: list[Fetched] = []
             try:
-                with self._lock:
-                    room = self._room(len(slots))
+                with self._queued:
                     for key, slot, at in zip(want, slots, room, strict=False):
                         data = self.pool[at * self.slot_bytes : at * self.slot_bytes + slot.nbytes]
                         fetched.append(Fetched(key, at, data, dict(slot.meta), None))
                     self._free += room[len(fetched) :]
+                    self._coming.intersection_update(f.key for f in fetched)  # the arena's leading run only
+                    self._queued.notify_all()
                 crossing: deque[torch.cuda.Event] = deque()
                 skipped: set[int] = set()
                 with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
@@ -257,7 +272,8 @@ class Prefetch:
         return event
 
     def _room(self, n: int) -> list[int]:
-        """Up to `n` free slots, the oldest copies no load took given up for them (lock held)."""
+        """Up to `n` free slots: those loads are done reading and those of copies no load took in
+        time; a copy still awaiting its load keeps its slot (lock held)."""
         still = []
         for slots, reading in self._draining:
             if reading is None or reading.query():
@@ -266,12 +282,6 @@ class Prefetch:
                 still.append((slots, reading))
         self._draining = still
         self._drop_stale()
-        while len(self._free) < n and self._copies:
-            oldest = next(iter(self._copies.values()))
-            if not oldest.checked.is_set():
-                break  # still being copied in
-            del self._copies[oldest.key]
-            self._free.append(oldest.slot)
         room, self._free = self._free[:n], self._free[n:]
         return room
 

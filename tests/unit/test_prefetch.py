@@ -130,6 +130,32 @@ def test_a_copy_no_load_took_in_time_is_dropped_not_served(hinted, monkeypatch):
     loads.shutdown()
 
 
+def test_a_full_pool_keeps_an_earlier_hints_copies_for_its_load(hinted, monkeypatch):
+    """Requests are scheduled in the order they came: a later prompt's hint does not take the pool
+    from the earlier one's copies, which its load then finds whole."""
+    _, t, cache, make = hinted
+    later = list(range(5000, 5000 + CHUNKS * CHUNK + 2))
+    later_keys = chained_keys(SEED, CHUNK, later[:-2], full_only=True)
+    t.store([(k, SRC[i * PER : (i + 1) * PER]) for i, k in enumerate(later_keys)])
+    t.flush()
+    prefetch, hints = make(room=CHUNKS)
+    hint(hints, prefetch, CHUNKS)
+    assert prefetch.hint(None, later) == 0  # the pool is full of copies awaiting their load
+    assert list(prefetch._copies) == KEYS
+    loads, stats = pinned_loads(t, cache)
+    loads.prefetch = prefetch
+    loads.start(PDMetadata(loads={"r": job()}))
+    assert until(lambda: loads.take_finished_loads() == {"r"})
+    for layer in cache.layers:
+        assert layer[SRC].eq(layer[DST]).all()
+    taken = stats.take()
+    assert taken is not None and taken.data["cache_prefetched_tokens"] == CHUNKS * CHUNK
+    assert prefetch.hint(None, later) == CHUNKS  # the slots are free once the load has read them
+    monkeypatch.setattr("pdrun.pd.prefetch.COPY_TTL_S", 0.0)
+    assert prefetch.hint(None, TOKENS) == CHUNKS  # copies no load took in time make room
+    loads.shutdown()
+
+
 def test_a_load_inside_the_step_reads_the_copies_too(hinted):
     server, t, cache, make = hinted
     prefetch, hints = make(room=CHUNKS)

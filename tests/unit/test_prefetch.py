@@ -14,10 +14,11 @@ from pdrun.pd import plan
 from pdrun.pd.connector import PDMetadata
 from pdrun.pd.keys import chained_keys
 from pdrun.pd.loader import LoadJob, TierPin
+from pdrun.pd.loads import Loads
 from pdrun.pd.prefetch import Prefetch
 from pdrun.pd.proxy.body import parse_head
 from pdrun.pd.proxy.hints import Hints
-from pdrun.pd.stats import StatsCounter
+from pdrun.pd.stats import PDStats, StatsCounter
 from pdrun.pd.tier import TierLink
 from tests.unit.test_shared_tier import BLOCK, CHUNK, CHUNKS, DST, PER, SRC, pinned_loads, step, tier, until
 
@@ -73,12 +74,9 @@ def job(pin: TierPin | None = None) -> LoadJob:
     return LoadJob("", [], chunks, 0, tokens, DST, pin is not None, 0, pin)
 
 
-def test_a_hinted_prefix_is_loaded_from_its_copies_not_the_arena(hinted):
-    server, t, cache, make = hinted
-    prefetch, hints = make(room=CHUNKS)
-    hint(hints, prefetch, CHUNKS)
-    assert server.local.leases() == 0  # the copies' pins went as soon as they were done
-    t.memory.zero_()  # the arena's bytes gone: only the copies hold the prompt now
+def loaded(t, cache, prefetch: Prefetch) -> tuple[Loads, PDStats | None]:
+    """The hinted prompt loaded beside the steps, its blocks checked byte for byte: the loads
+    (for the caller to shut down) and the counters it moved."""
     loads, stats = pinned_loads(t, cache)
     loads.prefetch = prefetch
     loads.start(PDMetadata(loads={"r": job()}))
@@ -86,7 +84,16 @@ def test_a_hinted_prefix_is_loaded_from_its_copies_not_the_arena(hinted):
     assert loads.take_load_errors() == set()
     for layer in cache.layers:
         assert layer[SRC].eq(layer[DST]).all()
-    taken = stats.take()
+    return loads, stats.take()
+
+
+def test_a_hinted_prefix_is_loaded_from_its_copies_not_the_arena(hinted):
+    server, t, cache, make = hinted
+    prefetch, hints = make(room=CHUNKS)
+    hint(hints, prefetch, CHUNKS)
+    assert server.local.leases() == 0  # the copies' pins went as soon as they were done
+    t.memory.zero_()  # the arena's bytes gone: only the copies hold the prompt now
+    loads, taken = loaded(t, cache, prefetch)
     assert taken is not None and taken.data["cache_prefetched_tokens"] == CHUNKS * CHUNK
     assert copied(prefetch) == 0 and server.local.leases() == 0
     loads.shutdown()
@@ -98,13 +105,7 @@ def test_a_pool_too_small_copies_the_head_and_the_load_takes_the_rest_from_the_a
     hint(hints, prefetch, 4)
     assert prefetch.hint(None, TOKENS) == 0  # hinted again: its head stays, not its tail
     assert list(prefetch._copies) == KEYS[:4]
-    loads, stats = pinned_loads(t, cache)
-    loads.prefetch = prefetch
-    loads.start(PDMetadata(loads={"r": job()}))
-    assert until(lambda: loads.take_finished_loads() == {"r"})
-    for layer in cache.layers:
-        assert layer[SRC].eq(layer[DST]).all()
-    taken = stats.take()
+    loads, taken = loaded(t, cache, prefetch)
     assert taken is not None and taken.data["cache_loaded_tokens"] == CHUNKS * CHUNK
     assert taken.data["cache_prefetched_tokens"] == 4 * CHUNK
     assert server.local.leases() == 0
@@ -117,13 +118,7 @@ def test_a_copy_no_load_took_in_time_is_dropped_not_served(hinted, monkeypatch):
     prefetch, hints = make(room=CHUNKS)
     hint(hints, prefetch, CHUNKS)
     monkeypatch.setattr("pdrun.pd.prefetch.COPY_TTL_S", 0.0)
-    loads, stats = pinned_loads(t, cache)
-    loads.prefetch = prefetch
-    loads.start(PDMetadata(loads={"r": job()}))
-    assert until(lambda: loads.take_finished_loads() == {"r"})
-    for layer in cache.layers:
-        assert layer[SRC].eq(layer[DST]).all()  # from the arena
-    taken = stats.take()
+    loads, taken = loaded(t, cache, prefetch)
     assert taken is not None and taken.data["cache_loaded_tokens"] == CHUNKS * CHUNK
     assert taken.data["cache_prefetched_tokens"] == 0
     assert prefetch.hint(None, TOKENS) == CHUNKS  # copied in again, not counted as held
@@ -142,13 +137,7 @@ def test_a_full_pool_keeps_an_earlier_hints_copies_for_its_load(hinted, monkeypa
     hint(hints, prefetch, CHUNKS)
     assert prefetch.hint(None, later) == 0  # the pool is full of copies awaiting their load
     assert list(prefetch._copies) == KEYS
-    loads, stats = pinned_loads(t, cache)
-    loads.prefetch = prefetch
-    loads.start(PDMetadata(loads={"r": job()}))
-    assert until(lambda: loads.take_finished_loads() == {"r"})
-    for layer in cache.layers:
-        assert layer[SRC].eq(layer[DST]).all()
-    taken = stats.take()
+    loads, taken = loaded(t, cache, prefetch)
     assert taken is not None and taken.data["cache_prefetched_tokens"] == CHUNKS * CHUNK
     assert prefetch.hint(None, later) == CHUNKS  # the slots are free once the load has read them
     monkeypatch.setattr("pdrun.pd.prefetch.COPY_TTL_S", 0.0)

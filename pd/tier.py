@@ -6,8 +6,8 @@ copied again) and one copy per chunk out of the KV cache, queued behind the forw
 on a side stream, into the arena registered for DMA); a thread commits the slots once the copies
 are done. Chunks the tier said it held within HELD_FOR_S (a warm request recomputes its prompt's
 last chunk) cost no request on the engine's thread: that thread only tells the server, behind, that
-the prompt was used again. Loading pins the chunks in memory, copies them into the request's blocks and unpins
-them: chunks in memory by copies the engine's thread queues (`start_load`, polled with `finish`:
+the prompt was used again. Loading pins the chunks in memory, copies them into the request's blocks
+and unpins them: chunks in memory by copies the engine's thread queues (`start_load`, polled with `finish`:
 no thread to wake, no lock to take in between), chunks only on disk read into a slot of their own
 by a loader thread (the next reader finds them in memory), where the scheduler found that reading
 pays.

@@ -115,8 +115,9 @@ class Prefetch:
         self._coming: set[bytes] = set()  # keys the hint under way is yet to queue the copies of
         self._hurry = False  # a load waits for them: queue the rest at once
         # Keys of the deepest chunks vLLM's cache held of the prompts it looked up lately, and when:
-        # a hint copies nothing up to such a chunk.
+        # a hint copies nothing up to such a chunk. `_marks` counts them, for a hint to see a new one.
         self._vllm_held: dict[bytes, float] = {}
+        self._marks = 0
         self._lock = threading.Lock()
         self._queued = threading.Condition(self._lock)  # notified as copies are queued
         self._stream = torch.cuda.Stream(paged.device) if paged.device.type == "cuda" else None
@@ -224,9 +225,13 @@ class Prefetch:
                     self._queued.notify_all()
                 crossing: deque[torch.cuda.Event] = deque()
                 skipped: set[int] = set()
+                first = keys.index(want[0])  # `want` is a run of the prompt's chunks
+                seen, past = -1, 0
                 with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                     for i, (f, slot) in enumerate(zip(fetched, slots, strict=False)):
-                        if keys.index(f.key) < self._past_vllms(keys):  # vLLM's cache holds it now
+                        if self._marks != seen:  # the scheduler told of a head vLLM's cache holds
+                            seen, past = self._marks, self._past_vllms(keys)
+                        if first + i < past:  # vLLM's cache holds it now
                             with self._queued:
                                 self._free.append(f.slot)
                                 self._coming.discard(f.key)
@@ -301,6 +306,7 @@ class Prefetch:
         with self._lock:
             self._vllm_held = {k: t for k, t in self._vllm_held.items() if t > now - COPY_TTL_S}
             self._vllm_held[rank_key(deepest, self.rank)] = now
+            self._marks += 1
 
     def take(self, keys: Sequence[bytes]) -> list[Fetched]:
         """The copies of the leading `keys` held here, now the caller's: it scatters them after

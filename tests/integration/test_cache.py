@@ -431,7 +431,9 @@ def mapping(name: str) -> list[str]:
 def test_an_instance_goes_on_through_a_cache_server_restart_and_uses_the_new_one(cluster, model_dir, tmp_path):
     """The instance maps the server's arena; a restarted server has another, which the instance
     finds on its own, idle, letting the old one go; after it requests are loaded again."""
-    port = free_port()
+    # The server and its /metrics on two ports below the ephemeral range: restarted on the same ones,
+    # neither can meanwhile be taken as the source port of an outgoing connection.
+    port = free_ports(2)
     log = tmp_path / "cache.log"
     cache = start_cache_server(port, log)
     connector = {"cache": f"tcp://127.0.0.1:{port}", "cache_retry_s": 1.0}

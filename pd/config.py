@@ -120,6 +120,13 @@ class ConnectorConfig(BaseModel):
         "the disk is not measured, none before this run's first prefill, then two chunks of a prompt); always; "
         "never (recompute them)",
     )
+    cache_answers: bool = Field(
+        True,
+        description="store the full chunks past a prompt too, as the answer fills them (the prompt's last chunk "
+        "completed, then the answer's own): a conversation's next turn sends the answer back inside its prompt "
+        "and loads those chunks rather than recomputing them, as vLLM's own prefix cache reuses the blocks of "
+        "answers; false: prompts' chunks only",
+    )
     cache_load_in_step: Literal["never", "idle", "always"] = Field(
         "never",
         description="on the cache server's host, where the prefix a request lacks is in the tier's memory: run "

@@ -57,7 +57,7 @@ from pdrun.pd import plan
 from pdrun.pd.codec import PagedKV
 from pdrun.pd.compat import SYNC_LOAD_RECOVERY, check_vllm_version, recovers_failed_sync_loads
 from pdrun.pd.config import ConnectorConfig, load_config
-from pdrun.pd.keys import Fingerprint, chunk_keys, matching_prefix
+from pdrun.pd.keys import Fingerprint, chunk_keys, matching_prefix, salted
 from pdrun.pd.loader import LoadJob, TierPin
 from pdrun.pd.loads import Loads
 from pdrun.pd.logs import setup_logging
@@ -361,6 +361,11 @@ class _Saving:
     cache_from: int | None  # full chunks from this index on go to the cache tier (None: none do)
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # chunks copied out so far
+    # cache_answers: the request, whose full chunks past the prompt's go to the tier as they fill
+    # (None: they do not), the next such chunk and the key it chains on
+    answering: Request | None = None
+    next_full: int = 0
+    prev_key: bytes = b""
     started: float = field(default_factory=time.time)  # first scheduled: the end of its wait in the queue
 
 
@@ -722,14 +727,21 @@ class _SchedulerSide:
         cache_from = None
         if self.cache is not None and (incoming is None or incoming.handoff is None):
             cache_from = incoming.cached_chunks if incoming is not None else 0
-        if not stage and cache_from is None:
+        # A prefill for a decoder answers one token; a decoder given a hand-off caches its answer.
+        answers = self.cache is not None and self.cfg.cache_answers and not stage
+        if not stage and cache_from is None and not answers:
             return
         prompt = request.prompt_token_ids or []
         handed = len(prompt)
         keys = self._keys_of(request)
         # Without staging, the chunks before cache_from are never copied out: not walked each step.
-        first = 0 if stage or cache_from is None else cache_from
-        self._saving[request.request_id] = _Saving(keys, handed, stage, cache_from, saved=first)
+        first = 0 if stage else (cache_from if cache_from is not None else len(keys))
+        st = _Saving(keys, handed, stage, cache_from, saved=first)
+        if answers:
+            full = handed // self.cfg.chunk_size
+            st.answering, st.next_full = request, full
+            st.prev_key = keys[full - 1] if full else salted(self.fingerprint.seed(), _salt(request))
+        self._saving[request.request_id] = st
 
     def _track_blocks(self, so: SchedulerOutput) -> None:
         for new in so.scheduled_new_reqs:
@@ -750,8 +762,14 @@ class _SchedulerSide:
             self._save_ready(rid, st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0))
 
     def _save_ready(self, rid: str, st: _Saving, computed: int) -> None:
-        if st.saved == len(st.keys):
-            return
+        if st.saved < len(st.keys):
+            self._save_prompt(rid, st, computed)
+        # Checked every decode step of every request: the arithmetic first.
+        answer_due = st.answering is not None and computed >= (st.next_full + 1) * self.cfg.chunk_size
+        if answer_due and st.saved == len(st.keys):
+            self._save_answer(rid, st, computed)
+
+    def _save_prompt(self, rid: str, st: _Saving, computed: int) -> None:
         saves = plan.ready_saves(
             rid,
             st.keys,
@@ -769,6 +787,25 @@ class _SchedulerSide:
         cached = [s.index for s in saves if s.cache]
         if cached and self.local is not None:
             self._meta.tier_order += st.keys[: max(cached) + 1]
+
+    def _save_answer(self, rid: str, st: _Saving, computed: int) -> None:
+        assert st.answering is not None
+        saves = plan.answer_saves(
+            rid,
+            st.answering.all_token_ids,
+            computed,
+            st.next_full,
+            st.prev_key,
+            st.block_ids,
+            self.cfg.chunk_size,
+            self.block_size,
+        )
+        if not saves:
+            return
+        self._meta.saves.extend(saves)
+        if self.local is not None:
+            self._meta.tier_order += st.keys[: st.next_full] + [s.key for s in saves]
+        st.next_full, st.prev_key = saves[-1].index + 1, saves[-1].key
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self.rates.step(scheduler_output.total_num_scheduled_tokens)

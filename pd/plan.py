@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdrun.pd.keys import chained_keys
+
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
@@ -93,6 +95,40 @@ def ready_saves(
         ids = list(block_ids[start // block_size : _ceil_div(end, block_size)])
         out.append(ChunkSave(transfer, index, keys[index], ids, stage=stage, cache=cache))
     return out
+
+
+def answer_saves(
+    transfer: str,
+    tokens: Sequence[int],
+    computed: int,
+    start: int,
+    prev_key: bytes,
+    block_ids: Sequence[int],
+    chunk_size: int,
+    block_size: int,
+) -> list[ChunkSave]:
+    """Chunks `start` and on of a request's tokens past its prompt's full chunks (the prompt's last
+    chunk completed by the answer, then the answer's own), for the cache tier, as far as they are
+    full, computed and known: `tokens` are the ids so far, of which the first `computed` have
+    their KV in `block_ids` (a decode step may compute a token's KV before the scheduler knows the
+    token, and knows a sampled token before its KV is computed). `prev_key`: the key of chunk
+    `start - 1`, which the keys of these chain on."""
+    end = min(computed, len(tokens), len(block_ids) * block_size) // chunk_size
+    if end <= start:
+        return []
+    keys = chained_keys(prev_key, chunk_size, tokens[start * chunk_size : end * chunk_size])
+    per_chunk = chunk_size // block_size
+    return [
+        ChunkSave(
+            transfer,
+            start + i,
+            key,
+            list(block_ids[(start + i) * per_chunk : (start + i + 1) * per_chunk]),
+            stage=False,
+            cache=True,
+        )
+        for i, key in enumerate(keys)
+    ]
 
 
 def plan_load(

@@ -26,6 +26,7 @@ def complete(
     max_tokens: int = MAX_TOKENS,
     kv_transfer_params: dict | None = None,
     timeout: float = 300,
+    ignore_eos: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": "tiny",
@@ -33,6 +34,7 @@ def complete(
         "max_tokens": max_tokens,
         "temperature": 0,
         "return_token_ids": True,
+        "ignore_eos": ignore_eos,
     }
     if kv_transfer_params is not None:
         body["kv_transfer_params"] = kv_transfer_params

@@ -131,6 +131,28 @@ def test_a_prefix_prefilled_on_one_prefiller_is_loaded_from_the_tier_by_another(
     assert wait_for_deltas(cluster.decoder.url, before, expected) == expected
 
 
+def test_a_conversations_next_turn_loads_the_last_answer_from_the_tier_and_answers_as_plain_vllm(
+    cluster, second_prefiller
+):
+    """The chunks an answer fills go to the tier; the next turn, on another instance, loads them.
+    Plain vLLM serves the same two turns from its own prefix cache, which keeps the first turn's
+    blocks, answer included: both reuse the KV the first turn's steps computed, up to the same token."""
+    first = prompt(300, seed=390)
+    # 230 tokens answered: 529 computed, two full chunks (the second: the prompt's last 44 tokens
+    # and the answer's first 212) and four of plain vLLM's blocks, the same 512 tokens.
+    tier = cluster.deployment.cache_metrics_url
+    before = metrics(tier)
+    answer = token_ids(complete(second_prefiller.url, first, max_tokens=230, ignore_eos=True))
+    assert answer == token_ids(complete(cluster.plain.url, first, max_tokens=230, ignore_eos=True))
+    assert wait_for_deltas(tier, before, {TIER_PUTS: 2}) == {TIER_PUTS: 2}  # without the answer's: 1
+    second = first + answer + prompt(150, seed=391)
+    before = metrics(cluster.prefiller.url)
+    reply = token_ids(complete(cluster.prefiller.url, second))
+    expected = {CACHE_LOADED: 2 * CHUNK, LOCAL_COMPUTE: len(second) - 2 * CHUNK, LOAD_FAILURES: 0}
+    assert wait_for_deltas(cluster.prefiller.url, before, expected) == expected
+    assert reply == plain(cluster, second)
+
+
 @pytest.mark.parametrize("in_step", [True, False], ids=["inside the step", "beside the steps"])
 def test_a_prompt_of_whole_chunks_loads_all_but_the_blocks_it_computes(cluster, second_prefiller, in_step):
     tokens = prompt(4 * CHUNK, seed=360 + in_step)  # 4 full chunks, the last one ending with the prompt

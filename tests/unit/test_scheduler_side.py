@@ -362,6 +362,60 @@ def test_a_prompt_stored_over_several_steps_is_ordered_whole_for_the_tier(model,
         connector.shutdown()
 
 
+@pytest.mark.parametrize("answers", [True, False], ids=["cache_answers", "prompts only"])
+def test_the_chunks_an_answer_fills_go_to_the_tier_once_their_tokens_are_known(model, tier_server, answers):
+    """A conversation's next turn sends the answer back inside its prompt: the chunk the answer
+    completes (the prompt's partial last one) and the answer's own full chunks are stored as they
+    fill, under the keys the next turn's prompt will have, once their ids are known (a step may
+    compute a token's KV before the scheduler has the token)."""
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    connector = scheduler_side(model, cache=tier_server.address, cache_answers=answers)
+    try:
+        prompt = list(range(9, 9 + 3 * CHUNK + 10))  # 3 full chunks and 10 tokens of the fourth
+        r = plain_request("chat", prompt)
+        assert connector.get_num_new_matched_tokens(r, 0) == (0, False)
+        connector.update_state_after_alloc(r, blocks(13), 0)
+        prefill = SchedulerOutput.make_empty()
+        prefill.scheduled_new_reqs = [NewRequestData.from_request(r, (list(range(13)),))]
+        prefill.num_scheduled_tokens, prefill.total_num_scheduled_tokens = {"chat": len(prompt)}, len(prompt)
+        assert [s.index for s in connector.build_connector_meta(prefill).saves] == [0, 1, 2]
+
+        def step(computed: int, scheduled: int, new_blocks: list[int] | None = None):
+            out = SchedulerOutput.make_empty()
+            out.scheduled_cached_reqs = CachedRequestData(
+                ["chat"], set(), [[]], {}, [(new_blocks,) if new_blocks else None], [computed], [0]
+            )
+            out.num_scheduled_tokens, out.total_num_scheduled_tokens = {"chat": scheduled}, scheduled
+            return connector.build_connector_meta(out)
+
+        answer = list(range(5000, 5000 + CHUNK))
+        r.append_output_token_ids(answer[:50])
+        # This step computes the KV up to the fourth chunk's end, but 4 of its ids are not known yet.
+        assert step(len(prompt), CHUNK - 10, [13, 14, 15]).saves == []
+        r.append_output_token_ids(answer[50:])
+        meta = step(4 * CHUNK, 1, [16])
+        keys = chunk_keys(connector._sched.fingerprint, prompt + answer)  # the next turn's prompt's keys
+        if not answers:
+            assert meta.saves == []
+            return
+        (save,) = meta.saves
+        assert (save.index, save.key, save.block_ids, save.cache, save.stage) == (
+            3,
+            keys[3],
+            [12, 13, 14, 15],
+            True,
+            False,
+        )
+        assert meta.tier_order == keys[:4]
+        r.append_output_token_ids(list(range(6000, 6000 + CHUNK)))
+        assert step(4 * CHUNK + 1, CHUNK - 2).saves == []  # the fifth chunk is one token short of computed
+        (save,) = step(5 * CHUNK - 1, 1, [17, 18, 19]).saves
+        assert save.index == 4 and save.key == chunk_keys(connector._sched.fingerprint, r.all_token_ids)[4]
+    finally:
+        connector.shutdown()
+
+
 def test_an_instance_keeps_its_rates_beside_the_tiers_disk_and_starts_from_them(model, tmp_path):
     from pdrun.storage.server import CacheServer
     from pdrun.storage.tiers import DiskTier, MemoryTier, TieredStore

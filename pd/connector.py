@@ -203,6 +203,11 @@ def _fingerprint(vllm_config: VllmConfig, cfg: ConnectorConfig, kv_cache_config:
     )
 
 
+def _preemptions(request: Request) -> int:
+    """How often vLLM preempted the request: each time it gave up the request's blocks."""
+    return getattr(request, "num_preemptions", 0)
+
+
 def _salt(request: Request) -> str | None:
     """vLLM's per-request `cache_salt`: requests with different salts share no KV, here as in vLLM."""
     return getattr(request, "cache_salt", None)
@@ -422,7 +427,9 @@ class _SchedulerSide:
         self._running: set[str] = set()  # requests the last step ran, less those finished since
         self._saving: dict[str, _Saving] = {}
         self._incoming: dict[str, _Incoming | None] = {}
-        self._cache_loaded: set[str] = set()  # a request loads from the tier once; rescheduled, it computes
+        # A request loads from the tier once, and again only once vLLM has preempted it since (it
+        # computes what a failed load left): request -> its preemptions at its last load.
+        self._cache_loaded: dict[str, int] = {}
         self._keys: dict[str, list[bytes]] = {}  # request id -> its prompt's chunk keys, until it finishes
         self._handoff_times: dict[str, list[float | None]] = {}  # decoder: [queued_s, load start, load end]
         self._meta = PDMetadata()
@@ -503,7 +510,8 @@ class _SchedulerSide:
         if rid not in self._incoming:
             prompt = request.prompt_token_ids or []
             state = self._from_handoff(request, prompt) if self.is_consumer and prompt else None
-            if state is None and self.cache is not None and rid not in self._cache_loaded:
+            loaded_at = self._cache_loaded.get(rid)
+            if state is None and self.cache is not None and (loaded_at is None or _preemptions(request) > loaded_at):
                 state = self._from_cache(request, prompt, num_computed_tokens)
             self._incoming[rid] = state
         return self._incoming[rid]
@@ -669,7 +677,8 @@ class _SchedulerSide:
             self._track_saves(request, self._incoming[rid])
         if rid not in self._incoming:
             return
-        # One load per request: when vLLM reschedules it (a failed load, a preemption), it computes.
+        # One load per lookup. Scheduled again (after a failed load, or preempted), a request is looked
+        # up again: its hand-off is not loaded twice, the tier only after a preemption.
         state = self._incoming.pop(rid)
         if state is None:
             return
@@ -686,7 +695,7 @@ class _SchedulerSide:
                 self._unpin(state.pin)
             return
         if h is None:
-            self._cache_loaded.add(rid)
+            self._cache_loaded[rid] = _preemptions(request)
         start = state.end - num_external_tokens
         block_ids = list(blocks.get_block_ids()[0])
         chunks = plan.plan_load(
@@ -837,7 +846,7 @@ class _SchedulerSide:
             chunks, _ = plan.tier_reach(request.num_prompt_tokens, self.cfg.chunk_size, self.block_size)
             self._vllm_holds(keys[:chunks], request.num_computed_tokens)
         self._running.discard(rid)
-        self._cache_loaded.discard(rid)
+        self._cache_loaded.pop(rid, None)
         times = self._handoff_times.pop(rid, None)
         st = self._saving.pop(rid, None)
         if self.room is not None and (st is None or request.status != RequestStatus.FINISHED_LENGTH_CAPPED):

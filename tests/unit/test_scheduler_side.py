@@ -362,6 +362,28 @@ def test_a_prompt_stored_over_several_steps_is_ordered_whole_for_the_tier(model,
         connector.shutdown()
 
 
+def test_a_request_loads_from_the_tier_again_once_preempted_but_not_after_a_failed_load(model, tier_server):
+    """vLLM schedules a request again after a load whose blocks it found invalid (the request then
+    computes them), and after preempting it (its blocks given up): only the latter loads again."""
+    connector = scheduler_side(model, cache=tier_server.address)
+    try:
+        prompt = stored_prompt(connector, tier_server, 2, seed=3000)
+        r = plain_request("again", prompt)
+        assert connector.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, True)
+        connector.update_state_after_alloc(r, blocks(9), 2 * CHUNK)
+        assert step_meta(connector).loads["again"].end == 2 * CHUNK
+        # Back in the queue after the load (vLLM found some of its blocks invalid): it computes them.
+        assert connector.get_num_new_matched_tokens(r, CHUNK) == (0, False)
+        connector.update_state_after_alloc(r, blocks(9), 0)
+        assert step_meta(connector).loads == {}
+        r.num_preemptions += 1  # preempted: its blocks were given up, the tier still holds the prefix
+        assert connector.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, True)
+        connector.update_state_after_alloc(r, blocks(9, first=20), 2 * CHUNK)
+        assert step_meta(connector).loads["again"].block_ids[:8] == list(range(20, 28))
+    finally:
+        connector.shutdown()
+
+
 @pytest.mark.parametrize("answers", [True, False], ids=["cache_answers", "prompts only"])
 def test_the_chunks_an_answer_fills_go_to_the_tier_once_their_tokens_are_known(model, tier_server, answers):
     """A conversation's next turn sends the answer back inside its prompt: the chunk the answer

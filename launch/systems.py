@@ -67,6 +67,9 @@ COUNTERS = {
     "pdrun:cache_loaded_tokens_total": "cache_loaded_tokens",  # loaded from the tier ...
     "pdrun:cache_disk_loaded_tokens_total": "cache_disk_loaded_tokens",  # ... of them, read from its disk
 }
+# Every system's engine: requests vLLM preempted for want of KV room (each recomputes, or reloads,
+# what it had computed).
+ENGINE_COUNTERS = {"vllm:num_preemptions_total": "preemptions"}
 
 
 class SystemFailure(Exception):
@@ -226,9 +229,9 @@ class System:
         return best
 
     def counters(self) -> dict[str, float]:
-        """pdrun's own counters (`COUNTERS`: what went wrong, what it moved and how), summed over
-        its instances; none for systems without pdrun's connector."""
-        return {}
+        """vLLM's counters every system has (`ENGINE_COUNTERS`), summed over its instances; a
+        pdrun system adds its own."""
+        return summed_counters(self.instance_urls, ENGINE_COUNTERS)
 
     def restart(self, timeout: float) -> None:
         """A full restart: every process stopped, then started again (a disk tier is kept)."""
@@ -391,19 +394,26 @@ class PdrunSystem(System):
             time.sleep(0.5)
 
     def counters(self) -> dict[str, float]:
-        out = dict.fromkeys(COUNTERS.values(), 0.0)  # a counter never raised is not exported
-        for url in self.instance_urls:
-            text = metrics_text(url)
-            if text is None:
-                return {}  # an instance that cannot say: no figures rather than a wrong 0
-            for sample, value in summed(text, COUNTERS).items():
-                out[COUNTERS[sample]] += value
-        return out
+        """pdrun's own counters (`COUNTERS`: what went wrong, what it moved and how) beside vLLM's."""
+        return summed_counters(self.instance_urls, COUNTERS | ENGINE_COUNTERS)
 
     def stop(self) -> None:
         if self.proc is not None:
             _stop_group(self.proc, signal.SIGINT, grace=90)  # Ctrl-C: the supervisor stops its children
             self.proc = None
+
+
+def summed_counters(urls: list[str], names: dict[str, str]) -> dict[str, float]:
+    """The samples `names` (sample: figure) summed over the instances at `urls`; none at all where
+    an instance does not answer (no figures rather than a wrong 0)."""
+    out = dict.fromkeys(names.values(), 0.0)  # a counter never raised is not exported
+    for url in urls:
+        text = metrics_text(url)
+        if text is None:
+            return {}
+        for sample, value in summed(text, names).items():
+            out[names[sample]] += value
+    return out
 
 
 def metrics_text(url: str) -> str | None:

@@ -54,6 +54,8 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
         assert figures["kv_load_failures"]["max"] == 0 and figures["cache_chunks_dropped"]["max"] == 0
         assert figures["cache_in_step_tokens"]["max"] == 0  # loads run beside the steps by default
         assert "kv_load_failures" not in s["plain"][workload]
+        # vLLM's own preemptions, from every system's engines
+        assert s["plain"][workload]["preemptions"]["n"] == figures["preemptions"]["n"] == 2
     # After a full restart, measured once for each, as the first request after its start: plain
     # vLLM recomputes the prompt; the tier's instance reads it from disk where the rates it kept
     # say that beats computing (`cache_disk_load: auto`), else computes it too; nothing fails.

@@ -367,10 +367,11 @@ class _Saving:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # chunks copied out so far
     # cache_answers: the request, whose full chunks past the prompt's go to the tier as they fill
-    # (None: they do not), the next such chunk and the key it chains on
+    # (None: they do not); the index of the next such chunk; the keys of the full chunks before it
+    # (the prompt's, then the answer's), hashed when the first one is due
     answering: Request | None = None
     next_full: int = 0
-    prev_key: bytes = b""
+    chain: list[bytes] | None = None
     started: float = field(default_factory=time.time)  # first scheduled: the end of its wait in the queue
 
 
@@ -740,16 +741,16 @@ class _SchedulerSide:
         answers = self.cache is not None and self.cfg.cache_answers and not stage
         if not stage and cache_from is None and not answers:
             return
-        prompt = request.prompt_token_ids or []
-        handed = len(prompt)
-        keys = self._keys_of(request)
-        # Without staging, the chunks before cache_from are never copied out: not walked each step.
-        first = 0 if stage else (cache_from if cache_from is not None else len(keys))
+        handed = len(request.prompt_token_ids or ())
+        if stage or cache_from is not None:
+            keys = self._keys_of(request)
+            # Without staging, the chunks before cache_from are never copied out: not walked each step.
+            first = 0 if stage else cache_from
+        else:  # its answer only (a decoder given a hand-off): nothing of the prompt to walk
+            keys, first = [], 0
         st = _Saving(keys, handed, stage, cache_from, saved=first)
         if answers:
-            full = handed // self.cfg.chunk_size
-            st.answering, st.next_full = request, full
-            st.prev_key = keys[full - 1] if full else salted(self.fingerprint.seed(), _salt(request))
+            st.answering, st.next_full = request, handed // self.cfg.chunk_size
         self._saving[request.request_id] = st
 
     def _track_blocks(self, so: SchedulerOutput) -> None:
@@ -798,13 +799,17 @@ class _SchedulerSide:
             self._meta.tier_order += st.keys[: max(cached) + 1]
 
     def _save_answer(self, rid: str, st: _Saving, computed: int) -> None:
-        assert st.answering is not None
+        request = st.answering
+        assert request is not None
+        if st.chain is None:  # an answer that fills no chunk never hashes its prompt here
+            st.chain = self._keys_of(request)[: st.next_full]
+        prev = st.chain[-1] if st.chain else salted(self.fingerprint.seed(), _salt(request))
         saves = plan.answer_saves(
             rid,
-            st.answering.all_token_ids,
+            request.all_token_ids,
             computed,
             st.next_full,
-            st.prev_key,
+            prev,
             st.block_ids,
             self.cfg.chunk_size,
             self.block_size,
@@ -812,9 +817,10 @@ class _SchedulerSide:
         if not saves:
             return
         self._meta.saves.extend(saves)
+        st.chain += [s.key for s in saves]
+        st.next_full = len(st.chain)
         if self.local is not None:
-            self._meta.tier_order += st.keys[: st.next_full] + [s.key for s in saves]
-        st.next_full, st.prev_key = saves[-1].index + 1, saves[-1].key
+            self._meta.tier_order += st.chain
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self.rates.step(scheduler_output.total_num_scheduled_tokens)

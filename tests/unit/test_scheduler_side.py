@@ -432,8 +432,11 @@ def test_the_chunks_an_answer_fills_go_to_the_tier_once_their_tokens_are_known(m
         assert meta.tier_order == keys[:4]
         r.append_output_token_ids(list(range(6000, 6000 + CHUNK)))
         assert step(4 * CHUNK + 1, CHUNK - 2).saves == []  # the fifth chunk is one token short of computed
-        (save,) = step(5 * CHUNK - 1, 1, [17, 18, 19]).saves
-        assert save.index == 4 and save.key == chunk_keys(connector._sched.fingerprint, r.all_token_ids)[4]
+        meta = step(5 * CHUNK - 1, 1, [17, 18, 19])
+        keys = chunk_keys(connector._sched.fingerprint, r.all_token_ids)
+        (save,) = meta.saves
+        assert (save.index, save.key, save.block_ids) == (4, keys[4], [16, 17, 18, 19])
+        assert meta.tier_order == keys[:5]  # the answer's first chunk among them
     finally:
         connector.shutdown()
 

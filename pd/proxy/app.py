@@ -46,6 +46,7 @@ from pdrun.pd.proxy.handoffs import GiveBack
 from pdrun.pd.proxy.health import Health
 from pdrun.pd.proxy.hints import Hints
 from pdrun.pd.proxy.metrics import ProxyMetrics
+from pdrun.pd.proxy.prefixes import pieces
 from pdrun.pd.proxy.routing import Backend, Policy, Router, prompt_tokens
 from pdrun.pd.proxy.shortcut import TierShortcut
 from pdrun.pd.proxy.timing import RequestTiming, SSEEvents, StreamClock, TimingLog, event_data
@@ -170,7 +171,7 @@ class Proxy:
         raw = await request.body()
         try:
             # Decoders alone get the body as it came: the proxy reads only what it routes on.
-            body = parse_body(raw, path) if self.router.prefillers else parse_head(raw)
+            body = parse_body(raw, path) if self.router.prefillers else parse_head(raw, self.router.tracks_prefixes)
             self._check_model(body.get("model"))
         except BadRequest as e:
             return self._count(path, error_response(e.status, str(e), e.param))
@@ -320,14 +321,21 @@ class Proxy:
             return Response(first.head(), media_type="text/event-stream")
         return JSONResponse(first.whole())
 
-    async def _open_decoder(self, path: str, body: dict[str, Any], raw: bytes | None = None) -> _Opened | Response:
+    async def _open_decoder(
+        self, path: str, body: dict[str, Any], raw: bytes | None = None, client_body: dict[str, Any] | None = None
+    ) -> _Opened | Response:
         """A decoder's answer with its first bytes read (one that fails before sending any is
-        replaced by another), or the error to answer with. The caller closes what it gets."""
+        replaced by another), or the error to answer with. The caller closes what it gets.
+        `client_body`: the request as the client sent it, where `body` continues it."""
         assert self.client is not None
         content = raw if raw is not None else _encode(body)
         tried: list[Backend] = []
         asked_again: set[str] = set()
-        while (d := self.router.pick_decoder(exclude=tried)) is not None:
+        prompt = pieces(client_body or body) if self.router.tracks_prefixes else []
+        # With a hand-off the KV comes with it, whichever decoder takes it; without, the decoder
+        # whose own cache holds the prompt's head skips computing or loading it.
+        by_prefix = () if body.get("kv_transfer_params") else prompt
+        while (d := self.router.pick_decoder(exclude=tried, prompt=by_prefix)) is not None:
             if self.hints is not None and path == COMPLETIONS and "kv_transfer_params" not in body:
                 self.hints.send(d.url, content)  # its prefix crosses into the GPU meanwhile
             sent = time.monotonic()
@@ -357,17 +365,24 @@ class Proxy:
                     return error_response(502, f"decoder {d.url}: {e}")
                 raise
             d.served += 1
+            self.router.sent_to(d, prompt)
             return _Opened(d, upstream, first, chunks, sent)
         return error_response(503, "no decoder in rotation")
 
     async def _decode(
-        self, path: str, body: dict[str, Any], t0: float, timing: RequestTiming, raw: bytes | None = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        t0: float,
+        timing: RequestTiming,
+        raw: bytes | None = None,
+        client_body: dict[str, Any] | None = None,
     ) -> Response:
         """A decoder's answer; the request's hand-off, if any, is given back unless a decoder took it."""
         params = body.get("kv_transfer_params")
         taken = False
         try:
-            opened = await self._open_decoder(path, body, raw)
+            opened = await self._open_decoder(path, body, raw, client_body)
             if isinstance(opened, Response):
                 return opened
             d, upstream, first, chunks, sent = opened.d, opened.upstream, opened.first, opened.chunks, opened.sent
@@ -408,7 +423,7 @@ class Proxy:
         finished = False
         try:
             yield head
-            opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params))
+            opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params), client_body=first.body)
             if isinstance(opened, Response):
                 log.warning("no decoder took the rest of a streamed answer: %s", bytes(opened.body)[:200])
                 yield _error_event(opened.status_code, bytes(opened.body))
@@ -453,7 +468,7 @@ class Proxy:
         self, first: Continuation, params: dict[str, Any], t0: float, timing: RequestTiming
     ) -> Response:
         """The client's one answer: the prefiller's token and the decoder's continuation, joined."""
-        answer = await self._decode(COMPLETIONS, first.decoder_body(params), t0, timing)
+        answer = await self._decode(COMPLETIONS, first.decoder_body(params), t0, timing, client_body=first.body)
         if answer.status_code != 200:
             return answer
         try:

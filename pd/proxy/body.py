@@ -85,12 +85,20 @@ class _Head(msgspec.Struct):
     kv_transfer_params: Any = None
 
 
-def parse_head(raw: bytes) -> dict[str, Any]:
+class _HeadAndPrompt(_Head):
+    """... and the prompt, where the proxy routes on it too (several decoders, prefix_aware)."""
+
+    prompt: Any = None
+    messages: Any = None
+
+
+def parse_head(raw: bytes, with_prompt: bool = False) -> dict[str, Any]:
     """A request for decoders alone: only the fields the proxy routes on, the rest (a long prompt's
-    ids most of all) left unread for the decoder, which checks them as plain vLLM does. A client's
+    ids most of all) left unread for the decoder, which checks them as plain vLLM does; with
+    `with_prompt`, its prompt (or messages) too, as it came, unchecked. A client's
     `kv_transfer_params` is refused here: it would tell a decoder where to pull KV from."""
     try:
-        head = msgspec.json.decode(raw, type=_Head)
+        head = msgspec.json.decode(raw, type=_HeadAndPrompt if with_prompt else _Head)
     except msgspec.ValidationError as e:
         raise BadRequest(f"the request body must be a JSON object: {e}") from None
     except msgspec.DecodeError as e:
@@ -99,7 +107,10 @@ def parse_head(raw: bytes) -> dict[str, Any]:
         raise BadRequest("kv_transfer_params is set by the proxy; leave it out", "kv_transfer_params")
     if head.model is not None and not isinstance(head.model, str):
         raise BadRequest("invalid field 'model': must be a string", "model")
-    return {"model": head.model, "stream": _truthy(head.stream)}
+    out = {"model": head.model, "stream": _truthy(head.stream)}
+    if isinstance(head, _HeadAndPrompt):
+        out |= {k: v for k in ("prompt", "messages") if (v := getattr(head, k)) is not None}
+    return out
 
 
 def _truthy(value: Any) -> bool:

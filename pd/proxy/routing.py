@@ -9,7 +9,10 @@ out at once, and the next good health check puts it back. Policies:
   prefix meet vLLM's own prefix cache on the same prefiller, and a prefiller leaving moves only
   its own prompts; but never one whose prompt tokens in flight would pass 1.25x the prefillers'
   mean (bounded-load hashing: the next in the prompt's order takes it, so a hot prefix cannot
-  pile up on one prefiller); decoders by least outstanding.
+  pile up on one prefiller); decoders by least outstanding, but a request a decoder computes or
+  loads itself (no hand-off) goes to the decoder the proxy sent the longest part of its prompt to
+  (pd/proxy/prefixes.py), unless that one has more than 1.25x its share of the requests in flight
+  and one more.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import xxhash
+
+from pdrun.pd.proxy.prefixes import SentPrefixes
 
 log = logging.getLogger("pdrun.pd.proxy")
 
@@ -29,7 +34,7 @@ Policy = Literal["round_robin", "least_outstanding", "prefix_aware"]
 POLICIES: tuple[str, ...] = ("round_robin", "least_outstanding", "prefix_aware")
 AFFINITY_CHARS = 1024  # the head of a prompt that picks its prefiller
 AFFINITY_TOKENS = 256
-LOAD_BOUND = 1.25  # prefix_aware: most prompt tokens in flight on one prefiller, over the mean
+LOAD_BOUND = 1.25  # prefix_aware: most prompt tokens (requests, a decoder) in flight on one backend, over the mean
 CHARS_PER_TOKEN = 4  # a text prompt's tokens, estimated
 
 
@@ -116,6 +121,12 @@ class Router:
         self.prefillers = [Backend(u.rstrip("/"), "prefill") for u in prefill_urls]
         self.decoders = [Backend(u.rstrip("/"), "decode") for u in decode_urls]
         self._turn = itertools.count()
+        self.sent = SentPrefixes()  # prefix_aware: what each decoder was sent lately
+
+    @property
+    def tracks_prefixes(self) -> bool:
+        """Whether decoders are picked by what they were sent (prefix_aware, two or more of them)."""
+        return self.policy == "prefix_aware" and len(self.decoders) > 1
 
     @property
     def backends(self) -> list[Backend]:
@@ -137,10 +148,26 @@ class Router:
             return fits[0] if fits else min(ranked, key=lambda b: b.pending_tokens)
         return self._pick(live)
 
-    def pick_decoder(self, exclude: Iterable[Backend] = ()) -> Backend | None:
+    def pick_decoder(self, exclude: Iterable[Backend] = (), prompt: Sequence[int] = ()) -> Backend | None:
+        """A decoder for a request; `prompt`: its pieces (prefixes.pieces) where the decoder is to
+        compute or load the prompt itself, for prefix_aware to send it where most of it is."""
         skip = set(map(id, exclude))
         live = [b for b in self.decoders if b.healthy and id(b) not in skip]
-        return self._pick(live) if live else None
+        if not live:
+            return None
+        if self.policy == "prefix_aware" and prompt and len(live) > 1:
+            bound = LOAD_BOUND * (sum(b.outstanding for b in live) + 1) / len(live) + 1
+            fits = [b for b in live if b.outstanding + 1 <= bound]
+            depth = {id(b): self.sent.depth(b.seed, prompt) for b in fits}
+            deepest = max(depth.values())
+            if deepest:
+                live = [b for b in fits if depth[id(b)] == deepest]
+        return self._pick(live)
+
+    def sent_to(self, decoder: Backend, prompt: Sequence[int]) -> None:
+        """`decoder` took a request of these prompt pieces: its prefix cache holds them now."""
+        if self.tracks_prefixes and prompt:
+            self.sent.sent(decoder.seed, prompt)
 
     def _pick(self, live: list[Backend]) -> Backend:
         turn = next(self._turn)

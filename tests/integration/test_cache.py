@@ -239,6 +239,45 @@ def test_a_prompt_the_tier_holds_but_a_short_tail_skips_the_prefill_hop(cluster,
     assert final.get(SHORTCUTS, 0) - after.get(SHORTCUTS, 0) == 1
 
 
+def test_a_conversations_turns_that_skip_the_prefill_hop_go_to_the_decoder_that_answered_it(cluster):
+    """A turn whose history the tier holds skips the prefill hop; the proxy sends it to the decoder
+    that answered the turn before, whose own prefix cache holds the history: it loads nothing from
+    the tier and computes only what its cache lacks (taking turns, the other decoder would load
+    the history from the tier)."""
+    proxy, tier = cluster.proxy_url, cluster.deployment.cache_metrics_url
+
+    def served() -> dict[str, int]:
+        return {b["url"]: b["served"] for b in httpx.get(f"{proxy}/health", timeout=5).json()["decode"]}
+
+    homes = set()
+    for c in range(3):
+        history = prompt(700, seed=360 + c)  # 2 full chunks
+        home, cached = "", 0
+        # The tier takes the first turn's 2 chunks (from the prefiller), the third chunk the second
+        # turn fills, nothing of the third turn's (its answers fill no chunk).
+        for turn, puts in enumerate((2, 1, 0)):
+            before, before_tier, was = metrics(proxy), metrics(tier), served()
+            before_home = metrics(home) if home else {}
+            answer = ask(proxy, history)
+            assert answer == ask(cluster.plain.url, history)
+            took = [url for url, n in served().items() if n > was[url]]
+            shortcuts = metrics(proxy).get(SHORTCUTS, 0) - before.get(SHORTCUTS, 0)
+            assert len(took) == 1 and shortcuts == (turn > 0), (took, shortcuts)
+            if turn == 0:
+                home = took[0]
+                homes.add(home)
+            else:
+                assert took == [home]
+                expected = {LOCAL_COMPUTE: len(history) - cached, CACHE_LOADED: 0}
+                assert wait_for_deltas(home, before_home, expected) == expected
+            assert wait_for_deltas(tier, before_tier, {TIER_PUTS: puts}) == {TIER_PUTS: puts}
+            # What the home decoder's prefix cache keeps of this turn: its whole blocks with KV
+            # (the answer's last token has none).
+            cached = BLOCK * ((len(history) + len(answer) - 1) // BLOCK)
+            history = [*history, *answer, *prompt(100, seed=370 + 10 * c + turn)]
+    assert len(homes) == 2  # conversations that share nothing still spread over the decoders
+
+
 class Forgetful(Service):
     """A prefiller endpoint whose staged chunks are gone (evicted, expired, or a restart)."""
 

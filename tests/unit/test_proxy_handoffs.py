@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import logging
 import threading
 import time
@@ -223,3 +224,44 @@ def test_decoders_alone_get_the_body_as_it_came_and_the_proxy_refuses_only_what_
     assert statuses == [400, 400, 400]
     assert status == 200 and proxy.timings.get(request_id).stream  # "true" streams, as vLLM reads it
     assert Decoder.bodies == [sent]
+
+
+def test_decoders_alone_each_get_the_conversations_they_answered_before(decoder):
+    """Several decoders alone: the proxy reads the prompt too, and a conversation's next turn (its
+    history and more) goes to the decoder that answered its last, whose prefix cache holds it;
+    prompts that share nothing still spread over the decoders."""
+    second = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Decoder)
+    second.daemon_threads = True
+    threading.Thread(target=second.serve_forever, daemon=True).start()
+    urls = [decoder, f"http://127.0.0.1:{second.server_address[1]}"]
+    app = create_app(ProxySettings(decode=urls))
+    proxy = app.state.proxy
+    for b in proxy.router.decoders:
+        b.mark_up(["m"])
+
+    def turns(seed: int) -> list[bytes]:
+        history, out = list(range(seed, seed + 600)), []
+        for turn in range(3):
+            history += [7] * 300
+            out.append(json.dumps({"model": "m", "prompt": history, "stream": turn == 1}).encode())
+        return out
+
+    async def run() -> list[str]:
+        proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
+        served = []
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as c:
+                for body in [b for seed in (1000, 5000, 9000, 13000) for b in turns(seed)]:
+                    before = {d.url: d.served for d in proxy.router.decoders}
+                    assert (await c.post(COMPLETIONS, content=body)).status_code == 200
+                    served += [d.url for d in proxy.router.decoders if d.served > before[d.url]]
+            return served
+        finally:
+            await proxy.client.close()
+            second.shutdown()
+
+    served = asyncio.run(run())
+    conversations = [served[i : i + 3] for i in range(0, 12, 3)]
+    assert all(len(set(c)) == 1 for c in conversations), conversations  # taking turns, they would alternate
+    assert {c[0] for c in conversations} == set(urls)
+    assert len(Decoder.bodies) == 12  # each body as it came

@@ -1,9 +1,11 @@
-"""Routing policies: turns, least outstanding, and prefix affinity that survives a prefiller leaving."""
+"""Routing policies: turns, least outstanding, prefix affinity that survives a prefiller leaving, and
+decoders picked by the prompts they were sent."""
 
 from __future__ import annotations
 
 import pytest
 
+from pdrun.pd.proxy.prefixes import SentPrefixes, pieces
 from pdrun.pd.proxy.routing import Router, affinity_key, prompt_tokens
 
 P = [f"http://p{i}:8000" for i in range(4)]
@@ -107,3 +109,55 @@ def test_bad_settings_are_named():
         Router(P, D, "fastest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="decoder"):
         Router(P, [], "round_robin")
+
+
+def test_a_request_without_a_hand_off_goes_to_the_decoder_that_was_sent_most_of_its_prompt():
+    r = router("prefix_aware")
+    turn1 = {"prompt": list(range(1000, 1700))}  # 2 whole pieces
+    first = r.pick_decoder(prompt=pieces(turn1))
+    r.sent_to(first, pieces(turn1))
+    other = next(d for d in r.decoders if d is not first)
+    # The next turn (the history and more) goes where the history is, every time: without the
+    # prefix the decoders would take turns.
+    turn2 = {"prompt": turn1["prompt"] + list(range(5000, 5300))}
+    assert [r.pick_decoder(prompt=pieces(turn2)) for _ in range(4)] == [first] * 4
+    # A prompt it does not share, and a request with a hand-off (no pieces), go by load as before.
+    fresh = pieces({"prompt": list(range(9000, 9600))})
+    assert {r.pick_decoder(prompt=fresh).url for _ in range(4)} == set(D)
+    first.outstanding = 1
+    assert r.pick_decoder() is other
+    # A decoder keeps its prompts until it holds more than 1.25x its share of the requests in
+    # flight and one more; past that, the least loaded takes them.
+    assert r.pick_decoder(prompt=pieces(turn2)) is first  # 2 of 2 in flight: within 1.25 x 1 + 1
+    first.outstanding = 2
+    assert r.pick_decoder(prompt=pieces(turn2)) is other  # 3 of 3: past 1.25 x 1.5 + 1
+    other.outstanding = 2
+    assert r.pick_decoder(prompt=pieces(turn2)) is first
+    # Other policies, and one decoder, keep nothing.
+    for kept in (router("least_outstanding"), Router(P, D[:1], "prefix_aware")):
+        kept.sent_to(kept.decoders[0], pieces(turn1))
+        assert len(kept.sent) == 0
+
+
+def test_a_prompt_is_named_by_its_whole_pieces_in_every_form():
+    ids = list(range(100, 900))
+    assert len(pieces({"prompt": ids})) == 3  # 800 ids: 3 whole pieces of 256
+    assert pieces({"prompt": ids + [7] * 100})[:3] == pieces({"prompt": ids})  # a longer prompt shares them
+    new_head = pieces({"prompt": [5, *ids[1:]]})
+    assert not set(new_head) & set(pieces({"prompt": ids}))  # chained: another head, no piece the same
+    text = "word " * 500
+    assert len(pieces({"prompt": text})) == 2 and pieces({"prompt": text + "more"}) == pieces({"prompt": text})
+    chat = [{"role": "user", "content": "x" * 3000}]
+    assert pieces({"messages": [*chat, {"role": "assistant", "content": "y"}]})[:2] == pieces({"messages": chat})[:2]
+    for odd in ({"prompt": [[1, 2]]}, {"prompt": [-1] * 300}, {"prompt": [1.5] * 300}, {"prompt": None}, {}):
+        assert pieces(odd) == []
+
+
+def test_what_decoders_were_sent_is_bounded_and_keeps_prompts_heads_longest():
+    kept = SentPrefixes(capacity=10)
+    a, b = pieces({"prompt": list(range(8 * 256))}), pieces({"prompt": list(range(1, 1 + 8 * 256))})
+    kept.sent(1, a)
+    kept.sent(1, b)
+    assert len(kept) == 10
+    assert kept.depth(1, b) == 8 and kept.depth(1, a) == 2  # a's head outlived its tail
+    assert kept.depth(2, b) == 0  # another decoder was sent none of it

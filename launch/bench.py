@@ -310,7 +310,7 @@ def _one(
 ) -> tuple[dict[str, float], list[int] | None]:
     target = wl.Target(s.url, settings.served_name)
     if workload == "reuse":
-        return asyncio.run(wl.reuse(target, sizes.reuse, seed))
+        return asyncio.run(wl.reuse(target, sizes.reuse, seed, s.serving_urls))
     if workload == "multiturn":
         return asyncio.run(wl.multiturn(target, sizes.multiturn, seed)), None
     if workload == "noreuse":

@@ -202,6 +202,7 @@ class System:
         self.name, self.gpus, self.settings, self.run_dir = name, gpus, settings, run_dir
         self.url = ""  # its OpenAI endpoint (the proxy, or the one vLLM)
         self.instance_urls: list[str] = []  # its vLLM instances, for their metrics
+        self.serving_urls: list[str] = []  # of them, those that answer a request alone (where there are several)
 
     def start(self) -> None:
         raise NotImplementedError
@@ -277,6 +278,7 @@ class VllmSystem(System):
         self.instance_urls = [s.url for s in self.servers]
         self.url = self.instance_urls[0]
         if self.name == "plain-dp":
+            self.serving_urls = list(self.instance_urls)
             self.proxy_port = free_port()
             argv = [
                 sys.executable,
@@ -388,6 +390,8 @@ class PdrunSystem(System):
                 instances = [c for n, c in said["children"].items() if n.startswith(("prefill-", "decode-"))]
                 if said["ready"] and healthy(self.url):
                     self.instance_urls = [c["url"] for c in instances]
+                    decoders = [c["url"] for n, c in said["children"].items() if n.startswith("decode-")]
+                    self.serving_urls = decoders if len(decoders) > 1 else []
                     return
             if time.monotonic() > deadline:
                 raise SystemFailure(f"{self.name}: not ready after {timeout:.0f}s")

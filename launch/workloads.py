@@ -8,7 +8,10 @@ after the first, (latency - TTFT) / (output tokens - 1); latency, the time to th
 
     reuse      one long prompt cold, warm, after other prompts evicted it from the GPU cache, and
                (`after_restart`) after a full restart of the system, as the first request of its
-               fresh start (a disk tier reloads it, the others recompute it): TTFT of each
+               fresh start (a disk tier reloads it, the others recompute it): TTFT of each; in a
+               system of several instances that each answer alone, also another long prompt sent
+               straight to one instance and later to another (which loads it from a shared tier,
+               or computes it), and the tokens that one loaded from the tier
     multiturn  conversations over a shared system prompt, each turn's prompt the whole history
                (earlier turns and answers) and a new user message, users at once, each reading an
                answer for `think` seconds before the next turn: TTFT and TPOT
@@ -31,7 +34,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -130,23 +133,47 @@ class ReuseSizes:
     restarts: int = 1  # full restarts of every system, each followed by the prompt once
 
 
-async def reuse(target: Target, sizes: ReuseSizes, seed: int) -> tuple[dict[str, float], list[int]]:
+async def reuse(
+    target: Target, sizes: ReuseSizes, seed: int, serving: Sequence[str] = ()
+) -> tuple[dict[str, float], list[int]]:
     """TTFT of a new prompt cold, warm (right after cold), hot (the median of `hot` more, the store
     of its cold request long done), and after `evictors` others went through; and the prompt, for
-    `after_restart`."""
+    `after_restart`. With two `serving` instances or more (URLs), another prompt sent straight to
+    the first, then (the hot requests between: its stores done) to the second: TTFT there, and the
+    tokens the second loaded from the tier (read after the evictors gave it steps to report them)."""
     rng = random.Random(seed)
     long = prompt(rng, sizes.tokens)
+    other = prompt(rng, sizes.tokens) if len(serving) > 1 else []
     figures: dict[str, float] = {}
+    before: float | None = None
     async with httpx.AsyncClient() as client:
         for name in ("cold", "warm"):
             figures[f"ttft_{name}_s"] = _ttft(await send(client, target, long, sizes.output))
+        if other:
+            await send(client, replace(target, url=serving[0]), other, 1)
         if sizes.hot:
             hot = [_ttft(await send(client, target, long, sizes.output)) for _ in range(sizes.hot)]
             figures["ttft_hot_s"] = statistics.median(hot)
+        if other:
+            before = await _loaded(client, serving[1])
+            there = await send(client, replace(target, url=serving[1]), other, sizes.output)
+            figures["ttft_other_instance_s"] = _ttft(there)
         for _ in range(sizes.evictors):
             await send(client, target, prompt(rng, sizes.tokens), 1)
+        if before is not None and (after := await _loaded(client, serving[1])) is not None:
+            figures["other_instance_loaded_tokens"] = after - before
         figures["ttft_evicted_s"] = _ttft(await send(client, target, long, sizes.output))
     return figures, long
+
+
+LOADED_FROM_TIER = "pdrun:cache_loaded_tokens_total"
+
+
+async def _loaded(client: httpx.AsyncClient, instance: str) -> float | None:
+    """Tokens a pdrun instance has loaded from the tier (a counter not yet raised is not on the
+    page: 0); None for others."""
+    text = (await client.get(f"{instance}/metrics")).text
+    return summed(text, [LOADED_FROM_TIER])[LOADED_FROM_TIER] if "pdrun:" in text else None
 
 
 async def after_restart(target: Target, long: list[int], sizes: ReuseSizes) -> dict[str, float]:

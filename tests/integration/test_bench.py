@@ -66,3 +66,24 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
     md = (out / "results.md").read_text()
     assert "## reuse" in md and "## noreuse" in md and "## decode" in md and "| ttft_cold_s |" in md
     assert (out / "results.png").stat().st_size > 10_000
+
+
+@pytest.mark.after_deployment
+def test_bench_reuse_across_the_instances_of_one_deployment(cluster, model_dir, tmp_path):
+    """Two decoders on one tier: a long prompt computed on one is loaded from the tier by the
+    other, which `reuse` reports beside its other figures."""
+    cluster.deployment.stop()  # done with: room for the bench's systems
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "pdrun.launch", "bench", "--model", str(model_dir), "--systems", "pdrun-0p2d-tier",
+            "--workloads", "reuse", "--rounds", "1", "--restarts", "0", "--reuse-tokens", "1024",
+            "--gpu-blocks", "40", "--max-model-len", "4096", "--cache-cpu-gb", "0.5", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["failed"] == {}
+    reuse = doc["summary"]["pdrun-0p2d-tier"]["reuse"]
+    assert 0 < reuse["ttft_other_instance_s"]["median"] < 30
+    # All of the prompt the tier holds but the last block (128 tokens here), which the request
+    # computes: without the shared tier, 0.
+    assert reuse["other_instance_loaded_tokens"]["median"] == 1024 - 128
+    assert reuse["kv_load_failures"]["max"] == 0

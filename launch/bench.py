@@ -66,6 +66,7 @@ class Plan:
     rounds: int
     device: str
     per_gpu: int = 1
+    share_gpus: bool = False
     estimate_s: float = 0.0
 
 
@@ -85,11 +86,19 @@ def context_length(model: str | None) -> int | None:
 
 
 def plan(
-    names: list[str], workloads: list[str], gpus: list[int], rounds: int, device: str, sizes: Sizes, per_gpu: int = 1
+    names: list[str],
+    workloads: list[str],
+    gpus: list[int],
+    rounds: int,
+    device: str,
+    sizes: Sizes,
+    per_gpu: int = 1,
+    share_gpus: bool = False,
 ) -> Plan:
     """Waves of systems that fit on `gpus` together, `plain` first; `per_gpu` instances may share a
-    GPU (an idle system computes nothing, so systems measured in turn do not disturb each other).
-    On CPU `gpus` are slots: how many vLLM instances run at once."""
+    GPU (an idle system computes nothing, so systems measured in turn do not disturb each other),
+    and with `share_gpus` so may the instances of one system (what a cache or a route saves, not
+    what more GPUs compute). On CPU `gpus` are slots: how many vLLM instances run at once."""
     unknown = [w for w in workloads if w not in wl.WORKLOADS]
     if unknown:
         raise BenchError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(wl.WORKLOADS)}")
@@ -101,21 +110,27 @@ def plan(
     largest = max((sysmod.gpus_needed(n) for n in names if kinds[n].startswith("pdrun-")), default=2)
     need = {n: sysmod.gpus_needed(n, largest) for n in names}
     skipped = {n: why for n in names if (why := sysmod.unavailable(n)) is not None}
-    for n, k in need.items():
-        if k > len(gpus) and n not in skipped:
-            skipped[n] = f"needs {k} GPUs, {len(gpus)} given"
     if per_gpu < 1:
         raise BenchError("--per-gpu must be at least 1")
+    room = len(gpus) * per_gpu if share_gpus else len(gpus)
+    for n, k in need.items():
+        if k > room and n not in skipped:
+            skipped[n] = f"needs {k} GPUs, {len(gpus)} given" + (f" ({per_gpu} instances each)" if share_gpus else "")
     ordered = sorted((n for n in names if n not in skipped), key=lambda n: n != "plain")
     waves: list[list[tuple[str, list[int]]]] = []
     free: list[list[int]] = []  # each wave's GPU slots not taken yet
 
     def take(slots: list[int], k: int) -> list[int] | None:
-        """k slots on k different GPUs, the least used first."""
+        """k slots on k different GPUs (with share_gpus, on as few as have room), the least used first."""
         picked: list[int] = []
-        for g in sorted(set(slots), key=lambda g: -slots.count(g)):
-            if len(picked) < k:
-                picked.append(g)
+        left = list(slots)
+        while len(picked) < k and left:
+            g = max(sorted(set(left)), key=left.count)  # the most free slots; the lowest id of those
+            picked.append(g)
+            if share_gpus:
+                left.remove(g)
+            else:
+                left = [x for x in left if x != g]
         return sorted(picked) if len(picked) == k else None
 
     for n in ordered:  # the first wave with room: systems side by side, in the order named
@@ -130,7 +145,7 @@ def plan(
         waves[k].append((n, got))
         for g in got:
             free[k].remove(g)
-    p = Plan(waves, skipped, list(workloads), rounds, device, per_gpu=per_gpu)
+    p = Plan(waves, skipped, list(workloads), rounds, device, per_gpu=per_gpu, share_gpus=share_gpus)
     p.estimate_s = estimate(p, sizes)
     return p
 
@@ -489,6 +504,7 @@ def write(
             "workloads": p.workloads,
             "rounds": p.rounds,
             "per_gpu": p.per_gpu,
+            "share_gpus": p.share_gpus,
         },
         "settings": {k: v for k, v in vars(settings).items()},
         "sizes": {k: vars(v) for k, v in vars(sizes).items()},

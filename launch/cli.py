@@ -364,6 +364,14 @@ def bench(
             "together and are measured in turn (give --gpu-blocks so each one's KV cache is the same)."
         ),
     ] = 1,
+    share_gpus: Annotated[
+        bool,
+        typer.Option(
+            "--share-gpus",
+            help="Let the instances of one system share a GPU (with --per-gpu): to compare what a cache or a "
+            "route saves on fewer GPUs than a deployment has instances, not what more GPUs compute.",
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="Where results.json, results.md, results.png and the logs go.")] = Path(
         "bench-results"
     ),
@@ -494,7 +502,7 @@ def bench(
     if context is not None:
         sizes = sizes.fit(context)
     try:
-        p = b.plan(names, chosen, ids, rounds, device, sizes, per_gpu)
+        p = b.plan(names, chosen, ids, rounds, device, sizes, per_gpu, share_gpus)
     except (b.BenchError, sysmod.SystemFailure) as e:
         _fail(str(e))
     typer.echo(b.describe(p, sizes))

@@ -31,7 +31,11 @@ class LaunchConfig(BaseModel):
     transport: Literal["tcp", "ucx"] = "tcp"
     chunk_size: int = Field(256, ge=16, description="tokens per KV chunk")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpus: list[int] | None = Field(None, description="GPU ids to use, one per instance (default: all)")
+    gpus: list[int] | None = Field(
+        None,
+        description="GPU ids to use, one per instance (default: all); a GPU named twice is shared, each of its "
+        "instances given its share of memory by --gpu-memory-utilization in vllm_args",
+    )
     dtype: str = "auto"
     max_model_len: int | None = Field(None, ge=16)
     instance_port: int = Field(8100, ge=1, le=65535, description="first vLLM HTTP port; +1 per instance")
@@ -75,10 +79,20 @@ class LaunchConfig(BaseModel):
 
     @field_validator("gpus")
     @classmethod
-    def _gpus_distinct(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(set(v)) != len(v) or any(g < 0 for g in v)):
-            raise ValueError(f"GPU ids must be distinct and >= 0, got {v}")
+    def _gpus_valid(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(g < 0 for g in v):
+            raise ValueError(f"GPU ids must be >= 0, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _shared_gpus_sized(self) -> LaunchConfig:
+        shared = sorted({g for g in self.gpus or [] if (self.gpus or []).count(g) > 1})
+        if shared and not any(a.startswith("--gpu-memory-utilization") for a in self.vllm_args):
+            raise ValueError(
+                f"GPU {shared[0]} is named twice in gpus: instances sharing a GPU need their share of its memory, "
+                "e.g. vllm_args: [--gpu-memory-utilization, 0.45] for two"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ports_apart(self) -> LaunchConfig:

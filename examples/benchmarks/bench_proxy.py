@@ -6,6 +6,8 @@ the difference is the proxy's own time: parsing the request, routing, the upstre
 relaying the stream. Runs anywhere (no GPU, no model).
 
     python examples/benchmarks/bench_proxy.py --tokens 1024,16384 --rounds 50 --json proxy.json
+    python examples/benchmarks/bench_proxy.py --decoders 2   # two decoders alone: the proxy reads each
+                                                              # prompt to pick the one it sent most of it
     python examples/benchmarks/bench_proxy.py --profile      # the proxy under cProfile, top functions
 """
 
@@ -115,23 +117,26 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=4, help="tokens the stub streams per request")
     ap.add_argument("--streams", type=int, default=0, help="relay mode: this many streams at once (0: TTFT mode)")
     ap.add_argument("--interval-ms", type=float, default=5.0, help="relay mode: the stub's time between tokens")
+    ap.add_argument("--decoders", type=int, default=1, help="TTFT mode: the proxy in front of this many stubs")
     ap.add_argument("--profile", action="store_true", help="run the proxy under cProfile; print its top functions")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    stub_port, proxy_port, pd_port = free_port(), free_port(), free_port()
-    stub_url = f"http://127.0.0.1:{stub_port}"
+    stub_ports, proxy_port, pd_port = [free_port() for _ in range(max(1, args.decoders))], free_port(), free_port()
+    stub_urls = [f"http://127.0.0.1:{port}" for port in stub_ports]
+    stub_url = stub_urls[0]
     tmp = Path(tempfile.mkdtemp(prefix="pdrun-bench-proxy-"))
     (tmp / "stub.py").write_text(STUB)
     interval = args.interval_ms / 1e3 if args.streams else 0.0
-    stub = subprocess.Popen([sys.executable, str(tmp / "stub.py"), str(stub_port), str(interval)])
+    stubs = [subprocess.Popen([sys.executable, str(tmp / "stub.py"), str(port), str(interval)]) for port in stub_ports]
     profile = tmp / "proxy.prof" if args.profile else None
-    proxies = {"proxy": (proxy_port, start_proxy(proxy_port, ["--decode", stub_url], profile))}
+    proxies = {"proxy": (proxy_port, start_proxy(proxy_port, ["--decode", ",".join(stub_urls)], profile))}
     if args.streams:  # the stub as a prefiller too: the stream continues after its first token
         proxies["proxy-pd"] = (pd_port, start_proxy(pd_port, ["--prefill", stub_url, "--decode", stub_url], None))
     figures: dict[str, dict[str, float | None]] = {}
     try:
-        wait_up(stub_url)
+        for url in stub_urls:
+            wait_up(url)
         targets = {"backend": Target(stub_url, "stub")}
         for name, (port, _) in proxies.items():
             wait_up(f"http://127.0.0.1:{port}")
@@ -157,8 +162,9 @@ def main() -> None:
         for _, proc in proxies.values():
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
-        stub.terminate()
-        stub.wait(timeout=30)
+        for stub in stubs:
+            stub.terminate()
+            stub.wait(timeout=30)
     if profile is not None:
         import pstats
 
@@ -166,7 +172,7 @@ def main() -> None:
     if args.json:
         mode = {"streams": args.streams, "interval_ms": args.interval_ms, "output": args.output} if args.streams else {}
         write_json(args.json, {"benchmark": "proxy_relay" if args.streams else "proxy_tax", "rounds": args.rounds,
-                               **mode, "figures": figures})  # fmt: skip
+                               "decoders": args.decoders, **mode, "figures": figures})  # fmt: skip
     print(json.dumps(figures))
 
 

@@ -26,6 +26,21 @@ def test_systems_are_packed_side_by_side_on_the_gpus_plain_first():
     assert p.estimate_s > 0 and "about" in b.describe(p, b.Sizes())
 
 
+def test_with_share_gpus_the_instances_of_one_system_may_share_a_gpu():
+    names = ["plain", "pdrun-0p2d-tier", "plain-dp"]
+    alone = b.plan(names, ["reuse"], [0], 1, "cuda", b.Sizes(), per_gpu=5)
+    assert alone.skipped == {"pdrun-0p2d-tier": "needs 2 GPUs, 1 given", "plain-dp": "needs 2 GPUs, 1 given"}
+    shared = b.plan(names, ["reuse"], [0], 1, "cuda", b.Sizes(), per_gpu=5, share_gpus=True)
+    assert shared.waves == [[("plain", [0]), ("pdrun-0p2d-tier", [0, 0]), ("plain-dp", [0, 0])]]
+    assert "pdrun-0p2d-tier (GPU 0,0)" in b.describe(shared, b.Sizes())
+    # Spread over the GPUs with the most room first; never more instances on one than --per-gpu.
+    assert b.plan(["pdrun-1p2d"], ["reuse"], [0, 1], 1, "cuda", b.Sizes(), 2, True).waves == [
+        [("pdrun-1p2d", [0, 0, 1])]
+    ]
+    too_many = b.plan(["pdrun-2p2d"], ["reuse"], [0], 1, "cuda", b.Sizes(), per_gpu=3, share_gpus=True)
+    assert too_many.skipped == {"pdrun-2p2d": "needs 4 GPUs, 1 given (3 instances each)"}
+
+
 def test_what_cannot_run_is_named_not_dropped():
     p = b.plan(["plain", "pdrun-2p2d", "lmcache"], ["noreuse"], [0, 1], 1, "cuda", b.Sizes())
     assert p.skipped["pdrun-2p2d"] == "needs 4 GPUs, 2 given"

@@ -42,7 +42,8 @@ def test_file_settings_with_the_command_line_on_top(tmp_path):
         ("cache_port: 8000\n", "cache ports 8000-8001 collide"),
         ("cache_cpu_gb: 0\ncache_dir: /tmp/c\n", "cache_dir needs a memory tier"),
         ("cache_cpu_gb: -1\n", "cache_cpu_gb: Input should be greater than or equal to 0"),
-        ("gpus: [0, 0]\n", "GPU ids must be distinct"),
+        ("gpus: [0, 0]\n", "GPU 0 is named twice in gpus: instances sharing a GPU need their share"),
+        ("gpus: [-1]\n", "GPU ids must be >= 0"),
         ("- a list\n", "must be a mapping of settings, not list"),
         ("prefill: [\n", "is not valid YAML"),
     ],
@@ -117,6 +118,10 @@ def test_one_gpu_per_instance(tmp_path):
     too_few = load(None, {"prefill": 2, "decode": 2, "device": "cuda", "gpus": [0, 1]})
     with pytest.raises(ConfigError, match="need 4 GPUs, one each; 2 available"):
         deploy.child_specs(too_few)
+    # A GPU named twice is shared by two instances, each given its share of the memory.
+    shared = load(None, {"prefill": 0, "decode": 2, "device": "cuda", "gpus": [0, 0],
+                         "vllm_args": ["--gpu-memory-utilization=0.4"]})  # fmt: skip
+    assert [s.env.get("CUDA_VISIBLE_DEVICES") for s in deploy.child_specs(shared)][:2] == ["0", "0"]
 
 
 def test_cli_errors_exit_2_and_name_the_problem(tmp_path):

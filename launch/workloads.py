@@ -143,7 +143,8 @@ async def reuse(
     tokens the second loaded from the tier (read after the evictors gave it steps to report them)."""
     rng = random.Random(seed)
     long = prompt(rng, sizes.tokens)
-    other = prompt(rng, sizes.tokens) if len(serving) > 1 else []
+    # drawn apart, so that every system of a round is sent the same prompts besides it
+    other = prompt(random.Random(~seed), sizes.tokens) if len(serving) > 1 else []
     figures: dict[str, float] = {}
     before: float | None = None
     async with httpx.AsyncClient() as client:

@@ -228,8 +228,8 @@ class Supervisor:
                 code = 1
             elif self._warmed(warm_up):
                 self.ready = True
+                self._write_state()  # before it is said: whoever reads the line finds state.json agreeing
                 self.say(ready_message or "ready")
-                self._write_state()
                 while not self.stop_requested.wait(0.5):
                     self.tick()
         finally:

@@ -80,7 +80,13 @@ def launch(
     ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Tokens per KV chunk (default 256).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: cuda if a GPU is seen).")] = None,
-    gpus: Annotated[str | None, typer.Option(help="GPU ids, one per instance, e.g. 0,1,2 (default: all).")] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="GPU ids, one per instance, e.g. 0,1,2 (default: all); 0,0 shares GPU 0 between two instances, "
+            "each given its share by -- --gpu-memory-utilization 0.45."
+        ),
+    ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name clients ask for.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len for every instance.")] = None,
     instance_port: Annotated[

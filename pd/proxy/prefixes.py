@@ -13,13 +13,12 @@ the request then costs there what it would cost anywhere.
 
 from __future__ import annotations
 
-import array
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import xxhash
+from pdrun.pd.keys import chained_digests, chained_keys
 
 PIECE_TOKENS = 256
 PIECE_CHARS = 1024
@@ -30,23 +29,18 @@ def pieces(body: dict[str, Any]) -> list[int]:
     """The chained hashes of the whole pieces of a request's prompt; [] for batched prompts and
     anything else that names no one prompt."""
     prompt, messages = body.get("prompt"), body.get("messages")
-    if isinstance(messages, list):
-        data, step = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode(), PIECE_CHARS
-    elif isinstance(prompt, str):
-        data, step = prompt.encode(), PIECE_CHARS
+    if isinstance(messages, list) or isinstance(prompt, str):
+        text = json.dumps(messages, sort_keys=True, ensure_ascii=False) if isinstance(messages, list) else prompt
+        data = str(text).encode()
+        digests = chained_digests(b"", data[: len(data) - len(data) % PIECE_CHARS], PIECE_CHARS)
     elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         try:
-            ids = array.array("I", prompt)
+            digests = chained_keys(b"", PIECE_TOKENS, prompt, full_only=True)
         except (OverflowError, TypeError):  # not token ids vLLM would take: nothing to name
             return []
-        data, step = ids.tobytes(), PIECE_TOKENS * ids.itemsize
     else:
         return []
-    view, chain, out = memoryview(data), 0, []
-    for start in range(0, len(data) - step + 1, step):
-        chain = xxhash.xxh3_64_intdigest(view[start : start + step], seed=chain)
-        out.append(chain)
-    return out
+    return [int.from_bytes(d[:8], "little") for d in digests]
 
 
 class SentPrefixes:

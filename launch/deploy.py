@@ -90,7 +90,8 @@ def instance_specs(cfg: LaunchConfig) -> list[tuple[str, ServerSpec]]:
     # The tiny model's config allows 4096 positions; vLLM's CPU backend reserves KV for all of them.
     max_len = cfg.max_model_len if cfg.max_model_len is not None else (4096 if cfg.model is None else None)
     # Decoders take the proxy's prefetch hints on the last of their kv ports (one worker: rank 0 uses the first).
-    prefetch = cfg.cache_address is not None and ConnectorConfig.model_validate(connector).cache_prefetch_gb > 0
+    takes_hints = ConnectorConfig.model_validate(connector).takes_hints(on_gpu=device == "cuda")
+    prefetch = cfg.cache_address is not None and takes_hints
     out = []
     roles = [("prefill", i, "kv_producer") for i in range(cfg.prefill)] + [
         ("decode", i, "kv_consumer") for i in range(cfg.decode)

@@ -127,23 +127,26 @@ class ConnectorConfig(BaseModel):
         "and loads those chunks rather than recomputing them, as vLLM's own prefix cache reuses the blocks of "
         "answers; false: prompts' chunks only",
     )
-    cache_load_in_step: Literal["never", "idle", "always"] = Field(
-        "never",
+    cache_load_in_step: Literal["auto", "never", "idle", "always"] = Field(
+        "auto",
         description="on the cache server's host, where the prefix a request lacks is in the tier's memory: run "
         "the request at once and copy its prefix in inside that step's forward pass, layer by layer (each "
         "attention layer waits for its own layer's copy), rather than before the request is scheduled, beside "
         "the engine's steps. The step's other requests wait for the copy too (about 20 ms per GiB), so idle: only "
-        "when no other request is running; always; never (the default: on an H200 an evicted 16k-token prefix "
-        "measured the same either way)",
+        "when no other request is running; always; never; auto (the default): idle where the KV cache is on a GPU "
+        "(what the proxy's hint copied in ahead is then read as the forward pass runs, with no scheduling round "
+        "around the load), never elsewhere",
     )
-    cache_prefetch_gb: float = Field(
-        0,
+    cache_prefetch_gb: float | None = Field(
+        None,
         ge=0,
         description="on the cache server's host, device memory (GiB) for prompts' prefixes copied out of the tier "
         "ahead of their requests: the proxy names a decoder-only request's token ids to the instance it picked (on "
-        "prefetch_port) and the copy crosses the bus while vLLM's front end handles the request. 0: none. Needs "
-        "one worker; costs a lookup per hinted request, and a copy where the tier holds a prefix the GPU cache "
-        "may hold too",
+        "prefetch_port) and the copy crosses the bus while vLLM's front end handles the request. 0: none. Default: "
+        "where the KV cache is on a GPU, room for one prompt of the longest this instance takes (max_model_len "
+        "tokens), at most a quarter of the GPU memory free once vLLM has allocated its KV cache; none elsewhere "
+        "(no bus to cross). Needs one worker; costs a lookup per hinted request, and a copy where the tier holds a "
+        "prefix the GPU cache may hold too",
     )
     prefetch_port: int | None = Field(
         None, ge=1, le=65535, description="with cache_prefetch_gb: the port on 127.0.0.1 this instance takes hints on"
@@ -173,6 +176,23 @@ class ConnectorConfig(BaseModel):
         if self.staging_gb is not None:
             return int(self.staging_gb * (1 << 30))
         return min(max(2 << 30, kv_cache_bytes // 4), free_bytes // 2)
+
+    def load_in_step(self, on_gpu: bool) -> Literal["never", "idle", "always"]:
+        """When tier loads run inside the step (see cache_load_in_step), for a KV cache on a GPU or not."""
+        if self.cache_load_in_step == "auto":
+            return "idle" if on_gpu else "never"
+        return self.cache_load_in_step
+
+    def takes_hints(self, on_gpu: bool) -> bool:
+        """Whether a decoder with a tier on its host takes the proxy's prefetch hints (see cache_prefetch_gb)."""
+        return on_gpu if self.cache_prefetch_gb is None else self.cache_prefetch_gb > 0
+
+    def prefetch_bytes(self, on_gpu: bool, longest_prompt_bytes: int, free_bytes: int) -> int:
+        """The prefetch pool's size (see cache_prefetch_gb): `longest_prompt_bytes` is the KV of
+        max_model_len tokens, `free_bytes` the device memory free once the KV cache is allocated."""
+        if self.cache_prefetch_gb is not None:
+            return int(self.cache_prefetch_gb * (1 << 30))
+        return min(longest_prompt_bytes, free_bytes // 4) if on_gpu else 0
 
     def lanes(self) -> int:
         """Connections per hand-off (see load_lanes)."""

@@ -423,6 +423,9 @@ class _SchedulerSide:
             log.warning("PDConnector sets kv_load_failure_policy=recompute (was %r)", ktc.kv_load_failure_policy)
             ktc.kv_load_failure_policy = "recompute"
         self.loads_in_step = cfg.layerwise and self.is_consumer and not self._in_step_refused(vllm_config)
+        from vllm.platforms import current_platform
+
+        self.in_step_when = cfg.load_in_step(on_gpu=current_platform.device_type == "cuda")
         self.tier_in_step = self._tier_in_step_possible(vllm_config)
         self._arena_moved_at = float("-inf")
         self._running: set[str] = set()  # requests the last step ran, less those finished since
@@ -464,7 +467,7 @@ class _SchedulerSide:
         """Whether loads from the tier's arena may run inside the step (cache_load_in_step): the
         worker must map the arena the scheduler pins chunks in, one worker (no tensor or pipeline
         parallelism), and vLLM must call the layers' hooks in a step that prefills."""
-        if self.cfg.cache_load_in_step == "never" or self.local is None:
+        if self.in_step_when == "never" or self.local is None:
             return False
         parallel = vllm_config.parallel_config
         why = ""
@@ -479,7 +482,7 @@ class _SchedulerSide:
     def _tier_in_step_now(self) -> bool:
         if not self.tier_in_step or time.monotonic() - self._arena_moved_at < ARENA_SETTLE_S:
             return False
-        return self.cfg.cache_load_in_step == "always" or not self._running
+        return self.in_step_when == "always" or not self._running
 
     def _pin(self, keys: list[bytes]) -> TierPin | None:
         """Pin the leading chunks of `keys` in the tier's arena for a load inside the step; None
@@ -930,6 +933,7 @@ class _WorkerSide:
         self.layerwise_save = cfg.layerwise and self.is_producer
         self.seed = _fingerprint(vllm_config, cfg, kv_cache_config).seed()
         self.workers = vllm_config.parallel_config.world_size
+        self.max_model_len = vllm_config.model_config.max_model_len
         self.prefetch: Prefetch | None = None
         self.saves: Saves | None = None  # once the KV caches are known
         self.loads: Loads | None = None
@@ -986,7 +990,9 @@ class _WorkerSide:
     def _start_prefetch(self) -> Prefetch | None:
         """Prefixes copied in on the proxy's hints (cache_prefetch_gb), where this worker can."""
         cfg = self.cfg
-        if not cfg.cache_prefetch_gb or cfg.prefetch_port is None:  # no port: no hints come (a prefiller's)
+        assert self.paged is not None
+        on_gpu = self.paged.device.type == "cuda"
+        if not cfg.takes_hints(on_gpu) or cfg.prefetch_port is None:  # no port: no hints come (a prefiller's)
             return None
         why = ""
         if self.tiers.current is None:
@@ -994,17 +1000,18 @@ class _WorkerSide:
         elif self.workers > 1:
             why = f"{self.workers} workers (needs one)"
         if why:
-            log.warning("PDConnector: cache_prefetch_gb set, but no prefetch: %s", why)
+            # Said as a warning only where the setting asked for it.
+            (log.warning if cfg.cache_prefetch_gb else log.info)("PDConnector: no prefetch: %s", why)
             return None
-        assert self.paged is not None
+        longest = self.paged.nbytes(-(-self.max_model_len // self.block_size))
+        budget = cfg.prefetch_bytes(on_gpu, longest, self._free_bytes(on_gpu))
         try:
-            budget = int(cfg.cache_prefetch_gb * (1 << 30))
             return Prefetch(
                 self.paged, self.tiers, self.seed, cfg.chunk_size, self.rank, budget, cfg.prefetch_port, self.stats
             )
         except Exception as e:  # no memory for the pool, the port taken: serve without it
             why = f"{type(e).__name__}: {e}"
-            log.error("PDConnector: no prefetch (cache_prefetch_gb=%g): %s", cfg.cache_prefetch_gb, why)
+            (log.error if cfg.cache_prefetch_gb else log.info)("PDConnector: no prefetch: %s", why)
             return None
 
     def _free_bytes(self, on_device: bool) -> int:

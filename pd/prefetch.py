@@ -106,7 +106,7 @@ class Prefetch:
         self.slots = slots = budget_bytes // self.slot_bytes
         if slots < 1:
             raise ValueError(
-                f"cache_prefetch_gb={budget_bytes / (1 << 30):g} holds no chunk ({self.slot_bytes >> 20} MiB each)"
+                f"a pool of {budget_bytes / (1 << 30):.3g} GiB holds no chunk ({self.slot_bytes >> 20} MiB each)"
             )
         self.pool = paged.device_buffer(slots * self.slot_bytes)
         self._free = list(range(slots))

@@ -1,8 +1,9 @@
 """The cache tier on CUDA: a prompt evicted from the GPU cache comes back from the tier's arena,
 copied in inside the step that computes it (`cache_load_in_step: idle`, the instance idle) or
-beside the engine's steps, or from copies made ahead on a hint (`cache_prefetch_gb`), and the answer is plain
-vLLM's, token for token. CUDA graphs on: the loading step runs
-piecewise, each layer waiting for its copy (the 8B shape in bf16 with PDRUN_GPU_MODEL)."""
+beside the engine's steps, or from copies made ahead on a hint (`cache_prefetch_gb`), or, as by
+default, copied ahead on the hint and read inside the step, and the answer is plain vLLM's, token
+for token. CUDA graphs on: the loading step runs piecewise, each layer waiting for its copy (the 8B
+shape in bf16 with PDRUN_GPU_MODEL)."""
 
 from __future__ import annotations
 
@@ -50,16 +51,19 @@ def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     args = ["--gpu-memory-utilization", "0.25", "--max-num-seqs", "8", "--num-gpu-blocks-override", "1024"]
     if not any(model.glob("*.safetensors")):
         args += ["--load-format", "dummy"]
-    hint_port = free_port()
+    hint_ports = {"copied in ahead": free_port(), "by default": free_port()}
     with CacheServer(f"tcp://127.0.0.1:{free_port()}", TieredStore(MemoryTier(16 << 30))) as cache:
+        tier = {"cache": cache.address}
         connectors = {
             "plain": ("plain", {}),
-            "in the step": ("kv_both", {"cache": cache.address, "cache_load_in_step": "idle"}),
-            "beside the steps": ("kv_both", {"cache": cache.address}),
+            "in the step": ("kv_both", {**tier, "cache_load_in_step": "idle"}),
+            "beside the steps": ("kv_both", {**tier, "cache_load_in_step": "never"}),
             "copied in ahead": (
                 "kv_both",
-                {"cache": cache.address, "cache_prefetch_gb": 1, "prefetch_port": hint_port},
+                {**tier, "cache_prefetch_gb": 1, "prefetch_port": hint_ports["copied in ahead"]}
+                | {"cache_load_in_step": "never"},
             ),
+            "by default": ("kv_both", {**tier, "prefetch_port": hint_ports["by default"]}),  # as pdrun launch sets it
         }
 
         def start(name: str) -> VllmServer:
@@ -82,7 +86,7 @@ def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             return server
 
         servers = Servers(start)
-        servers.hint_port = hint_port
+        servers.hint_ports = hint_ports
         try:
             yield servers
         finally:
@@ -91,28 +95,32 @@ def tier_servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.mark.parametrize(
-    "where", ["in the step", "beside the steps", "copied in ahead"], ids=["in_step", "beside", "prefetched"]
+    "where",
+    ["in the step", "beside the steps", "copied in ahead", "by default"],
+    ids=["in_step", "beside", "prefetched", "default"],
 )
 def test_an_evicted_prompt_loaded_from_the_tier_answers_as_plain_vllm(tier_servers, where):
     url, plain = tier_servers[where].url, tier_servers["plain"].url
-    seed = {"in the step": 10, "beside the steps": 20, "copied in ahead": 30}[where]
+    seed = {"in the step": 10, "beside the steps": 20, "copied in ahead": 30, "by default": 40}[where]
     tokens = prompt(TOKENS, seed)
     want = token_ids(complete(plain, tokens, max_tokens=32))
     assert token_ids(complete(url, tokens, max_tokens=32)) == want  # cold: computed, stored behind
     for i in range(OTHERS):
         complete(url, prompt(TOKENS, seed + 1 + i), max_tokens=1)
     before = metrics(url)
-    if where == "copied in ahead":  # as the proxy hints it, just before sending the request
-        hints = Hints({url: f"tcp://127.0.0.1:{tier_servers.hint_port}"})
+    hinted = where in tier_servers.hint_ports
+    if hinted:  # as the proxy hints it, just before sending the request
+        hints = Hints({url: f"tcp://127.0.0.1:{tier_servers.hint_ports[where]}"})
         deadline = time.monotonic() + 10
         while not hints.send(url, json.dumps({"prompt": tokens}).encode()) and time.monotonic() < deadline:
             time.sleep(0.05)  # until the socket is connected
         hints.close()
     assert token_ids(complete(url, tokens, max_tokens=32)) == want
-    expected = {CACHE_LOADED: LOADED, IN_STEP: LOADED if where == "in the step" else 0, LOAD_FAILURES: 0}
-    if where == "copied in ahead":  # the hint reached the worker before vLLM's front end was done
+    in_step = where in ("in the step", "by default")
+    expected = {CACHE_LOADED: LOADED, IN_STEP: LOADED if in_step else 0, LOAD_FAILURES: 0}
+    if hinted:  # the hint reached the worker before vLLM's front end was done
         expected[PREFETCHED] = LOADED
     assert wait_for_deltas(url, before, expected) == expected
-    if where == "in the step":  # every layer waited for its copy in vLLM's hook, CUDA graphs on
+    if in_step:  # every layer waited for its copy in vLLM's hook, CUDA graphs on
         log = tier_servers[where].log_path.read_text()
         assert re.search(r"cache tier inside the step layer by layer \((\d+) of \1 layers waited for", log)

@@ -52,3 +52,18 @@ def test_the_staging_pool_is_a_quarter_of_the_kv_cache_within_half_the_free_memo
     assert default.staging_bytes(kv_cache_bytes=1 * gib, free_bytes=100 * gib) == 2 * gib  # at least 2 GiB
     assert default.staging_bytes(kv_cache_bytes=100 * gib, free_bytes=14 * gib) == 7 * gib  # the GPU's rest
     assert load_config({"staging_gb": 0.5}).staging_bytes(32 * gib, 1 * gib) == gib // 2  # as asked
+
+
+def test_on_a_gpu_the_prefetch_pool_and_loads_in_the_step_are_on_by_default():
+    gib = 1 << 30
+    default = load_config({})
+    assert default.takes_hints(on_gpu=True) and not default.takes_hints(on_gpu=False)
+    assert default.prefetch_bytes(True, longest_prompt_bytes=2 * gib, free_bytes=40 * gib) == 2 * gib  # one prompt
+    assert default.prefetch_bytes(True, longest_prompt_bytes=16 * gib, free_bytes=12 * gib) == 3 * gib  # the GPU's rest
+    assert default.prefetch_bytes(False, longest_prompt_bytes=2 * gib, free_bytes=40 * gib) == 0
+    assert (default.load_in_step(on_gpu=True), default.load_in_step(on_gpu=False)) == ("idle", "never")
+    off = load_config({"cache_prefetch_gb": 0, "cache_load_in_step": "never"})
+    assert not off.takes_hints(on_gpu=True) and off.load_in_step(on_gpu=True) == "never"
+    asked = load_config({"cache_prefetch_gb": 0.5, "cache_load_in_step": "always"})
+    assert asked.takes_hints(on_gpu=False) and asked.prefetch_bytes(False, 2 * gib, 40 * gib) == gib // 2
+    assert asked.load_in_step(on_gpu=False) == "always"

@@ -182,6 +182,19 @@ def test_decoders_take_prefetch_hints_on_a_port_of_their_own_and_the_proxy_is_to
     assert r.exit_code == 2 and "--hint takes DECODER_URL=tcp://HOST:PORT" in r.output
 
 
+def test_decoders_on_gpus_take_prefetch_hints_by_default_and_not_when_told_otherwise():
+    def hinted(connector: dict) -> list[str]:
+        cfg = load(None, {"device": "cuda", "gpus": [0, 1, 2], "decode": 2, "connector": connector})
+        proxy = next(s for s in deploy.child_specs(cfg) if s.name == "proxy")
+        return [a for i, a in enumerate(proxy.command) if proxy.command[i - 1] == "--hint"]
+
+    assert len(hinted({})) == 2  # on GPUs the pool is sized by the instance itself
+    assert hinted({"cache_prefetch_gb": 0}) == []
+    assert hinted({"cache": "tcp://10.0.0.9:15000"}) != []  # the instance finds out whether it shares the tier's host
+    on_cpu = {s.name: s for s in deploy.child_specs(load(None, {"device": "cpu"}))}
+    assert "--hint" not in on_cpu["proxy"].command
+
+
 def test_the_proxy_is_told_when_vllm_parses_chat_answers():
     plain = deploy.proxy_command(load(None, {}), ["http://p"], ["http://d"])
     parsed = deploy.proxy_command(load(None, {"vllm_args": ["--reasoning-parser=qwen3"]}), ["http://p"], ["http://d"])

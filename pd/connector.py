@@ -399,6 +399,7 @@ class _SchedulerSide:
         self.is_producer = ktc.is_kv_producer
         self.is_consumer = ktc.is_kv_consumer
         self.block_size = vllm_config.cache_config.block_size
+        self.cache_tokens = kv_cache_config.num_blocks * self.block_size  # what vLLM's own cache holds
         self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         self.fingerprint = _fingerprint(vllm_config, cfg, kv_cache_config)
         self.fingerprint_hex = self.fingerprint.seed().hex()
@@ -595,7 +596,7 @@ class _SchedulerSide:
         it (in this process's worker) copies none of those chunks in."""
         whole = min(tokens // self.cfg.chunk_size, len(keys))  # a hint names the same chunks (plan.tier_reach)
         if whole and (prefetch := Prefetch.on_port(self.cfg.prefetch_port)) is not None:
-            prefetch.vllm_holds(keys[whole - 1])
+            prefetch.vllm_holds(keys[whole - 1], self.cache_tokens - whole * self.cfg.chunk_size)
 
     def _local_token(self) -> str | None:
         return self.local.info.token if self.local is not None else None
@@ -827,6 +828,8 @@ class _SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self.rates.step(scheduler_output.total_num_scheduled_tokens)
+        if (prefetch := Prefetch.on_port(self.cfg.prefetch_port)) is not None:  # its clock for vLLM's evictions
+            prefetch.computed += scheduler_output.total_num_scheduled_tokens
         self._track_blocks(scheduler_output)
         self._running = set(scheduler_output.num_scheduled_tokens) - set(scheduler_output.finished_req_ids)
         for rid, state in list(self._incoming.items()):

@@ -13,13 +13,15 @@ arena: the bus's time overlaps the front end's instead of following it.
 A hint costs a read of the tier's index, and where the arena holds the prefix copies over the bus,
 IN_FLIGHT at a time, skipping the head vLLM's own cache holds: the scheduler beside this worker
 tells it, at each lookup and as each request finishes, the deepest chunk vLLM's cache holds of that
-prompt (`vllm_holds`; the chunks' keys are chained, so that key names the whole head), which stops a
-hint under way there and spares the hints of later prompts that begin with that head. A copy no load takes within
-COPY_TTL_S is dropped. A full pool gives no copy up for a later hint's: vLLM schedules requests in
-the order they came, so the earlier hint's copies are the ones wanted first (the later request
-loads what was not copied from the arena, as without a hint). A copy is used only once
-its pins were confirmed held throughout; a load that took it waits for that (microseconds after its
-copy), and one whose pins were not is recomputed, never served.
+prompt (`vllm_holds`; the chunks' keys are chained, so that key names the whole head), which stops
+a hint under way there and spares the hints of later prompts that begin with that head, for
+COPY_TTL_S and until vLLM has since computed as many tokens as its cache holds besides that head
+(they may have evicted it). A copy no load takes within COPY_TTL_S is dropped. A full pool gives no
+copy up for a later hint's: vLLM schedules requests in the order they came, so the earlier hint's
+copies are the ones wanted first (the later request loads what was not copied from the arena, as
+without a hint). A copy is used only once its pins were confirmed held throughout; a load that took
+it waits for that (microseconds after its copy), and one whose pins were not is recomputed, never
+served.
 """
 
 from __future__ import annotations
@@ -116,8 +118,9 @@ class Prefetch:
         self._hurry = False  # a load waits for them: queue the rest at once
         # Keys of the deepest chunks vLLM's cache held of the prompts it looked up lately, and when:
         # a hint copies nothing up to such a chunk. `_marks` counts them, for a hint to see a new one.
-        self._vllm_held: dict[bytes, float] = {}
+        self._vllm_held: dict[bytes, tuple[float, int]] = {}  # key -> when, and `computed` by which it lapses
         self._marks = 0
+        self.computed = 0  # tokens vLLM's steps computed so far (set by the scheduler beside this worker)
         self._lock = threading.Lock()
         self._queued = threading.Condition(self._lock)  # notified as copies are queued
         self._stream = torch.cuda.Stream(paged.device) if paged.device.type == "cuda" else None
@@ -263,9 +266,10 @@ class Prefetch:
 
     def _past_vllms(self, keys: list[bytes]) -> int:
         """How many of the leading `keys` vLLM's cache held lately (their deepest told by the scheduler)."""
-        recent = time.monotonic() - COPY_TTL_S
+        recent, computed = time.monotonic() - COPY_TTL_S, self.computed
         for i in range(len(keys) - 1, -1, -1):
-            if self._vllm_held.get(keys[i], 0.0) > recent:
+            when, lapses = self._vllm_held.get(keys[i], (0.0, 0))
+            if when > recent and computed < lapses:
                 return i + 1
         return 0
 
@@ -298,14 +302,15 @@ class Prefetch:
             self._free.append(f.slot)
 
     # -- the engine's thread --
-    def vllm_holds(self, deepest: bytes) -> None:
-        """vLLM's cache holds a prompt's chunks up to and including the one keyed `deepest`: a hint
-        copying them stops there (what it copied ages out unused), and one that comes within
-        COPY_TTL_S for a prompt with that head copies only what follows it."""
+    def vllm_holds(self, deepest: bytes, room_besides: int) -> None:
+        """vLLM's cache holds a prompt's chunks up to and including the one keyed `deepest`, and
+        room for `room_besides` tokens more: a hint copying them stops there (what it copied ages out
+        unused), and one for a prompt with that head copies only what follows it, for COPY_TTL_S and
+        until vLLM has computed `room_besides` tokens more."""
         now = time.monotonic()
         with self._lock:
-            self._vllm_held = {k: t for k, t in self._vllm_held.items() if t > now - COPY_TTL_S}
-            self._vllm_held[rank_key(deepest, self.rank)] = now
+            self._vllm_held = {k: m for k, m in self._vllm_held.items() if m[0] > now - COPY_TTL_S}
+            self._vllm_held[rank_key(deepest, self.rank)] = (now, self.computed + room_besides)
             self._marks += 1
 
     def take(self, keys: Sequence[bytes]) -> list[Fetched]:

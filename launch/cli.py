@@ -267,8 +267,9 @@ def proxy(
         list[str] | None,
         typer.Option(
             help="DECODER_URL=tcp://127.0.0.1:PORT: where that decoder takes prefetch hints (its connector's "
-            "prefetch_port, with cache_prefetch_gb); a completion going to it alone is passed there too, so that "
-            "the prefix of a prompt given as token ids crosses from the tier into the GPU meanwhile. Repeatable."
+            "prefetch_port; on a GPU unless cache_prefetch_gb is 0); a completion going to it alone is passed there "
+            "too, so that the prefix of a prompt given as token ids crosses from the tier into the GPU meanwhile. "
+            "Repeatable."
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",

@@ -203,9 +203,12 @@ def test_requests_with_different_cache_salts_share_no_kv_through_the_tier(cluste
     before_tier = metrics(tier)
     first = salted_prefill(p0, tokens, "tenant-a")
     assert wait_for_deltas(tier, before_tier, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
-    before = metrics(p1)
+    before, before_tier = metrics(p1), metrics(tier)
     assert salted_prefill(p1, tokens, "tenant-b") == first  # computed: tenant-a's chunks are not b's
     assert wait_for_deltas(p1, before, {CACHE_HIT: 0, LOCAL_COMPUTE: 1100}) == {CACHE_HIT: 0, LOCAL_COMPUTE: 1100}
+    # Stored beside tenant-a's under their own keys (committed behind: waited for, so that no later
+    # test counts them).
+    assert wait_for_deltas(tier, before_tier, {TIER_PUTS: 4}) == {TIER_PUTS: 4}
     before = metrics(p1)
     assert salted_prefill(p1, tokens, "tenant-a") == first  # the same tenant: loaded
     assert wait_for_deltas(p1, before, {CACHE_HIT: 1024}) == {CACHE_HIT: 1024}

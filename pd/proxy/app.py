@@ -68,6 +68,7 @@ log = logging.getLogger("pdrun.pd.proxy")
 # time under a burst), or the decoder died before answering.
 RETRIABLE = (Refused, NotConnected, ConnectionLost)
 REQUEST_ID = "x-pdrun-request-id"
+DONE = b"data: [DONE]"  # a stream's last event
 IN_TIER = "prompt in the cache tier"  # the decode-only reason of the tier shortcut
 SHORTCUT_LOOKUP_TIMEOUT_S = 0.5  # a cache slower than this is a miss: the request takes the prefill hop
 
@@ -415,51 +416,74 @@ class Proxy:
     async def _continue(
         self, first: Continuation, params: dict[str, Any], t0: float, timing: RequestTiming
     ) -> AsyncIterator[bytes]:
-        """The client's stream: the prefiller's token at once, then the decoder's continuation. Unless
-        a decoder streams it to its end, the hand-off is given back (it may never be pulled)."""
-        clock, decoder_clock, events = StreamClock(), StreamClock(), SSEEvents()
+        """The client's stream: the prefiller's token at once, then the decoder's continuation; a
+        decoder dying mid-stream is followed by another going on after what it streamed. Unless a
+        decoder streams it to its end, the hand-off is given back (it may never be pulled)."""
+        clock, decoder_clock = StreamClock(), StreamClock()
         head = first.head()
         clock.feed(head, time.monotonic())
-        finished = False
+        # With another decoder to go on on, the proxy reads the ids of the tokens it relays.
+        movable = len(self.router.decoders) > 1
+        body: dict[str, Any] | None = first.decoder_body(params, read_ids=movable)
+        finished, sent = False, None  # sent: when the first decoder was asked (the decode phase's start)
         try:
             yield head
-            opened = await self._open_decoder(COMPLETIONS, first.decoder_body(params), client_body=first.body)
-            if isinstance(opened, Response):
-                log.warning("no decoder took the rest of a streamed answer: %s", bytes(opened.body)[:200])
-                yield _error_event(opened.status_code, bytes(opened.body))
-                return
-            d, sent = opened.d, opened.sent
-            try:
-                if opened.upstream.status != 200:
-                    answer = opened.first + b"".join([c async for c in opened.chunks])
-                    log.warning("decoder %s refused the rest of a streamed answer: %s", d.url, answer[:200])
-                    yield _error_event(opened.upstream.status, answer)
+            while body is not None:
+                opened = await self._open_decoder(COMPLETIONS, body, client_body=first.body)
+                if isinstance(opened, Response):
+                    log.warning("no decoder took the rest of a streamed answer: %s", bytes(opened.body)[:200])
+                    yield _error_event(opened.status_code, bytes(opened.body))
                     return
-                async for chunk in _chain(opened.first, opened.chunks):
-                    now, out = time.monotonic(), []
-                    for event in events.feed(chunk):
-                        data = event_data(event)
-                        if data is not None:  # else [DONE], comments: as they are
-                            decoder_clock.see(data, now)
-                            data = first.rewrite(data)
-                            clock.see(data, now)
-                            event = b"data: " + msgspec.json.encode(data)
-                        out.append(event + b"\n\n")
-                    yield b"".join(out)
-                yield events.rest()
-                finished = True
-                end = time.monotonic()
-                timing.decode, timing.total = end - sent, end - t0
-                timing.ttft = clock.first - t0 if clock.first is not None else None
-                if decoder_clock.first is not None:
-                    timing.first_token = decoder_clock.first - sent
-                timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
-            except RETRIABLE as e:
-                self.health.failed(d, e)
-                yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
-            finally:
-                d.outstanding -= 1
-                opened.upstream.close()
+                d, events, relayed = opened.d, SSEEvents(), _Relayed()
+                sent = sent if sent is not None else opened.sent
+                body = None
+                try:
+                    if opened.upstream.status != 200:
+                        answer = opened.first + b"".join([c async for c in opened.chunks])
+                        log.warning("decoder %s refused the rest of a streamed answer: %s", d.url, answer[:200])
+                        yield _error_event(opened.upstream.status, answer)
+                        return
+                    async for chunk in _chain(opened.first, opened.chunks):
+                        now, out = time.monotonic(), []
+                        for event in events.feed(chunk):
+                            data = event_data(event)
+                            if data is not None:  # else [DONE], comments: as they are
+                                decoder_clock.see(data, now)
+                                relayed.see(data)
+                                data = first.rewrite(data)
+                                clock.see(data, now)
+                                event = b"data: " + msgspec.json.encode(data)
+                            else:
+                                relayed.done = relayed.done or event == DONE
+                            out.append(event + b"\n\n")
+                        yield b"".join(out)
+                    yield events.rest()
+                    finished = True
+                    end = time.monotonic()
+                    timing.decode, timing.total = end - sent, end - t0
+                    timing.ttft = clock.first - t0 if clock.first is not None else None
+                    if decoder_clock.first is not None:
+                        timing.first_token = decoder_clock.first - sent
+                    timing.output_tokens, timing.tpot = clock.tokens, clock.per_token
+                except RETRIABLE as e:
+                    self.health.failed(d, e)
+                    if relayed.ended:  # it died after its last token: the answer is whole
+                        if not relayed.done:
+                            yield DONE + b"\n\n"
+                        finished = True
+                        return
+                    body = first.resumed(relayed.ids, relayed.text, relayed.last) if movable else None
+                    if body is None:
+                        yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
+                        return
+                    self.metrics.resumed.inc()
+                    log.info("decoder %s failed mid-stream after %d tokens (%s): another goes on after them",
+                             d.url, first.carried, e)  # fmt: skip
+                    self.give_back(params)  # what the new decoder needs, it loads or computes
+                    params = {}
+                finally:
+                    d.outstanding -= 1
+                    opened.upstream.close()
         finally:
             if not finished:
                 self.give_back(params)
@@ -538,6 +562,24 @@ class Proxy:
             "decode": [b.describe() for b in self.router.decoders],
         }
         return JSONResponse(state, status_code=200 if ok else 503)
+
+
+class _Relayed:
+    """What a decoder's stream carried so far: its tokens' ids and text, the text of the last
+    one, and whether it finished."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.text = self.last = ""
+        self.ended = self.done = False  # done: the stream's end, [DONE], came too
+
+    def see(self, data: dict[str, Any]) -> None:
+        for c in data.get("choices") or []:
+            if c.get("token_ids"):
+                self.ids += c["token_ids"]
+                self.last = c.get("text") or ""
+            self.text += c.get("text") or ""
+            self.ended = self.ended or c.get("finish_reason") is not None
 
 
 def _prefill_timing(timing: RequestTiming, answer: dict[str, Any], round_trip: float) -> None:

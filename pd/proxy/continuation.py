@@ -15,6 +15,12 @@ Where the decoder cannot continue exactly (`inexact_reason` and `Continuation.in
 it samples the first token itself after loading all prompt positions but the last two, which it
 computes as a prefill step (pd/plan.py `computed_here`): the first token's logits then come
 from another split of the prompt than the prefiller's, and a near tie can go the other way.
+
+A streamed answer whose decoder dies after some tokens goes on on another decoder (`resumed`): the
+prompt's ids, the first token and the tokens streamed so far make its prompt, which that decoder
+loads from the cache tier or computes; the client's stream goes on where it stopped. Those tokens'
+KV is then computed as a prefill rather than step by step, so with greedy decoding the rest may
+part from one vLLM's answer at a near tie; without it the answer would end there with an error.
 """
 
 from __future__ import annotations
@@ -146,6 +152,11 @@ class Continuation:
         self.model: str = answer.get("model", "")
         self.logprobs: dict[str, Any] | None = choice.get("logprobs")
         self._offset = _end_offset(self.logprobs)  # where the decoder's logprob offsets start
+        # Output the client has before the decoder's: the first token, and what a decoder that
+        # died streamed (`streamed`, its ids; `_text`, the whole text so far).
+        self.carried = 1
+        self.streamed: list[int] = []
+        self._text = self.text
 
     # ---- what the prefiller said ----
     @property
@@ -155,33 +166,58 @@ class Continuation:
 
     def inexact(self) -> str | None:
         """Why this first token cannot be continued exactly, if it cannot."""
-        if not self.text or "\ufffd" in self.text:
-            # Part of a UTF-8 sequence: vLLM's detokenizer, primed with a prompt that ends inside
-            # one, does not give the text that one vLLM gives.
+        if not _whole(self.text):
             return "first token not whole text"
-        stops = self.body.get("stop") or []
-        for stop in [stops] if isinstance(stops, str) else stops:
-            if any(self.text.endswith(stop[:k]) for k in range(1, len(stop))):
-                return "a stop string could start in the first token"  # the decoder looks in its own output only
+        if self._stop_could_start():
+            return "a stop string could start in the first token"
         return None
 
+    def _stop_could_start(self) -> bool:
+        """The output so far ends with the start of a stop string: the decoder, which looks for
+        stop strings in its own output only, would miss it."""
+        stops = self.body.get("stop") or []
+        return any(
+            self._text.endswith(stop[:k]) for stop in ([stops] if isinstance(stops, str) else stops)
+            for k in range(1, len(stop))
+        )  # fmt: skip
+
     # ---- the decoder's request ----
-    def decoder_body(self, kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
-        """A completion of the prompt's ids and the first token: the rest of the answer."""
+    def decoder_body(self, kv_transfer_params: dict[str, Any] | None, read_ids: bool = False) -> dict[str, Any]:
+        """A completion of the prompt's ids and the output so far: the rest of the answer.
+        `read_ids`: the decoder streams its tokens' ids (for the proxy; the client gets them only
+        where it asked)."""
         out = {k: v for k, v in self.body.items() if k not in CHAT_ONLY or self.path == COMPLETIONS}
         for name in ("echo", "truncate_prompt_tokens", "truncation_side"):
             out.pop(name, None)  # applied by the prefiller: the ids are the prompt as it was computed
         remaining = requested_max_tokens(self.path, self.body)
         out.update(
-            prompt=[*self.prompt_ids, self.token],
-            max_tokens=None if remaining is None else remaining - 1,
-            kv_transfer_params=kv_transfer_params,
+            prompt=[*self.prompt_ids, self.token, *self.streamed],
+            max_tokens=None if remaining is None else remaining - self.carried,
         )
+        if kv_transfer_params is not None:
+            out["kv_transfer_params"] = kv_transfer_params
         if self.body.get("min_tokens"):
-            out["min_tokens"] = self.body["min_tokens"] - 1
-        if self.path == CHAT and self.body.get("return_token_ids"):
+            out["min_tokens"] = max(self.body["min_tokens"] - self.carried, 0)
+        if read_ids or self.body.get("return_token_ids"):
             out["return_token_ids"] = True
         return out
+
+    def resumed(self, ids: list[int], text: str, last: str) -> dict[str, Any] | None:
+        """After a decoder that died had streamed `ids` (`text`, its last token's `last`): the next
+        decoder's request for the rest, or None where it could not go on as the answer would (the
+        answer is complete, or ends inside a character or on the start of a stop string)."""
+        remaining = requested_max_tokens(self.path, self.body)
+        if remaining is not None and self.carried + len(ids) >= remaining:
+            return None
+        if ids and not _whole(last):
+            return None
+        self._text += text
+        if self._stop_could_start():
+            return None
+        self.streamed += ids
+        self.carried += len(ids)
+        self._offset += len(text)  # the next decoder's logprob offsets start at its own output
+        return self.decoder_body(None, read_ids=True)
 
     # ---- the client's answer ----
     def whole(self, decoder_answer: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -217,13 +253,13 @@ class Continuation:
                 choice["prompt_token_ids"] = None
 
     def _usage(self, decoder_usage: Any) -> Any:
-        """The decoder's usage as the client's request counts it: one prompt token fewer, one
-        output token more."""
+        """The decoder's usage as the client's request counts it: the output it was given as
+        prompt (the first token, and what a decoder before it streamed) counted as output."""
         if not isinstance(decoder_usage, dict) or not isinstance(decoder_usage.get("prompt_tokens"), int):
             return decoder_usage
         usage = dict(decoder_usage)
-        usage["prompt_tokens"] -= 1
-        usage["completion_tokens"] = (usage.get("completion_tokens") or 0) + 1
+        usage["prompt_tokens"] -= self.carried
+        usage["completion_tokens"] = (usage.get("completion_tokens") or 0) + self.carried
         return usage
 
     def head(self) -> bytes:
@@ -277,15 +313,16 @@ class Continuation:
         if "choices" not in data and "usage" not in data:
             return data  # an error event: as it is
         out = self._chunk(None)
+        asked_ids = bool(self.body.get("return_token_ids"))
         for c in data.get("choices") or []:
             if self.path == CHAT:
                 choice = {"index": c.get("index", 0), "delta": {"content": c.get("text") or ""}, "logprobs": None,
                           "finish_reason": c.get("finish_reason")}  # fmt: skip
                 if c.get("finish_reason") is not None:
                     choice["stop_reason"] = c.get("stop_reason")
-                choice["token_ids"] = c.get("token_ids")
+                choice["token_ids"] = c.get("token_ids") if asked_ids else None
             else:
-                choice = {**c, "prompt_token_ids": None}
+                choice = {**c, "prompt_token_ids": None, "token_ids": c.get("token_ids") if asked_ids else None}
                 if c.get("logprobs"):
                     choice["logprobs"] = _shifted(c["logprobs"], self._offset)
             out["choices"].append(choice)
@@ -294,6 +331,12 @@ class Continuation:
         if "system_fingerprint" in data:
             out["system_fingerprint"] = data["system_fingerprint"]
         return out
+
+
+def _whole(text: str) -> bool:
+    """Text that ends a token on a whole character: vLLM's detokenizer, primed with a prompt that
+    ends inside a UTF-8 sequence, does not give the text that one vLLM gives."""
+    return bool(text) and "\ufffd" not in text
 
 
 def _counts(prompt: int, completion: int) -> dict[str, int]:

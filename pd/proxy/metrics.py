@@ -36,6 +36,11 @@ class ProxyMetrics:
             "pdrun:proxy_decode_only", "Requests a decoder prefilled itself, by reason", ["reason"], registry=r
         )
         self.retries = Counter("pdrun:proxy_decode_retries", "Requests moved to another decoder", registry=r)
+        self.resumed = Counter(
+            "pdrun:proxy_decode_resumed",
+            "Streamed answers whose decoder died mid-stream, gone on on another decoder after the tokens streamed",
+            registry=r,
+        )
         self.handoff_tokens = Counter(
             "pdrun:proxy_handoff_tokens", "Prompt tokens whose KV prefillers staged for decoders", registry=r
         )

@@ -219,6 +219,46 @@ def test_200_concurrent_requests_none_lost_none_hung(cluster):
     assert got == want
 
 
+def test_streams_whose_decoder_is_killed_go_on_on_the_other_and_answer_as_plain_vllm(cluster):
+    """Two long streams at once, one on each decoder; one decoder is killed once both have
+    streamed: the other goes on after the tokens its stream had, and the client reads one
+    unbroken answer, plain vLLM's, with its usage."""
+    proxy, plain = clients(cluster)
+    victim = cluster.decoders[0]
+    starts = victim.starts
+    prompts = [text_prompt(120, seed=5000 + i) for i in range(2)]
+    kw = dict(model="tiny", max_tokens=LONG, temperature=0, extra_body={"ignore_eos": True})
+    wants = [
+        (r.choices[0].text, r.usage.model_dump()) for r in (plain.completions.create(prompt=p, **kw) for p in prompts)
+    ]
+    before = metrics(cluster.proxy_url)
+    streaming = [threading.Event() for _ in prompts]
+
+    def stream(i: int) -> tuple[str, dict]:
+        text, usage = [], None
+        for ev in proxy.completions.create(
+            prompt=prompts[i], **kw, stream=True, stream_options={"include_usage": True}
+        ):
+            if ev.choices:
+                text.append(ev.choices[0].text)
+                if len(text) == 4:
+                    streaming[i].set()
+            if ev.usage:
+                usage = ev.usage.model_dump()
+        streaming[i].set()
+        return "".join(text), usage
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(stream, i) for i in range(2)]
+        assert all(e.wait(120) for e in streaming)
+        assert in_flight(cluster, victim.url) == 1  # its stream is under way
+        os.kill(victim.pid, signal.SIGKILL)  # the API server only, as `kill -9 <pid>` would
+        got = [a.result(timeout=300) for a in answers]
+    assert got == wants
+    assert metrics(cluster.proxy_url)[RESUMED] - before.get(RESUMED, 0) == 1
+    cluster.wait_restarted(victim, starts)  # back for the tests after this one
+
+
 def test_a_decoder_killed_under_load_costs_no_request_and_rejoins(cluster):
     proxy, plain = clients(cluster)
     victim = cluster.decoders[1]
@@ -274,6 +314,8 @@ def in_flight(cluster, url: str) -> int:
 
 
 RETRIES = "pdrun:proxy_decode_retries_total"
+RESUMED = "pdrun:proxy_decode_resumed_total"
+LONG = 256  # output tokens: a stream still under way when its decoder is killed
 
 
 @pytest.mark.stops_deployment

@@ -221,6 +221,45 @@ def test_a_streamed_completion_starts_with_the_first_token_and_goes_on_with_the_
     assert c.rewrite(error) == error
 
 
+def test_a_stream_whose_decoder_died_goes_on_after_the_tokens_it_streamed():
+    body = {"prompt": "x", "stream": True, "max_tokens": 6, "min_tokens": 4, "logprobs": 0,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    lp = {"text_offset": [0], "token_logprobs": [-1.0], "tokens": ["ab"], "top_logprobs": [{"ab": -1.0}]}
+    c = Continuation(COMPLETIONS, body, completion_answer(logprobs=lp))
+    assert c.decoder_body({"do_remote_prefill": True}, read_ids=True)["return_token_ids"] is True
+    # The first decoder streamed "c" and "de" (ids 9, 10) before it died: the next one continues
+    # the prompt, the first token and those, without a hand-off, for what is left.
+    again = c.resumed([9, 10], "cde", "de")
+    assert again == {"prompt": [1, 2, 3, 42, 9, 10], "stream": True, "max_tokens": 3, "min_tokens": 1,
+                     "logprobs": 0, "stream_options": body["stream_options"], "return_token_ids": True}  # fmt: skip
+    # Its events read as the answer's next: offsets after "abcde", usage counting those as output,
+    # and no ids where the client did not ask for them.
+    event = {"choices": [{"index": 0, "text": "f", "finish_reason": None, "prompt_token_ids": [1, 2, 3, 42, 9, 10],
+                          "token_ids": [11], "logprobs": {"text_offset": [0], "token_logprobs": [-2.0],
+                                                          "tokens": ["f"], "top_logprobs": [{"f": -2.0}]}}],
+             "usage": {"prompt_tokens": 6, "total_tokens": 7, "completion_tokens": 1}}  # fmt: skip
+    out = c.rewrite(event)
+    assert out["choices"][0]["logprobs"]["text_offset"] == [5]
+    assert out["choices"][0]["token_ids"] is None and out["choices"][0]["prompt_token_ids"] is None
+    assert out["usage"] == {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4}
+    # Once more: after the tokens of both decoders.
+    assert c.resumed([11], "f", "f")["prompt"] == [1, 2, 3, 42, 9, 10, 11]
+
+
+@pytest.mark.parametrize(
+    "body, ids, text, last",
+    [
+        ({"max_tokens": 3}, [9, 10], "cd", "d"),  # it had streamed the whole answer
+        ({}, [9], "\ufffd", "\ufffd"),  # its last token ends inside a character
+        ({"stop": ["b\n\n", "xyz"]}, [9], "cx", "cx"),  # the answer ends on the start of a stop string
+        ({"stop": "d\n"}, [9, 10], "cd", "d"),
+    ],
+)
+def test_a_stream_that_could_not_go_on_as_one_vllms_answer_is_not_resumed(body, ids, text, last):
+    c = Continuation(COMPLETIONS, {"prompt": "x", "stream": True, **body}, completion_answer())
+    assert c.resumed(ids, text, last) is None
+
+
 def test_a_streamed_chat_opens_with_the_role_then_the_first_token():
     body = {"messages": [], "stream": True, "stream_options": {"include_usage": True}}
     c = Continuation(CHAT, body, chat_answer())

@@ -83,9 +83,9 @@ def decoder():
     server.shutdown()
 
 
-def stream_through(proxy: Proxy, params: dict) -> bytes:
+def stream_through(proxy: Proxy, params: dict, body: dict | None = None) -> bytes:
     """The client's whole stream of a continued completion, then the releases under way."""
-    first = Continuation(COMPLETIONS, {"prompt": [1, 2, 3], "stream": True}, completion_answer())
+    first = Continuation(COMPLETIONS, body or {"prompt": [1, 2, 3], "stream": True}, completion_answer())
 
     async def run() -> bytes:
         proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
@@ -120,6 +120,53 @@ def test_a_hand_off_whose_decoder_dies_mid_stream_is_released(prefiller, decoder
     out = stream_through(proxy_to(decoder), params)
     assert b"decoder failed mid-stream" in out
     assert pool.held() == 0
+
+
+class Scripted(Decoder):
+    """The first request it (or any decoder of its kind) gets streams two tokens and dies; later
+    ones stream two more and the end."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        first = not Scripted.bodies
+        Scripted.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        tokens = [(9, "c"), (10, "d")] if first else [(11, "e"), (12, "f")]
+        for i, (token, text) in enumerate(tokens):
+            last = not first and i == len(tokens) - 1
+            choice = {"index": 0, "text": text, "token_ids": [token], "finish_reason": "length" if last else None}
+            self.chunk(b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n")
+        if first:
+            self.close_connection = True
+            return
+        self.chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_a_stream_whose_decoder_dies_goes_on_on_another_after_the_tokens_it_streamed(prefiller):
+    pool, params = prefiller
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted) for _ in range(2)]
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    Scripted.bodies = []
+    try:
+        proxy = proxy_to(*(f"http://127.0.0.1:{s.server_address[1]}" for s in servers))
+        out = stream_through(proxy, params, {"prompt": [1, 2, 3], "stream": True, "max_tokens": 5})
+    finally:
+        for server in servers:
+            server.shutdown()
+    texts = [c["text"] for e in out.split(b"\n\n") if e.startswith(b"data: {") for c in json.loads(e[6:])["choices"]]
+    assert texts == ["ab", "c", "d", "e", "f"] and out.endswith(b"data: [DONE]\n\n") and b"failed" not in out
+    handed, resumed = Scripted.bodies
+    assert handed["kv_transfer_params"] == params and handed["prompt"] == [1, 2, 3, 42]
+    # The other decoder: the prompt, the first token and the two streamed, for the two left.
+    assert resumed == {"prompt": [1, 2, 3, 42, 9, 10], "stream": True, "max_tokens": 2, "return_token_ids": True}
+    assert pool.held() == 0  # the hand-off is given back: the next decoder loads or computes what it needs
+    assert proxy.metrics.resumed._value.get() == 1
 
 
 def test_a_hand_off_a_decoder_streamed_to_its_end_is_left_to_that_decoder(prefiller, decoder):

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pdrun import transfer
 from pdrun.pd.params import TIMING
 from pdrun.pd.proxy.body import BadRequest, decode_only_reason, error_response, parse_body, parse_head
-from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
+from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, Relayed, inexact_reason, prefill_body
 from pdrun.pd.proxy.handoffs import GiveBack
 from pdrun.pd.proxy.health import Health
 from pdrun.pd.proxy.hints import Hints
@@ -434,7 +434,7 @@ class Proxy:
                     log.warning("no decoder took the rest of a streamed answer: %s", bytes(opened.body)[:200])
                     yield _error_event(opened.status_code, bytes(opened.body))
                     return
-                d, events, relayed = opened.d, SSEEvents(), _Relayed()
+                d, events, relayed = opened.d, SSEEvents(), Relayed()
                 sent = sent if sent is not None else opened.sent
                 body = None
                 try:
@@ -472,7 +472,7 @@ class Proxy:
                             yield DONE + b"\n\n"
                         finished = True
                         return
-                    body = first.resumed(relayed.ids, relayed.text, relayed.last) if movable else None
+                    body = first.resumed(relayed) if movable else None
                     if body is None:
                         yield _error_event(502, f"decoder failed mid-stream: {e}".encode())
                         return
@@ -562,24 +562,6 @@ class Proxy:
             "decode": [b.describe() for b in self.router.decoders],
         }
         return JSONResponse(state, status_code=200 if ok else 503)
-
-
-class _Relayed:
-    """What a decoder's stream carried so far: its tokens' ids and text, the text of the last
-    one, and whether it finished."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.text = self.last = ""
-        self.ended = self.done = False  # done: the stream's end, [DONE], came too
-
-    def see(self, data: dict[str, Any]) -> None:
-        for c in data.get("choices") or []:
-            if c.get("token_ids"):
-                self.ids += c["token_ids"]
-                self.last = c.get("text") or ""
-            self.text += c.get("text") or ""
-            self.ended = self.ended or c.get("finish_reason") is not None
 
 
 def _prefill_timing(timing: RequestTiming, answer: dict[str, Any], round_trip: float) -> None:

@@ -18,9 +18,12 @@ from another split of the prompt than the prefiller's, and a near tie can go the
 
 A streamed answer whose decoder dies after some tokens goes on on another decoder (`resumed`): the
 prompt's ids, the first token and the tokens streamed so far make its prompt, which that decoder
-loads from the cache tier or computes; the client's stream goes on where it stopped. Those tokens'
-KV is then computed as a prefill rather than step by step, so with greedy decoding the rest may
-part from one vLLM's answer at a near tie; without it the answer would end there with an error.
+loads from the cache tier or computes; the client's stream goes on where it stopped. Tokens whose
+text the client has not had yet (the start of a character of several) are left for that decoder
+to sample again, as its detokenizer gives no text after a prompt that ends inside a character;
+their ids, which the client has, are not sent twice. Those tokens' KV is computed as a prefill
+rather than step by step, so with greedy decoding the rest may part from one vLLM's answer at a
+near tie; without it the answer would end there with an error.
 """
 
 from __future__ import annotations
@@ -153,10 +156,12 @@ class Continuation:
         self.logprobs: dict[str, Any] | None = choice.get("logprobs")
         self._offset = _end_offset(self.logprobs)  # where the decoder's logprob offsets start
         # Output the client has before the decoder's: the first token, and what a decoder that
-        # died streamed (`streamed`, its ids; `_text`, the whole text so far).
+        # died streamed (`streamed`, its ids; `_text`, the whole text so far); `_resent`: ids the
+        # client has that the next decoder samples again.
         self.carried = 1
         self.streamed: list[int] = []
         self._text = self.text
+        self._resent = 0
 
     # ---- what the prefiller said ----
     @property
@@ -202,21 +207,25 @@ class Continuation:
             out["return_token_ids"] = True
         return out
 
-    def resumed(self, ids: list[int], text: str, last: str) -> dict[str, Any] | None:
-        """After a decoder that died had streamed `ids` (`text`, its last token's `last`): the next
-        decoder's request for the rest, or None where it could not go on as the answer would (the
-        answer is complete, or ends inside a character or on the start of a stop string)."""
+    def resumed(self, relayed: Relayed) -> dict[str, Any] | None:
+        """After a decoder that died had streamed what `relayed` holds: the next decoder's request
+        for the rest, or None where it could not go on as the answer would (the answer is complete,
+        it ends on the start of a stop string, or tokens to sample again carried logprobs the client
+        has)."""
         remaining = requested_max_tokens(self.path, self.body)
-        if remaining is not None and self.carried + len(ids) >= remaining:
+        if remaining is not None and self.carried + len(relayed.ids) >= remaining:
             return None
-        if ids and not _whole(last):
+        if relayed.held and self.body.get("logprobs") is not None:
             return None
-        self._text += text
+        self._text += relayed.text
         if self._stop_could_start():
             return None
-        self.streamed += ids
-        self.carried += len(ids)
-        self._offset += len(text)  # the next decoder's logprob offsets start at its own output
+        kept = relayed.ids[: len(relayed.ids) - relayed.held]
+        self.streamed += kept
+        self.carried += len(kept)
+        if self.body.get("return_token_ids"):
+            self._resent += relayed.held
+        self._offset += len(relayed.text)  # the next decoder's logprob offsets start at its own output
         return self.decoder_body(None, read_ids=True)
 
     # ---- the client's answer ----
@@ -325,12 +334,36 @@ class Continuation:
                 choice = {**c, "prompt_token_ids": None, "token_ids": c.get("token_ids") if asked_ids else None}
                 if c.get("logprobs"):
                     choice["logprobs"] = _shifted(c["logprobs"], self._offset)
+            if self._resent and choice.get("token_ids"):  # sampled again: the client has these ids
+                ids = choice["token_ids"]
+                choice["token_ids"], self._resent = ids[self._resent :], max(self._resent - len(ids), 0)
             out["choices"].append(choice)
         if "usage" in data:
             out["usage"] = self._usage(data["usage"])
         if "system_fingerprint" in data:
             out["system_fingerprint"] = data["system_fingerprint"]
         return out
+
+
+class Relayed:
+    """What a decoder's stream carried so far: its tokens' ids and text, how many of its last
+    tokens came with no text (held back by the detokenizer: the start of a character of several),
+    and whether it finished (`ended`) and ended (`done`: [DONE] came)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.text = ""
+        self.held = 0
+        self.ended = self.done = False
+
+    def see(self, data: dict[str, Any]) -> None:
+        """One event of the stream, as the decoder sent it."""
+        for c in data.get("choices") or []:
+            ids, text = c.get("token_ids") or [], c.get("text") or ""
+            self.ids += ids
+            self.text += text
+            self.held = 0 if text else self.held + len(ids)
+            self.ended = self.ended or c.get("finish_reason") is not None
 
 
 def _whole(text: str) -> bool:

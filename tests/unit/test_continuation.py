@@ -4,10 +4,11 @@ each side is asked, and the answer the client reads, streamed or not, as one vLL
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
-from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, inexact_reason, prefill_body
+from pdrun.pd.proxy.continuation import CHAT, COMPLETIONS, Continuation, Relayed, inexact_reason, prefill_body
 
 PROMPT = [1, 2, 3]
 
@@ -221,6 +222,14 @@ def test_a_streamed_completion_starts_with_the_first_token_and_goes_on_with_the_
     assert c.rewrite(error) == error
 
 
+def streamed(*tokens: tuple[int, str]) -> Relayed:
+    """A decoder's stream of these (token id, text) events, as the proxy relayed it."""
+    r = Relayed()
+    for token, text in tokens:
+        r.see({"choices": [{"index": 0, "text": text, "token_ids": [token], "finish_reason": None}]})
+    return r
+
+
 def test_a_stream_whose_decoder_died_goes_on_after_the_tokens_it_streamed():
     body = {"prompt": "x", "stream": True, "max_tokens": 6, "min_tokens": 4, "logprobs": 0,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
@@ -229,7 +238,7 @@ def test_a_stream_whose_decoder_died_goes_on_after_the_tokens_it_streamed():
     assert c.decoder_body({"do_remote_prefill": True}, read_ids=True)["return_token_ids"] is True
     # The first decoder streamed "c" and "de" (ids 9, 10) before it died: the next one continues
     # the prompt, the first token and those, without a hand-off, for what is left.
-    again = c.resumed([9, 10], "cde", "de")
+    again = c.resumed(streamed((9, "c"), (10, "de")))
     assert again == {"prompt": [1, 2, 3, 42, 9, 10], "stream": True, "max_tokens": 3, "min_tokens": 1,
                      "logprobs": 0, "stream_options": body["stream_options"], "return_token_ids": True}  # fmt: skip
     # Its events read as the answer's next: offsets after "abcde", usage counting those as output,
@@ -243,21 +252,64 @@ def test_a_stream_whose_decoder_died_goes_on_after_the_tokens_it_streamed():
     assert out["choices"][0]["token_ids"] is None and out["choices"][0]["prompt_token_ids"] is None
     assert out["usage"] == {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4}
     # Once more: after the tokens of both decoders.
-    assert c.resumed([11], "f", "f")["prompt"] == [1, 2, 3, 42, 9, 10, 11]
+    assert c.resumed(streamed((11, "f")))["prompt"] == [1, 2, 3, 42, 9, 10, 11]
+
+
+def test_tokens_whose_text_was_held_back_are_sampled_again_and_their_ids_not_sent_twice():
+    body = {"prompt": "x", "stream": True, "max_tokens": 8, "return_token_ids": True}
+    c = Continuation(COMPLETIONS, body, completion_answer())
+    # "c", then the two first bytes of a character of three: no text yet for ids 10 and 11.
+    again = c.resumed(streamed((9, "c"), (10, ""), (11, "")))
+    assert again["prompt"] == [1, 2, 3, 42, 9] and again["max_tokens"] == 6
+    # The next decoder samples 10 and 11 again; the client has their ids, and gets the character.
+    first = c.rewrite({"choices": [{"index": 0, "text": "", "token_ids": [10], "finish_reason": None}]})
+    second = c.rewrite({"choices": [{"index": 0, "text": "\u20ac", "token_ids": [11, 12], "finish_reason": None}]})
+    third = c.rewrite({"choices": [{"index": 0, "text": "d", "token_ids": [13], "finish_reason": None}]})
+    assert [e["choices"][0]["token_ids"] for e in (first, second, third)] == [[], [12], [13]]
+    assert second["choices"][0]["text"] == "\u20ac"
+
+
+def test_the_next_decoders_text_goes_on_exactly_where_the_clients_stopped():
+    """vLLM's detokenizer (tokenizers' DecodeStream, primed with the prompt): a byte-level BPE's
+    tokens taken at random, so that many a stream dies inside a character of several bytes. The
+    text the client had, then what a decoder primed with the prompt and the tokens kept gives
+    for the rest, is the whole answer's text, wherever the stream died."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["price 5 \u20ac, caf\u00e9 cr\u00e8me \u4e2d\u6587 \U0001f600 ok"] * 50, trainer)
+    rng = random.Random(7)
+
+    def texts(prompt: list[int], output: list[int]) -> list[str]:
+        stream = decoders.DecodeStream(ids=prompt, skip_special_tokens=True)
+        return [stream.step(tok, t) or "" for t in output]
+
+    for _ in range(200):
+        prompt, output = [rng.randrange(400) for _ in range(5)], [rng.randrange(400) for _ in range(20)]
+        whole = texts(prompt, output)
+        for died in range(1, len(output)):
+            relayed = Relayed()
+            for token, text in zip(output[:died], whole[:died], strict=True):
+                relayed.see({"choices": [{"text": text, "token_ids": [token]}]})
+            kept = died - relayed.held
+            rest = texts(prompt + output[:kept], output[kept:])
+            assert relayed.text + "".join(rest) == "".join(whole)
 
 
 @pytest.mark.parametrize(
-    "body, ids, text, last",
+    "body, tokens",
     [
-        ({"max_tokens": 3}, [9, 10], "cd", "d"),  # it had streamed the whole answer
-        ({}, [9], "\ufffd", "\ufffd"),  # its last token ends inside a character
-        ({"stop": ["b\n\n", "xyz"]}, [9], "cx", "cx"),  # the answer ends on the start of a stop string
-        ({"stop": "d\n"}, [9, 10], "cd", "d"),
+        ({"max_tokens": 3}, [(9, "c"), (10, "d")]),  # it had streamed the whole answer
+        ({"stop": ["b\n\n", "xyz"]}, [(9, "cx")]),  # the answer ends on the start of a stop string
+        ({"stop": "d\n"}, [(9, "c"), (10, "d")]),
+        ({"logprobs": 1}, [(9, "c"), (10, "")]),  # a token to sample again whose logprobs the client has
     ],
 )
-def test_a_stream_that_could_not_go_on_as_one_vllms_answer_is_not_resumed(body, ids, text, last):
+def test_a_stream_that_could_not_go_on_as_one_vllms_answer_is_not_resumed(body, tokens):
     c = Continuation(COMPLETIONS, {"prompt": "x", "stream": True, **body}, completion_answer())
-    assert c.resumed(ids, text, last) is None
+    assert c.resumed(streamed(*tokens)) is None
 
 
 def test_a_streamed_chat_opens_with_the_role_then_the_first_token():

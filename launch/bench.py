@@ -30,10 +30,12 @@ import httpx
 
 from pdrun.launch import systems as sysmod
 from pdrun.launch import workloads as wl
+from pdrun.launch.kills import DecoderKill
 
 START_S = {"cpu": 90.0, "cuda": 150.0}  # start-up of a wave, for the estimate
 PREFILL_TOK_S = {"cpu": 4000.0, "cuda": 30000.0}  # for the estimate only
 DECODE_TOK_S = {"cpu": 300.0, "cuda": 3000.0}
+KILL_WORKLOADS = ("noreuse", "slo")  # where --kill-decoder kills a decoder: requests in flight all along
 
 
 @dataclass
@@ -68,6 +70,9 @@ class Plan:
     per_gpu: int = 1
     share_gpus: bool = False
     estimate_s: float = 0.0
+    kill_decoder_s: float | None = None  # seconds into each KILL_WORKLOADS run at which a decoder dies
+    kills: dict[str, str] = field(default_factory=dict)  # system -> the decoder killed
+    spared: dict[str, str] = field(default_factory=dict)  # system -> why it gets no kill
 
 
 class BenchError(Exception):
@@ -94,11 +99,13 @@ def plan(
     sizes: Sizes,
     per_gpu: int = 1,
     share_gpus: bool = False,
+    kill_decoder_s: float | None = None,
 ) -> Plan:
     """Waves of systems that fit on `gpus` together, `plain` first; `per_gpu` instances may share a
     GPU (an idle system computes nothing, so systems measured in turn do not disturb each other),
     and with `share_gpus` so may the instances of one system (what a cache or a route saves, not
-    what more GPUs compute). On CPU `gpus` are slots: how many vLLM instances run at once."""
+    what more GPUs compute). On CPU `gpus` are slots: how many vLLM instances run at once. With
+    `kill_decoder_s`, which systems get a decoder killed that long into noreuse and slo."""
     unknown = [w for w in workloads if w not in wl.WORKLOADS]
     if unknown:
         raise BenchError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(wl.WORKLOADS)}")
@@ -146,8 +153,33 @@ def plan(
         for g in got:
             free[k].remove(g)
     p = Plan(waves, skipped, list(workloads), rounds, device, per_gpu=per_gpu, share_gpus=share_gpus)
+    if kill_decoder_s is not None:
+        _check_kill(kill_decoder_s, workloads)
+        p.kill_decoder_s = kill_decoder_s
+        p.kills, p.spared = decoder_kills([n for wave in waves for n, _ in wave])
     p.estimate_s = estimate(p, sizes)
     return p
+
+
+def _check_kill(after_s: float, workloads: list[str]) -> None:
+    if after_s < 0:
+        raise BenchError(f"--kill-decoder takes seconds >= 0, not {after_s:g}")
+    if not set(workloads) & set(KILL_WORKLOADS):
+        raise BenchError(f"--kill-decoder kills during {' and '.join(KILL_WORKLOADS)}: add one to --workloads")
+
+
+def decoder_kills(names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The systems that get a decoder killed (system -> its last decoder), and those that do not
+    (system -> why): a kill needs another decoder to take the requests over."""
+    kills: dict[str, str] = {}
+    spared: dict[str, str] = {}
+    for name in names:
+        n = sysmod.decoders(name)
+        if n >= 2:
+            kills[name] = f"decode-{n - 1}"
+        else:
+            spared[name] = "one decoder, none to take its requests over" if n == 1 else "not a pdrun deployment"
+    return kills, spared
 
 
 def estimate(p: Plan, sizes: Sizes) -> float:
@@ -183,12 +215,25 @@ def describe(p: Plan, sizes: Sizes) -> str:
         lines.append(f"wave {i}: {', '.join(parts)}")
     for n, why in p.skipped.items():
         lines.append(f"not run: {n}: {why}")
+    lines += _kill_lines(p)
     lines.append(
         f"{', '.join(p.workloads)} x {p.rounds} rounds: about {p.estimate_s / 60:.0f} min"
         f"{' (start-ups included)' if p.waves else ''}"
     )
     lines += [f"  {w}: {sends(w, sizes)}" for w in p.workloads]
     return "\n".join(lines)
+
+
+def _kill_lines(p: Plan) -> list[str]:
+    """Who gets --kill-decoder's kill, and who does not, with why."""
+    if p.kill_decoder_s is None:
+        return []
+    during = " and ".join(w for w in p.workloads if w in KILL_WORKLOADS)
+    lines = [
+        f"kill: {n}'s {decoder}, {p.kill_decoder_s:g} s into {during} of every round (its supervisor restarts it)"
+        for n, decoder in p.kills.items()
+    ]
+    return lines + [f"no kill: {n}: {why}" for n, why in p.spared.items()]
 
 
 def sends(workload: str, sizes: Sizes) -> str:
@@ -244,7 +289,7 @@ def run(
         if settings.cache_disk_gb is None:  # launch's, unless the disk cannot hold every tier's
             share = sysmod.disk_share(out / "logs", sum(sysmod.persists(n) for n, _ in wave))
         wave_settings = replace(settings, cache_disk_gb=share) if share is not None else settings
-        started = [sysmod.make(n, g, wave_settings, out / "logs") for n, g in wave]
+        started = [sysmod.make(n, g, wave_settings, out / "logs", restart_instances=n in p.kills) for n, g in wave]
         try:
             t0 = time.monotonic()
             for s in started:
@@ -264,16 +309,16 @@ def run(
                     for s in started:
                         if s.name in failed:
                             continue
-                        t1, before = time.monotonic(), s.counters()
+                        t1 = time.monotonic()
                         try:
-                            figures, long = _one(workload, s, settings, sized[s.name], seed=seed(r, workload))
-                        except (wl.WorkloadError, httpx.HTTPError, OSError, TimeoutError) as e:
+                            kill = _kill(p, workload, s, start_timeout_s, say)
+                            figures, long = _measured(workload, s, settings, sized[s.name], seed(r, workload), kill)
+                        except (wl.WorkloadError, sysmod.SystemFailure, httpx.HTTPError, OSError, TimeoutError) as e:
                             failed[s.name] = f"{workload}, round {r + 1}: {type(e).__name__}: {e}"
                             say(f"  {s.name}: failed: {failed[s.name]}")
                             continue
                         if long is not None:
                             longs[s.name] = long
-                        figures |= moved(before, s.counters())
                         _add(results, s.name, workload, figures)
                         say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
             restarts = sizes.reuse.restarts if "reuse" in p.workloads else 0
@@ -320,10 +365,37 @@ def _sized(s: sysmod.System, sizes: Sizes, say: Callable[[str], None]) -> Sizes:
     return replace(sizes, reuse=replace(r, evictors=evictors))
 
 
-def _one(
-    workload: str, s: sysmod.System, settings: sysmod.Settings, sizes: Sizes, seed: int
+def _kill(
+    p: Plan, workload: str, s: sysmod.System, rejoin_timeout_s: float, say: Callable[[str], None]
+) -> DecoderKill | None:
+    """The decoder kill planned for this workload on this system, if there is one."""
+    if p.kill_decoder_s is None or workload not in KILL_WORKLOADS or s.name not in p.kills:
+        return None
+    assert isinstance(s, sysmod.PdrunSystem)
+    return DecoderKill(s, workload, p.kill_decoder_s, rejoin_timeout_s, say)
+
+
+def _measured(
+    workload: str, s: sysmod.System, settings: sysmod.Settings, sizes: Sizes, seed: int, kill: DecoderKill | None
 ) -> tuple[dict[str, float], list[int] | None]:
-    target = wl.Target(s.url, settings.served_name)
+    """The workload's figures and what it moved the system's counters by; with `kill`, a decoder
+    killed during it, failed requests counted, and the decoder's return."""
+    if kill is None:
+        before = s.counters()
+        figures, long = _one(workload, s, settings, sizes, seed)
+        return figures | moved(before, s.counters()), long
+    before, before_survivors = s.counters(), s.counters(kill.survivors)
+    with kill:
+        figures, long = _one(workload, s, settings, sizes, seed, count_failures=True)
+    figures |= kill.figures()
+    # A killed decoder's counters start again from 0: what it counted before its death is lost.
+    return figures | moved(before_survivors if kill.killed else before, s.counters()), long
+
+
+def _one(
+    workload: str, s: sysmod.System, settings: sysmod.Settings, sizes: Sizes, seed: int, count_failures: bool = False
+) -> tuple[dict[str, float], list[int] | None]:
+    target = wl.Target(s.url, settings.served_name, count_failures=count_failures)
     if workload == "reuse":
         return asyncio.run(wl.reuse(target, sizes.reuse, seed, s.serving_urls))
     if workload == "multiturn":
@@ -505,6 +577,8 @@ def write(
             "rounds": p.rounds,
             "per_gpu": p.per_gpu,
             "share_gpus": p.share_gpus,
+            "kill_decoder_s": p.kill_decoder_s,
+            "kills": p.kills,
         },
         "settings": {k: v for k, v in vars(settings).items()},
         "sizes": {k: vars(v) for k, v in vars(sizes).items()},

@@ -452,6 +452,19 @@ def bench(
     enforce_eager: Annotated[
         bool, typer.Option("--enforce-eager", help="No CUDA graphs (not for figures: vLLM's Python bounds it).")
     ] = False,
+    kill_decoder: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Check that a deployment loses no request when a decoder dies and that the decoder comes back: "
+            "SECONDS into noreuse and slo, every round, kill one decoder (its vLLM API server, SIGKILL) of each "
+            "pdrun system with two decoders or more; its supervisor restarts it. Those systems count failed "
+            "requests rather than fail on the first (failed_requests) and report decoder_killed (1; 0 where the "
+            "workload ended first) and decoder_rejoined_s (from the kill until it is back in the proxy's rotation; "
+            "one not back within the start-up timeout fails the system). Other systems run as usual; the plan says "
+            "which get the kill. E.g. --systems pdrun-1p2d --workloads slo,noreuse --kill-decoder 20.",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its duration; start nothing.")] = False,
 ) -> None:
     """Compare pdrun with plain vLLM (and its native offload, LMCache) on the same model and GPUs.
@@ -476,6 +489,9 @@ def bench(
 
     * `pdrun bench --model /models/llama-8b --systems pdrun-1p1d,pdrun-1p1d@chunks_per_frame=1 --workloads slo`
       (the same deployment with one connector setting changed, measured in turn)
+
+    * `pdrun bench --systems pdrun-1p2d --workloads slo,noreuse --kill-decoder 20` (a decoder killed 20 s into
+      each workload: failed_requests should be 0, and decoder_rejoined_s says when it was back)
     """
     from pdrun.launch import bench as b
     from pdrun.launch import deploy
@@ -509,7 +525,7 @@ def bench(
     if context is not None:
         sizes = sizes.fit(context)
     try:
-        p = b.plan(names, chosen, ids, rounds, device, sizes, per_gpu, share_gpus)
+        p = b.plan(names, chosen, ids, rounds, device, sizes, per_gpu, share_gpus, kill_decoder)
     except (b.BenchError, sysmod.SystemFailure) as e:
         _fail(str(e))
     typer.echo(b.describe(p, sizes))

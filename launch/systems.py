@@ -29,8 +29,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,11 @@ COUNTERS = {
     "pdrun:cache_prefetch_copied_tokens_total": "cache_prefetch_copied_tokens",  # copied on hints, used or not
     "pdrun:cache_loaded_tokens_total": "cache_loaded_tokens",  # loaded from the tier ...
     "pdrun:cache_disk_loaded_tokens_total": "cache_disk_loaded_tokens",  # ... of them, read from its disk
+}
+# A pdrun deployment's proxy: requests it saved from a decoder that failed them.
+PROXY_COUNTERS = {
+    "pdrun:proxy_decode_retries_total": "requests_moved",  # to another decoder before any answer
+    "pdrun:proxy_decode_resumed_total": "streams_resumed",  # ... mid-stream, going on after its tokens
 }
 # Every system's engine: requests vLLM preempted for want of KV room (each recomputes, or reloads,
 # what it had computed).
@@ -139,6 +145,15 @@ def gpus_needed(name: str, largest_pd: int = 2) -> int:
         known = ", ".join([*SINGLE, "pdrun-1p1d", "pdrun-1p1d-tier", "pdrun-XpYd[-tier]", "plain-dp"])
         raise SystemFailure(f"unknown system {name!r}; known: {known}")
     return int(m.group(1)) + int(m.group(2))
+
+
+def decoders(name: str) -> int:
+    """Decoders of a pdrun deployment (pdrun-tier has one); 0 for the other systems."""
+    kind, _ = split(name)
+    if kind == "pdrun-tier":
+        return 1
+    m = PD_SHAPE.match(kind)
+    return int(m.group(2)) if m else 0
 
 
 def persists(name: str) -> bool:
@@ -229,10 +244,10 @@ class System:
                         best = max(best or 0, tokens)
         return best
 
-    def counters(self) -> dict[str, float]:
-        """vLLM's counters every system has (`ENGINE_COUNTERS`), summed over its instances; a
-        pdrun system adds its own."""
-        return summed_counters(self.instance_urls, ENGINE_COUNTERS)
+    def counters(self, instances: Sequence[str] | None = None) -> dict[str, float]:
+        """vLLM's counters every system has (`ENGINE_COUNTERS`), summed over its instances (or
+        those of `instances`); a pdrun system adds its own."""
+        return summed_counters(self.instance_urls if instances is None else list(instances), ENGINE_COUNTERS)
 
     def restart(self, timeout: float) -> None:
         """A full restart: every process stopped, then started again (a disk tier is kept)."""
@@ -318,11 +333,22 @@ class VllmSystem(System):
 
 
 class PdrunSystem(System):
-    """`pdrun launch`, as a user starts it, from a YAML file of its own."""
+    """`pdrun launch`, as a user starts it, from a YAML file of its own. With `restart_instances`
+    its supervisor restarts an instance that dies (as `pdrun launch` does by default); without, the
+    instance stays down, and the requests it fails say so."""
 
-    def __init__(self, name: str, gpus: list[int], settings: Settings, run_dir: Path, cache_dir: Path | None):
+    def __init__(
+        self,
+        name: str,
+        gpus: list[int],
+        settings: Settings,
+        run_dir: Path,
+        cache_dir: Path | None,
+        restart_instances: bool = False,
+    ):
         super().__init__(name, gpus, settings, run_dir)
         self.cache_dir = cache_dir
+        self.restart_instances = restart_instances
         self.proc: subprocess.Popen[bytes] | None = None
         kind, self.connector = split(name)
         m = PD_SHAPE.match(kind)
@@ -348,7 +374,7 @@ class PdrunSystem(System):
             "cache_cpu_gb": s.cache_cpu_gb if self.tier else 0,
             "run_dir": str(self.run_dir / self.name),
             "echo_logs": False,
-            "restart": False,
+            "restart": self.restart_instances,
             "vllm_args": s.instance_args(),
             "connector": self.connector,
         }
@@ -379,7 +405,7 @@ class PdrunSystem(System):
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        state = Path(str(self.config["run_dir"])) / "state.json"
+        state = self.state_path
         while True:
             if self.proc is None or self.proc.poll() is not None:
                 logs = Path(str(self.config["run_dir"])) / "logs"
@@ -397,14 +423,68 @@ class PdrunSystem(System):
                 raise SystemFailure(f"{self.name}: not ready after {timeout:.0f}s")
             time.sleep(0.5)
 
-    def counters(self) -> dict[str, float]:
-        """pdrun's own counters (`COUNTERS`: what went wrong, what it moved and how) beside vLLM's."""
-        return summed_counters(self.instance_urls, COUNTERS | ENGINE_COUNTERS)
+    def counters(self, instances: Sequence[str] | None = None) -> dict[str, float]:
+        """pdrun's own counters (`COUNTERS`: what went wrong, what it moved and how) beside vLLM's,
+        and its proxy's (`PROXY_COUNTERS`)."""
+        urls = self.instance_urls if instances is None else list(instances)
+        return summed_counters(urls, COUNTERS | ENGINE_COUNTERS) | summed_counters([self.url], PROXY_COUNTERS)
+
+    @property
+    def state_path(self) -> Path:
+        """The supervisor's state.json: each instance's pid, URL, state and starts."""
+        return Path(str(self.config["run_dir"])) / "state.json"
+
+    @property
+    def last_decoder(self) -> str:
+        """The name the supervisor gives its last decoder (decode-1 of two)."""
+        return f"decode-{self.decode - 1}"
 
     def stop(self) -> None:
         if self.proc is not None:
             _stop_group(self.proc, signal.SIGINT, grace=90)  # Ctrl-C: the supervisor stops its children
             self.proc = None
+
+
+def child_state(state_path: Path, name: str) -> dict[str, Any]:
+    """What the supervisor's state.json says of its child `name`: pid, state, url, starts, log."""
+    return json.loads(state_path.read_text())["children"][name]
+
+
+def kill_instance(state_path: Path, name: str) -> int:
+    """SIGKILL the process that the supervisor's state.json names `name`, as `kill -9 <pid>` would:
+    a vLLM API server, whose engine the supervisor then reaps (and, with restart on, starts it
+    again). Its starts so far; SystemFailure where it is not running."""
+    child = child_state(state_path, name)
+    if child["pid"] is None or child["state"] in ("down", "stopped"):
+        raise SystemFailure(f"{name} is not running ({child['state']})")
+    os.kill(child["pid"], signal.SIGKILL)
+    return child["starts"]
+
+
+def rejoined(state_path: Path, proxy_url: str, name: str, starts_before: int) -> bool:
+    """Whether instance `name` started again since `starts_before` (state.json counts its starts),
+    answers its supervisor's health checks, and is in the proxy's rotation again."""
+    try:
+        child = child_state(state_path, name)
+    except (OSError, ValueError, KeyError):  # read as it is replaced, or gone with the deployment
+        return False
+    if child["starts"] <= starts_before or child["state"] != "healthy":
+        return False
+    return any(b["url"] == child["url"] and b["healthy"] for b in proxy_health(proxy_url).get("decode", []))
+
+
+def proxy_health(url: str) -> dict[str, Any]:
+    """The proxy's GET /health: every backend's state (it answers 503 while no decoder is in its
+    rotation); {} where it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(e.read())
+        return {}
+    except (OSError, ValueError):
+        return {}
 
 
 def summed_counters(urls: list[str], names: dict[str, str]) -> dict[str, float]:
@@ -471,9 +551,11 @@ def disk_share(run_dir: Path, tiers: int) -> float | None:
     return None if free >= default else max(0.1, math.floor(free * 10) / 10)
 
 
-def make(name: str, gpus: list[int], settings: Settings, run_dir: Path) -> System:
+def make(name: str, gpus: list[int], settings: Settings, run_dir: Path, restart_instances: bool = False) -> System:
+    """The system `name` on `gpus`; a pdrun deployment's supervisor restarts dead instances with
+    `restart_instances`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if split(name)[0] in ("plain", "offload", "lmcache", "plain-dp"):
         return VllmSystem(name, gpus, settings, run_dir)
     cache_dir = run_dir / f"{name}-cache"  # a disk tier, so that a full restart keeps what it stored
-    return PdrunSystem(name, gpus, settings, run_dir, cache_dir)
+    return PdrunSystem(name, gpus, settings, run_dir, cache_dir, restart_instances)

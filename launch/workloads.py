@@ -24,6 +24,9 @@ after the first, (latency - TTFT) / (output tokens - 1); latency, the time to th
                output throughput of the decode batch, with no prefill beside it; the wait from
                the first output token to the second (in PD the decoder taking over), and the
                instances' own inter-token latency (vLLM's, from their metrics: the steps alone)
+
+A request the system fails ends the workload with its error; while `pdrun bench --kill-decoder`
+kills a decoder under noreuse and slo, they count such requests instead (`failed_requests`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class Target:
     url: str
     model: str
     timeout_s: float = 600.0
+    # A request the system fails comes back as an outcome with its error, to be counted
+    # (failed_requests), rather than ending the workload: while a decoder is killed under it.
+    count_failures: bool = False
 
 
 def prompt(rng: random.Random, n: int) -> list[int]:
@@ -87,11 +93,28 @@ def prompt(rng: random.Random, n: int) -> list[int]:
 
 
 async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_tokens: int) -> Outcome:
-    """One streamed completion; its outcome, or WorkloadError where the system answered an error."""
+    """One streamed completion; its outcome. A request the system fails (an error status, an error
+    event mid-stream, a broken connection) raises WorkloadError or httpx's error; with the target's
+    `count_failures`, it is an outcome with its error, and what it streamed before."""
+    o = Outcome(len(ids), [], None, 0.0)
+    t0 = time.perf_counter()
+    try:
+        await _stream(client, target, ids, max_tokens, o, t0)
+    except (WorkloadError, httpx.TransportError) as e:
+        if not target.count_failures:
+            raise
+        o.error = f"{type(e).__name__}: {e}"
+    o.latency = time.perf_counter() - t0
+    return o
+
+
+async def _stream(
+    client: httpx.AsyncClient, target: Target, ids: list[int], max_tokens: int, o: Outcome, t0: float
+) -> None:
+    """Streams one completion into `o`, its tokens and their times as they come; WorkloadError
+    where the system answered an error."""
     body = {"model": target.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}  # fmt: skip
-    t0 = time.perf_counter()
-    ttft, second, out = None, None, []
     async with client.stream("POST", f"{target.url}/v1/completions", json=body, timeout=target.timeout_s) as r:
         if r.status_code != 200:
             raise WorkloadError(f"a {len(ids)}-token request answered {r.status_code}: {(await r.aread())[:300]!r}")
@@ -103,12 +126,11 @@ async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_to
                 raise WorkloadError(f"a {len(ids)}-token request failed mid-stream: {data['error']}")
             for choice in data.get("choices") or []:
                 tokens = choice.get("token_ids") or []
-                if (tokens or choice.get("text")) and ttft is None:
-                    ttft = time.perf_counter() - t0
-                out += tokens
-                if second is None and len(out) >= 2:
-                    second = time.perf_counter() - t0
-    return Outcome(len(ids), out, ttft, time.perf_counter() - t0, second=second)
+                if (tokens or choice.get("text")) and o.ttft is None:
+                    o.ttft = time.perf_counter() - t0
+                o.output_ids += tokens
+                if o.second is None and len(o.output_ids) >= 2:
+                    o.second = time.perf_counter() - t0
 
 
 def quantile(values: Sequence[float], q: float) -> float | None:
@@ -261,22 +283,28 @@ class NoreuseSizes:
 
 
 async def noreuse(target: Target, sizes: NoreuseSizes, seed: int) -> dict[str, float]:
+    """At each length and concurrency, `prompts_per_user` prompts per request at once: output
+    tokens per second, p50 TTFT and TPOT; with the target's `count_failures`, `failed_requests`
+    too (their tokens count in the throughput, their times in no latency)."""
     rng = random.Random(seed)
     figures: dict[str, float] = {}
+    failed = 0
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(sizes.concurrency))) as client:
         for n in sizes.lengths:
             for c in sizes.concurrency:
                 prompts = [prompt(rng, n) for _ in range(c * sizes.prompts_per_user)]
                 outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c)
+                answered = _answered(outcomes)
+                failed += len(outcomes) - len(answered)
                 tag = f"{n}_c{c}"
                 figures |= _some(
                     **{
                         f"output_tok_s_{tag}": sum(len(o.output_ids) for o in outcomes) / elapsed,
-                        f"ttft_p50_s_{tag}": quantile([o.ttft for o in outcomes if o.ttft is not None], 0.5),
-                        f"tpot_p50_ms_{tag}": _ms(quantile([o.tpot for o in outcomes if o.tpot is not None], 0.5)),
+                        f"ttft_p50_s_{tag}": quantile([o.ttft for o in answered if o.ttft is not None], 0.5),
+                        f"tpot_p50_ms_{tag}": _ms(quantile([o.tpot for o in answered if o.tpot is not None], 0.5)),
                     }
                 )
-    return figures
+    return figures | _failures(target, failed)
 
 
 async def _closed_loop(
@@ -309,9 +337,10 @@ class SloSizes:
 
 async def slo(target: Target, sizes: SloSizes, gpus: int, seed: int) -> dict[str, float]:
     """At each rate (per GPU, times the system's GPUs), Poisson arrivals for `duration_s`: goodput
-    per GPU, p99 TTFT and TPOT."""
+    per GPU, p99 TTFT and TPOT; with the target's `count_failures`, `failed_requests` too."""
     rng = random.Random(seed)
     figures: dict[str, float] = {}
+    failed = 0
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000)) as client:
         for rate in sizes.rates:
             total_rate = rate * gpus
@@ -327,19 +356,21 @@ async def slo(target: Target, sizes: SloSizes, gpus: int, seed: int) -> dict[str
             at = [sum(gaps[: i + 1]) for i in range(n)]
             outcomes = await asyncio.gather(*(arrive(a, ids, out) for a, (ids, out) in zip(at, jobs, strict=True)))
             elapsed = time.perf_counter() - t0
+            answered = _answered(outcomes)  # a failed request is never good
+            failed += len(outcomes) - len(answered)
             good = sum(
-                1 for o in outcomes
+                1 for o in answered
                 if o.ttft is not None and o.ttft <= sizes.ttft_s and (o.tpot is None or o.tpot <= sizes.tpot_s)
             )  # fmt: skip
             tag = f"r{rate:g}"
             figures |= _some(
                 **{
                     f"goodput_rps_per_gpu_{tag}": good / elapsed / gpus,
-                    f"ttft_p99_s_{tag}": quantile([o.ttft for o in outcomes if o.ttft is not None], 0.99),
-                    f"tpot_p99_ms_{tag}": _ms(quantile([o.tpot for o in outcomes if o.tpot is not None], 0.99)),
+                    f"ttft_p99_s_{tag}": quantile([o.ttft for o in answered if o.ttft is not None], 0.99),
+                    f"tpot_p99_ms_{tag}": _ms(quantile([o.tpot for o in answered if o.tpot is not None], 0.99)),
                 }
             )
-    return figures
+    return figures | _failures(target, failed)
 
 
 # ---- decode ----
@@ -392,6 +423,16 @@ async def _inter_token(client: httpx.AsyncClient, instances: Sequence[str]) -> t
         got = summed((await client.get(f"{url}/metrics")).text, INTER_TOKEN)
         total, count = total + got[INTER_TOKEN[0]], count + got[INTER_TOKEN[1]]
     return total, count
+
+
+def _answered(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """The requests answered in full: a failed one's times end at its failure, not its answer."""
+    return [o for o in outcomes if o.error is None]
+
+
+def _failures(target: Target, failed: int) -> dict[str, float]:
+    """`failed_requests` where the target counts failures (elsewhere the first one ended the workload)."""
+    return {"failed_requests": float(failed)} if target.count_failures else {}
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -87,3 +87,31 @@ def test_bench_reuse_across_the_instances_of_one_deployment(cluster, model_dir, 
     # computes: without the shared tier, 0.
     assert reuse["other_instance_loaded_tokens"]["median"] == 1024 - 128
     assert reuse["kv_load_failures"]["max"] == 0
+
+
+@pytest.mark.after_deployment
+def test_bench_kills_a_decoder_mid_workload_loses_no_request_and_the_decoder_rejoins(cluster, model_dir, tmp_path):
+    """`--kill-decoder`: one of two decoders killed with SIGKILL a few seconds into noreuse (100
+    requests of 128 tokens, two at once: a minute or more on two CPU cores); the other takes its
+    requests over, the supervisor restarts it and the proxy takes it back."""
+    cluster.deployment.stop()  # done with: room for the bench's systems
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "pdrun.launch", "bench", "--model", str(model_dir), "--systems", "pdrun-1p2d",
+            "--workloads", "noreuse", "--rounds", "1", "--lengths", "256", "--concurrency", "2",
+            "--prompts-per-user", "50", "--max-model-len", "4096", "--kill-decoder", "8",
+            "--out", str(out)]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "kill: pdrun-1p2d's decode-1, 8 s into noreuse of every round" in r.stdout
+    assert "pdrun-1p2d: decode-1 killed 8s into noreuse; back in rotation" in r.stdout, r.stdout[-3000:]
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["failed"] == {} and doc["plan"]["kills"] == {"pdrun-1p2d": "decode-1"}
+    noreuse = doc["summary"]["pdrun-1p2d"]["noreuse"]
+    assert noreuse["decoder_killed"]["median"] == 1  # during the workload, not after it
+    assert noreuse["decoder_rejoined_s"]["median"] > 0
+    assert noreuse["failed_requests"]["median"] == 0  # none lost: requests on the killed decoder moved
+    assert {"requests_moved", "streams_resumed"} <= noreuse.keys()  # how: the proxy's counts
+    assert noreuse["output_tok_s_256_c2"]["median"] > 0
+    launch_log = (out / "logs" / "pdrun-1p2d-launch.log").read_text()
+    assert "decode-1 exited with code -9; restarting in" in launch_log  # the supervisor's restart

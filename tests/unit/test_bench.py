@@ -246,3 +246,35 @@ def test_tier_systems_share_the_disk_the_bench_writes_to(tmp_path):
 def test_a_tier_given_no_disk_keeps_its_chunks_in_memory_only(tmp_path):
     config = make("pdrun-tier", [0], Settings(model="m", cache_disk_gb=0), tmp_path)._config()
     assert "cache_dir" not in config and "cache_disk_gb" not in config and config["cache_cpu_gb"] == 40.0
+
+
+def test_the_plan_says_which_systems_get_a_decoder_killed_and_why_the_others_not(tmp_path):
+    names = ["plain", "pdrun-tier", "pdrun-1p1d", "pdrun-1p2d", "pdrun-0p3d-tier", "plain-dp"]
+    p = b.plan(names, ["reuse", "noreuse", "slo"], [0, 1, 2, 3], 1, "cuda", b.Sizes(), kill_decoder_s=20)
+    assert p.kills == {"pdrun-1p2d": "decode-1", "pdrun-0p3d-tier": "decode-2"}  # the last decoder
+    assert p.spared == {
+        "plain": "not a pdrun deployment",
+        "pdrun-tier": "one decoder, none to take its requests over",
+        "pdrun-1p1d": "one decoder, none to take its requests over",
+        "plain-dp": "not a pdrun deployment",
+    }
+    said = b.describe(p, b.Sizes())
+    assert "kill: pdrun-1p2d's decode-1, 20 s into noreuse and slo of every round (its supervisor restarts it)" in said
+    assert "no kill: pdrun-1p1d: one decoder, none to take its requests over" in said
+    # Only the systems that get kills have their supervisor restart dead instances.
+    assert make("pdrun-1p2d", [0, 1, 2], Settings(model="m"), tmp_path, restart_instances=True)._config()["restart"]
+    assert make("pdrun-1p2d", [0, 1, 2], Settings(model="m"), tmp_path)._config()["restart"] is False
+    quiet = b.plan(names, ["noreuse"], [0, 1, 2, 3], 1, "cuda", b.Sizes())
+    assert quiet.kills == quiet.spared == {} and "kill" not in b.describe(quiet, b.Sizes())
+
+
+def test_a_kill_needs_noreuse_or_slo_and_seconds_of_zero_or_more():
+    with pytest.raises(b.BenchError, match="--kill-decoder kills during noreuse and slo: add one to --workloads"):
+        b.plan(["pdrun-1p2d"], ["reuse", "decode"], [0, 1, 2], 1, "cuda", b.Sizes(), kill_decoder_s=20)
+    with pytest.raises(b.BenchError, match="--kill-decoder takes seconds >= 0, not -1"):
+        b.plan(["pdrun-1p2d"], ["slo"], [0, 1, 2], 1, "cuda", b.Sizes(), kill_decoder_s=-1)
+    r = CliRunner().invoke(app, ["bench", "--dry-run", "--systems", "plain,pdrun-0p2d", "--workloads", "slo",
+                                 "--kill-decoder", "12.5"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "kill: pdrun-0p2d's decode-1, 12.5 s into slo of every round" in r.output
+    assert "no kill: plain: not a pdrun deployment" in r.output

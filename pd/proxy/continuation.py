@@ -23,7 +23,7 @@ text the client has not had yet (the start of a character of several) are left f
 to sample again, as its detokenizer gives no text after a prompt that ends inside a character;
 their ids, which the client has, are not sent twice. Those tokens' KV is computed as a prefill
 rather than step by step, so with greedy decoding the rest may part from one vLLM's answer at a
-near tie; without it the answer would end there with an error.
+near tie (where the stream cannot go on, it ends with an error, as it would without this).
 """
 
 from __future__ import annotations
@@ -171,7 +171,9 @@ class Continuation:
 
     def inexact(self) -> str | None:
         """Why this first token cannot be continued exactly, if it cannot."""
-        if not _whole(self.text):
+        if not self.text or "\ufffd" in self.text:
+            # Part of a UTF-8 sequence: vLLM's detokenizer, primed with a prompt that ends inside
+            # one, does not give the text that one vLLM gives.
             return "first token not whole text"
         if self._stop_could_start():
             return "a stop string could start in the first token"
@@ -364,12 +366,6 @@ class Relayed:
             self.text += text
             self.held = 0 if text else self.held + len(ids)
             self.ended = self.ended or c.get("finish_reason") is not None
-
-
-def _whole(text: str) -> bool:
-    """Text that ends a token on a whole character: vLLM's detokenizer, primed with a prompt that
-    ends inside a UTF-8 sequence, does not give the text that one vLLM gives."""
-    return bool(text) and "\ufffd" not in text
 
 
 def _counts(prompt: int, completion: int) -> dict[str, int]:

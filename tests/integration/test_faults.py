@@ -40,6 +40,8 @@ HUNG_S = 240.0  # a request still unanswered after this is hung
 SHARED = [prompt(700, seed=6000 + i) for i in range(4)]  # prefixes of 2+ chunks many requests share
 SAMPLED = range(0, REQUESTS, 5)  # answers compared with plain vLLM's
 FALLBACKS = "pdrun:proxy_decode_only_total"
+MOVED = "pdrun:proxy_decode_retries_total"  # requests moved to another decoder before it answered
+RESUMED = "pdrun:proxy_decode_resumed_total"  # streams gone on on another decoder after their tokens
 STAGING_TTL_S = 30.0  # the fault deployment's: a hand-off no decoder was told of is freed after this
 LOAD_FAILURES = "pdrun:load_failures_total"
 
@@ -220,7 +222,9 @@ def run_with_fault(cluster: Cluster, name: str, seed: int, fault: Callable[[], o
     print(
         f"\n{name}: sent {REQUESTS}, completed {completed}, failed with an error {len(failed)}, hung {hung}, "
         f"wrong {len(wrong)} of {len(SAMPLED)} compared, parted from plain vLLM at near ties "
-        f"{ {i: ties[i] for i in differ if ties[i]} }, decode-only {fallbacks}, hand-offs recomputed "
+        f"{ {i: ties[i] for i in differ if ties[i]} }, decode-only {fallbacks}, moved to another decoder "
+        f"{int(after.get(MOVED, 0) - before.get(MOVED, 0))}, resumed mid-stream "
+        f"{int(after.get(RESUMED, 0) - before.get(RESUMED, 0))}, hand-offs recomputed "
         f"{int(load_failures)}, {took:.0f} s"
     )
     for message in sorted(set(failed)):

@@ -19,16 +19,16 @@ from pdrun.launch import workloads as wl
 from pdrun.launch.kills import DecoderKill
 from pdrun.launch.supervisor import Supervisor, answers_health
 from pdrun.launch.systems import PdrunSystem, Settings, SystemFailure, make
+from tests.unit.http_stub import Streaming, serving
 from tests.unit.test_supervisor import run_in_thread, spec, wait_for
 
 # ---- failed requests counted ----
 
 
-class Flaky(http.server.BaseHTTPRequestHandler):
+class Flaky(Streaming):
     """Answers completions in turn: in full; 500; an error event after a token; a token and then
     the connection closed mid-stream, as a decoder whose process is killed."""
 
-    protocol_version = "HTTP/1.1"
     ways = ("full", "status", "event", "dies")
     served = 0
     lock = threading.Lock()
@@ -44,42 +44,28 @@ class Flaky(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"no")
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_stream()
         self.chunk(self.token(7))
         if way == "dies":
-            self.close_connection = True
+            self.die()
             return
         if way == "event":
             self.chunk(b'data: {"error": {"message": "decoder gone", "code": 502}}\n\n')
         else:
             for _ in range(body["max_tokens"] - 1):
                 self.chunk(self.token(8))
-        self.chunk(b"data: [DONE]\n\n")
-        self.wfile.write(b"0\r\n\r\n")
+        self.end_stream()
 
     def token(self, token_id: int) -> bytes:
         choice = {"index": 0, "text": "x", "token_ids": [token_id], "finish_reason": None}
         return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
 
-    def chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture
 def flaky() -> Iterator[str]:
     Flaky.served = 0
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Flaky) as url:
+        yield url
 
 
 NOREUSE = wl.NoreuseSizes(lengths=(8,), concurrency=(1,), output=4, prompts_per_user=8)
@@ -144,16 +130,12 @@ def deployment(tmp_path: Path, restart: bool) -> Iterator[tuple[PdrunSystem, Sup
     thread, _ = run_in_thread(sup)
     wait_for(lambda: sup.ready)
     handler = type("Health", (ProxyHealth,), {"state_path": run_dir / "state.json"})
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    proxy.daemon_threads = True
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
     system.config = {"run_dir": str(run_dir)}
-    system.url = f"http://127.0.0.1:{proxy.server_address[1]}"
     system.instance_urls = [c.spec.health_url.removesuffix("/health") for c in sup.children]
     try:
-        yield system, sup
+        with serving(handler) as system.url:
+            yield system, sup
     finally:
-        proxy.shutdown()
         sup.stop_requested.set()
         thread.join(timeout=30)
 

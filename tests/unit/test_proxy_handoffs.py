@@ -5,10 +5,8 @@ with decoders alone serves them without counting a fallback."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import logging
-import threading
 import time
 
 import httpx
@@ -23,6 +21,7 @@ from pdrun.pd.proxy.handoffs import release
 from pdrun.pd.proxy.timing import RequestTiming
 from pdrun.pd.proxy.upstream import Upstream
 from pdrun.pd.staging import StagingPool, StagingService
+from tests.unit.http_stub import Streaming, serving
 from tests.unit.test_continuation import completion_answer
 from tests.unit.test_proxy_health import refused_url
 
@@ -42,45 +41,31 @@ def prefiller():
         yield pool, handoff_params(handoff)
 
 
-class Decoder(http.server.BaseHTTPRequestHandler):
-    """Streams two events and the end (chunked, as vLLM does), or (`die`) one event and then
-    closes the connection mid-stream, as a decoder whose process is killed."""
+class Decoder(Streaming):
+    """Streams two events and the end, or (`dies`) one event and then closes the connection
+    mid-stream, as a decoder whose process is killed."""
 
-    protocol_version = "HTTP/1.1"
-    die = False
+    dies = False
     bodies: list[bytes] = []  # what each request sent
 
     def do_POST(self):
         type(self).bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         event = b'data: {"choices": [{"index": 0, "text": "c", "token_ids": [9], "finish_reason": null}]}\n\n'
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_stream()
         self.chunk(event)
-        if type(self).die:
-            self.close_connection = True
+        if type(self).dies:
+            self.die()
             return
-        self.chunk(event + b"data: [DONE]\n\n")
-        self.wfile.write(b"0\r\n\r\n")
-
-    def chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def log_message(self, *args):
-        pass
+        self.chunk(event)
+        self.end_stream()
 
 
 @pytest.fixture
 def decoder():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Decoder)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    Decoder.die = False
+    with serving(Decoder) as url:
+        yield url
+    Decoder.dies = False
     Decoder.bodies = []
-    server.shutdown()
 
 
 def stream_through(proxy: Proxy, params: dict, body: dict | None = None) -> bytes:
@@ -116,49 +101,40 @@ def test_a_hand_off_no_decoder_takes_is_released_at_once(prefiller):
 
 def test_a_hand_off_whose_decoder_dies_mid_stream_is_released(prefiller, decoder):
     pool, params = prefiller
-    Decoder.die = True
+    Decoder.dies = True
     out = stream_through(proxy_to(decoder), params)
     assert b"decoder failed mid-stream" in out
     assert pool.held() == 0
 
 
-class Scripted(Decoder):
+class Scripted(Streaming):
     """The first request it (or any decoder of its kind) gets streams two tokens and dies; later
     ones stream two more and the end."""
+
+    bodies: list[dict] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         first = not Scripted.bodies
         Scripted.bodies.append(body)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_stream()
         tokens = [(9, "c"), (10, "d")] if first else [(11, "e"), (12, "f")]
         for i, (token, text) in enumerate(tokens):
             last = not first and i == len(tokens) - 1
             choice = {"index": 0, "text": text, "token_ids": [token], "finish_reason": "length" if last else None}
             self.chunk(b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n")
         if first:
-            self.close_connection = True
-            return
-        self.chunk(b"data: [DONE]\n\n")
-        self.wfile.write(b"0\r\n\r\n")
+            self.die()
+        else:
+            self.end_stream()
 
 
 def test_a_stream_whose_decoder_dies_goes_on_on_another_after_the_tokens_it_streamed(prefiller):
     pool, params = prefiller
-    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted) for _ in range(2)]
-    for server in servers:
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
     Scripted.bodies = []
-    try:
-        proxy = proxy_to(*(f"http://127.0.0.1:{s.server_address[1]}" for s in servers))
+    with serving(Scripted) as a, serving(Scripted) as b:
+        proxy = proxy_to(a, b)
         out = stream_through(proxy, params, {"prompt": [1, 2, 3], "stream": True, "max_tokens": 5})
-    finally:
-        for server in servers:
-            server.shutdown()
     texts = [c["text"] for e in out.split(b"\n\n") if e.startswith(b"data: {") for c in json.loads(e[6:])["choices"]]
     assert texts == ["ab", "c", "d", "e", "f"] and out.endswith(b"data: [DONE]\n\n") and b"failed" not in out
     handed, resumed = Scripted.bodies
@@ -277,14 +253,6 @@ def test_decoders_alone_each_get_the_conversations_they_answered_before(decoder)
     """Several decoders alone: the proxy reads the prompt too, and a conversation's next turn (its
     history and more) goes to the decoder that answered its last, whose prefix cache holds it;
     prompts that share nothing still spread over the decoders."""
-    second = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Decoder)
-    second.daemon_threads = True
-    threading.Thread(target=second.serve_forever, daemon=True).start()
-    urls = [decoder, f"http://127.0.0.1:{second.server_address[1]}"]
-    app = create_app(ProxySettings(decode=urls))
-    proxy = app.state.proxy
-    for b in proxy.router.decoders:
-        b.mark_up(["m"])
 
     def turns(seed: int) -> list[bytes]:
         history, out = list(range(seed, seed + 600)), []
@@ -293,7 +261,11 @@ def test_decoders_alone_each_get_the_conversations_they_answered_before(decoder)
             out.append(json.dumps({"model": "m", "prompt": history, "stream": turn == 1}).encode())
         return out
 
-    async def run() -> list[str]:
+    async def run(urls: list[str]) -> list[str]:
+        app = create_app(ProxySettings(decode=urls))
+        proxy = app.state.proxy
+        for b in proxy.router.decoders:
+            b.mark_up(["m"])
         proxy.client = Upstream(connect_timeout_s=5, read_timeout_s=5)
         served = []
         try:
@@ -305,9 +277,10 @@ def test_decoders_alone_each_get_the_conversations_they_answered_before(decoder)
             return served
         finally:
             await proxy.client.close()
-            second.shutdown()
 
-    served = asyncio.run(run())
+    with serving(Decoder) as second:
+        urls = [decoder, second]
+        served = asyncio.run(run(urls))
     conversations = [served[i : i + 3] for i in range(0, 12, 3)]
     assert all(len(set(c)) == 1 for c in conversations), conversations  # taking turns, they would alternate
     assert {c[0] for c in conversations} == set(urls)

@@ -127,6 +127,7 @@ def text_prompt(n_words: int, seed: int) -> str:
 
 
 LOADED = "pdrun:loaded_tokens_total"
+TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # chunks the tier stored, on the cache server's /metrics
 LOAD_FAILURES = "pdrun:load_failures_total"
 LOCAL_COMPUTE = "vllm:prompt_tokens_by_source_total[source=local_compute]"
 EXTERNAL = "vllm:prompt_tokens_by_source_total[source=external_kv_transfer]"

@@ -29,6 +29,7 @@ from tests.integration.client import (
     LOAD_FAILURES,
     LOADED,
     LOCAL_COMPUTE,
+    TIER_PUTS,
     complete,
     continue_after,
     metrics,
@@ -47,7 +48,6 @@ CACHE_LOADED = "pdrun:cache_loaded_tokens_total"
 DISK_LOADED = "pdrun:cache_disk_loaded_tokens_total"  # of those, read from the tier's disk
 IN_STEP = "pdrun:cache_in_step_tokens_total"  # of those, copied in inside the step that computes the request
 PREFETCHED = "pdrun:cache_prefetched_tokens_total"  # of those, from copies made on the proxy's hint
-TIER_PUTS = "pdrun:cache_puts_total[tier=memory]"  # on the cache server's /metrics
 LOCAL_READS = "pdrun:cache_local_requests_total[op=read]"  # chunks read in place, through shared memory
 LOCAL_RESERVES = "pdrun:cache_local_requests_total[op=reserve]"
 LOCAL_WHERES = "pdrun:cache_local_requests_total[op=where]"  # lookups

@@ -23,6 +23,7 @@ from tests.integration.client import (
     LOAD_FAILURES,
     LOADED,
     LOCAL_COMPUTE,
+    TIER_PUTS,
     complete,
     computed_with,
     continue_after,
@@ -102,9 +103,20 @@ def test_a_different_prompt_loads_only_the_common_prefix(cluster):
     }
 
 
+def stored_prefill(cluster, tokens):
+    """The prefiller's first token and hand-off, once the tier holds the prompt's full chunks (so
+    that the decoder finds them there whatever it does, not as a race with the write-behind)."""
+    tier = cluster.deployment.cache_metrics_url
+    before = metrics(tier)
+    first = prefill(cluster.prefiller.url, tokens)
+    chunks = len(tokens) // 256
+    assert wait_for_deltas(tier, before, {TIER_PUTS: chunks}) == {TIER_PUTS: chunks}
+    return first
+
+
 def test_malformed_hand_off_params_mean_a_local_prefill(cluster):
     tokens = prompt(300, seed=6)
-    first = prefill(cluster.prefiller.url, tokens)
+    first = stored_prefill(cluster, tokens)
     first.params["pdrun"]["keys"] = ["not-hex"]
     assert decode(cluster, tokens, first) == computed_with(cluster.plain.url, tokens, first)
     assert "malformed pdrun hand-off" in cluster.decoder.log_path.read_text()
@@ -305,7 +317,7 @@ def test_failed_hand_offs_leave_no_thread_or_connection_behind(cluster):
     failures = 6
     for i in range(failures):
         tokens = prompt(400, seed=111 + i)
-        first = prefill(cluster.prefiller.url, tokens)
+        first = stored_prefill(cluster, tokens)
         real = first.params["pdrun"]["endpoints"][0]
         how = ("flip-a-byte", "wrong-layout")[i % 2]
         fake = transfer.listen("tcp://127.0.0.1:0", Corrupting(real, how, cluster.deployment.auth_token))

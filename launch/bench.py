@@ -174,11 +174,13 @@ def decoder_kills(names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     kills: dict[str, str] = {}
     spared: dict[str, str] = {}
     for name in names:
-        n = sysmod.decoders(name)
-        if n >= 2:
-            kills[name] = f"decode-{n - 1}"
+        shape = sysmod.pd_shape(name)
+        if shape is None:
+            spared[name] = "not a pdrun deployment"
+        elif shape[1] < 2:
+            spared[name] = "one decoder, none to take its requests over"
         else:
-            spared[name] = "one decoder, none to take its requests over" if n == 1 else "not a pdrun deployment"
+            kills[name] = sysmod.last_decoder(shape[1])
     return kills, spared
 
 

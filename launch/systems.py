@@ -147,13 +147,19 @@ def gpus_needed(name: str, largest_pd: int = 2) -> int:
     return int(m.group(1)) + int(m.group(2))
 
 
-def decoders(name: str) -> int:
-    """Decoders of a pdrun deployment (pdrun-tier has one); 0 for the other systems."""
+def pd_shape(name: str) -> tuple[int, int] | None:
+    """(prefillers, decoders) of a pdrun deployment (pdrun-tier: one decoder alone); None for the
+    other systems."""
     kind, _ = split(name)
     if kind == "pdrun-tier":
-        return 1
+        return 0, 1
     m = PD_SHAPE.match(kind)
-    return int(m.group(2)) if m else 0
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def last_decoder(decoders: int) -> str:
+    """What `pdrun launch` names the last of a deployment's `decoders` (decode-1 of two)."""
+    return f"decode-{decoders - 1}"
 
 
 def persists(name: str) -> bool:
@@ -350,9 +356,8 @@ class PdrunSystem(System):
         self.cache_dir = cache_dir
         self.restart_instances = restart_instances
         self.proc: subprocess.Popen[bytes] | None = None
-        kind, self.connector = split(name)
-        m = PD_SHAPE.match(kind)
-        self.prefill, self.decode = (int(m.group(1)), int(m.group(2))) if m else (0, 1)
+        _, self.connector = split(name)
+        self.prefill, self.decode = pd_shape(name) or (0, 1)
         self.tier = persists(name)
         self.config: dict[str, object] = {}
 
@@ -437,7 +442,7 @@ class PdrunSystem(System):
     @property
     def last_decoder(self) -> str:
         """The name the supervisor gives its last decoder (decode-1 of two)."""
-        return f"decode-{self.decode - 1}"
+        return last_decoder(self.decode)
 
     def stop(self) -> None:
         if self.proc is not None:

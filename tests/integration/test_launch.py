@@ -20,6 +20,7 @@ import pytest
 
 from pdrun import transfer
 from tests.integration.client import LOADED, metrics, prefill, prompt, text_prompt
+from tests.integration.conftest import Instance
 
 pytestmark = pytest.mark.integration
 
@@ -260,35 +261,45 @@ def test_streams_whose_decoder_is_killed_go_on_on_the_other_and_answer_as_plain_
 
 
 def test_a_decoder_killed_under_load_costs_no_request_and_rejoins(cluster):
+    """A long answer is under way on one decoder while short requests keep both busy; that
+    decoder is killed: the long answer and the short ones in flight on it are moved to the other
+    decoder, and every client gets plain vLLM's answer."""
     proxy, plain = clients(cluster)
-    victim = cluster.decoders[1]
     prompts = [text_prompt(100 + 20 * i, seed=3000 + i) for i in range(40)]
     wants = [completion(plain, p, stream=False) for p in prompts]
-    starts = victim.starts
+    held = text_prompt(90, seed=3998)  # decodes LONG tokens: in flight whenever the kill comes
+    kw = dict(model="tiny", prompt=held, max_tokens=LONG, temperature=0, extra_body={"ignore_eos": True})
+    held_want = plain.completions.create(**kw).choices[0].text
     before_proxy = metrics(cluster.proxy_url)
-    out_of_rotation = threading.Event()
 
-    def kill_while_it_serves() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not in_flight(cluster, victim.url):
+    def on_a_decoder(least: int, deadline: float) -> Instance | None:
+        while time.monotonic() < deadline:
+            busy = [d for d in cluster.decoders if in_flight(cluster, d.url) >= least]
+            if busy:
+                return busy[0]
             time.sleep(0.05)
-        os.kill(victim.pid, signal.SIGKILL)  # the API server only, as `kill -9 <pid>` would
-        while time.monotonic() < deadline and not out_of_rotation.is_set():
-            if victim.url not in cluster.deployment.in_rotation():
-                out_of_rotation.set()
-            time.sleep(0.05)
+        return None
 
-    killer = threading.Thread(target=kill_while_it_serves)
-    killer.start()
     t0 = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda p: completion(proxy, p, stream=False), prompts))
-    killer.join()
+    with ThreadPoolExecutor(5) as pool:
+        held_got = pool.submit(lambda: proxy.completions.create(**kw).choices[0].text)
+        victim = on_a_decoder(1, time.monotonic() + 120)  # the held request, past its prefill
+        assert victim is not None
+        starts = victim.starts
+        got = pool.map(lambda p: completion(proxy, p, stream=False), prompts)
+        on_a_decoder(2, time.monotonic() + 10)  # a short request beside it, most likely on the victim
+        assert not held_got.done()
+        os.kill(victim.pid, signal.SIGKILL)  # the API server only, as `kill -9 <pid>` would
+        deadline = time.monotonic() + 120
+        while victim.url in cluster.deployment.in_rotation() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert victim.url not in cluster.deployment.in_rotation()  # taken out when it failed
+        got = list(got)
+        assert held_got.result(timeout=300) == held_want
     assert got == wants  # none lost, none failed: requests on the dead decoder moved to the other
     assert time.monotonic() - t0 < 300
     moved = metrics(cluster.proxy_url)[RETRIES] - before_proxy.get(RETRIES, 0)
-    assert moved >= 1  # it died with requests in flight, and they were retried on the other
-    assert out_of_rotation.is_set()  # taken out when it failed
+    assert moved >= 1  # the held request at least was retried on the other decoder
 
     # While it is down, new requests go to the other decoder.
     extra = text_prompt(80, seed=3999)
@@ -296,7 +307,7 @@ def test_a_decoder_killed_under_load_costs_no_request_and_rejoins(cluster):
 
     # The supervisor restarts it, the proxy takes it back, and it serves again.
     cluster.wait_restarted(victim, starts)
-    assert "decode-1 exited with code -9; restarting in" in cluster.deployment.output()
+    assert f"{victim.name} exited with code -9; restarting in" in cluster.deployment.output()
     before = metrics(victim.url)
     for i in range(4):  # equally idle decoders take turns
         p = text_prompt(60, seed=4000 + i)

@@ -280,9 +280,11 @@ def run(
     out: Path,
     say: Callable[[str], None] = print,
     start_timeout_s: float = 900.0,
+    measured: Callable[[Results, dict[str, str]], None] = lambda results, failed: None,
 ) -> tuple[Results, dict[str, str]]:
     """Every wave: start its systems, the rounds, stop them. Returns the figures, and the systems
-    that failed with why (a failed system is reported, the others go on)."""
+    that failed with why (a failed system is reported, the others go on). `measured` is given the
+    figures and failures so far after each measurement and failure (to keep them if the run stops)."""
     results: Results = {}
     failed: dict[str, str] = {}
     for i, wave in enumerate(p.waves, 1):
@@ -301,6 +303,7 @@ def run(
                     s.wait_ready(start_timeout_s)
                 except sysmod.SystemFailure as e:
                     failed[s.name] = f"did not start: {e}"
+                    measured(results, failed)
                     s.stop()
                     started.remove(s)
             say(f"wave {i}: {', '.join(s.name for s in started)} ready after {time.monotonic() - t0:.0f}s")
@@ -317,11 +320,13 @@ def run(
                             figures, long = _measured(workload, s, settings, sized[s.name], seed(r, workload), kill)
                         except (wl.WorkloadError, sysmod.SystemFailure, httpx.HTTPError, OSError, TimeoutError) as e:
                             failed[s.name] = f"{workload}, round {r + 1}: {type(e).__name__}: {e}"
+                            measured(results, failed)
                             say(f"  {s.name}: failed: {failed[s.name]}")
                             continue
                         if long is not None:
                             longs[s.name] = long
                         _add(results, s.name, workload, figures)
+                        measured(results, failed)
                         say(f"  round {r + 1} {workload} {s.name}: {time.monotonic() - t1:.0f}s {_brief(figures)}")
             restarts = sizes.reuse.restarts if "reuse" in p.workloads else 0
             for _ in range(restarts):
@@ -338,9 +343,11 @@ def run(
                         figures |= {f"restart_{k}": v for k, v in moved(before, s.counters()).items()}
                     except (sysmod.SystemFailure, wl.WorkloadError, httpx.HTTPError, OSError) as e:
                         failed[s.name] = f"reuse after a full restart: {type(e).__name__}: {e}"
+                        measured(results, failed)
                         say(f"  {s.name}: failed: {failed[s.name]}")
                         continue
                     _add(results, s.name, "reuse", figures)
+                    measured(results, failed)
                     say(f"  {s.name} after a full restart: {_brief(figures)}")
         finally:
             for s in started:
@@ -451,6 +458,8 @@ def markdown(summary: dict[str, Any], failed: dict[str, str], skipped: dict[str,
     systems = list(summary)
     lines = [f"# pdrun bench: {meta['machine']}", "", f"`{meta['command']}`", ""]
     lines.append(f"{meta['date']}; {meta['versions']}; {meta['rounds']} rounds, medians [min - max], x plain")
+    if not meta.get("done", True):
+        lines.append("\n**Partial**: written while the bench ran; it holds the rounds measured so far.")
     workloads = [w for w in wl.WORKLOADS if any(w in summary[s] for s in systems)]
     for w in workloads:
         counted = set(sysmod.COUNTERS.values())  # counts of what went wrong: in the tables only
@@ -556,9 +565,16 @@ def gpu_summary(gpus: list[str]) -> str:
 
 
 def write(
-    out: Path, p: Plan, settings: sysmod.Settings, sizes: Sizes, results: Results, failed: dict[str, str]
+    out: Path,
+    p: Plan,
+    settings: sysmod.Settings,
+    sizes: Sizes,
+    results: Results,
+    failed: dict[str, str],
+    done: bool = True,
 ) -> dict[str, Any]:
-    """results.json, results.md and results.png in `out`; returns the JSON written."""
+    """results.json, results.md and results.png in `out`; returns the JSON written. `done`: False
+    while the bench still runs (the files then hold the rounds so far, and say so)."""
     info = machine(p.device)
     gpus = gpu_summary(info.get("gpus") or []) or f"{info['cpus']} CPUs"
     meta = {
@@ -567,6 +583,7 @@ def write(
         "machine": gpus,
         "versions": f"vLLM {info.get('vllm')}, torch {info.get('torch')}, Python {info['python']}",
         "rounds": p.rounds,
+        "done": done,
     }  # fmt: skip
     summary = summarize(results)
     doc = {
@@ -589,7 +606,9 @@ def write(
         "summary": summary,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+    partial = out / "results.json.partial"  # replaced whole: a reader never sees half a file
+    partial.write_text(json.dumps(doc, indent=1, default=str))
+    partial.replace(out / "results.json")
     (out / "results.md").write_text(markdown(summary, failed, p.skipped, meta))
     plot(summary, out / "results.png")
     return doc

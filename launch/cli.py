@@ -379,9 +379,12 @@ def bench(
             "route saves on fewer GPUs than a deployment has instances, not what more GPUs compute.",
         ),
     ] = False,
-    out: Annotated[Path, typer.Option(help="Where results.json, results.md, results.png and the logs go.")] = Path(
-        "bench-results"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Where results.json, results.md, results.png (rewritten after every measurement) and the logs go."
+        ),
+    ] = Path("bench-results"),
     gpu_blocks: Annotated[
         int | None, typer.Option(help="vLLM's --num-gpu-blocks-override for every instance (a small GPU cache).")
     ] = None,
@@ -546,7 +549,11 @@ def bench(
         enforce_eager=enforce_eager,
         vllm_args=list(ctx.args),
     )
-    results, failed = b.run(p, settings, sizes, out, say=typer.echo)
+
+    def so_far(r: b.Results, f: dict[str, str]) -> None:  # kept if the run stops before its end
+        b.write(out, p, settings, sizes, r, f, done=False)
+
+    results, failed = b.run(p, settings, sizes, out, say=typer.echo, measured=so_far)
     b.write(out, p, settings, sizes, results, failed)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")

@@ -5,6 +5,7 @@ measure happened), not for speed."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -22,14 +23,33 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
             "--lengths", "256,1024", "--concurrency", "2,4", "--decode-length", "300", "--decode-concurrency", "2",
             "--gpu-blocks", "40", "--max-model-len", "4096", "--cache-cpu-gb", "0.5",
             "--out", str(out)]  # fmt: skip
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "wave 1: plain, pdrun-tier" in r.stdout and "about" in r.stdout.splitlines()[1]
+    err_path = tmp_path / "bench.stderr"
+    with err_path.open("w") as err:
+        bench = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        # What is measured is kept as it comes: after the first round's first two measurements,
+        # with minutes of the run to go, results.json holds them and says the run is not done.
+        lines: list[str] = []
+        while not (lines and lines[-1].startswith("  round 1 reuse pdrun-tier")):
+            line = bench.stdout.readline()
+            assert line, "".join(lines)[-3000:] + err_path.read_text()[-3000:]
+            lines.append(line)
+        so_far = json.loads((out / "results.json").read_text())
+        assert so_far["meta"]["done"] is False and "**Partial**" in (out / "results.md").read_text()
+        assert [so_far["summary"][s]["reuse"]["ttft_cold_s"]["n"] for s in ("plain", "pdrun-tier")] == [1, 1]
+        rest, _ = bench.communicate(timeout=1500)
+    finally:
+        if bench.poll() is None:  # Ctrl-C: the bench stops the systems it started
+            bench.send_signal(signal.SIGINT)
+            bench.wait(120)
+    stdout = "".join(lines) + rest
+    assert bench.returncode == 0, stdout[-3000:] + err_path.read_text()[-3000:]
+    assert "wave 1: plain, pdrun-tier" in stdout and "about" in stdout.splitlines()[1]
     # A KV cache of 40 blocks of 128 tokens: six other 1024-token prompts evict the reused one.
-    assert "reuse sends 6 other prompts to evict" in r.stdout
+    assert "reuse sends 6 other prompts to evict" in stdout
 
     doc = json.loads((out / "results.json").read_text())
-    assert doc["failed"] == {} and doc["plan"]["rounds"] == 2
+    assert doc["failed"] == {} and doc["plan"]["rounds"] == 2 and doc["meta"]["done"] is True
     assert doc["meta"]["command"].startswith("pdrun bench") or "bench" in doc["meta"]["command"]
     assert doc["host"]["vllm"] and doc["meta"]["versions"].startswith("vLLM")
     s = doc["summary"]

@@ -12,6 +12,7 @@ into the JSON.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -535,6 +536,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
+@functools.cache  # asked after every measurement; nvidia-smi and the imports once
 def machine(device: str) -> dict[str, Any]:
     """What ran the bench: host, GPUs, versions."""
     info: dict[str, Any] = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),

@@ -157,6 +157,7 @@ def first_difference(got: dict[str, Any], want: dict[str, Any]) -> str:
 CONTINUED = "pdrun:proxy_continued_total"
 HANDOFFS = "pdrun:proxy_handoffs_total"
 SHORTCUTS = f"pdrun:proxy_decode_only_total[reason={IN_TIER}]"
+PREFILL_ONLY = "pdrun:proxy_prefill_only_total"
 TAIL = ProxySettings.model_fields["tier_shortcut_tokens"].default
 DECODER_FIRST = "pdrun:proxy_decoder_first_tokens_total"
 
@@ -178,15 +179,19 @@ def test_every_request_kind_equals_plain_vllm_one_at_a_time(cluster):
     assert not differ, f"{len(differ)} of {len(todo)} differ from plain vLLM:\n" + "\n".join(differ)
 
     # Every request was handed off, or (a prompt sent before, a chat's shared system prompt) went to
-    # a decoder that took it from the cache tier but a short tail. Hand-offs the decoders continued
-    # after the prefiller's token, computing only its position: no prompt token (one that samples
-    # the first token itself computes two).
+    # a decoder that took it from the cache tier but a short tail, or ended with the prefiller's
+    # first token (a stop: the prefiller's answer is the whole answer). Hand-offs the decoders
+    # continued after the prefiller's token, computing only its position: no prompt token (one that
+    # samples the first token itself computes two).
     proxy = metrics(cluster.proxy_url)
+    paths = {k: v - before_proxy.get(k, 0) for k, v in proxy.items() if k.startswith("pdrun:proxy_") and "_total" in k}
     handoffs = proxy[HANDOFFS] - before_proxy[HANDOFFS]
     shortcuts = proxy.get(SHORTCUTS, 0) - before_proxy.get(SHORTCUTS, 0)
+    whole = proxy.get(PREFILL_ONLY, 0) - before_proxy.get(PREFILL_ONLY, 0)
     continued = proxy[CONTINUED] - before_proxy.get(CONTINUED, 0)
     sampled = decoder_first_tokens(proxy) - decoder_first_tokens(before_proxy)
-    assert handoffs + shortcuts == len(todo) and continued + sampled == handoffs and continued >= 0.9 * handoffs
+    assert handoffs + shortcuts + whole == len(todo), {k: v for k, v in paths.items() if v}
+    assert continued + sampled == handoffs and continued >= 0.9 * handoffs
     assert shortcuts > 0  # each prompt is sent twice: the shortcut's answers are among those compared
     after = summed_metrics(decoders)
     computed = after[LOCAL_COMPUTE] - before.get(LOCAL_COMPUTE, 0)

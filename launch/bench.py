@@ -316,14 +316,19 @@ def run(
                         if s.name in failed:
                             continue
                         t1 = time.monotonic()
+                        sent: list[wl.Outcome] = []
                         try:
                             kill = _kill(p, workload, s, start_timeout_s, say)
-                            figures, long = _measured(workload, s, settings, sized[s.name], seed(r, workload), kill)
+                            figures, long = _measured(
+                                workload, s, settings, sized[s.name], seed(r, workload), kill, sent
+                            )
                         except (wl.WorkloadError, sysmod.SystemFailure, httpx.HTTPError, OSError, TimeoutError) as e:
                             failed[s.name] = f"{workload}, round {r + 1}: {type(e).__name__}: {e}"
                             measured(results, failed)
                             say(f"  {s.name}: failed: {failed[s.name]}")
                             continue
+                        finally:
+                            write_requests(out / "requests" / s.name / f"{workload}-round{r + 1}.jsonl", sent)
                         if long is not None:
                             longs[s.name] = long
                         _add(results, s.name, workload, figures)
@@ -386,26 +391,33 @@ def _kill(
 
 
 def _measured(
-    workload: str, s: sysmod.System, settings: sysmod.Settings, sizes: Sizes, seed: int, kill: DecoderKill | None
+    workload: str,
+    s: sysmod.System,
+    settings: sysmod.Settings,
+    sizes: Sizes,
+    seed: int,
+    kill: DecoderKill | None,
+    sent: list[wl.Outcome],
 ) -> tuple[dict[str, float], list[int] | None]:
-    """The workload's figures and what it moved the system's counters by; with `kill`, a decoder
-    killed during it, failed requests counted, and the decoder's return."""
+    """The workload's figures and what it moved the system's counters by, its requests' outcomes
+    kept in `sent`; with `kill`, a decoder killed during it, failed requests counted, and the
+    decoder's return."""
     if kill is None:
         before = s.counters()
-        figures, long = _one(workload, s, settings, sizes, seed)
+        figures, long = _one(workload, s, wl.Target(s.url, settings.served_name, requests=sent), sizes, seed)
         return figures | moved(before, s.counters()), long
     before, before_survivors = s.counters(), s.counters(kill.survivors)
+    target = wl.Target(s.url, settings.served_name, count_failures=True, requests=sent)
     with kill:
-        figures, long = _one(workload, s, settings, sizes, seed, count_failures=True)
+        figures, long = _one(workload, s, target, sizes, seed)
     figures |= kill.figures()
     # A killed decoder's counters start again from 0: what it counted before its death is lost.
     return figures | moved(before_survivors if kill.killed else before, s.counters()), long
 
 
 def _one(
-    workload: str, s: sysmod.System, settings: sysmod.Settings, sizes: Sizes, seed: int, count_failures: bool = False
+    workload: str, s: sysmod.System, target: wl.Target, sizes: Sizes, seed: int
 ) -> tuple[dict[str, float], list[int] | None]:
-    target = wl.Target(s.url, settings.served_name, count_failures=count_failures)
     if workload == "reuse":
         return asyncio.run(wl.reuse(target, sizes.reuse, seed, s.serving_urls))
     if workload == "multiturn":
@@ -415,6 +427,17 @@ def _one(
     if workload == "decode":
         return asyncio.run(wl.decode(target, sizes.decode, seed, s.instance_urls)), None
     return asyncio.run(wl.slo(target, sizes.slo, len(s.gpus), seed)), None
+
+
+def write_requests(path: Path, sent: list[wl.Outcome]) -> None:
+    """Each request a workload sent, one JSON line each in the order they were sent, times from
+    the first: where a figure's median hides which requests were slow."""
+    if not sent:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = min(o.sent for o in sent)
+    lines = (json.dumps(o.record(start)) for o in sorted(sent, key=lambda o: o.sent))
+    path.write_text("".join(f"{line}\n" for line in lines))
 
 
 def _add(results: Results, system: str, workload: str, figures: dict[str, float]) -> None:

@@ -73,9 +73,18 @@ PROXY_COUNTERS = {
     "pdrun:proxy_decode_retries_total": "requests_moved",  # to another decoder before any answer
     "pdrun:proxy_decode_resumed_total": "streams_resumed",  # ... mid-stream, going on after its tokens
 }
-# Every system's engine: requests vLLM preempted for want of KV room (each recomputes, or reloads,
-# what it had computed).
-ENGINE_COUNTERS = {"vllm:num_preemptions_total": "preemptions"}
+# Every system's engine, as vLLM counts them: requests preempted for want of KV room (each
+# recomputes, or reloads, what it had computed); prompt tokens computed, found in the GPU's prefix
+# cache, and loaded by a connector or offload; seconds requests waited to be scheduled (a load
+# beside the steps included) and from then to their first token, summed over requests.
+ENGINE_COUNTERS = {
+    "vllm:num_preemptions_total": "preemptions",
+    'vllm:prompt_tokens_by_source_total{source="local_compute"}': "prompt_tokens_computed",
+    'vllm:prompt_tokens_by_source_total{source="local_cache_hit"}': "prompt_tokens_gpu_cached",
+    'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}': "prompt_tokens_loaded",
+    "vllm:request_queue_time_seconds_sum": "queued_s_sum",
+    "vllm:request_prefill_time_seconds_sum": "prefill_s_sum",
+}
 
 
 class SystemFailure(Exception):
@@ -515,12 +524,19 @@ def metrics_text(url: str) -> str | None:
 
 
 def summed(text: str, names: Iterable[str]) -> dict[str, float]:
-    """Each of the samples `names` on a /metrics page, summed over its labels (0 where absent)."""
+    """Each of the samples `names` on a /metrics page, summed over its labels (0 where absent); a
+    name may pick one label's value, as `name{label="value"}`."""
     out = dict.fromkeys(names, 0.0)
+    wanted: dict[str, list[tuple[str, tuple[str, str] | None]]] = {}
+    for name in out:
+        sample, _, picked = name.partition("{")
+        label, _, value = picked.rstrip("}").partition("=")
+        wanted.setdefault(sample, []).append((name, (label, value.strip('"')) if picked else None))
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in out:
-                out[sample.name] += sample.value
+            for name, pick in wanted.get(sample.name, ()):
+                if pick is None or sample.labels.get(pick[0]) == pick[1]:
+                    out[name] += sample.value
     return out
 
 

@@ -38,6 +38,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import httpx
 
@@ -62,6 +63,16 @@ class Outcome:
     latency: float
     error: str | None = None
     second: float | None = None  # to the event that carried the second output token
+    sent: float = 0.0  # time.perf_counter() when it was sent
+    label: str = ""  # which request of its workload it is (a conversation's turn, a reuse phase)
+
+    def record(self, since: float) -> dict[str, Any]:
+        """What `pdrun bench` keeps of it in requests/ (times in seconds, TPOT in ms, from `since`)."""
+        out: dict[str, Any] = {"label": self.label} if self.label else {}
+        out |= {"sent_s": round(self.sent - since, 6), "prompt_tokens": self.prompt_tokens,
+                "output_tokens": len(self.output_ids), "ttft_s": self.ttft, "tpot_ms": _ms(self.tpot),
+                "latency_s": round(self.latency, 6)}  # fmt: skip
+        return out | ({"error": self.error} if self.error else {})
 
     @property
     def second_token_wait(self) -> float | None:
@@ -86,18 +97,22 @@ class Target:
     # A request the system fails comes back as an outcome with its error, to be counted
     # (failed_requests), rather than ending the workload: while a decoder is killed under it.
     count_failures: bool = False
+    requests: list[Outcome] | None = None  # where every request's outcome is kept, if anywhere
 
 
 def prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.choice(TOKEN_IDS) for _ in range(n)]
 
 
-async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_tokens: int) -> Outcome:
-    """One streamed completion; its outcome. A request the system fails (an error status, an error
-    event mid-stream, a broken connection) raises WorkloadError or httpx's error; with the target's
-    `count_failures`, it is an outcome with its error, and what it streamed before."""
-    o = Outcome(len(ids), [], None, 0.0)
+async def send(client: httpx.AsyncClient, target: Target, ids: list[int], max_tokens: int, label: str = "") -> Outcome:
+    """One streamed completion; its outcome (kept in the target's `requests`). A request the system
+    fails (an error status, an error event mid-stream, a broken connection) raises WorkloadError or
+    httpx's error; with the target's `count_failures`, it is an outcome with its error, and what it
+    streamed before."""
     t0 = time.perf_counter()
+    o = Outcome(len(ids), [], None, 0.0, sent=t0, label=label)
+    if target.requests is not None:
+        target.requests.append(o)
     try:
         await _stream(client, target, ids, max_tokens, o, t0)
     except (WorkloadError, httpx.TransportError) as e:
@@ -171,21 +186,21 @@ async def reuse(
     before: float | None = None
     async with httpx.AsyncClient() as client:
         for name in ("cold", "warm"):
-            figures[f"ttft_{name}_s"] = _ttft(await send(client, target, long, sizes.output))
+            figures[f"ttft_{name}_s"] = _ttft(await send(client, target, long, sizes.output, name))
         if other:
-            await send(client, replace(target, url=serving[0]), other, 1)
+            await send(client, replace(target, url=serving[0]), other, 1, "other, first instance")
         if sizes.hot:
-            hot = [_ttft(await send(client, target, long, sizes.output)) for _ in range(sizes.hot)]
+            hot = [_ttft(await send(client, target, long, sizes.output, "hot")) for _ in range(sizes.hot)]
             figures["ttft_hot_s"] = statistics.median(hot)
         if other:
             before = await _loaded(client, serving[1])
-            there = await send(client, replace(target, url=serving[1]), other, sizes.output)
+            there = await send(client, replace(target, url=serving[1]), other, sizes.output, "other, second instance")
             figures["ttft_other_instance_s"] = _ttft(there)
         for _ in range(sizes.evictors):
-            await send(client, target, prompt(rng, sizes.tokens), 1)
+            await send(client, target, prompt(rng, sizes.tokens), 1, "evictor")
         if before is not None and (after := await _loaded(client, serving[1])) is not None:
             figures["other_instance_loaded_tokens"] = after - before
-        figures["ttft_evicted_s"] = _ttft(await send(client, target, long, sizes.output))
+        figures["ttft_evicted_s"] = _ttft(await send(client, target, long, sizes.output, "evicted"))
     return figures, long
 
 
@@ -201,7 +216,7 @@ async def _loaded(client: httpx.AsyncClient, instance: str) -> float | None:
 
 async def after_restart(target: Target, long: list[int], sizes: ReuseSizes) -> dict[str, float]:
     async with httpx.AsyncClient() as client:
-        return {"ttft_restart_s": _ttft(await send(client, target, long, sizes.output))}
+        return {"ttft_restart_s": _ttft(await send(client, target, long, sizes.output, "after a full restart"))}
 
 
 def _ttft(o: Outcome) -> float:
@@ -234,22 +249,22 @@ async def multiturn(target: Target, sizes: MultiturnSizes, seed: int) -> dict[st
         plans.append([(prompt(rng, rng.randint(*sizes.user)), rng.randint(*sizes.output)) for _ in range(turns)])
     reading = random.Random(seed + 1)  # apart: the prompts are the same whatever the think time
     thinks = [[reading.uniform(*sizes.think) for _ in p] for p in plans]
-    queue: asyncio.Queue[tuple[list[tuple[list[int], int]], list[float]]] = asyncio.Queue()
-    for p, t in zip(plans, thinks, strict=True):
-        queue.put_nowait((p, t))
+    queue: asyncio.Queue[tuple[int, list[tuple[list[int], int]], list[float]]] = asyncio.Queue()
+    for c, (p, t) in enumerate(zip(plans, thinks, strict=True)):
+        queue.put_nowait((c, p, t))
     outcomes: list[tuple[int, Outcome]] = []  # (turn, outcome)
 
     async def user(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             history = list(system)
-            plan, think = queue.get_nowait()
+            conversation, plan, think = queue.get_nowait()
             for turn, (message, answer) in enumerate(plan):
                 ids = history + message
                 if len(ids) + answer > sizes.max_history:
                     break
                 if turn and think[turn]:
                     await asyncio.sleep(think[turn])
-                o = await send(client, target, ids, answer)
+                o = await send(client, target, ids, answer, f"conversation {conversation} turn {turn + 1}")
                 outcomes.append((turn, o))
                 history = ids + o.output_ids
 
@@ -293,7 +308,8 @@ async def noreuse(target: Target, sizes: NoreuseSizes, seed: int) -> dict[str, f
         for n in sizes.lengths:
             for c in sizes.concurrency:
                 prompts = [prompt(rng, n) for _ in range(c * sizes.prompts_per_user)]
-                outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c)
+                label = f"{n} tokens, {c} at once"
+                outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c, label)
                 answered = _answered(outcomes)
                 failed += len(outcomes) - len(answered)
                 tag = f"{n}_c{c}"
@@ -308,14 +324,14 @@ async def noreuse(target: Target, sizes: NoreuseSizes, seed: int) -> dict[str, f
 
 
 async def _closed_loop(
-    client: httpx.AsyncClient, target: Target, prompts: list[list[int]], output: int, concurrency: int
+    client: httpx.AsyncClient, target: Target, prompts: list[list[int]], output: int, concurrency: int, label: str
 ) -> tuple[list[Outcome], float]:
     """Every prompt sent, `concurrency` at a time; the outcomes and the time it took."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(ids: list[int]) -> Outcome:
         async with gate:
-            return await send(client, target, ids, output)
+            return await send(client, target, ids, output, label)
 
     t0 = time.perf_counter()
     outcomes = await asyncio.gather(*(one(p) for p in prompts))
@@ -348,13 +364,16 @@ async def slo(target: Target, sizes: SloSizes, gpus: int, seed: int) -> dict[str
             jobs = [(prompt(rng, rng.randint(*sizes.prompt)), rng.randint(*sizes.output)) for _ in range(n)]
             gaps = [rng.expovariate(total_rate) for _ in range(n)]
 
-            async def arrive(delay: float, ids: list[int], out: int) -> Outcome:
+            async def arrive(delay: float, ids: list[int], out: int, label: str) -> Outcome:
                 await asyncio.sleep(delay)
-                return await send(client, target, ids, out)
+                return await send(client, target, ids, out, label)
 
             t0 = time.perf_counter()
             at = [sum(gaps[: i + 1]) for i in range(n)]
-            outcomes = await asyncio.gather(*(arrive(a, ids, out) for a, (ids, out) in zip(at, jobs, strict=True)))
+            label = f"{rate:g} per s per GPU"
+            outcomes = await asyncio.gather(
+                *(arrive(a, ids, out, label) for a, (ids, out) in zip(at, jobs, strict=True))
+            )
             elapsed = time.perf_counter() - t0
             answered = _answered(outcomes)  # a failed request is never good
             failed += len(outcomes) - len(answered)
@@ -393,9 +412,9 @@ async def decode(target: Target, sizes: DecodeSizes, seed: int, instances: Seque
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max(sizes.concurrency))) as client:
         for c in sizes.concurrency:
             prompts = [prompt(rng, sizes.length) for _ in range(c)]
-            await _closed_loop(client, target, prompts, 1, c)
+            await _closed_loop(client, target, prompts, 1, c, f"{c} at once, first sent")
             before = await _inter_token(client, instances)
-            outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c)
+            outcomes, elapsed = await _closed_loop(client, target, prompts, sizes.output, c, f"{c} at once, decoded")
             after = await _inter_token(client, instances)
             tpots = [o.tpot for o in outcomes if o.tpot is not None]
             waits = [w for o in outcomes if (w := o.second_token_wait) is not None]

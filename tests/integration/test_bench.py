@@ -76,6 +76,18 @@ def test_bench_reuse_noreuse_and_decode_plain_against_the_cache_tier(cluster, mo
         assert "kv_load_failures" not in s["plain"][workload]
         # vLLM's own preemptions, from every system's engines
         assert s["plain"][workload]["preemptions"]["n"] == figures["preemptions"]["n"] == 2
+    # vLLM's own split of the prompt tokens: warm and hot requests hit plain vLLM's GPU cache, the
+    # evicted prompt comes back from the tier (offload-like loads count as external), never plain's.
+    assert s["plain"]["reuse"]["prompt_tokens_gpu_cached"]["min"] > 0 and s["plain"]["reuse"]["queued_s_sum"]["n"] == 2
+    assert s["plain"]["reuse"]["prompt_tokens_loaded"]["max"] == 0
+    assert s["pdrun-tier"]["reuse"]["prompt_tokens_loaded"]["min"] > 0
+    # Every request kept as it was sent, in requests/: the reuse phases in order, with their times.
+    kept = (out / "requests" / "plain" / "reuse-round2.jsonl").read_text().splitlines()
+    sent = [json.loads(line) for line in kept]
+    assert [r["label"] for r in sent] == ["cold", "warm"] + ["hot"] * 5 + ["evictor"] * 6 + ["evicted"]
+    assert sent[-1]["ttft_s"] == doc["results"]["plain"]["reuse"]["ttft_evicted_s"][1]
+    assert sent[0]["sent_s"] == 0 < sent[1]["sent_s"] and all(r["prompt_tokens"] == 1024 for r in sent)
+    assert len((out / "requests" / "pdrun-tier" / "noreuse-round1.jsonl").read_text().splitlines()) == 24
     # After a full restart, measured once for each, as the first request after its start: plain
     # vLLM recomputes the prompt; the tier's instance reads it from disk where the rates it kept
     # say that beats computing (`cache_disk_load: auto`), else computes it too; nothing fails.

@@ -12,7 +12,16 @@ from typer.testing import CliRunner
 from pdrun.launch import bench as b
 from pdrun.launch import workloads as wl
 from pdrun.launch.cli import app
-from pdrun.launch.systems import Settings, SystemFailure, disk_share, free_port, gpus_needed, make, persists
+from pdrun.launch.systems import (
+    Settings,
+    SystemFailure,
+    disk_share,
+    free_port,
+    gpus_needed,
+    make,
+    persists,
+    summed,
+)
 
 
 def test_systems_are_packed_side_by_side_on_the_gpus_plain_first():
@@ -115,6 +124,41 @@ def test_pdruns_counters_become_what_a_workload_moved_and_its_hand_off_rate():
     assert got == {"kv_load_failures": 0.0, "staging_evictions": 2.0, "handoff_gb_per_s": pytest.approx(200.0)}
     # No hand-off in the workload (a tier alone): no rate, rather than a rate of nothing.
     assert "handoff_gb_per_s" not in b.moved(after, after) and b.moved({}, {}) == {}
+
+
+def test_counters_are_summed_over_labels_or_picked_by_one():
+    page = """# TYPE vllm:prompt_tokens_by_source counter
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 300.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_cache_hit"} 20.0
+vllm:prompt_tokens_by_source_total{engine="1",model_name="m",source="local_compute"} 100.0
+# TYPE vllm:request_queue_time_seconds histogram
+vllm:request_queue_time_seconds_bucket{engine="0",le="+Inf",model_name="m"} 4.0
+vllm:request_queue_time_seconds_count{engine="0",model_name="m"} 4.0
+vllm:request_queue_time_seconds_sum{engine="0",model_name="m"} 1.5
+"""
+    names = [
+        "vllm:prompt_tokens_by_source_total",
+        'vllm:prompt_tokens_by_source_total{source="local_compute"}',
+        'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}',
+        "vllm:request_queue_time_seconds_sum",
+    ]
+    assert summed(page, names) == dict(zip(names, [420.0, 400.0, 0.0, 1.5], strict=True))
+
+
+def test_each_request_is_kept_in_the_order_sent_with_its_times(tmp_path):
+    late = wl.Outcome(10, [1, 2, 3], ttft=0.2, latency=0.6, sent=101.5, label="conversation 0 turn 2")
+    first = wl.Outcome(8, [], ttft=None, latency=0.1, error="WorkloadError: boom", sent=100.0)
+    path = tmp_path / "requests" / "plain" / "multiturn-round1.jsonl"
+    b.write_requests(path, [late, first])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [
+        {"sent_s": 0.0, "prompt_tokens": 8, "output_tokens": 0, "ttft_s": None, "tpot_ms": None, "latency_s": 0.1,
+         "error": "WorkloadError: boom"},
+        {"label": "conversation 0 turn 2", "sent_s": 1.5, "prompt_tokens": 10, "output_tokens": 3, "ttft_s": 0.2,
+         "tpot_ms": pytest.approx(200.0), "latency_s": 0.6},
+    ]  # fmt: skip
+    b.write_requests(tmp_path / "none.jsonl", [])
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_request_figures_as_vllm_bench_serve_defines_them():

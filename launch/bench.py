@@ -288,6 +288,13 @@ def run(
     figures and failures so far after each measurement and failure (to keep them if the run stops)."""
     results: Results = {}
     failed: dict[str, str] = {}
+
+    def fail(name: str, why: str) -> None:
+        """The system is out of the run: why, kept with the figures so far, and said."""
+        failed[name] = why
+        measured(results, failed)
+        say(f"  {name}: failed: {why}")
+
     for i, wave in enumerate(p.waves, 1):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         share = None
@@ -303,8 +310,7 @@ def run(
                 try:
                     s.wait_ready(start_timeout_s)
                 except sysmod.SystemFailure as e:
-                    failed[s.name] = f"did not start: {e}"
-                    measured(results, failed)
+                    fail(s.name, f"did not start: {e}")
                     s.stop()
                     started.remove(s)
             say(f"wave {i}: {', '.join(s.name for s in started)} ready after {time.monotonic() - t0:.0f}s")
@@ -323,9 +329,7 @@ def run(
                                 workload, s, settings, sized[s.name], seed(r, workload), kill, sent
                             )
                         except (wl.WorkloadError, sysmod.SystemFailure, httpx.HTTPError, OSError, TimeoutError) as e:
-                            failed[s.name] = f"{workload}, round {r + 1}: {type(e).__name__}: {e}"
-                            measured(results, failed)
-                            say(f"  {s.name}: failed: {failed[s.name]}")
+                            fail(s.name, f"{workload}, round {r + 1}: {type(e).__name__}: {e}")
                             continue
                         finally:
                             write_requests(out / "requests" / s.name / f"{workload}-round{r + 1}.jsonl", sent)
@@ -348,9 +352,7 @@ def run(
                         figures = asyncio.run(wl.after_restart(target, longs[s.name], sized[s.name].reuse))
                         figures |= {f"restart_{k}": v for k, v in moved(before, s.counters()).items()}
                     except (sysmod.SystemFailure, wl.WorkloadError, httpx.HTTPError, OSError) as e:
-                        failed[s.name] = f"reuse after a full restart: {type(e).__name__}: {e}"
-                        measured(results, failed)
-                        say(f"  {s.name}: failed: {failed[s.name]}")
+                        fail(s.name, f"reuse after a full restart: {type(e).__name__}: {e}")
                         continue
                     _add(results, s.name, "reuse", figures)
                     measured(results, failed)

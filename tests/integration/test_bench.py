@@ -147,3 +147,24 @@ def test_bench_kills_a_decoder_mid_workload_loses_no_request_and_the_decoder_rej
     assert noreuse["output_tok_s_256_c2"]["median"] > 0
     launch_log = (out / "logs" / "pdrun-1p2d-launch.log").read_text()
     assert "decode-1 exited with code -9; restarting in" in launch_log  # the supervisor's restart
+
+
+def test_a_system_that_does_not_start_is_said_and_kept_out_of_the_run(tmp_path):
+    """A vLLM that exits at start-up (no model where it is told to look) takes its system out of
+    the run: why is said at once and kept with the results, and nothing is measured on it."""
+    from pdrun.launch import bench as b
+    from pdrun.launch.systems import Settings
+
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    sizes = b.Sizes()
+    p = b.plan(["plain"], ["reuse"], [0], 1, "cpu", sizes)
+    said: list[str] = []
+    kept: list[dict[str, str]] = []
+    results, failed = b.run(
+        p, Settings(model=str(empty), device="cpu", max_model_len=512), sizes, tmp_path / "out",
+        say=said.append, start_timeout_s=300, measured=lambda _, f: kept.append(dict(f)),
+    )  # fmt: skip
+    assert results == {} and list(failed) == ["plain"] and failed["plain"].startswith("did not start: plain: ")
+    assert said[0] == f"  plain: failed: {failed['plain']}" and kept == [failed]
+    assert not (tmp_path / "out" / "requests").exists()

@@ -216,7 +216,7 @@ async def _loaded(client: httpx.AsyncClient, instance: str) -> float | None:
 
 async def after_restart(target: Target, long: list[int], sizes: ReuseSizes) -> dict[str, float]:
     async with httpx.AsyncClient() as client:
-        return {"ttft_restart_s": _ttft(await send(client, target, long, sizes.output, "after a full restart"))}
+        return {"ttft_restart_s": _ttft(await send(client, target, long, sizes.output))}
 
 
 def _ttft(o: Outcome) -> float:
